@@ -1,0 +1,3 @@
+from dmoverlay.cli import main
+
+main()

@@ -1,0 +1,253 @@
+"""rootfs.img: the ext4 filesystem inside the squashfs.
+
+Made without privilege: `mkfs.ext4 -d` copies names and data from a tree,
+then one debugfs session sets what mkfs cannot be trusted with (times to the
+nanosecond, owners and modes of an unpacked archive, device nodes, xattrs).
+The sizing and the debugfs script are pure and tested on their own."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from dmoverlay.errors import ImageError, UsageError
+from dmoverlay.run import run
+from dmoverlay.sizes import MiB, format_size, round_up
+from dmoverlay.source import SPECIAL, Kind, Tree
+
+BLOCK = 4096
+INODE_SIZE = 256
+INODE_RATIO = 16384
+# Names we derive UUIDs under, so the same tree gives the same UUID.
+UUID_NAMESPACE = uuid.UUID("6c1b5f0e-3d8e-4f51-9a57-4a0c5d2f7e11")
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What the tree needs in the filesystem, before any free space."""
+
+    blocks: int
+    inodes: int
+
+
+@dataclass(frozen=True)
+class Ext4Plan:
+    size: int  # bytes, a whole number of blocks
+    inodes: int
+    label: str
+    uuid: str
+    hash_seed: str
+    epoch: int  # seconds: mkfs time, and the ctime of every inode
+
+    @property
+    def blocks(self) -> int:
+        return self.size // BLOCK
+
+
+def usage(tree: Tree) -> Usage:
+    """Blocks and inodes the tree's own content takes."""
+    blocks = 0
+    inodes = 0
+    names_per_dir: dict[str, int] = {}
+    for e in tree.entries:
+        if e.path:
+            parent = e.path.rpartition("/")[0]
+            names_per_dir[parent] = names_per_dir.get(parent, 0) + len(e.path) - len(parent) + 12
+        if e.link_to:
+            continue
+        inodes += 1
+        if e.kind is Kind.FILE:
+            blocks += -(-e.size // BLOCK)
+        elif e.kind is Kind.SYMLINK and len(os.fsencode(e.target)) >= 60:
+            blocks += 1
+        if sum(len(k) + len(v) + 20 for k, v in e.xattrs) > 96:
+            blocks += 1
+    blocks += sum(-(-n // BLOCK) for n in names_per_dir.values())
+    # extent tree blocks of large or fragmented files, directory index blocks
+    blocks += blocks // 100
+    return Usage(blocks=blocks, inodes=inodes)
+
+
+def journal_blocks(fs_blocks: int) -> int:
+    """mke2fs's default journal size for a filesystem of 4 KiB blocks."""
+    for limit, size in ((32768, 1024), (256 * 1024, 4096), (512 * 1024, 8192),
+                        (4096 * 1024, 16384), (8192 * 1024, 32768),
+                        (16384 * 1024, 65536), (32768 * 1024, 131072)):
+        if fs_blocks < limit:
+            return size
+    return 262144
+
+
+def overhead_blocks(fs_blocks: int, inodes: int) -> int:
+    """Blocks mkfs takes for itself: inode tables, journal, group metadata and
+    the reserved descriptor blocks that let the filesystem grow."""
+    groups = -(-fs_blocks // 32768)
+    return (inodes * INODE_SIZE // BLOCK + journal_blocks(fs_blocks)
+            + groups * 4 + 1024 + 256)
+
+
+def minimum_size(use: Usage) -> int:
+    """The smallest filesystem that holds the content with nothing free."""
+    blocks = use.blocks
+    inodes = use.inodes + 16
+    for _ in range(4):  # overhead depends on the size it sits in
+        blocks = use.blocks + overhead_blocks(blocks, inodes)
+    return blocks * BLOCK
+
+
+def plan(tree: Tree, *, size: int | None, free: int | None, label: str,
+         fs_uuid: str | None, epoch: int) -> Ext4Plan:
+    """Choose the size and inode count.  `size` is the whole filesystem;
+    `free` is room left beyond the content (the live root writes there)."""
+    if size is not None and free is not None:
+        raise UsageError("--size and --free exclude each other", hint="give one of them")
+    if len(label.encode()) > 16:
+        raise UsageError(f"ext4 label {label!r} is longer than 16 bytes")
+    use = usage(tree)
+    need = minimum_size(use)
+    if size is None:
+        size = need + (free if free is not None else 2048 * MiB)
+    elif size < need:
+        raise UsageError(f"--size {format_size(size)} is too small: the tree needs about "
+                         f"{format_size(need)}", hint="leave out --size, or use --free")
+    size = round_up(size, BLOCK)
+    # Room for new files too, not only new data: one inode per 16 KiB free.
+    inodes = max(size // INODE_RATIO, use.inodes + 16 + (size - need) // INODE_RATIO)
+    fs_uuid = fs_uuid or str(derived_uuid(tree, label=label, size=size, epoch=epoch))
+    seed = str(uuid.uuid5(UUID_NAMESPACE, "hash_seed:" + fs_uuid))
+    return Ext4Plan(size=size, inodes=inodes, label=label, uuid=fs_uuid, hash_seed=seed,
+                    epoch=epoch)
+
+
+def derived_uuid(tree: Tree, *, label: str, size: int, epoch: int) -> uuid.UUID:
+    """A UUID that is the same for the same tree and options, and differs when
+    any name, type, mode, owner, time, size or link changes (file contents are
+    not read for it)."""
+    digest = hashlib.sha256(f"{label}\0{size}\0{epoch}\0".encode())
+    for e in tree.entries:
+        digest.update(os.fsencode(e.path) + b"\0")
+        digest.update(f"{e.kind}:{e.mode}:{e.uid}:{e.gid}:{e.mtime_ns}:{e.size}:"
+                      f"{e.rdev}:{e.link_to}\0".encode("utf-8", "surrogateescape"))
+        digest.update(os.fsencode(e.target) + b"\0")
+        for name, value in e.xattrs:
+            digest.update(name.encode() + b"=" + value + b"\0")
+    return uuid.uuid5(UUID_NAMESPACE, digest.hexdigest())
+
+
+def mkfs_argv(p: Ext4Plan, image: Path, root: Path) -> list[str]:
+    return [
+        "mkfs.ext4", "-q", "-F", "-t", "ext4", "-b", str(BLOCK), "-I", str(INODE_SIZE),
+        "-N", str(p.inodes), "-m", "0", "-L", p.label, "-U", p.uuid,
+        # Zero inode tables and journal now (as holes: free in the squashfs),
+        # or the kernel's lazy init would write them into the COW at boot.
+        "-E", f"hash_seed={p.hash_seed},lazy_itable_init=0,lazy_journal_init=0,"
+              "root_owner=0:0",
+        "-d", os.fspath(root), os.fspath(image), str(p.blocks),
+    ]
+
+
+def mkfs_env(p: Ext4Plan) -> dict[str, str]:
+    conf = resources.files("dmoverlay") / "mke2fs.conf"
+    return {"MKE2FS_CONFIG": os.fspath(Path(str(conf))), "E2FSPROGS_FAKE_TIME": str(p.epoch)}
+
+
+# ------------------------------------------------------------------- debugfs
+
+
+def quote(path: str) -> bytes:
+    """An absolute image path as one debugfs argument."""
+    raw = b"/" + os.fsencode(path)
+    return b'"' + raw.replace(b'"', b'""') + b'"'
+
+
+def time_fields(ns: int) -> tuple[int, int]:
+    """ext4's (seconds low 32 bits, extra) for a time in nanoseconds: the extra
+    word holds the nanoseconds and two more epoch bits (years past 2038)."""
+    seconds, nanos = divmod(ns, 1_000_000_000)
+    low = seconds & 0xFFFFFFFF
+    signed_low = low - (1 << 32) if low & 0x80000000 else low
+    epoch_bits = ((seconds - signed_low) >> 32) & 3
+    return low, (nanos << 2) | epoch_bits
+
+
+def fixup_script(tree: Tree, *, epoch: int, all_root: bool,
+                 value_file: dict[bytes, Path]) -> bytes:
+    """The debugfs commands that make each inode what the manifest says.
+    `value_file` maps each xattr value to the file holding it (filled in by
+    the caller, which writes them: debugfs reads binary values from files)."""
+    lines: list[bytes] = []
+    for e in tree.entries:
+        if e.link_to:
+            continue
+        target = quote(e.path)
+        if tree.staged and e.kind in SPECIAL:
+            lines += _mknod(e.path, e.kind, e.rdev)
+        # mkfs makes the root directory itself (root_owner=0:0, mode 0755)
+        exact = tree.staged or not e.path
+        if exact:
+            lines.append(b"sif %s mode 0%o" % (target, e.st_mode))
+        if exact or all_root:
+            uid, gid = (0, 0) if all_root else (e.uid, e.gid)
+            lines.append(b"sif %s uid %d" % (target, uid))
+            lines.append(b"sif %s gid %d" % (target, gid))
+        mtime_ns = e.mtime_ns if e.mtime_ns or e.path else epoch * 1_000_000_000
+        ctime_ns = max(mtime_ns, epoch * 1_000_000_000)
+        for field, ns in (("mtime", mtime_ns), ("atime", mtime_ns),
+                          ("ctime", ctime_ns), ("crtime", ctime_ns)):
+            low, extra = time_fields(ns)
+            lines.append(b"sif %s %s_lo %d" % (target, field.encode(), low))
+            lines.append(b"sif %s %s_extra %d" % (target, field.encode(), extra))
+        if tree.staged:
+            for name, value in e.xattrs:
+                lines.append(b"ea_set -f %s %s %s" % (
+                    os.fsencode(value_file[value]), target, name.encode()))
+    if not any(e.path == "lost+found" for e in tree.entries):
+        # made by mkfs itself, with a time that overflows past 2038 in 1.47.0
+        for field in (b"mtime", b"atime", b"ctime", b"crtime"):
+            low, extra = time_fields(epoch * 1_000_000_000)
+            lines.append(b'sif "/lost+found" %s_lo %d' % (field, low))
+            lines.append(b'sif "/lost+found" %s_extra %d' % (field, extra))
+    return b"\n".join(lines) + b"\n"
+
+
+def _mknod(path: str, kind: Kind, rdev: tuple[int, int]) -> list[bytes]:
+    parent, _, name = path.rpartition("/")
+    spec = {Kind.CHAR: b"c %d %d" % rdev, Kind.BLOCK: b"b %d %d" % rdev,
+            Kind.FIFO: b"p"}.get(kind)
+    if spec is None:
+        raise ImageError(f"{path}: cannot make a {kind} in the image")
+    quoted_name = b'"' + os.fsencode(name).replace(b'"', b'""') + b'"'
+    return [b"rm " + quote(path), b"cd " + quote(parent), b"mknod %s %s" % (quoted_name, spec),
+            b"cd /"]
+
+
+def make(tree: Tree, image: Path, p: Ext4Plan, *, all_root: bool, scratch: Path) -> None:
+    """Write rootfs.img at `image` (a new file)."""
+    with open(image, "xb") as f:
+        f.truncate(p.size)
+    run(mkfs_argv(p, image, tree.root), env=mkfs_env(p))
+    values: dict[bytes, Path] = {}
+    for e in tree.entries:
+        for _, value in e.xattrs:
+            if value not in values:
+                values[value] = scratch / f"xattr-{len(values)}"
+                values[value].write_bytes(value)
+    script = scratch / "fixup.debugfs"
+    script.write_bytes(fixup_script(tree, epoch=p.epoch, all_root=all_root, value_file=values))
+    result = run(["debugfs", "-w", "-f", script, image])
+    problems = _debugfs_errors(result.stderr)
+    if problems:
+        raise ImageError(f"debugfs could not finish {image.name}: {problems[0]}",
+                         hint=f"{len(problems)} command(s) failed; rerun with --debug")
+
+
+def _debugfs_errors(stderr: str) -> list[str]:
+    """debugfs exits 0 whatever its commands do: failures are lines on stderr
+    other than its banner and the echo of each command."""
+    return [line for line in stderr.splitlines()
+            if line.strip() and not line.startswith(("debugfs ", "debugfs: "))
+            and not line.startswith("Allocated inode")]

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import samples
+
+ROOT = os.geteuid() == 0
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("root") and not ROOT:
+            item.add_marker(pytest.mark.skip(reason="needs root (loop mounts to check images)"))
+
+
+@pytest.fixture(scope="session")
+def rich_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every kind of entry a root filesystem holds (made as root)."""
+    if not ROOT:
+        pytest.skip("making device nodes and foreign owners needs root")
+    root = tmp_path_factory.mktemp("rich") / "root"
+    samples.make_rich_tree(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def rich_tar(rich_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The rich tree as GNU tar writes it (pax, xattrs, sparse, numeric owners)."""
+    archive = tmp_path_factory.mktemp("tar") / "root.tar"
+    subprocess.run(
+        ["tar", "--create", "--format=posix", "--xattrs", "--xattrs-include=*", "--sparse",
+         "--numeric-owner", "-f", str(archive), "-C", str(rich_tree), "."],
+        check=True,
+    )
+    return archive
+
+
+@pytest.fixture
+def plain_tree(tmp_path: Path) -> Path:
+    """A small tree any user can make."""
+    root = tmp_path / "plain"
+    samples.make_plain_tree(root)
+    return root
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory an unprivileged user can reach and write into."""
+    d = Path(tempfile.mkdtemp(prefix="dmoverlay-test-"))
+    os.chmod(d, 0o777)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d)
+
+
+def dmoverlay(*args: str, user: int | None = None, env: dict[str, str] | None = None,
+              cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI, optionally as another user (setpriv)."""
+    argv = [sys.executable, "-m", "dmoverlay", *args]
+    if user is not None:
+        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
+    full_env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
+    full_env.update(env or {})
+    return subprocess.run(argv, capture_output=True, text=True, env=full_env, cwd=cwd,
+                          check=False)
