@@ -8,7 +8,7 @@ import errno
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dmoverlay import ext4, log, squashfs
@@ -35,7 +35,7 @@ class BuildOptions:
     label: str = DEFAULT_LABEL
     size: int | None = None
     free: int | None = None
-    squash: squashfs.SquashOptions = squashfs.SquashOptions()
+    squash: squashfs.SquashOptions = field(default_factory=squashfs.SquashOptions)
     all_root: bool = False
     force: bool = False
     fs_uuid: str | None = None
@@ -128,7 +128,7 @@ def _check_paths(opts: BuildOptions) -> None:
     try:
         os.stat(src)
     except OSError as exc:
-        raise SourceError(f"{src}: {exc.strerror.lower()}") from None
+        raise SourceError(f"{src}: {(exc.strerror or str(exc)).lower()}") from None
     if not os.access(src, os.R_OK):
         raise SourceError(f"{src}: permission denied")
     outputs = [opts.output] + ([opts.disk.path] if opts.disk else [])

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import io
 import lzma
 import os
 import subprocess
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
-from typing import IO, BinaryIO
+from typing import BinaryIO, Protocol
 
 from dmoverlay.errors import SourceError
 from dmoverlay.run import clean_env, find_tool, install_hint
@@ -44,10 +45,14 @@ def detect(head: bytes) -> Compression:
     return Compression.NONE
 
 
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 class CountingReader:
     """A read-only stream that counts what passed through it."""
 
-    def __init__(self, inner: IO[bytes]) -> None:
+    def __init__(self, inner: Readable) -> None:
         self.inner = inner
         self.count = 0
         self.at_end = False
@@ -65,6 +70,13 @@ class CountingReader:
             pass
 
 
+_OPENERS: dict[Compression, Callable[[BinaryIO], io.BufferedIOBase]] = {
+    Compression.GZIP: lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"),
+    Compression.XZ: lzma.LZMAFile,
+    Compression.BZIP2: bz2.BZ2File,
+}
+
+
 @contextmanager
 def open_decompressed(path: str, raw: BinaryIO) -> Iterator[CountingReader]:
     """Yield the decompressed content of `raw` (an open file at offset 0).
@@ -76,16 +88,11 @@ def open_decompressed(path: str, raw: BinaryIO) -> Iterator[CountingReader]:
         with _zstd_stream(path, raw) as stream:
             yield stream
         return
-    inner: IO[bytes]
-    if kind is Compression.GZIP:
-        inner = gzip.GzipFile(fileobj=raw, mode="rb")
-    elif kind is Compression.XZ:
-        inner = lzma.LZMAFile(raw)
-    elif kind is Compression.BZIP2:
-        inner = bz2.BZ2File(raw)
-    else:
-        inner = raw
-    with inner:
+    opener = _OPENERS.get(kind)
+    if opener is None:
+        yield CountingReader(raw)
+        return
+    with opener(raw) as inner:
         yield CountingReader(inner)
 
 

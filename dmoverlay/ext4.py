@@ -207,10 +207,10 @@ def fixup_script(tree: Tree, *, epoch: int, all_root: bool,
                     os.fsencode(value_file[value]), target, name.encode()))
     if not any(e.path == "lost+found" for e in tree.entries):
         # made by mkfs itself, with a time that overflows past 2038 in 1.47.0
-        for field in (b"mtime", b"atime", b"ctime", b"crtime"):
-            low, extra = time_fields(epoch * 1_000_000_000)
-            lines.append(b'sif "/lost+found" %s_lo %d' % (field, low))
-            lines.append(b'sif "/lost+found" %s_extra %d' % (field, extra))
+        low, extra = time_fields(epoch * 1_000_000_000)
+        for stamp in (b"mtime", b"atime", b"ctime", b"crtime"):
+            lines.append(b'sif "/lost+found" %s_lo %d' % (stamp, low))
+            lines.append(b'sif "/lost+found" %s_extra %d' % (stamp, extra))
     return b"\n".join(lines) + b"\n"
 
 

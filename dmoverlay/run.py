@@ -161,7 +161,7 @@ def run_with_percent(
         assert proc.stdout is not None
         out = bytearray()
         last = -1
-        while chunk := proc.stdout.read1(65536):
+        while chunk := os.read(proc.stdout.fileno(), 65536):
             out += chunk
             found = _PERCENT.findall(chunk)
             if found and int(found[-1]) != last:

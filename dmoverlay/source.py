@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
+from typing import IO
 
 from dmoverlay.compress import STREAM_ERRORS, CountingReader, open_decompressed
 from dmoverlay.errors import SourceError
@@ -91,7 +92,7 @@ def check_name(path: str, component: str) -> None:
                           hint="ext4 cannot hold it; rename it in the source")
     if any(ord(c) < 32 or ord(c) == 127 for c in component):
         raise SourceError(f"{path!r}: name holds a control character",
-                          hint="rename it in the source; runtimes and their updates refuse such names")
+                          hint="rename it in the source: live roots refuse such names")
 
 
 # ---------------------------------------------------------------- directories
@@ -180,10 +181,18 @@ def is_tar(path: Path) -> bool:
         return False
     if head[257:262] == b"ustar":
         return True
-    try:  # old v7 archives have no magic, only a header checksum
-        return tarfile.nti(head[148:156]) == tarfile.calc_chksums(head)[0]
-    except (tarfile.HeaderError, ValueError):
+    return _header_checksum_ok(head)
+
+
+def _header_checksum_ok(head: bytes) -> bool:
+    """Old v7 archives have no magic, only a header checksum: the byte sum of
+    the header with its own checksum field counted as spaces."""
+    field = head[148:156].split(b"\0")[0].strip()
+    try:
+        stored = int(field, 8)
+    except ValueError:
         return False
+    return stored == sum(head[:148]) + 8 * 32 + sum(head[156:512])
 
 
 def read_tar(archive: Path, staging: Path) -> Tree:
@@ -203,10 +212,10 @@ def read_tar(archive: Path, staging: Path) -> Tree:
 
 
 def _unpack_all(archive: Path, stream: CountingReader, unpacker: _Unpacker) -> None:
-    tar = tarfile.open(fileobj=stream, mode="r|")  # type: ignore[call-overload]
-    for member in tar:
-        unpacker.add(member, tar)
-    end = tar.offset
+    with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
+        for member in tar:
+            unpacker.add(member, tar)
+        end = tar.offset
     stream.drain()
     # A plain archive cut at a member boundary reads as a shorter valid one:
     # only the end-of-archive block tells the two apart.
@@ -350,7 +359,7 @@ def _tar_kind(member: tarfile.TarInfo) -> Kind:
     return kind
 
 
-def _write_sparse(full: str, source: tarfile.ExFileObject, size: int) -> None:
+def _write_sparse(full: str, source: IO[bytes], size: int) -> None:
     """Copy data, leaving holes where whole chunks are zero."""
     zero = bytes(CHUNK)
     fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
