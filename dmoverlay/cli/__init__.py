@@ -42,9 +42,9 @@ def cli(debug: bool, quiet: bool) -> None:
 
 
 def _register() -> None:
-    from dmoverlay.cli import build
+    from dmoverlay.cli import build, doctor
 
-    for module in (build,):
+    for module in (build, doctor):
         cli.add_command(module.command)
 
 
@@ -53,7 +53,7 @@ _register()
 
 def main() -> None:
     try:
-        cli.main(prog_name="dmoverlay", standalone_mode=False)
+        code = cli.main(prog_name="dmoverlay", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("error: aborted", err=True)
         sys.exit(130)
@@ -62,3 +62,5 @@ def main() -> None:
         click.echo(f"error: {exc.format_message()}", err=True)
         click.echo("hint: see dmoverlay --help", err=True)
         sys.exit(exc.exit_code)
+    # Without standalone mode click hands back what ctx.exit() asked for.
+    sys.exit(code if isinstance(code, int) else 0)

@@ -9,7 +9,6 @@ import click
 
 from dmoverlay import build as builder
 from dmoverlay.cli.options import SIZE, epoch_from_env
-
 from dmoverlay.squashfs import Compressor, SquashOptions
 
 

@@ -1,0 +1,251 @@
+"""The pure parts of a build: sizes, names, times, the debugfs script and the
+mksquashfs command line.  No tools run here."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dmoverlay import ext4
+from dmoverlay.compress import Compression, detect
+from dmoverlay.errors import SourceError, UsageError
+from dmoverlay.sizes import GiB, KiB, MiB, format_size, parse_size
+from dmoverlay.source import Entry, Kind, Tree, check_name, tar_path
+from dmoverlay.squashfs import Compressor, SquashOptions, mksquashfs_argv
+
+NS = 1_000_000_000
+
+
+def tree(*entries: Entry, staged: bool = False) -> Tree:
+    root = Entry("", Kind.DIR, 0o755, 0, 0, 5 * NS)
+    return Tree(root=Path("/nowhere"), entries=[root, *entries], staged=staged)
+
+
+def file(path: str, size: int = 0, **kw: object) -> Entry:
+    return Entry(path, Kind.FILE, 0o644, 0, 0, 10 * NS, size=size, **kw)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------- sizes
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("4096", 4096), ("4K", 4 * KiB), ("512m", 512 * MiB), ("2G", 2 * GiB), ("1.5GiB", 3 * GiB // 2),
+    ("1 T", 1024 * GiB), ("8MB", 8 * MiB),
+])
+def test_parse_size(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "G", "-1G", "2X", "1e9", "lots"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(UsageError):
+        parse_size(text)
+
+
+def test_format_size() -> None:
+    assert [format_size(n) for n in (0, 1023, 1024, 3 * MiB // 2, 5 * GiB, 2048 * GiB)] == [
+        "0 B", "1023 B", "1.0 KiB", "1.5 MiB", "5.0 GiB", "2.0 TiB"]
+
+
+# ------------------------------------------------------------------- times
+
+@pytest.mark.parametrize(("ns", "low", "extra"), [
+    (0, 0, 0),
+    (1_600_000_000 * NS + 123_456_789, 1_600_000_000, 123_456_789 << 2),
+    (-1 * NS, 0xFFFFFFFF, 0),  # 1969: a negative 32-bit value, epoch bits 0
+    (-(2**31) * NS, 0x80000000, 0),
+    (2**31 * NS, 0x80000000, 1),  # 2038: past the signed 32-bit line
+    (4_102_444_800 * NS, 4_102_444_800 - 2**32, 1),  # 2100
+    ((2**32 + 5) * NS + 7, 5, (7 << 2) | 1),
+])
+def test_time_fields(ns: int, low: int, extra: int) -> None:
+    assert ext4.time_fields(ns) == (low & 0xFFFFFFFF, extra)
+
+
+@given(st.integers(min_value=-(2**31), max_value=2**34 - 2**31 - 1),
+       st.integers(min_value=0, max_value=NS - 1))
+def test_time_fields_round_trip(seconds: int, nanos: int) -> None:
+    """Decoding as the kernel does gives back the time we encoded."""
+    low, extra = ext4.time_fields(seconds * NS + nanos)
+    signed = low - 2**32 if low & 0x80000000 else low
+    assert signed + ((extra & 3) << 32) == seconds
+    assert extra >> 2 == nanos
+
+
+# ------------------------------------------------------------------- names
+
+@pytest.mark.parametrize(("name", "path"), [
+    ("./usr/bin/ls", "usr/bin/ls"), ("/etc/passwd", "etc/passwd"), ("a//b/./c/", "a/b/c"),
+    ("./", ""), ("ünï cödé", "ünï cödé"),
+])
+def test_tar_path(name: str, path: str) -> None:
+    assert tar_path(name) == path
+
+
+@pytest.mark.parametrize("name", ["../x", "a/../../x", "a/..", "bad\nname", "tab\there",
+                                  "x" * 256, "del\x7f"])
+def test_tar_path_refuses(name: str) -> None:
+    with pytest.raises(SourceError):
+        tar_path(name)
+
+
+def test_name_length_counts_bytes() -> None:
+    check_name("ok", "é" * 127)  # 254 bytes
+    with pytest.raises(SourceError, match="255 bytes"):
+        check_name("long", "é" * 128)
+
+
+# ------------------------------------------------------------------- plan
+
+def test_default_plan_leaves_two_gib_free() -> None:
+    p = ext4.plan(tree(file("big", 100 * MiB)), size=None, free=None, label="L",
+                  fs_uuid=None, epoch=1)
+    need = ext4.minimum_size(ext4.usage(tree(file("big", 100 * MiB))))
+    assert p.size == need + 2 * GiB
+    assert p.size % ext4.BLOCK == 0
+    assert need > 100 * MiB
+
+
+def test_plan_has_an_inode_for_every_entry_and_the_free_space() -> None:
+    many = tree(*[file(f"f{i}", 1) for i in range(50_000)])
+    p = ext4.plan(many, size=None, free=16 * MiB, label="L", fs_uuid=None, epoch=1)
+    assert p.inodes >= 50_000 + 16 * MiB // ext4.INODE_RATIO
+
+
+def test_plan_refuses_a_size_too_small() -> None:
+    with pytest.raises(UsageError, match="too small"):
+        ext4.plan(tree(file("big", 100 * MiB)), size=50 * MiB, free=None, label="L",
+                  fs_uuid=None, epoch=1)
+
+
+def test_plan_refuses_size_and_free_together() -> None:
+    with pytest.raises(UsageError):
+        ext4.plan(tree(), size=GiB, free=GiB, label="L", fs_uuid=None, epoch=1)
+
+
+def test_uuid_is_derived_from_the_tree() -> None:
+    def uuid_of(t: Tree) -> str:
+        return ext4.plan(t, size=None, free=None, label="L", fs_uuid=None, epoch=1).uuid
+
+    a = uuid_of(tree(file("a", 1)))
+    assert a == uuid_of(tree(file("a", 1)))
+    assert a != uuid_of(tree(file("a", 2)))
+    assert a != uuid_of(tree(file("b", 1)))
+    given_uuid = "0b9d3c2a-5e1f-4a57-8c0d-2f1e3d4c5b6a"
+    p = ext4.plan(tree(), size=None, free=None, label="L", fs_uuid=given_uuid, epoch=1)
+    assert p.uuid == given_uuid and p.hash_seed != given_uuid
+
+
+def test_journal_size_follows_mke2fs() -> None:
+    assert ext4.journal_blocks(20_000) == 1024
+    assert ext4.journal_blocks(524_288) == 16384  # 2 GiB: 64 MiB
+    assert ext4.journal_blocks(10**9) == 262144
+
+
+def test_mkfs_command_pins_what_makes_images_reproducible(tmp_path: Path) -> None:
+    p = ext4.plan(tree(), size=None, free=None, label="Live", fs_uuid=None, epoch=42)
+    argv = ext4.mkfs_argv(p, tmp_path / "r.img", tmp_path / "tree")
+    joined = " ".join(argv)
+    assert f"-U {p.uuid}" in joined and f"hash_seed={p.hash_seed}" in joined
+    assert "lazy_itable_init=0" in joined and "-L Live" in joined
+    assert argv[-3:] == [str(tmp_path / "tree"), str(tmp_path / "r.img"), str(p.blocks)]
+    env = ext4.mkfs_env(p)
+    assert env["E2FSPROGS_FAKE_TIME"] == "42"
+    assert Path(env["MKE2FS_CONFIG"]).is_file()
+
+
+# ------------------------------------------------------------------- debugfs
+
+def test_quote_doubles_quotes() -> None:
+    assert ext4.quote('a "b" c') == b'"/a ""b"" c"'
+    assert ext4.quote("") == b'"/"'
+
+
+def script(t: Tree, **kw: object) -> list[bytes]:
+    return ext4.fixup_script(t, epoch=100, all_root=bool(kw.get("all_root")),
+                             value_file={b"v": Path("/x/v0")}).splitlines()
+
+
+def test_directory_tree_only_gets_times() -> None:
+    lines = script(tree(file("f", 1)))
+    on_f = [line for line in lines if line.startswith(b'sif "/f"')]
+    assert {line.split()[2] for line in on_f} == {
+        b"mtime_lo", b"mtime_extra", b"atime_lo", b"atime_extra", b"ctime_lo", b"ctime_extra",
+        b"crtime_lo", b"crtime_extra"}
+    assert b'sif "/f" mtime_lo 10' in lines
+    assert b'sif "/f" ctime_lo 100' in lines  # the build time, later than mtime
+
+
+def test_all_root_sets_owners() -> None:
+    lines = script(tree(Entry("f", Kind.FILE, 0o644, 1000, 1000, 0)), all_root=True)
+    assert b'sif "/f" uid 0' in lines and b'sif "/f" gid 0' in lines
+
+
+def test_staged_tree_gets_modes_owners_devices_and_xattrs() -> None:
+    t = tree(
+        Entry("dev/null", Kind.CHAR, 0o666, 0, 0, 0, rdev=(1, 3)),
+        Entry("run/fifo", Kind.FIFO, 0o600, 0, 0, 0),
+        Entry("bin/ping", Kind.FILE, 0o4755, 0, 5, 0, xattrs=(("security.capability", b"v"),)),
+        Entry("bin/ping2", Kind.FILE, 0o4755, 0, 5, 0, link_to="bin/ping"),
+        staged=True,
+    )
+    lines = script(t)
+    assert lines[lines.index(b'rm "/dev/null"') + 2] == b'mknod "null" c 1 3'
+    assert b'mknod "fifo" p' in lines
+    assert b'sif "/dev/null" mode 020666' in lines
+    assert b'sif "/bin/ping" mode 0104755' in lines
+    assert b'sif "/bin/ping" gid 5' in lines
+    assert b'ea_set -f /x/v0 "/bin/ping" security.capability' in lines
+    assert not any(b"ping2" in line for line in lines), "a hardlink's inode is set once"
+
+
+def test_lost_found_gets_the_build_time() -> None:
+    assert b'sif "/lost+found" mtime_lo 100' in script(tree())
+
+
+def test_debugfs_errors_are_found() -> None:
+    stderr = ("debugfs 1.47.0 (5-Feb-2023)\n/nonexist: File not found by ext2_lookup \n")
+    assert ext4._debugfs_errors(stderr) == ["/nonexist: File not found by ext2_lookup "]
+    assert ext4._debugfs_errors("debugfs 1.47.0 (5-Feb-2023)\n") == []
+
+
+# ------------------------------------------------------------------- squashfs
+
+def test_mksquashfs_command() -> None:
+    argv = mksquashfs_argv(Path("/w/sq"), Path("/w/o.img"), SquashOptions(), epoch=7,
+                           machine="x86_64")
+    assert argv[:3] == ["mksquashfs", "/w/sq", "/w/o.img"]
+    joined = " ".join(argv)
+    assert "-mkfs-time 7 -all-time 7" in joined
+    assert "-comp xz" in joined and "-Xbcj x86" in joined and "-b 131072" in joined
+    arm = mksquashfs_argv(Path("s"), Path("o"), SquashOptions(), epoch=7, machine="aarch64")
+    assert "-Xbcj" not in arm
+    zstd = mksquashfs_argv(Path("s"), Path("o"), SquashOptions(Compressor.ZSTD, 19), epoch=7)
+    assert re.search(r"-comp zstd .*-Xcompression-level 19", " ".join(zstd))
+
+
+@pytest.mark.parametrize(("kw", "words"), [
+    ({"compressor": Compressor.XZ, "level": 3}, "no compression level"),
+    ({"compressor": Compressor.LZ4, "level": 3}, "no compression level"),
+    ({"compressor": Compressor.GZIP, "level": 10}, "1 to 9"),
+    ({"block_size": 2 * MiB}, "power of two"),
+    ({"block_size": 3 * KiB}, "power of two"),
+    ({"block_size": 96 * KiB}, "power of two"),
+])
+def test_squash_options_refused(kw: dict[str, object], words: str) -> None:
+    with pytest.raises(UsageError, match=words):
+        SquashOptions(**kw)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------- compression
+
+@pytest.mark.parametrize(("head", "kind"), [
+    (b"\x1f\x8b\x08\x00", Compression.GZIP), (b"\xfd7zXZ\x00\x00", Compression.XZ),
+    (b"BZh91AY", Compression.BZIP2), (b"\x28\xb5\x2f\xfd\x00", Compression.ZSTD),
+    (b"usr/\x00\x00", Compression.NONE), (b"", Compression.NONE),
+])
+def test_detect_compression(head: bytes, kind: Compression) -> None:
+    assert detect(head) is kind
