@@ -11,6 +11,8 @@ from __future__ import annotations
 import ctypes
 import importlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from types import ModuleType
@@ -19,7 +21,7 @@ from typing import Any
 from dmoverlay.errors import DmoverlayError, UsageError
 
 # The plugins dmoverlay uses, in the order doctor reports them.
-PLUGINS = ("loop", "fs", "dm", "part")
+PLUGINS = ("loop", "fs", "dm")
 
 # Newest first: a machine with both typelibs gets the current API.
 API_VERSIONS = ("3.0", "2.0")
@@ -162,7 +164,8 @@ def load(*plugins: str) -> ModuleType:
 
     try:
         # ensure_init loads only what is not loaded yet, and keeps the rest.
-        ok = bd.ensure_init([_spec(binding, p) for p in wanted], None)
+        with _parted_handler_kept():
+            ok = bd.ensure_init([_spec(binding, p) for p in wanted], None)
     except GLib.Error as exc:
         ok, reason = False, exc.message
     else:
@@ -173,6 +176,26 @@ def load(*plugins: str) -> ModuleType:
         raise BlockDevError(f"libblockdev could not load the {names} plugin: {reason}",
                             hint=_plugin_hint((failed or wanted)[0], binding.version))
     return bd
+
+
+@contextmanager
+def _parted_handler_kept() -> Iterator[None]:
+    """libblockdev 2.x's fs plugin installs its own libparted exception
+    handler when it initialises; pyparted, in the same process, then crashes
+    (SIGSEGV) on the next libparted exception, e.g. reading a truncated disk.
+    Put back whatever handler was in place."""
+    try:
+        libparted = ctypes.CDLL("libparted.so.2")
+    except OSError:  # no libparted: nothing to protect
+        yield
+        return
+    libparted.ped_exception_get_handler.restype = ctypes.c_void_p
+    libparted.ped_exception_set_handler.argtypes = [ctypes.c_void_p]
+    before = libparted.ped_exception_get_handler()
+    try:
+        yield
+    finally:
+        libparted.ped_exception_set_handler(before)
 
 
 def plugin_status() -> dict[str, bool]:

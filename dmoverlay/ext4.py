@@ -22,6 +22,7 @@ from dmoverlay.source import SPECIAL, Kind, Tree
 BLOCK = 4096
 INODE_SIZE = 256
 INODE_RATIO = 16384
+DEFAULT_FREE = 2048 * MiB
 # Names we derive UUIDs under, so the same tree gives the same UUID.
 UUID_NAMESPACE = uuid.UUID("6c1b5f0e-3d8e-4f51-9a57-4a0c5d2f7e11")
 
@@ -82,21 +83,78 @@ def journal_blocks(fs_blocks: int) -> int:
     return 262144
 
 
-def overhead_blocks(fs_blocks: int, inodes: int) -> int:
-    """Blocks mkfs takes for itself: inode tables, journal, group metadata and
-    the reserved descriptor blocks that let the filesystem grow."""
-    groups = -(-fs_blocks // 32768)
-    return (inodes * INODE_SIZE // BLOCK + journal_blocks(fs_blocks)
-            + groups * 4 + 1024 + 256)
+# Geometry of the filesystems mke2fs makes from dmoverlay/mke2fs.conf.
+BLOCKS_PER_GROUP = 8 * BLOCK  # one block of block bitmap
+DESC_PER_BLOCK = BLOCK // 64  # the 64bit feature's group descriptors
+INODES_PER_ITABLE_BLOCK = BLOCK // INODE_SIZE
+# Root directory, lost+found (16 KiB) and the journal's and resize inode's
+# own tree blocks: what a fresh filesystem uses beyond the counted metadata.
+FRESH_FS_BLOCKS = 64
+
+
+def groups(blocks: int) -> int:
+    return -(-blocks // BLOCKS_PER_GROUP)
+
+
+def backup_groups(n_groups: int) -> int:
+    """How many of the first `n_groups` groups carry a superblock and
+    descriptor copy under sparse_super: 0, 1 and the powers of 3, 5 and 7."""
+    found = {g for g in (0, 1) if g < n_groups}
+    for base in (3, 5, 7):
+        power = base
+        while power < n_groups:
+            found.add(power)
+            power *= base
+    return len(found)
+
+
+def reserved_gdt_blocks(blocks: int) -> int:
+    """Descriptor blocks mke2fs reserves (resize_inode) so the filesystem can
+    grow 1024-fold or to 2^32 blocks: up to 1024 in every backup group."""
+    max_blocks = min(blocks * 1024, 0xFFFFFFFF)
+    growth = -(-groups(max_blocks) // DESC_PER_BLOCK)
+    descriptors = -(-groups(blocks) // DESC_PER_BLOCK)
+    return max(0, min(BLOCK // 4, growth - descriptors))
+
+
+def inode_count(blocks: int, inodes: int) -> int:
+    """What mke2fs makes of `-N inodes`: whole inode-table blocks in every group."""
+    n = groups(blocks)
+    return round_up(-(-inodes // n), INODES_PER_ITABLE_BLOCK) * n
+
+
+def overhead_blocks(blocks: int, inodes: int) -> int:
+    """Blocks mke2fs takes for itself in a filesystem of `blocks` with
+    `inodes`: superblock and descriptor copies with their reserved growth
+    blocks in each backup group, bitmaps, inode tables, the journal."""
+    n = groups(blocks)
+    per_backup = 1 + -(-n // DESC_PER_BLOCK) + reserved_gdt_blocks(blocks)
+    itable = inode_count(blocks, inodes) // INODES_PER_ITABLE_BLOCK
+    return (backup_groups(n) * per_backup + 2 * n + itable + journal_blocks(blocks)
+            + FRESH_FS_BLOCKS)
+
+
+def inodes_for(use: Usage, blocks: int) -> int:
+    """One inode per 16 KiB (mke2fs's ratio), or, for a tree of many small
+    files, the tree's inodes plus one per 16 KiB of room left."""
+    by_ratio = blocks * BLOCK // INODE_RATIO
+    by_tree = use.inodes + 16 + max(0, blocks - use.blocks) * BLOCK // INODE_RATIO
+    return max(by_ratio, by_tree)
+
+
+def fitting_blocks(use: Usage, free_blocks: int) -> int:
+    """The smallest filesystem holding the content, mke2fs's own blocks (which
+    grow with the size) and `free_blocks` more."""
+    blocks = use.blocks + free_blocks
+    while (need := use.blocks + free_blocks
+           + overhead_blocks(blocks, inodes_for(use, blocks))) > blocks:
+        blocks = need
+    return blocks
 
 
 def minimum_size(use: Usage) -> int:
     """The smallest filesystem that holds the content with nothing free."""
-    blocks = use.blocks
-    inodes = use.inodes + 16
-    for _ in range(4):  # overhead depends on the size it sits in
-        blocks = use.blocks + overhead_blocks(blocks, inodes)
-    return blocks * BLOCK
+    return fitting_blocks(use, 0) * BLOCK
 
 
 def plan(tree: Tree, *, size: int | None, free: int | None, label: str,
@@ -108,19 +166,20 @@ def plan(tree: Tree, *, size: int | None, free: int | None, label: str,
     if len(label.encode()) > 16:
         raise UsageError(f"ext4 label {label!r} is longer than 16 bytes")
     use = usage(tree)
-    need = minimum_size(use)
     if size is None:
-        size = need + (free if free is not None else 2048 * MiB)
-    elif size < need:
-        raise UsageError(f"--size {format_size(size)} is too small: the tree needs about "
-                         f"{format_size(need)}", hint="leave out --size, or use --free")
-    size = round_up(size, BLOCK)
-    # Room for new files too, not only new data: one inode per 16 KiB free.
-    inodes = max(size // INODE_RATIO, use.inodes + 16 + (size - need) // INODE_RATIO)
+        free_blocks = -(-(DEFAULT_FREE if free is None else free) // BLOCK)
+        blocks = fitting_blocks(use, free_blocks)
+    else:
+        blocks = size // BLOCK
+        if use.blocks + overhead_blocks(blocks, inodes_for(use, blocks)) > blocks:
+            raise UsageError(f"--size {format_size(size)} is too small: the tree needs about "
+                             f"{format_size(minimum_size(use))}",
+                             hint="leave out --size, or use --free")
+    size = blocks * BLOCK
     fs_uuid = fs_uuid or str(derived_uuid(tree, label=label, size=size, epoch=epoch))
     seed = str(uuid.uuid5(UUID_NAMESPACE, "hash_seed:" + fs_uuid))
-    return Ext4Plan(size=size, inodes=inodes, label=label, uuid=fs_uuid, hash_seed=seed,
-                    epoch=epoch)
+    return Ext4Plan(size=size, inodes=inodes_for(use, blocks), label=label, uuid=fs_uuid,
+                    hash_seed=seed, epoch=epoch)
 
 
 def derived_uuid(tree: Tree, *, label: str, size: int, epoch: int) -> uuid.UUID:
@@ -238,7 +297,9 @@ def make(tree: Tree, image: Path, p: Ext4Plan, *, all_root: bool, scratch: Path)
                 values[value].write_bytes(value)
     script = scratch / "fixup.debugfs"
     script.write_bytes(fixup_script(tree, epoch=p.epoch, all_root=all_root, value_file=values))
-    result = run(["debugfs", "-w", "-f", script, image])
+    # debugfs stamps the superblock with "now" unless told the time too
+    result = run(["debugfs", "-w", "-f", script, image],
+                 env={"E2FSPROGS_FAKE_TIME": str(p.epoch)})
     problems = _debugfs_errors(result.stderr)
     if problems:
         raise ImageError(f"debugfs could not finish {image.name}: {problems[0]}",

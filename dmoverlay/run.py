@@ -134,6 +134,38 @@ def command_failed(result: Result) -> CommandFailed:
 _PERCENT = re.compile(rb"(\d+)%")
 
 
+class _Streamed:
+    """A started command whose stdout we read as it comes; stderr goes to a
+    file, so a chatty tool cannot block on a full pipe meanwhile."""
+
+    def __init__(self, argv: Sequence[str | os.PathLike[str]],
+                 env: Mapping[str, str] | None) -> None:
+        self.args = _argv(argv)
+        if debug:
+            print(f"+ {_describe(self.args)}", file=sys.stderr)
+        self.errfile = tempfile.TemporaryFile()  # noqa: SIM115 (closed in finish)
+        try:
+            self.proc = subprocess.Popen(self.args, env=clean_env(env),
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=self.errfile)
+        except FileNotFoundError:
+            self.errfile.close()
+            raise ToolMissing(f"{self.args[0]} not found",
+                              hint=install_hint([self.args[0]])) from None
+        assert self.proc.stdout is not None
+        self.stdout = self.proc.stdout
+
+    def finish(self, out: bytes) -> Result:
+        """Close our end, wait, and describe what happened."""
+        self.stdout.close()
+        code = self.proc.wait()
+        with self.errfile:
+            self.errfile.seek(0)
+            err = self.errfile.read()
+        return Result(tuple(self.args), code, out.decode(errors="surrogateescape"),
+                      err.decode(errors="surrogateescape"))
+
+
 def run_with_percent(
     argv: Sequence[str | os.PathLike[str]],
     *,
@@ -142,40 +174,28 @@ def run_with_percent(
 ) -> Result:
     """Run a command that draws its own progress bar on stdout (mksquashfs)
     and report the percentages it prints as they come."""
-    args = _argv(argv)
-    if debug:
-        print(f"+ {_describe(args)}", file=sys.stderr)
-    # stderr goes to a file so a chatty tool cannot block on a full pipe
-    # while we are reading its stdout.
-    with tempfile.TemporaryFile() as errfile:
-        try:
-            proc = subprocess.Popen(
-                args,
-                env=clean_env(env),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=errfile,
-            )
-        except FileNotFoundError:
-            raise ToolMissing(f"{args[0]} not found", hint=install_hint([args[0]])) from None
-        assert proc.stdout is not None
-        out = bytearray()
-        last = -1
-        while chunk := os.read(proc.stdout.fileno(), 65536):
-            out += chunk
-            found = _PERCENT.findall(chunk)
-            if found and int(found[-1]) != last:
-                last = int(found[-1])
-                on_percent(last)
-        proc.wait()
-        errfile.seek(0)
-        err = errfile.read()
-    result = Result(
-        tuple(args),
-        proc.returncode,
-        out.decode(errors="surrogateescape"),
-        err.decode(errors="surrogateescape"),
-    )
-    if proc.returncode != 0:
+    cmd = _Streamed(argv, env)
+    out = bytearray()
+    last = -1
+    while chunk := os.read(cmd.stdout.fileno(), 65536):
+        out += chunk
+        found = _PERCENT.findall(chunk)
+        if found and int(found[-1]) != last:
+            last = int(found[-1])
+            on_percent(last)
+    result = cmd.finish(bytes(out))
+    if result.returncode != 0:
         raise command_failed(result)
     return result
+
+
+def run_head(argv: Sequence[str | os.PathLike[str]], limit: int) -> bytes:
+    """The first `limit` bytes a command writes to stdout, then it is stopped
+    (it dies of SIGPIPE at its next write): for reading a superblock out of a
+    multi-gigabyte stream.  Fails only if the command failed before `limit`."""
+    cmd = _Streamed(argv, None)
+    data = cmd.stdout.read(limit)
+    result = cmd.finish(b"")
+    if len(data) < limit and result.returncode != 0:
+        raise command_failed(result)
+    return data

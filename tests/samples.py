@@ -67,3 +67,17 @@ def make_rich_tree(root: Path) -> None:
     os.mkfifo(root / "run/initctl", 0o600)
     os.utime(root / "usr/bin/ping", ns=(0, 0))  # the epoch itself
     os.utime(root / "etc", ns=(1_234_567_890 * NS + 1,) * 2)
+
+
+def main() -> None:
+    """python -m tests.samples DIR [--rich]: make a sample root tree (the demo's)."""
+    import sys
+
+    args = sys.argv[1:]
+    target = Path(next(a for a in args if not a.startswith("-")))
+    (make_rich_tree if "--rich" in args else make_plain_tree)(target)
+    print(target)
+
+
+if __name__ == "__main__":
+    main()

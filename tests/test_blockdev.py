@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -194,3 +196,25 @@ def test_teardown_with_backing_leaves_other_files_attached(tmp_path: Path,
 def test_teardown_of_a_device_that_does_not_exist_is_one_error() -> None:
     with pytest.raises(BlockDevError, match="loop987654"):
         blockdev.loop_teardown("/dev/loop987654")
+
+
+def test_pyparted_survives_the_fs_plugin(tmp_path: Path) -> None:
+    """libblockdev 2.x's fs plugin replaces libparted's exception handler;
+    pyparted then crashed on the next libparted exception.  In a child
+    process, so a regression cannot take the test run down with it."""
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(8 << 20)
+    subprocess.run(["sfdisk", "-q", str(disk)], input="label: gpt\n,1M\n", text=True,
+                   check=True, capture_output=True)
+    os.truncate(disk, 4 << 20)  # the backup table is gone: libparted raises
+    probe = (
+        "import sys, parted\n"
+        "from dmoverlay import blockdev\n"
+        "blockdev.load('fs')\n"
+        f"try:\n    parted.newDisk(parted.getDevice({str(disk)!r}))\n"
+        "except Exception as exc:\n    print('raised', type(exc).__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0, f"child died: {result.returncode} {result.stderr}"

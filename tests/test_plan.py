@@ -101,12 +101,20 @@ def test_name_length_counts_bytes() -> None:
 # ------------------------------------------------------------------- plan
 
 def test_default_plan_leaves_two_gib_free() -> None:
-    p = ext4.plan(tree(file("big", 100 * MiB)), size=None, free=None, label="L",
-                  fs_uuid=None, epoch=1)
-    need = ext4.minimum_size(ext4.usage(tree(file("big", 100 * MiB))))
-    assert p.size == need + 2 * GiB
-    assert p.size % ext4.BLOCK == 0
-    assert need > 100 * MiB
+    t = tree(file("big", 100 * MiB))
+    p = ext4.plan(t, size=None, free=None, label="L", fs_uuid=None, epoch=1)
+    use = ext4.usage(t)
+    free = p.blocks - use.blocks - ext4.overhead_blocks(p.blocks, p.inodes)
+    assert 2 * GiB <= free * ext4.BLOCK < 2 * GiB + 8 * MiB
+    assert use.blocks * ext4.BLOCK >= 100 * MiB
+
+
+def test_overhead_grows_with_backup_groups() -> None:
+    # 4 GiB: 32 groups, 8 of them (0, 1, 3, 5, 7, 9, 25, 27) with superblock copies
+    assert ext4.backup_groups(32) == 8
+    small = ext4.overhead_blocks(1 << 18, 1 << 16)
+    large = ext4.overhead_blocks(1 << 20, 1 << 16)
+    assert large - small > 4 * ext4.reserved_gdt_blocks(1 << 20)
 
 
 def test_plan_has_an_inode_for_every_entry_and_the_free_space() -> None:

@@ -42,9 +42,9 @@ def cli(debug: bool, quiet: bool) -> None:
 
 
 def _register() -> None:
-    from dmoverlay.cli import build, doctor
+    from dmoverlay.cli import build, doctor, inspect
 
-    for module in (build, doctor):
+    for module in (build, doctor, inspect):
         cli.add_command(module.command)
 
 
