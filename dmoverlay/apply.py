@@ -1,0 +1,500 @@
+"""`dmoverlay apply` and `dmoverlay rollback`.
+
+1. Read the whole update once, verifying it to the end, and spool file data
+   (under the live /run: never under /tmp, which a tmpfs hides at start-up).
+2. Plan against the root as the live system sees it; refuse before writing.
+3. Check space (blocks and inodes of each filesystem, and the COW store).
+4. Journal, then: make new directories (private), write every file to a
+   temporary name beside its target with owner, mode, xattrs and times set on
+   the open file, sync the filesystems once, and rename each into place
+   (exchanging with the old inode, which goes to the journal: no copies).
+5. Give new directories their final modes last.  Any failure undoes it all.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dmoverlay import journal
+from dmoverlay.applyplan import Action, Op, Options, Plan, Where, make_plan
+from dmoverlay.compress import Readable
+from dmoverlay.errors import DmoverlayError, ImageError, UsageError
+from dmoverlay.inroot import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    InRootError,
+    Trees,
+    exists,
+    renameat2,
+    syncfs,
+)
+from dmoverlay.journal import JOURNALS, Log, Record, Writer
+from dmoverlay.members import Kind, Member, UpdateReader
+from dmoverlay.sizes import MiB, format_size
+
+CHUNK = 1 << 20
+BLOCK = 4096
+# A crash test's hook: stop dead (as a kill would) at the N-th change point.
+_CRASH_AT = int(os.environ.get("DMOVERLAY_CRASH_AT", "0") or 0)
+_crash_count = 0
+
+
+def _change_point() -> None:
+    global _crash_count
+    if _CRASH_AT:
+        _crash_count += 1
+        if _crash_count >= _CRASH_AT:
+            os._exit(86)
+
+
+class ApplyRefused(DmoverlayError):
+    """The update may not be applied; nothing was written."""
+
+    def __init__(self, plan: Plan) -> None:
+        first = plan.refusals[0]
+        more = len(plan.refusals) - 1
+        tail = f" (and {more} more: see --dry-run)" if more else ""
+        super().__init__(f"refused: {first.name}: {first.reason}{tail}",
+                         hint=first.hint or "nothing was written")
+        self.plan = plan
+
+
+# ------------------------------------------------------------------ reading
+
+
+class Spool:
+    """File data of a streamed update, kept in one file until it is written
+    into the root: the update is read and checked to its end first."""
+
+    def __init__(self, directory: Path) -> None:
+        self.file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 (closed in close)
+        self.size = 0
+        self.where: dict[str, tuple[int, int]] = {}
+
+    def add(self, name: str, stream: Readable, size: int) -> None:
+        start = self.size
+        left = size
+        while left:
+            chunk = stream.read(min(CHUNK, left))
+            if not chunk:
+                raise ImageError(f"{name}: update ended inside this file's data")
+            self.file.write(chunk)
+            left -= len(chunk)
+        self.size += size
+        self.where[name] = (start, size)
+
+    def chunks(self, name: str) -> Iterator[bytes]:
+        self.file.flush()
+        offset, left = self.where[name]
+        fd = self.file.fileno()
+        while left:
+            chunk = os.pread(fd, min(CHUNK, left), offset)
+            offset += len(chunk)
+            left -= len(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_all(reader: UpdateReader, spool: Spool) -> list[Member]:
+    members = []
+    for member, stream in reader.members():
+        if member.kind is Kind.FILE:
+            assert stream is not None
+            spool.add(member.name, stream, member.size)
+        members.append(member)
+    return members
+
+
+# ------------------------------------------------------------------ space
+
+
+@dataclass(frozen=True)
+class Need:
+    blocks: int = 0
+    inodes: int = 0
+
+
+def space_needed(plan: Plan) -> dict[str, Need]:
+    """Blocks and inodes per tree.  Replaced inodes are kept by the journal,
+    so nothing an update replaces is freed."""
+    need: dict[str, Need] = {}
+    for a in plan.actions:
+        if a.op is Op.FOLLOW or a.op is Op.WHITEOUT:
+            continue
+        blocks = 1
+        if a.member is not None and a.member.kind is Kind.FILE:
+            blocks += -(-a.member.size // BLOCK)
+        old = need.get(a.where.tree, Need())
+        need[a.where.tree] = Need(old.blocks + blocks, old.inodes + 1)
+    return need
+
+
+def check_space(trees: Trees, plan: Plan,
+                cow_free: Callable[[str], int | None]) -> None:
+    for tree, need in space_needed(plan).items():
+        st = os.fstatvfs(trees.top(tree))
+        margin = max(MiB // BLOCK, need.blocks // 20)
+        have = st.f_bavail * st.f_frsize // BLOCK
+        label = "the root" if tree == "root" else "the live /run"
+        if need.blocks + margin > have:
+            raise ImageError(f"the update does not fit in {label}: it needs "
+                             f"{format_size((need.blocks + margin) * BLOCK)}, "
+                             f"{format_size(have * BLOCK)} free", hint="nothing was written")
+        if st.f_files and need.inodes + 16 > st.f_favail:
+            raise ImageError(f"the update does not fit in {label}: it needs {need.inodes} "
+                             f"inodes, {st.f_favail} free", hint="nothing was written")
+        cow = cow_free(trees.root if tree == "root" else trees.run or "")
+        if cow is not None and (need.blocks + margin) * BLOCK > cow:
+            raise ImageError(f"the update does not fit in the overlay's COW store: it needs "
+                             f"about {format_size((need.blocks + margin) * BLOCK)}, "
+                             f"{format_size(cow)} left", hint="nothing was written")
+
+
+def no_cow(_: str) -> int | None:
+    return None
+
+
+# ------------------------------------------------------------------ executing
+
+
+@dataclass
+class Result:
+    txn: str
+    plan: Plan
+    written: int = 0
+
+
+@dataclass
+class _Txn:
+    trees: Trees
+    name: str
+    log: Writer
+    dirs: dict[str, Where] = field(default_factory=dict)  # tree -> journal dir
+
+    def saved(self, tree: str, n: int) -> tuple[int, str]:
+        return self.trees.dir_fd(self.dirs[tree]), str(n)
+
+
+def _journal_dir(trees: Trees, tree: str, txn: str) -> Where:
+    top = trees.top(tree)
+    path = f"{JOURNALS}/{txn}"
+    parts = path.split("/")
+    fd = top
+    opened = []
+    try:
+        for part in parts:
+            with suppress(FileExistsError):
+                os.mkdir(part, 0o700, dir_fd=fd)
+            fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            opened.append(fd)
+    finally:
+        for f in opened:
+            os.close(f)
+    return Where(tree, path)
+
+
+def execute(trees: Trees, plan: Plan, spool: Spool, txn_name: str) -> Result:
+    """Carry out a plan, or undo every part of it and raise."""
+    used = {a.where.tree for a in plan.actions} | {"root"}
+    # making the journal changes the tops' times: note them first
+    tops = {t: os.fstat(trees.top(t)) for t in used}
+    dirs = {t: _journal_dir(trees, t, txn_name) for t in used}
+    log = Writer(Path(trees.root) / JOURNALS / txn_name / "log")
+    for t, st in sorted(tops.items()):
+        log.add(Record("times", tree=t, path="", atime_ns=st.st_atime_ns,
+                       mtime_ns=st.st_mtime_ns))
+    txn = _Txn(trees, txn_name, log, dirs)
+    try:
+        result = _execute(txn, plan, spool)
+    except BaseException:
+        log.close()
+        undo(trees, txn_name)
+        raise
+    log.close()
+    return result
+
+
+def _execute(txn: _Txn, plan: Plan, spool: Spool) -> Result:
+    trees, log = txn.trees, txn.log
+    mkdirs = [(n, a) for n, a in enumerate(plan.actions) if a.op is Op.MKDIR]
+    puts = [(n, a) for n, a in enumerate(plan.actions)
+            if a.op in (Op.CREATE, Op.REPLACE, Op.LINK)]
+    removes = [(n, a) for n, a in enumerate(plan.actions) if a.op is Op.WHITEOUT]
+    tmp = {n: f".dmoverlay-{txn.name}-{n}" for n, _ in puts}
+    # every existing directory we change, with its times: undo puts them back
+    touched = {a.where.parent for _, a in [*mkdirs, *puts, *removes]}
+    touched -= {a.where for _, a in mkdirs}
+    for where in sorted((w for w in touched if w.path), key=str):  # tops are noted already
+        st = trees.lstat(where)
+        if st is not None:
+            log.add(Record("times", tree=where.tree, path=where.path,
+                           atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns))
+    for n, a in mkdirs:
+        log.add(Record("mkdir", n, a.where.tree, a.where.path))
+    for n, a in puts:
+        log.add(Record("put", n, a.where.tree, a.where.path, tmp=tmp[n]))
+    for n, a in removes:
+        log.add(Record("remove", n, a.where.tree, a.where.path))
+    log.sync()
+    _change_point()
+
+    for _, a in mkdirs:
+        os.mkdir(a.where.name, 0o700, dir_fd=trees.dir_fd(a.where.parent))
+        _change_point()
+    inodes: dict[int, int] = {}
+    placed_tmp: dict[Where, tuple[Where, str]] = {}
+    for n, a in puts:
+        inodes[n] = _prepare(trees, a, tmp[n], spool, placed_tmp)
+        placed_tmp[a.where] = (a.where.parent, tmp[n])
+        log.add(Record("ready", n, ino=inodes[n]))
+        _change_point()
+    for fd in trees.fds.values():
+        syncfs(fd)
+    log.sync()
+
+    for n, a in puts:
+        _commit(txn, n, a, tmp[n])
+        _change_point()
+    for n, a in removes:
+        parent = trees.dir_fd(a.where.parent)
+        jfd, jname = txn.saved(a.where.tree, n)
+        trees.forget(a.where)
+        renameat2(parent, a.where.name, jfd, jname, RENAME_NOREPLACE)
+        _change_point()
+    for _, a in reversed(mkdirs):  # children first: their parents' times stay
+        assert a.member is not None
+        _set_dir_metadata(trees, a.where, a.member)
+    for fd in trees.fds.values():
+        syncfs(fd)
+    log.add(Record("done"))
+    log.sync()
+    return Result(txn.name, plan, written=len(puts))
+
+
+def _prepare(trees: Trees, a: Action, tmp: str, spool: Spool,
+             placed_tmp: dict[Where, tuple[Where, str]]) -> int:
+    """Write the new entry at `tmp` beside its target; its inode number."""
+    m = a.member
+    assert m is not None
+    parent = trees.dir_fd(a.where.parent)
+    if a.op is Op.LINK:
+        assert a.link_to is not None
+        src_dir, src_name = placed_tmp[a.link_to]
+        os.link(src_name, tmp, src_dir_fd=trees.dir_fd(src_dir), dst_dir_fd=parent,
+                follow_symlinks=False)
+        return os.lstat(tmp, dir_fd=parent).st_ino
+    if m.kind is Kind.SYMLINK:
+        os.symlink(m.target, tmp, dir_fd=parent)
+        os.chown(tmp, m.uid, m.gid, dir_fd=parent, follow_symlinks=False)
+        os.utime(tmp, ns=(m.mtime_ns, m.mtime_ns), dir_fd=parent, follow_symlinks=False)
+        return os.lstat(tmp, dir_fd=parent).st_ino
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600, dir_fd=parent)
+    try:
+        for chunk in spool.chunks(m.name):
+            os.write(fd, chunk)
+        os.fchown(fd, m.uid, m.gid)
+        os.fchmod(fd, m.mode)  # after chown, which clears setuid bits
+        for key, value in m.xattrs:
+            os.setxattr(fd, key, value)
+        os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
+        return os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+
+
+def _commit(txn: _Txn, n: int, a: Action, tmp: str) -> None:
+    """Rename one prepared entry into place.  With an old entry there, the
+    two are exchanged in one step and the old one moves to the journal."""
+    trees = txn.trees
+    parent = trees.dir_fd(a.where.parent)
+    if a.op is Op.REPLACE or exists(parent, a.where.name):
+        trees.forget(a.where)
+        renameat2(parent, tmp, parent, a.where.name, RENAME_EXCHANGE)
+        jfd, jname = txn.saved(a.where.tree, n)
+        renameat2(parent, tmp, jfd, jname, RENAME_NOREPLACE)
+    else:
+        renameat2(parent, tmp, parent, a.where.name, RENAME_NOREPLACE)
+
+
+def _set_dir_metadata(trees: Trees, where: Where, m: Member) -> None:
+    fd = trees.dir_fd(where)
+    os.fchown(fd, m.uid, m.gid)
+    os.fchmod(fd, m.mode & 0o7777)
+    for key, value in m.xattrs:
+        os.setxattr(fd, key, value)
+    os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
+
+
+# ------------------------------------------------------------------ undoing
+
+
+def undo(trees: Trees, txn: str) -> None:
+    """Put back what a transaction changed, whatever point it reached."""
+    root_j = Path(trees.root) / JOURNALS / txn
+    try:
+        log = Log.parse((root_j / "log").read_text())
+    except FileNotFoundError:
+        log = Log()
+    jdirs = {t: Where(t, f"{JOURNALS}/{txn}") for t in trees.fds}
+    for r in reversed(log.records):
+        if r.step == "put":
+            _undo_put(trees, r, log.inode_of(r.n), jdirs[r.tree])
+        elif r.step == "remove":
+            _undo_remove(trees, r, jdirs[r.tree])
+    for r in reversed(log.records):
+        if r.step == "mkdir":
+            _undo_mkdir(trees, r)
+    for tree in trees.fds:
+        top = Path(trees.root if tree == "root" else trees.run or "")
+        trees.forget(Where(tree, JOURNALS.split("/")[0]))
+        shutil.rmtree(top / JOURNALS / txn, ignore_errors=True)
+        for empty in (top / JOURNALS, top / JOURNALS.split("/")[0]):
+            with suppress(OSError):
+                empty.rmdir()
+    for r in log.records:
+        if r.step == "times":
+            where = Where(r.tree, r.path)
+            if trees.lstat(where) is not None:
+                os.utime(trees.dir_fd(where), ns=(r.atime_ns, r.mtime_ns))
+    for fd in trees.fds.values():
+        syncfs(fd)
+
+
+def _ino(fd: int, name: str) -> int:
+    try:
+        return os.lstat(name, dir_fd=fd).st_ino
+    except FileNotFoundError:
+        return 0
+
+
+def _remove(fd: int, name: str) -> None:
+    st = os.lstat(name, dir_fd=fd)
+    if stat.S_ISDIR(st.st_mode):
+        os.rmdir(name, dir_fd=fd)
+    else:
+        os.unlink(name, dir_fd=fd)
+
+
+def _undo_put(trees: Trees, r: Record, new_ino: int, jdir: Where) -> None:
+    where = Where(r.tree, r.path)
+    try:
+        parent = trees.dir_fd(where.parent)
+    except DmoverlayError:
+        return  # its directory never came to be
+    jfd = trees.dir_fd(jdir)
+    saved = str(r.n)
+    target_ino, tmp_ino = _ino(parent, where.name), _ino(parent, r.tmp)
+    trees.forget(where)
+    if _ino(jfd, saved):  # the old entry is in the journal, the new in place
+        renameat2(jfd, saved, parent, where.name, RENAME_EXCHANGE)
+        _remove(jfd, saved)
+    elif tmp_ino and new_ino and target_ino == new_ino:  # exchanged, not yet moved
+        renameat2(parent, r.tmp, parent, where.name, RENAME_EXCHANGE)
+        _remove(parent, r.tmp)
+    elif tmp_ino:  # prepared, never renamed
+        _remove(parent, r.tmp)
+    elif new_ino and target_ino == new_ino:  # created where there was nothing
+        _remove(parent, where.name)
+
+
+def _undo_remove(trees: Trees, r: Record, jdir: Where) -> None:
+    where = Where(r.tree, r.path)
+    jfd = trees.dir_fd(jdir)
+    if _ino(jfd, str(r.n)):
+        renameat2(jfd, str(r.n), trees.dir_fd(where.parent), where.name, RENAME_NOREPLACE)
+
+
+def _undo_mkdir(trees: Trees, r: Record) -> None:
+    where = Where(r.tree, r.path)
+    trees.forget(where)
+    try:
+        os.rmdir(where.name, dir_fd=trees.dir_fd(where.parent))
+    except (FileNotFoundError, InRootError):
+        pass  # never made, or its parent was not
+    except OSError as exc:
+        if exc.errno != errno.ENOTEMPTY:
+            raise
+
+
+# ------------------------------------------------------------------ the jobs
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    root: Path
+    run_dir: Path | None = Path("/run")
+    allow_setuid: bool = False
+    dry_run: bool = False
+
+
+def _check_dirs(opts: ApplyOptions) -> None:
+    if not opts.root.is_dir():
+        raise UsageError(f"{opts.root}: not a directory", hint="--root is the new root to update")
+    if opts.run_dir is not None and not opts.run_dir.is_dir():
+        raise UsageError(f"{opts.run_dir}: not a directory", hint="--run-dir is the live /run")
+
+
+def staging_dir(opts: ApplyOptions) -> Path:
+    """Where downloads and spooled data live: under the live /run."""
+    base = opts.run_dir if opts.run_dir is not None else Path("/run")
+    path = base / "dmoverlay" / "staging"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+@contextmanager
+def opened(opts: ApplyOptions) -> Iterator[Trees]:
+    _check_dirs(opts)
+    with Trees(os.fspath(opts.root), os.fspath(opts.run_dir) if opts.run_dir else None) as t:
+        yield t
+
+
+def recover(trees: Trees) -> list[str]:
+    """Undo transactions a crash left unfinished; their names."""
+    undone = []
+    for name in journal.txn_names(Path(trees.root)):
+        log_path = Path(trees.root) / JOURNALS / name / "log"
+        text = log_path.read_text() if log_path.exists() else ""
+        if not Log.parse(text).done:
+            undo(trees, name)
+            undone.append(name)
+    return undone
+
+
+def apply_members(opts: ApplyOptions, members: list[Member], spool: Spool,
+                  cow_free: Callable[[str], int | None] = no_cow) -> Result:
+    with opened(opts) as trees:
+        recover(trees)
+        plan = make_plan(trees, members, Options(allow_setuid=opts.allow_setuid,
+                                                 has_run=opts.run_dir is not None))
+        if not plan.ok:
+            raise ApplyRefused(plan)
+        if opts.dry_run:
+            return Result("", plan)
+        check_space(trees, plan, cow_free)
+        tops = [Path(opts.root)] + ([Path(opts.run_dir)] if opts.run_dir else [])
+        return execute(trees, plan, spool, journal.next_txn(tops))
+
+
+def rollback(opts: ApplyOptions) -> str | None:
+    """Undo an unfinished transaction, or else the last finished one."""
+    with opened(opts) as trees:
+        undone = recover(trees)
+        if undone:
+            return undone[-1]
+        names = journal.txn_names(Path(opts.root))
+        if not names:
+            return None
+        undo(trees, names[-1])
+        return names[-1]

@@ -1,0 +1,387 @@
+"""What applying an update would do, decided before anything is written.
+
+Every name is resolved as the live system will see it: ROOT is `/`, its
+top-level `run` is the live /run (a separate directory), symlinks are
+followed inside that view and never out of it.  The result is a list of
+actions, or of refusals; the executor only carries actions out."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from dmoverlay.members import Kind, Member
+
+NAME_MAX = 255
+PATH_MAX = 4095
+MAX_LINKS = 40  # as the kernel: more symlinks than this in one lookup is a loop
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+# Kernel filesystems a tmpfs or devtmpfs covers at boot: nothing to write there.
+FORBIDDEN_TOP = {"proc": "the kernel's proc filesystem", "sys": "sysfs",
+                 "dev": "devtmpfs"}
+HIDDEN_TOP = {"tmp": "a tmpfs is mounted on /tmp at start-up and hides it"}
+RUN = "run"
+
+
+class Op(StrEnum):
+    MKDIR = "create dir"
+    CREATE = "create"
+    REPLACE = "replace"
+    LINK = "hardlink"
+    WHITEOUT = "whiteout"
+    FOLLOW = "follow link"
+
+
+@dataclass(frozen=True)
+class Where:
+    """A real place: `tree` is "root" or "run"; `path` is relative to that
+    tree's top and contains no symlink (every component was checked)."""
+
+    tree: str
+    path: str
+
+    def __str__(self) -> str:
+        return f"/{self.path}" if self.tree == "root" else f"<run>/{self.path}"
+
+    def child(self, name: str) -> Where:
+        return Where(self.tree, f"{self.path}/{name}" if self.path else name)
+
+    @property
+    def parent(self) -> Where:
+        return Where(self.tree, self.path.rpartition("/")[0])
+
+    @property
+    def name(self) -> str:
+        return self.path.rpartition("/")[2]
+
+
+@dataclass(frozen=True)
+class Action:
+    op: Op
+    name: str  # the member's name in the update ("" for links followed)
+    where: Where
+    member: Member | None = None
+    detail: str = ""  # FOLLOW: "lib -> usr/lib"; LINK: where the first name lands
+    replaces: str = ""  # REPLACE: the kind of entry replaced
+    link_to: Where | None = None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    name: str
+    reason: str
+    hint: str = ""
+
+
+@dataclass
+class Plan:
+    actions: list[Action] = field(default_factory=list)
+    refusals: list[Refusal] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.refusals
+
+    def count(self, op: Op) -> int:
+        return sum(1 for a in self.actions if a.op is op)
+
+
+class Tree(Protocol):
+    """Read-only lookups in the real trees (root, run), by symlink-free path."""
+
+    def lstat(self, where: Where) -> os.stat_result | None: ...
+
+    def readlink(self, where: Where) -> str: ...
+
+    def listdir(self, where: Where) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class Options:
+    allow_setuid: bool = False
+    has_run: bool = True  # a live /run to put run/ entries in
+
+
+class Refused(Exception):
+    def __init__(self, reason: str, hint: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.hint = hint
+
+
+# ------------------------------------------------------------------ names
+
+
+def split_name(name: str) -> list[str]:
+    """The components of a member's name, or Refused for any name that is
+    not a plain relative path."""
+    if not name:
+        raise Refused("empty name")
+    if "\0" in name:
+        raise Refused("name holds a NUL byte")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise Refused("name holds a control character")
+    if name.startswith("/"):
+        raise Refused("absolute name", "names in an update are relative to the root")
+    if len(os.fsencode(name)) > PATH_MAX:
+        raise Refused(f"name longer than {PATH_MAX} bytes")
+    parts = name.removesuffix("/").split("/")
+    for part in parts:
+        if part == "..":
+            raise Refused("name holds '..'", "the update is malformed or hostile")
+        if part in ("", "."):
+            raise Refused("name holds an empty or '.' component")
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise Refused(f"a component is longer than {NAME_MAX} bytes")
+    return parts
+
+
+# ------------------------------------------------------------------ planning
+
+
+@dataclass
+class _Planned:
+    """What the plan has put at a place so far (later members see it)."""
+
+    kind: Kind
+    by_update: bool = True
+
+
+class Planner:
+    def __init__(self, tree: Tree, options: Options) -> None:
+        self.tree = tree
+        self.options = options
+        self.plan = Plan()
+        self.planned: dict[Where, _Planned] = {}  # made or replaced by this plan
+        self.removed: set[Where] = set()  # whiteouts
+        self.placed: dict[str, Where] = {}  # member name -> where it lands
+        self.followed: set[tuple[str, str]] = set()
+        self.actions_at: dict[Where, int] = {}
+
+    # -- the view: the real trees with the plan's changes on top
+
+    def _kind_at(self, where: Where) -> tuple[Kind | None, bool]:
+        """The kind of entry at a place, and whether this update put it there."""
+        if where in self.planned:
+            p = self.planned[where]
+            return p.kind, p.by_update
+        if where in self.removed or any(r.tree == where.tree and
+                                        where.path.startswith(r.path + "/")
+                                        for r in self.removed):
+            return None, False
+        st = self.tree.lstat(where)
+        if st is None:
+            return None, False
+        return _kind_of(st.st_mode), False
+
+    def _top(self, parts: list[str]) -> tuple[Where, list[str], list[str]]:
+        """Where a path from the live system's `/` starts (`run/...` is the
+        live /run), what is left to walk, and the live path walked so far."""
+        if parts and parts[0] == RUN:
+            if not self.options.has_run:
+                raise Refused("run/ entries need the live /run", "give --run-dir")
+            return Where("run", ""), parts[1:], [RUN]
+        return Where("root", ""), parts, []
+
+    def resolve_dir(self, parts: Sequence[str], name: str, *,
+                    create: bool = True) -> Where | None:
+        """The real directory the components lead to, following links as the
+        live system would.  Missing directories are planned on the way, or,
+        without `create`, end the walk with None."""
+        where, todo, seen = self._top(list(parts))
+        links = 0
+        while todo:
+            part = todo.pop(0)
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if not seen:
+                    raise Refused("a symlink leads above the root", "the root is malformed")
+                where, todo, seen = self._top(seen[:-1] + todo)
+                continue
+            self._check_top(seen, part)
+            here = where.child(part)
+            kind, by_update = self._kind_at(here)
+            if kind is None:
+                if not create:
+                    return None
+                self._mkdir(here, name)
+                where = here
+            elif kind is Kind.DIR:
+                where = here
+            elif kind is Kind.SYMLINK:
+                if by_update:
+                    raise Refused(f"goes through the symlink {'/'.join([*seen, part])} "
+                                  "that the update itself creates",
+                                  "an update may not write through its own links")
+                links += 1
+                if links > MAX_LINKS:
+                    raise Refused("too many levels of symbolic links")
+                target = self.tree.readlink(here)
+                self._note_follow(here, target)
+                rest = [p for p in target.split("/") if p]
+                if target.startswith("/"):
+                    where, todo, seen = self._top(rest + todo)
+                else:
+                    todo = rest + todo
+                continue
+            else:
+                raise Refused(f"{'/'.join([*seen, part])} is a {kind}, not a directory")
+            seen.append(part)
+        return where
+
+    def _check_top(self, seen: list[str], part: str) -> None:
+        if seen:
+            return
+        if part in FORBIDDEN_TOP:
+            raise Refused(f"writes under /{part} ({FORBIDDEN_TOP[part]})",
+                          "nothing in an update may go there")
+        if part in HIDDEN_TOP:
+            raise Refused(f"writes under /{part}: {HIDDEN_TOP[part]}",
+                          "put it elsewhere, e.g. under var/tmp or run")
+
+    def _note_follow(self, link: Where, target: str) -> None:
+        key = (str(link), target)
+        if key not in self.followed:
+            self.followed.add(key)
+            self.plan.actions.append(Action(Op.FOLLOW, "", link, detail=f"{link} -> {target}"))
+
+    def _mkdir(self, where: Where, name: str, member: Member | None = None) -> None:
+        self.planned[where] = _Planned(Kind.DIR)
+        self.removed.discard(where)
+        default = Member(name=name, kind=Kind.DIR, mode=0o755)
+        self._add(Action(Op.MKDIR, member.name if member else name, where, member or default))
+
+    def _add(self, action: Action) -> None:
+        old = self.actions_at.get(action.where)
+        if old is not None and action.op is not Op.FOLLOW:
+            # a later entry of the same name wins, as when tar extracts
+            self.plan.actions[old] = action
+        else:
+            self.actions_at[action.where] = len(self.plan.actions)
+            self.plan.actions.append(action)
+
+    # -- members
+
+    def add(self, member: Member) -> None:
+        try:
+            self._add_member(member)
+        except Refused as exc:
+            self.plan.refusals.append(Refusal(member.name or "/", exc.reason, exc.hint))
+
+    def _add_member(self, m: Member) -> None:
+        if m.name == "":
+            return  # the update's own top: the root's metadata stays as it is
+        parts = split_name(m.name)
+        self._check_kind(m)
+        base = parts[-1]
+        if base == OPAQUE:
+            raise Refused("opaque whiteouts are not supported",
+                          "list the entries to delete with .wh.NAME")
+        if base.startswith(WHITEOUT):
+            self._whiteout(m, parts[:-1], base.removeprefix(WHITEOUT))
+            return
+        if len(parts) == 1:
+            self._check_top([], base)
+        parent = self.resolve_dir(parts[:-1], m.name)
+        assert parent is not None
+        where = parent.child(base)
+        if m.kind is Kind.DIR:
+            self._dir(m, where)
+        else:
+            self._entry(m, where)
+
+    def _check_kind(self, m: Member) -> None:
+        if m.kind in (Kind.CHAR, Kind.BLOCK, Kind.FIFO, Kind.SOCKET):
+            raise Refused(f"a {m.kind} (device nodes, fifos and sockets are refused)",
+                          "the live system makes its own device nodes")
+        if (m.kind is Kind.FILE and m.mode & (stat.S_ISUID | stat.S_ISGID)
+                and not self.options.allow_setuid):
+            raise Refused("a setuid/setgid file", "pass --allow-setuid if it is meant to be")
+
+    def _dir(self, m: Member, where: Where) -> None:
+        kind, _ = self._kind_at(where)
+        if kind is None:
+            self._mkdir(where, m.name, m)
+        elif kind is Kind.SYMLINK:
+            # keep the link, go on inside its target
+            self.resolve_dir(self._live_parts(where), m.name)
+        elif kind is not Kind.DIR:
+            raise Refused(f"a directory over a {kind}", "remove it first with a .wh. entry")
+        elif where in self.planned and self.planned[where].by_update:
+            self._add(Action(Op.MKDIR, m.name, where, m))  # a repeated entry: its metadata
+
+    def _live_parts(self, where: Where) -> list[str]:
+        parts = [p for p in where.path.split("/") if p]
+        return [RUN, *parts] if where.tree == "run" else parts
+
+    def _entry(self, m: Member, where: Where) -> None:
+        kind, _ = self._kind_at(where)
+        if kind is Kind.DIR and not self._empty_dir(where):
+            raise Refused(f"a {m.kind} over a non-empty directory",
+                          "remove the directory first with a .wh. entry")
+        link_to = None
+        if m.kind is Kind.HARDLINK:
+            link_to = self.placed.get(m.target.removeprefix("./"))
+            first = self.planned.get(link_to) if link_to else None
+            if link_to is None or first is None or first.kind is not Kind.FILE:
+                raise Refused(f"hardlink to {m.target!r}, which is not an earlier file "
+                              "of the update", "the update is malformed")
+        # create or replace, judged against the real tree: a name the update
+        # wrote twice, or removed and wrote again, still replaces what is there
+        real = self.tree.lstat(where)
+        replaces = _kind_of(real.st_mode) if real is not None else None
+        op = Op.LINK if link_to else (Op.CREATE if replaces is None else Op.REPLACE)
+        self._add(Action(op, m.name, where, m, replaces=replaces or "", link_to=link_to))
+        self.planned[where] = _Planned(Kind.FILE if m.kind is Kind.HARDLINK else m.kind)
+        self.removed.discard(where)
+        self.placed[m.name] = where
+
+    def _empty_dir(self, where: Where) -> bool:
+        """No child in the real tree (less whiteouts) nor planned by the update."""
+        def inside(w: Where) -> bool:
+            return w.tree == where.tree and w.path.startswith(where.path + "/")
+
+        if any(inside(w) for w in self.planned):
+            return False
+        if self.tree.lstat(where) is None:
+            return True
+        return all(where.child(n) in self.removed for n in self.tree.listdir(where))
+
+    def _whiteout(self, m: Member, parent_parts: list[str], victim: str) -> None:
+        if not victim or victim in (".", ".."):
+            raise Refused("whiteout of nothing")
+        if not parent_parts:
+            self._check_top([], victim)
+        parent = self.resolve_dir(parent_parts, m.name, create=False)
+        if parent is None:
+            return  # its directory does not exist: nothing to remove
+        where = parent.child(victim)
+        kind, by_update = self._kind_at(where)
+        if by_update:
+            raise Refused(f"whiteout of {victim!r}, which the update itself creates")
+        if kind is None:
+            return  # nothing to remove: already as the update wants it
+        self._add(Action(Op.WHITEOUT, m.name, where, m, replaces=kind))
+        self.removed.add(where)
+
+
+def _kind_of(mode: int) -> Kind:
+    for kind, bits in ((Kind.DIR, stat.S_IFDIR), (Kind.SYMLINK, stat.S_IFLNK),
+                       (Kind.FILE, stat.S_IFREG), (Kind.CHAR, stat.S_IFCHR),
+                       (Kind.BLOCK, stat.S_IFBLK), (Kind.FIFO, stat.S_IFIFO)):
+        if stat.S_IFMT(mode) == bits:
+            return kind
+    return Kind.SOCKET
+
+
+def make_plan(tree: Tree, members: Iterable[Member], options: Options) -> Plan:
+    planner = Planner(tree, options)
+    for member in members:
+        planner.add(member)
+    return planner.plan

@@ -1,0 +1,158 @@
+"""Touching files inside a root without ever leaving it.
+
+Every directory is opened relative to the root's descriptor with openat2
+and RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS: the planner resolved all links
+already, so a symlink met here means the tree changed under us, and the
+kernel refuses rather than following it anywhere."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+from dataclasses import dataclass, field
+
+from dmoverlay.applyplan import Where
+from dmoverlay.errors import DmoverlayError
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+SYS_OPENAT2 = 437  # the same number on every architecture
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = (("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64))
+
+
+class InRootError(DmoverlayError):
+    """A place inside the root could not be reached or changed."""
+
+
+def _raise_errno(what: str) -> None:
+    code = ctypes.get_errno()
+    raise OSError(code, f"{what}: {os.strerror(code)}")
+
+
+def openat2(dir_fd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
+    """openat2(2); retried on EAGAIN, which the kernel returns when a rename
+    raced with the lookup."""
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    raw = os.fsencode(path)
+    for _ in range(16):
+        fd = _libc.syscall(SYS_OPENAT2, dir_fd, raw, ctypes.byref(how), ctypes.sizeof(how))
+        if fd >= 0:
+            return int(fd)
+        if ctypes.get_errno() != errno.EAGAIN:
+            break
+    _raise_errno(f"openat2 {path}")
+    raise AssertionError("unreachable")
+
+
+def renameat2(old_fd: int, old: str, new_fd: int, new: str, flags: int) -> None:
+    if _libc.renameat2(old_fd, os.fsencode(old), new_fd, os.fsencode(new), flags) != 0:
+        _raise_errno(f"rename {old} -> {new}")
+
+
+def syncfs(fd: int) -> None:
+    if _libc.syncfs(fd) != 0:
+        _raise_errno("syncfs")
+
+
+def exists(dir_fd: int, name: str) -> bool:
+    try:
+        os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+@dataclass
+class Trees:
+    """The root and the live /run, opened once; directories below them opened
+    on demand (beneath the tree, through no symlink) and kept open."""
+
+    root: str
+    run: str | None
+    fds: dict[str, int] = field(default_factory=dict)
+    dirs: dict[Where, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.fds["root"] = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if self.run is not None:
+            self.fds["run"] = os.open(self.run, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        for fd in [*self.dirs.values(), *self.fds.values()]:
+            os.close(fd)
+        self.dirs.clear()
+        self.fds.clear()
+
+    def __enter__(self) -> Trees:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def top(self, tree: str) -> int:
+        return self.fds[tree]
+
+    def dir_fd(self, where: Where) -> int:
+        """A descriptor of the directory at `where`, opened without following
+        any symlink and without leaving its tree."""
+        if not where.path:
+            return self.fds[where.tree]
+        fd = self.dirs.get(where)
+        if fd is None:
+            try:
+                fd = openat2(self.fds[where.tree], where.path,
+                             os.O_RDONLY | os.O_DIRECTORY,
+                             RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+            except OSError as exc:
+                raise InRootError(f"cannot open {where}: {exc.strerror}",
+                                  hint="the tree changed while the update was applied") from None
+            self.dirs[where] = fd
+        return fd
+
+    def forget(self, where: Where) -> None:
+        """Drop cached descriptors at and below a place (it moved away)."""
+        for w in [w for w in self.dirs if w.tree == where.tree and
+                  (w.path == where.path or w.path.startswith(where.path + "/"))]:
+            os.close(self.dirs.pop(w))
+
+    # -- the planner's read-only view (applyplan.Tree)
+
+    def lstat(self, where: Where) -> os.stat_result | None:
+        if where.tree not in self.fds:
+            return None
+        try:
+            return os.lstat(where.name, dir_fd=self.dir_fd(where.parent)) if where.path else \
+                os.fstat(self.fds[where.tree])
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except InRootError:
+            return None
+
+    def readlink(self, where: Where) -> str:
+        return os.readlink(where.name, dir_fd=self.dir_fd(where.parent))
+
+    def listdir(self, where: Where) -> list[str]:
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=self.dir_fd(where))
+        try:
+            return os.listdir(fd)
+        finally:
+            os.close(fd)
+
+    def same_filesystem(self, where: Where) -> bool:
+        """Renames cannot cross filesystems: a place must be on its tree's."""
+        st = self.lstat(where)
+        top = os.fstat(self.fds[where.tree])
+        return st is None or st.st_dev == top.st_dev or not stat.S_ISDIR(st.st_mode)

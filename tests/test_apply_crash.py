@@ -1,0 +1,90 @@
+"""A process killed at any point of an apply leaves each file old or new,
+never torn; rollback then restores the original tree exactly, and running
+the apply again converges on the new one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dmoverlay.apply import ApplyOptions, rollback
+from tests.applykit import Item, make_root, snapshot, without_dir_times
+
+DRIVER = """
+import sys
+from pathlib import Path
+from tests.applykit import apply, d, f, hard, link, other
+from dmoverlay.members import Kind
+top = Path(sys.argv[1])
+apply(top, top / "live/root", top / "live/run", [
+    d("lib"), f("lib/libfoo.so", b"new libfoo" * 1000), f("lib/libnew.so", b"n"),
+    f("etc/resolv.conf", b"nameserver 10.0.0.1"), f("etc/os-release", b"ID=new"),
+    d("opt"), d("opt/app", 0o750), f("opt/app/bin", b"bin", 0o755), hard("opt/app/bin2",
+    "opt/app/bin"), link("usr/bin/newlink", "tool"), f("run/flag", b"on"),
+    other("etc/keep.d/.wh.a.conf", Kind.FILE), f("usr/bin/tool", b"new tool", 0o755),
+])
+"""
+# the journal's first sync + 2 directories made + 9 entries prepared + 9
+# renamed in + 1 whiteout: every point a crash can fall between
+CHANGE_POINTS = 1 + 2 + 9 + 9 + 1
+
+
+Snapshots = dict[str, dict[str, Item]]
+
+
+def _new_tree(top: Path) -> tuple[Snapshots, Snapshots]:
+    """What the update makes of a fresh root (computed once, uninterrupted)."""
+    root, run = make_root(top / "live")
+    old = snapshot(root), snapshot(run)
+    subprocess.run([sys.executable, "-c", DRIVER, str(top)], check=True)
+    new = snapshot(root), snapshot(run)
+    return {"old": old[0], "new": new[0]}, {"old": old[1], "new": new[1]}
+
+
+@pytest.fixture(scope="module")
+def expected(tmp_path_factory: pytest.TempPathFactory) -> tuple[Snapshots, Snapshots]:
+    return _new_tree(tmp_path_factory.mktemp("reference"))
+
+
+def _each_file_old_or_new(now: dict[str, Item], old: dict[str, Item],
+                          new: dict[str, Item]) -> None:
+    for path, item in now.items():
+        if ".dmoverlay-" in path or item.kind == "dir":
+            continue  # a prepared temporary file, or a directory still being made
+        assert item in (old.get(path), new.get(path)), f"{path} is neither old nor new"
+
+
+@pytest.mark.parametrize("point", range(1, CHANGE_POINTS + 2))
+def test_killed_at_any_point(point: int, tmp_path: Path,
+                             expected: tuple[Snapshots, Snapshots]) -> None:
+    root_exp, run_exp = expected
+    root, run = make_root(tmp_path / "live")
+    old_root, old_run = snapshot(root), snapshot(run)
+    assert old_root == root_exp["old"]
+    env = {**os.environ, "DMOVERLAY_CRASH_AT": str(point)}
+    proc = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path)], env=env,
+                          capture_output=True, text=True, check=False)
+    crashed = proc.returncode == 86
+    assert crashed or (proc.returncode == 0 and point > CHANGE_POINTS), proc.stderr
+    _each_file_old_or_new(snapshot(root), root_exp["old"], root_exp["new"])
+    _each_file_old_or_new(snapshot(run), run_exp["old"], run_exp["new"])
+    if point % 2:
+        rollback(ApplyOptions(root, run))
+        assert snapshot(root) == old_root
+        assert snapshot(run) == old_run
+    else:  # the next apply first undoes the torn one, then applies in full
+        subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path)], check=True)
+        assert without_dir_times(snapshot(root)) == without_dir_times(root_exp["new"])
+        assert without_dir_times(snapshot(run)) == without_dir_times(run_exp["new"])
+
+
+def test_the_crash_points_are_all_reached(tmp_path: Path) -> None:
+    """The last point really is the last one: one more lets the apply finish."""
+    make_root(tmp_path / "live")
+    env = {**os.environ, "DMOVERLAY_CRASH_AT": str(CHANGE_POINTS)}
+    proc = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path)], env=env, check=False)
+    assert proc.returncode == 86
