@@ -23,7 +23,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dmoverlay import journal
+from dmoverlay import cow, journal
 from dmoverlay.applyplan import Action, Op, Options, Plan, Where, make_plan
 from dmoverlay.compress import Readable
 from dmoverlay.errors import DmoverlayError, ImageError, UsageError
@@ -158,10 +158,6 @@ def check_space(trees: Trees, plan: Plan,
             raise ImageError(f"the update does not fit in the overlay's COW store: it needs "
                              f"about {format_size((need.blocks + margin) * BLOCK)}, "
                              f"{format_size(cow)} left", hint="nothing was written")
-
-
-def no_cow(_: str) -> int | None:
-    return None
 
 
 # ------------------------------------------------------------------ executing
@@ -445,12 +441,22 @@ def _check_dirs(opts: ApplyOptions) -> None:
         raise UsageError(f"{opts.run_dir}: not a directory", hint="--run-dir is the live /run")
 
 
-def staging_dir(opts: ApplyOptions) -> Path:
-    """Where downloads and spooled data live: under the live /run."""
-    base = opts.run_dir if opts.run_dir is not None else Path("/run")
-    path = base / "dmoverlay" / "staging"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
+@contextmanager
+def staging(opts: ApplyOptions) -> Iterator[Path]:
+    """A private directory for downloads and spooled data under the live /run
+    (never /tmp, which a tmpfs hides at start-up), removed afterwards."""
+    _check_dirs(opts)
+    base = (opts.run_dir if opts.run_dir is not None else Path("/run")) / "dmoverlay"
+    made = not base.exists()
+    base.mkdir(mode=0o700, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="staging-", dir=base))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        if made:
+            with suppress(OSError):
+                base.rmdir()
 
 
 @contextmanager
@@ -473,7 +479,7 @@ def recover(trees: Trees) -> list[str]:
 
 
 def apply_members(opts: ApplyOptions, members: list[Member], spool: Spool,
-                  cow_free: Callable[[str], int | None] = no_cow) -> Result:
+                  cow_free: Callable[[str], int | None] = cow.free_bytes) -> Result:
     with opened(opts) as trees:
         recover(trees)
         plan = make_plan(trees, members, Options(allow_setuid=opts.allow_setuid,

@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -104,14 +105,15 @@ def other(name: str, kind: Kind) -> tuple[Member, bytes]:
 
 
 def apply(top: Path, root: Path, run: Path | None,
-          entries: list[tuple[Member, bytes]], **opts: object) -> Result:
+          entries: list[tuple[Member, bytes]], *,
+          cow_free: Callable[[str], int | None] = lambda _: None, **opts: object) -> Result:
     spool = Spool(top)
     try:
         for member, data in entries:
             if member.kind is Kind.FILE:
                 spool.add(member.name, io.BytesIO(data), len(data))
         return apply_members(ApplyOptions(root, run, **opts),  # type: ignore[arg-type]
-                             [m for m, _ in entries], spool)
+                             [m for m, _ in entries], spool, cow_free)
     finally:
         spool.close()
 

@@ -229,3 +229,20 @@ def test_an_update_that_does_not_fit_is_refused_before_writing(tmp_path: Path) -
         assert snapshot(small) == before
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_an_update_larger_than_the_cow_left_is_refused(live: tuple[Path, Path, Path]) -> None:
+    """The COW numbers come from dmsetup on a real overlay (tested in the VM);
+    here a fake stands for an overlay with 1 MiB left."""
+    top, root, run = live
+    before = snapshot(top)
+    asked: list[str] = []
+
+    def one_mib_left(path: str) -> int:
+        asked.append(path)
+        return 1 << 20
+
+    with pytest.raises(ImageError, match="COW store"):
+        apply(top, root, run, [f("usr/big", bytes(2 << 20))], cow_free=one_mib_left)
+    assert asked == [str(root)]
+    assert snapshot(top) == before

@@ -1,0 +1,114 @@
+"""How much room is left in a dm-snapshot's copy-on-write store.
+
+The snapshot's own count (`dmsetup status`) is one limit; a COW file on a
+tmpfs is another, often smaller one: the file is sparse, and RAM runs out
+long before its nominal size.  The free space is the smaller of the two."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from dmoverlay.errors import DmoverlayError
+from dmoverlay.run import find_tool, run
+
+SECTOR = 512
+
+
+class State(StrEnum):
+    ACTIVE = "active"
+    INVALID = "invalid"  # an N store that filled up: every read and write fails
+    OVERFLOW = "overflow"  # a PO store that filled up: reads work, writes fail
+    MERGING = "merging"
+
+
+@dataclass(frozen=True)
+class SnapshotStatus:
+    state: State
+    allocated: int = 0  # sectors of the COW store in use (data and metadata)
+    total: int = 0  # sectors of the COW store
+    metadata: int = 0
+
+    @property
+    def used_bytes(self) -> int:
+        return self.allocated * SECTOR
+
+    @property
+    def total_bytes(self) -> int:
+        return self.total * SECTOR
+
+    @property
+    def free_bytes(self) -> int:
+        if self.state is not State.ACTIVE:
+            return 0
+        return max(0, self.total - self.allocated) * SECTOR
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.allocated / self.total if self.total else 100.0
+
+
+def parse_status(line: str) -> SnapshotStatus:
+    """One line of `dmsetup status` for a snapshot target:
+    `<start> <length> snapshot <allocated>/<total> <metadata>`, or `Invalid`,
+    or `Overflow` in place of the numbers."""
+    fields = line.split()
+    if len(fields) < 4 or fields[2] != "snapshot":
+        raise DmoverlayError(f"not a snapshot status line: {line.strip()!r}")
+    word = fields[3]
+    if word == "Invalid":
+        return SnapshotStatus(State.INVALID)
+    if word == "Overflow":
+        return SnapshotStatus(State.OVERFLOW)
+    if word == "Merge" or "/" not in word:
+        return SnapshotStatus(State.MERGING)
+    allocated, _, total = word.partition("/")
+    metadata = int(fields[4]) if len(fields) > 4 and fields[4].isdigit() else 0
+    return SnapshotStatus(State.ACTIVE, int(allocated), int(total), metadata)
+
+
+def dm_name(dev: int, *, sysfs: Path = Path("/sys")) -> str | None:
+    """The device-mapper name of a block device number, or None if not dm."""
+    try:
+        return (sysfs / f"dev/block/{os.major(dev)}:{os.minor(dev)}/dm/name").read_text().strip()
+    except OSError:
+        return None
+
+
+def cow_device(name: str) -> str | None:
+    """The COW device of a snapshot, as major:minor, from its table:
+    `<start> <length> snapshot <origin> <cow> <P|N|PO> <chunk>`."""
+    table = run(["dmsetup", "table", name]).stdout.split()
+    if len(table) >= 5 and table[2] == "snapshot":
+        return table[4]
+    return None
+
+
+def backing_file(devno: str, *, sysfs: Path = Path("/sys")) -> Path | None:
+    """The file behind a loop device given as major:minor, if it is one."""
+    try:
+        block = (sysfs / f"dev/block/{devno}").resolve().name
+        return Path((sysfs / f"block/{block}/loop/backing_file").read_text().strip())
+    except OSError:
+        return None
+
+
+def free_bytes(path: str) -> int | None:
+    """Room left in the COW store under the filesystem holding `path`; None
+    when it is not on a dm-snapshot (or dmsetup is missing)."""
+    name = dm_name(os.stat(path).st_dev)
+    if name is None or find_tool("dmsetup") is None:
+        return None
+    line = run(["dmsetup", "status", name]).stdout
+    if " snapshot " not in f" {line} ":
+        return None
+    status = parse_status(line)
+    free = status.free_bytes
+    cow = cow_device(name)
+    backing = backing_file(cow) if cow else None
+    if backing is not None:
+        st = os.statvfs(backing.parent)
+        free = min(free, st.f_bavail * st.f_frsize)
+    return free
