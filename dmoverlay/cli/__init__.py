@@ -42,10 +42,11 @@ def cli(debug: bool, quiet: bool) -> None:
 
 
 def _register() -> None:
-    from dmoverlay.cli import build, doctor, inspect
+    from dmoverlay.cli import apply, build, doctor, inspect
 
-    for module in (build, doctor, inspect):
+    for module in (build, doctor, inspect, apply):
         cli.add_command(module.command)
+    cli.add_command(apply.rollback_command)
 
 
 _register()

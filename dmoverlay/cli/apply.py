@@ -1,0 +1,90 @@
+"""dmoverlay apply UPDATES --root ROOT, and dmoverlay rollback"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from dmoverlay import log
+from dmoverlay.apply import ApplyOptions, ApplyRefused, Spool, apply_members, read_all, staging
+from dmoverlay.apply import rollback as undo_last
+from dmoverlay.applyplan import Op, Plan
+from dmoverlay.updates import open_update
+
+
+def plan_lines(plan: Plan) -> list[str]:
+    lines = []
+    for a in plan.actions:
+        if a.op is Op.FOLLOW:
+            lines.append(f"{a.op:<12} {a.detail}")
+        else:
+            extra = f" (was a {a.replaces})" if a.op is Op.REPLACE else ""
+            lines.append(f"{a.op:<12} {a.where}{extra}   <- {a.name}")
+    lines += [f"{'refuse':<12} {r.name}: {r.reason}" for r in plan.refusals]
+    return lines
+
+
+def plan_dict(plan: Plan) -> dict[str, object]:
+    return {
+        "actions": [{"op": str(a.op), "name": a.name, "tree": a.where.tree,
+                     "path": a.where.path, "replaces": a.replaces, "detail": a.detail}
+                    for a in plan.actions],
+        "refusals": [{"name": r.name, "reason": r.reason, "hint": r.hint}
+                     for r in plan.refusals],
+    }
+
+
+def _options(root: Path, run_dir: str, **kw: bool) -> ApplyOptions:
+    return ApplyOptions(root=root, run_dir=None if run_dir == "none" else Path(run_dir), **kw)
+
+
+@click.command("apply")
+@click.argument("updates")
+@click.option("--root", required=True, type=click.Path(path_type=Path),
+              help="The new root to update (e.g. /sysroot before switch_root).")
+@click.option("--run-dir", default="/run", show_default=True,
+              help="Where run/ entries go: the live system's /run ('none': refuse them).")
+@click.option("--sha256", help="Checksum the UPDATES file (or download) must have.")
+@click.option("--allow-setuid", is_flag=True, help="Accept setuid/setgid files.")
+@click.option("-n", "--dry-run", is_flag=True, help="Print the plan; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="A machine-readable report on stdout.")
+def command(updates: str, root: Path, run_dir: str, sha256: str | None, allow_setuid: bool,
+            dry_run: bool, as_json: bool) -> None:
+    """Apply UPDATES (a directory, cpio or tar archive, filesystem image, or
+    http(s) URL) onto ROOT: links kept, nothing written outside ROOT, every
+    file replaced atomically, all or nothing.  `dmoverlay rollback` undoes it."""
+    opts = _options(root, run_dir, allow_setuid=allow_setuid, dry_run=dry_run)
+    with staging(opts) as place:
+        spool = Spool(place)
+        try:
+            with log.step(f"reading {updates}"), \
+                    open_update(updates, staging=place, sha256=sha256) as reader:
+                members = read_all(reader, spool)
+            result = apply_members(opts, members, spool)
+        except ApplyRefused as exc:
+            if as_json:
+                click.echo(json.dumps({"ok": False, **plan_dict(exc.plan)}, indent=2))
+            elif dry_run:
+                click.echo("\n".join(plan_lines(exc.plan)))
+            raise
+        finally:
+            spool.close()
+    if as_json:
+        click.echo(json.dumps({"ok": True, "dry_run": dry_run, "transaction": result.txn,
+                               **plan_dict(result.plan)}, indent=2))
+    elif dry_run:
+        click.echo("\n".join(plan_lines(result.plan)))
+    else:
+        log.info(f"applied {result.written} entries (transaction {result.txn}; "
+                 "undo with: dmoverlay rollback)")
+
+
+@click.command("rollback")
+@click.option("--root", required=True, type=click.Path(path_type=Path))
+@click.option("--run-dir", default="/run", show_default=True)
+def rollback_command(root: Path, run_dir: str) -> None:
+    """Undo the last apply on ROOT (or finish undoing one a crash cut short)."""
+    txn = undo_last(_options(root, run_dir))
+    click.echo(f"rolled back transaction {txn}" if txn else "nothing to roll back")

@@ -1,0 +1,750 @@
+"""Readers that turn an update, whatever it came in, into a stream of
+`Member`s: a directory, a tar or cpio archive (plain or compressed), a
+squashfs or ext2/3/4 image, or any of these behind an http(s) URL.
+
+What a thing is comes from its content, never its name.  Every pass reads
+the whole input from its start and checks all the format can check, so a
+pass that ends without an error has proved the update whole."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import stat
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from enum import StrEnum
+from http.client import HTTPException, HTTPMessage
+from pathlib import Path
+from typing import IO, BinaryIO
+
+from dmoverlay import cpio, log, superblock
+from dmoverlay.compress import STREAM_ERRORS, Compression, Readable, open_decompressed
+from dmoverlay.compress import detect as detect_compression
+from dmoverlay.errors import CommandFailed, SourceError, UsageError
+from dmoverlay.members import Kind, Member, UpdateReader
+from dmoverlay.run import run
+from dmoverlay.sizes import format_size
+from dmoverlay.source import _header_checksum_ok, _tar_mtime_ns, _tar_xattrs
+
+# The build's tar helpers, shared rather than copied.
+tar_mtime_ns = _tar_mtime_ns
+tar_xattrs = _tar_xattrs
+tar_header_checksum_ok = _header_checksum_ok
+
+CHUNK = 1 << 20
+HEAD_SIZE = superblock.HEAD_SIZE
+DOWNLOAD_TIMEOUT = 30.0  # seconds without progress, per connect and per read
+
+ACCEPTED = ("give a directory; a cpio (newc, crc, odc) or tar archive, plain or compressed "
+            "with gzip, xz, bzip2 or zstd; an uncompressed squashfs or ext2/3/4 image; "
+            "or an http(s) URL of one of these")
+_DAMAGED = "the update is damaged or truncated: download or re-create it"
+
+
+class Format(StrEnum):
+    TAR = "tar"
+    CPIO = "cpio"
+    SQUASHFS = "squashfs"
+    EXT = "ext"
+
+
+# ------------------------------------------------------------------ detection
+
+
+def identify(head: bytes) -> Format | None:
+    """What uncompressed content starting with `head` is (4 KiB suffice).
+
+    Archives first: their magics sit where an image's boot block is zero;
+    the old tar header checksum, the weakest sign, last."""
+    if head[:6] in (b"070701", b"070702", b"070707"):
+        return Format.CPIO
+    if len(head) >= 512 and head[257:262] == b"ustar":
+        return Format.TAR
+    if cpio.detect(head) is not None:
+        return Format.CPIO
+    kind = superblock.detect(head)
+    if kind is superblock.Kind.SQUASHFS:
+        return Format.SQUASHFS
+    if kind is superblock.Kind.EXT:
+        return Format.EXT
+    if len(head) >= 512 and tar_header_checksum_ok(head):
+        return Format.TAR
+    return None
+
+
+def _not_an_update(label: str, what: str) -> SourceError:
+    return SourceError(f"not an update: {label} ({what})", hint=ACCEPTED)
+
+
+def _identify_file(path: Path, label: str) -> tuple[Format, Compression]:
+    with _open_regular(path, label) as raw:
+        head = raw.read(HEAD_SIZE)
+        if not head:
+            raise _not_an_update(label, "empty file")
+        compression = detect_compression(head)
+        if compression is Compression.NONE:
+            plain = head
+        else:
+            raw.seek(0)
+            plain = _decompressed_head(raw, label, compression)
+        found = identify(plain)
+        if found is None and compression is not Compression.NONE:
+            # A damaged stream can decompress to garbage before its check
+            # fails (bzip2 checks each 900 KiB block at its end): say so.
+            raw.seek(0)
+            _check_stream(raw, label, compression)
+    if found is None:
+        kind = superblock.detect(plain)
+        what = (f"a {kind} disk image" if kind in (superblock.Kind.GPT, superblock.Kind.MBR)
+                else "empty after decompression" if not plain
+                else "content not recognised")
+        raise _not_an_update(label, what if compression is Compression.NONE
+                             else f"{compression}-compressed, {what}")
+    if compression is not Compression.NONE and found in (Format.SQUASHFS, Format.EXT):
+        raise SourceError(f"{label}: a {compression}-compressed {found} image",
+                          hint="decompress it first: images are mounted, which needs "
+                               "them uncompressed")
+    return found, compression
+
+
+def _decompressed_head(raw: BinaryIO, label: str, compression: Compression) -> bytes:
+    with _damage_reported(label, compression), open_decompressed(label, raw) as stream:
+        return _read_up_to(stream, HEAD_SIZE)
+
+
+def _check_stream(raw: BinaryIO, label: str, compression: Compression) -> None:
+    with _damage_reported(label, compression), open_decompressed(label, raw) as stream:
+        stream.drain()
+
+
+@contextmanager
+def _damage_reported(label: str, compression: Compression) -> Iterator[None]:
+    try:
+        yield
+    except STREAM_ERRORS as exc:
+        raise SourceError(f"{label}: corrupt {compression} data ({exc})",
+                          hint=_DAMAGED) from None
+
+
+def _read_up_to(stream: Readable, size: int) -> bytes:
+    parts: list[bytes] = []
+    got = 0
+    while got < size and (chunk := stream.read(size - got)):
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def _open_regular(path: Path, label: str) -> BinaryIO:
+    """Open a file that must still be a regular file (non-blocking, so a
+    fifo swapped in cannot hang us)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as exc:
+        raise SourceError(f"cannot read {label}: {exc.strerror}") from None
+    raw = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raw.close()
+        raise _not_an_update(label, "not a regular file or directory")
+    return raw
+
+
+# ---------------------------------------------------------------- open_update
+
+
+@contextmanager
+def open_update(spec: str, *, staging: Path, sha256: str | None = None,
+                timeout: float = DOWNLOAD_TIMEOUT) -> Iterator[UpdateReader]:
+    """The update named by `spec` (a path or an http(s) URL), ready for passes.
+
+    Downloads and image mounts live under `staging` (a directory under /run:
+    /tmp may be hidden by a tmpfs at start-up) and are removed on exit.
+    `sha256` is checked against the file (downloaded or local) before
+    anything else reads it."""
+    expected = parse_sha256(sha256) if sha256 is not None else None
+    with ExitStack() as stack:
+        if _is_download(spec):
+            os.makedirs(staging, mode=0o700, exist_ok=True)
+            path = stack.enter_context(download(spec, staging=staging, timeout=timeout))
+        else:
+            path = Path(spec)
+        yield _reader(path, spec, expected=expected, staging=staging, stack=stack)
+
+
+def _is_download(spec: str) -> bool:
+    scheme = url_scheme(spec)
+    if scheme is not None and scheme not in ("http", "https"):
+        raise SourceError(f"{spec}: {scheme} URLs are not supported",
+                          hint="give an http(s) URL or a local path")
+    return scheme is not None
+
+
+def _reader(path: Path, label: str, *, expected: str | None, staging: Path,
+            stack: ExitStack) -> UpdateReader:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise SourceError(f"cannot read {label}: {exc.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        if expected is not None:
+            raise UsageError("--sha256 checks a file or a download, not a directory")
+        return DirectoryReader(path, description=f"directory {label}")
+    if expected is not None:
+        check_sha256(path, label, expected)
+    fmt, compression = _identify_file(path, label)
+    packed = "" if compression is Compression.NONE else f"{compression}-compressed "
+    if fmt is Format.TAR:
+        return TarReader(path, label=label, description=f"{packed}tar archive {label}")
+    if fmt is Format.CPIO:
+        return CpioReader(path, label=label, description=f"{packed}cpio archive {label}")
+    os.makedirs(staging, mode=0o700, exist_ok=True)
+    return stack.enter_context(open_image(path, fmt, staging=staging, label=label))
+
+
+# ------------------------------------------------------------------- checksum
+
+_SHA256 = re.compile(r"(?:sha256:)?([0-9a-f]{64})")
+
+
+def parse_sha256(text: str) -> str:
+    match = _SHA256.fullmatch(text.strip().lower())
+    if match is None:
+        raise UsageError(f"not a SHA-256 checksum: {text!r}",
+                         hint="give the 64 hexadecimal digits sha256sum prints")
+    return match[1]
+
+
+def file_sha256(fd: int) -> str:
+    digest = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, CHUNK, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
+
+
+def check_sha256(path: Path, label: str, expected: str) -> None:
+    with _open_regular(path, label) as raw:
+        got = file_sha256(raw.fileno())
+    if got != expected:
+        raise SourceError(f"{label}: SHA-256 is {got}, not {expected}",
+                          hint="the file is damaged or not the one meant; nothing was changed")
+
+
+# ------------------------------------------------------------------- download
+
+
+def url_scheme(spec: str) -> str | None:
+    """The scheme of a URL ("http"), or None for a path."""
+    match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", spec)
+    return None if match is None else match[1].lower()
+
+
+class _HttpRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects to http(s) only (urllib would also follow ftp)."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int,
+                         msg: str, headers: HTTPMessage,
+                         newurl: str) -> urllib.request.Request | None:
+        if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
+            raise SourceError(f"{req.full_url}: redirected to {newurl}",
+                              hint="only http(s) URLs are followed")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+@contextmanager
+def download(url: str, *, staging: Path, timeout: float = DOWNLOAD_TIMEOUT) -> Iterator[Path]:
+    """Download `url` into staging/download-XXXX, removed on exit."""
+    fd, name = tempfile.mkstemp(prefix="download-", dir=staging)
+    path = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            _fetch(url, out, timeout)
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _fetch(url: str, out: BinaryIO, timeout: float) -> None:
+    opener = urllib.request.build_opener(_HttpRedirects())
+    request = urllib.request.Request(url, headers={"User-Agent": "dmoverlay"})
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            total = _content_length(response.headers.get("Content-Length"))
+            got = _copy_response(response, out, total, url)
+    except urllib.error.HTTPError as exc:
+        raise SourceError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        if isinstance(reason, TimeoutError):
+            raise _timed_out(url, timeout) from None
+        text = reason.strerror if isinstance(reason, OSError) and reason.strerror else reason
+        raise SourceError(f"cannot download {url}: {text}",
+                          hint="check the URL and the network") from None
+    except TimeoutError:
+        raise _timed_out(url, timeout) from None
+    except (HTTPException, ConnectionError) as exc:
+        raise SourceError(f"cannot download {url}: connection broken ({exc!r})",
+                          hint="try again") from None
+    except OSError as exc:
+        raise SourceError(f"cannot download {url}: {exc.strerror or exc}",
+                          hint="check the URL and the network") from None
+    if total is not None and got != total:
+        raise SourceError(f"cannot download {url}: got {got} of {total} bytes",
+                          hint="the connection broke: try again")
+
+
+def _store(out: BinaryIO, chunk: bytes, url: str) -> None:
+    """Write a chunk; an empty one flushes what is buffered."""
+    try:
+        if chunk:
+            out.write(chunk)
+        else:
+            out.flush()
+    except OSError as exc:
+        raise SourceError(f"cannot store the download of {url}: {exc.strerror}",
+                          hint="free space in the staging directory under /run") from None
+
+
+def _timed_out(url: str, timeout: float) -> SourceError:
+    return SourceError(f"cannot download {url}: no answer for {timeout:g} s",
+                       hint="check the URL and the network")
+
+
+def _content_length(value: str | None) -> int | None:
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value)
+
+
+def _copy_response(response: Readable, out: BinaryIO, total: int | None, url: str) -> int:
+    progress = log.Percent(f"downloading {url}") if total else None
+    got = 0
+    while chunk := response.read(CHUNK):  # errors here are the network's
+        _store(out, chunk, url)
+        got += len(chunk)
+        if progress is not None and total:
+            progress(min(100, got * 100 // total))
+    _store(out, b"", url)
+    if progress is None:
+        log.info(f"downloaded {url} ({format_size(got)})")
+    return got
+
+
+# ---------------------------------------------------------------- directories
+
+
+def _header_bytes(member: Member) -> bytes:
+    # repr escapes every byte a name or link may hold, and a FILE's data
+    # that follows has the length the header states: no two updates share
+    # a digest input.
+    return repr(member).encode("ascii", "backslashreplace") + b"\n"
+
+
+class DirectoryReader:
+    """A directory tree, walked in sorted order, parents before children."""
+
+    def __init__(self, root: Path, *, description: str,
+                 hide_empty_lost_found: bool = False) -> None:
+        self.root = root
+        self.description = description
+        # mkfs.ext4 makes lost+found in every ext image: an artifact of the
+        # format, not something the update's author put there.
+        self.hide_empty_lost_found = hide_empty_lost_found
+        self._digest: str | None = None
+
+    def digest(self) -> str:
+        return _done(self._digest)
+
+    def members(self) -> Iterator[tuple[Member, Readable | None]]:
+        digest = hashlib.sha256()
+        inodes: dict[tuple[int, int], str] = {}
+        for name, full, st in self._walk():
+            member = _dir_member(name, full, st, inodes)
+            digest.update(_header_bytes(member))
+            if member.kind is not Kind.FILE:
+                yield member, None
+                continue
+            with _FileData(full, st, digest) as data:
+                yield member, data
+                data.finish()
+        self._digest = digest.hexdigest()
+
+    def _walk(self) -> Iterator[tuple[str, str, os.stat_result]]:
+        top = os.fspath(self.root)
+        try:
+            st = os.stat(top)  # the directory named, even through a symlink
+        except OSError as exc:
+            raise _unreadable(top, exc) from None
+        yield "", top, st
+        yield from self._children("", top)
+
+    def _children(self, rel: str, full_dir: str) -> Iterator[tuple[str, str, os.stat_result]]:
+        try:
+            names = sorted(os.listdir(full_dir))
+        except OSError as exc:
+            raise _unreadable(full_dir, exc) from None
+        for child in names:
+            name = f"{rel}/{child}" if rel else child
+            full = os.path.join(full_dir, child)
+            st = _lstat(full)
+            if not rel and child == "lost+found" and self._hidden(full, st):
+                continue
+            yield name, full, st
+            if stat.S_ISDIR(st.st_mode):
+                yield from self._children(name, full)
+
+    def _hidden(self, full: str, st: os.stat_result) -> bool:
+        if not self.hide_empty_lost_found or not stat.S_ISDIR(st.st_mode):
+            return False
+        try:
+            return not os.listdir(full)
+        except OSError as exc:
+            raise _unreadable(full, exc) from None
+
+
+def _done(digest: str | None) -> str:
+    if digest is None:
+        raise RuntimeError("digest() is known only after a complete pass")
+    return digest
+
+
+def _unreadable(full: str, exc: OSError) -> SourceError:
+    hint = "run as root" if exc.errno in (errno.EACCES, errno.EPERM) else None
+    if exc.errno == errno.EIO:
+        hint = "the disk or image is damaged"
+    return SourceError(f"cannot read {full}: {exc.strerror}", hint=hint)
+
+
+def _lstat(full: str) -> os.stat_result:
+    try:
+        return os.lstat(full)
+    except OSError as exc:
+        raise _unreadable(full, exc) from None
+
+
+def _dir_member(name: str, full: str, st: os.stat_result,
+                inodes: dict[tuple[int, int], str]) -> Member:
+    kind = cpio.kind_of(st.st_mode)
+    if kind is None:
+        raise SourceError(f"{full}: unknown file type {stat.S_IFMT(st.st_mode):#o}")
+    target = ""
+    if kind is Kind.FILE and st.st_nlink > 1:
+        first = inodes.setdefault((st.st_dev, st.st_ino), name)
+        if first != name:
+            kind, target = Kind.HARDLINK, first
+    elif kind is Kind.SYMLINK:
+        try:
+            target = os.readlink(full)
+        except OSError as exc:
+            raise _unreadable(full, exc) from None
+    return Member(
+        name=name,
+        kind=kind,
+        mode=stat.S_IMODE(st.st_mode),
+        uid=st.st_uid,
+        gid=st.st_gid,
+        mtime_ns=st.st_mtime_ns,
+        size=st.st_size if kind is Kind.FILE else 0,
+        target=target,
+        rdev=(os.major(st.st_rdev), os.minor(st.st_rdev))
+        if kind in (Kind.CHAR, Kind.BLOCK) else (0, 0),
+        xattrs=_xattrs(full),
+    )
+
+
+def _xattrs(full: str) -> tuple[tuple[str, bytes], ...]:
+    try:
+        names = os.listxattr(full, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return ()
+        raise _unreadable(full, exc) from None
+    found = []
+    for name in sorted(names):
+        try:
+            found.append((name, os.getxattr(full, name, follow_symlinks=False)))
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:  # removed since it was listed
+                raise _unreadable(full, exc) from None
+    return tuple(found)
+
+
+class _FileData:
+    """A file's data, exactly the size its lstat gave: a file that changes
+    while it is read is an error, not a silently different update."""
+
+    def __init__(self, full: str, st: os.stat_result, digest: hashlib._Hash) -> None:
+        self.full = full
+        self.remaining = st.st_size
+        self.digest = digest
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+        try:
+            self.fd = os.open(full, flags)
+        except OSError as exc:
+            raise _unreadable(full, exc) from None
+        now = os.fstat(self.fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(now.st_mode):
+            os.close(self.fd)
+            raise self._changed()
+
+    def __enter__(self) -> _FileData:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+    def _changed(self) -> SourceError:
+        return SourceError(f"{self.full} changed while it was read",
+                           hint="leave the update alone while it is applied")
+
+    def read(self, size: int = -1, /) -> bytes:
+        want = self.remaining if size < 0 else min(size, self.remaining)
+        parts: list[bytes] = []
+        while want > 0:
+            try:
+                chunk = os.read(self.fd, min(want, CHUNK))
+            except OSError as exc:
+                raise _unreadable(self.full, exc) from None
+            if not chunk:
+                raise self._changed()
+            self.digest.update(chunk)
+            parts.append(chunk)
+            self.remaining -= len(chunk)
+            want -= len(chunk)
+        return b"".join(parts)
+
+    def finish(self) -> None:
+        """Read what the consumer skipped, and check nothing follows."""
+        while self.remaining:
+            self.read(CHUNK)
+        if os.read(self.fd, 1):
+            raise self._changed()
+
+
+# ------------------------------------------------------------------- archives
+
+
+class _Guarded:
+    """Decompressor and tarfile errors, raised while anyone reads, become
+    one-line SourceErrors."""
+
+    def __init__(self, inner: Readable, label: str) -> None:
+        self.inner = inner
+        self.label = label
+
+    def read(self, size: int = -1, /) -> bytes:
+        try:
+            return self.inner.read(size)
+        except SourceError:
+            raise
+        except (tarfile.TarError, *STREAM_ERRORS) as exc:
+            raise _corrupt(self.label, exc) from None
+
+
+def _corrupt(label: str, exc: BaseException) -> SourceError:
+    return SourceError(f"{label}: corrupt or truncated ({exc})", hint=_DAMAGED)
+
+
+class _ArchiveFile:
+    """An archive file, opened afresh for each pass.  Its digest is the
+    SHA-256 of the file, taken when a pass ends, after checking the file
+    was not changed during the pass."""
+
+    def __init__(self, path: Path, label: str) -> None:
+        self.path = path
+        self.label = label
+        self.digest: str | None = None
+
+    @contextmanager
+    def stream(self) -> Iterator[Readable]:
+        with _open_regular(self.path, self.label) as raw:
+            before = _identity(os.fstat(raw.fileno()))
+            try:
+                with open_decompressed(self.label, raw) as stream:
+                    yield _Guarded(stream, self.label)
+                    stream.drain()
+            except (tarfile.TarError, *STREAM_ERRORS) as exc:
+                raise _corrupt(self.label, exc) from None
+            if _identity(os.fstat(raw.fileno())) != before:
+                raise SourceError(f"{self.label} changed while it was read",
+                                  hint="leave the update alone while it is applied")
+            self.digest = file_sha256(raw.fileno())
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class CpioReader:
+    """A cpio archive (newc, crc, odc or binary), plain or compressed."""
+
+    def __init__(self, path: Path, *, label: str, description: str) -> None:
+        self.file = _ArchiveFile(path, label)
+        self.description = description
+
+    def digest(self) -> str:
+        return _done(self.file.digest)
+
+    def members(self) -> Iterator[tuple[Member, Readable | None]]:
+        self.file.digest = None
+        with self.file.stream() as stream:
+            yield from cpio.read_members(stream, where=self.file.label)
+
+
+class _ZeroWatch:
+    """Counts the bytes read and notes where the last non-zero one was."""
+
+    def __init__(self, inner: Readable) -> None:
+        self.inner = inner
+        self.count = 0
+        self.nonzero_end = 0
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self.inner.read(size)
+        kept = len(data.rstrip(b"\0"))
+        if kept:
+            self.nonzero_end = self.count + kept
+        self.count += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+
+class TarReader:
+    """A tar archive (ustar, pax, GNU, v7), plain or compressed."""
+
+    def __init__(self, path: Path, *, label: str, description: str) -> None:
+        self.file = _ArchiveFile(path, label)
+        self.description = description
+
+    def digest(self) -> str:
+        return _done(self.file.digest)
+
+    def members(self) -> Iterator[tuple[Member, Readable | None]]:
+        self.file.digest = None
+        label = self.file.label
+        with self.file.stream() as stream:
+            watch = _ZeroWatch(stream)
+            with tarfile.open(fileobj=watch, mode="r|") as tar:  # type: ignore[call-overload]
+                for info in tar:
+                    member = tar_member(info, label)
+                    data = tar.extractfile(info) if member.kind is Kind.FILE else None
+                    yield member, (None if data is None else _Guarded(data, label))
+                end = tar.offset
+            watch.drain()
+            _check_tar_end(label, watch, end)
+
+
+def _check_tar_end(label: str, watch: _ZeroWatch, end: int) -> None:
+    """Python's tarfile stops without a word at a damaged header after the
+    first, and a plain archive cut at a member boundary reads as a shorter
+    valid one: only what follows the last member tells these apart."""
+    if watch.count < end + tarfile.BLOCKSIZE:
+        raise SourceError(f"{label}: truncated tar archive (no end-of-archive marker "
+                          f"at offset {end})", hint=_DAMAGED)
+    if watch.nonzero_end > end:
+        raise SourceError(f"{label}: unreadable tar header at offset {end}, or data after "
+                          "the end-of-archive marker", hint=_DAMAGED)
+
+
+_TAR_KINDS = {
+    tarfile.DIRTYPE: Kind.DIR,
+    tarfile.SYMTYPE: Kind.SYMLINK,
+    tarfile.LNKTYPE: Kind.HARDLINK,
+    tarfile.CHRTYPE: Kind.CHAR,
+    tarfile.BLKTYPE: Kind.BLOCK,
+    tarfile.FIFOTYPE: Kind.FIFO,
+}
+
+
+def tar_member(info: tarfile.TarInfo, label: str) -> Member:
+    """A tar header as a Member; sparse files come out at their full size."""
+    kind = Kind.FILE if info.isreg() else _TAR_KINDS.get(info.type)
+    if kind is None:
+        raise SourceError(f"{label}: {info.name!r}: unsupported tar entry type {info.type!r}",
+                          hint="re-create the archive with GNU tar or bsdtar")
+    target = ""
+    if kind is Kind.SYMLINK:
+        target = info.linkname
+    elif kind is Kind.HARDLINK:
+        target = cpio.member_name(info.linkname)
+    return Member(
+        name=cpio.member_name(info.name),
+        kind=kind,
+        mode=stat.S_IMODE(info.mode),
+        uid=info.uid,
+        gid=info.gid,
+        mtime_ns=tar_mtime_ns(info),
+        size=info.size if kind is Kind.FILE else 0,
+        target=target,
+        rdev=(info.devmajor, info.devminor) if kind in (Kind.CHAR, Kind.BLOCK) else (0, 0),
+        xattrs=tar_xattrs(info),
+    )
+
+
+# --------------------------------------------------------------------- images
+
+_MOUNT = {
+    # nodev/nosuid/noexec: nothing on the image is run or opened as a device;
+    # noload: a journal needing recovery is not replayed (that would write).
+    Format.SQUASHFS: ("squashfs", "ro,loop,nodev,nosuid,noexec"),
+    Format.EXT: ("ext4", "ro,loop,noload,nodev,nosuid,noexec"),
+}
+
+
+@contextmanager
+def open_image(image: Path, fmt: Format, *, staging: Path,
+               label: str) -> Iterator[DirectoryReader]:
+    """A squashfs or ext2/3/4 image mounted read-only (through a read-only
+    loop device) under `staging`, read as a directory; unmounted on exit.
+
+    Mounting needs root, but so does applying an update; unpacking instead
+    (unsquashfs, debugfs rdump) would lose owners, devices and xattrs when
+    not root, and would copy the whole image into RAM under /run."""
+    if os.geteuid() != 0:
+        raise SourceError(f"{label}: reading a {fmt} image needs root (it is mounted "
+                          "read-only)", hint="run as root, or unpack the image into a "
+                                             "directory and give that")
+    fstype, options = _MOUNT[fmt]
+    mountpoint = Path(tempfile.mkdtemp(prefix="image-", dir=staging))
+    try:
+        try:
+            # An absolute path: neither an option ("-...") nor a tag (LABEL=...).
+            run(["mount", "-t", fstype, "-o", options, os.path.abspath(image), mountpoint])
+        except CommandFailed as exc:
+            raise SourceError(f"{label}: cannot mount the {fmt} image ({exc.message})",
+                              hint="the image may be damaged, or the kernel lacks "
+                                   f"loop or {fstype} support") from None
+        try:
+            yield DirectoryReader(mountpoint, description=f"{fmt} image {label}",
+                                  hide_empty_lost_found=fmt is Format.EXT)
+        finally:
+            _unmount(mountpoint)
+    finally:
+        if not os.path.ismount(mountpoint):
+            os.rmdir(mountpoint)
+
+
+def _unmount(mountpoint: Path, attempts: int = 5) -> None:
+    # A pass abandoned mid-file may hold a descriptor until its generator is
+    # collected: retry a busy unmount a little before giving up.
+    for attempt in range(attempts):
+        try:
+            run(["umount", mountpoint])
+            return
+        except CommandFailed:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
