@@ -1,0 +1,167 @@
+"""`dmoverlay apply` and `rollback` from the command line, on real archives."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.server
+import json
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.applykit import make_root, snapshot
+from tests.conftest import dmoverlay
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> tuple[Path, Path, Path]:
+    root, run = make_root(tmp_path / "live")
+    return tmp_path, root, run
+
+
+def updates_img(top: Path, files: dict[str, bytes]) -> Path:
+    """anaconda's recipe: find . | cpio -c -o | gzip -9"""
+    tree = top / "updates"
+    for name, data in files.items():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_bytes(data)
+    cpio = subprocess.run("find . | cpio --quiet -c -o", shell=True, cwd=tree,
+                          capture_output=True, check=True).stdout
+    image = top / "updates.img"
+    image.write_bytes(gzip.compress(cpio, 9))
+    return image
+
+
+def apply_cli(image: Path | str, root: Path, run: Path,
+              *args: str) -> subprocess.CompletedProcess[str]:
+    return dmoverlay("apply", str(image), "--root", str(root), "--run-dir", str(run), *args)
+
+
+def error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The one `error:` line of a failed run (progress lines may precede it)."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def test_anaconda_style_updates_image(live: tuple[Path, Path, Path]) -> None:
+    top, root, run = live
+    image = updates_img(top, {"lib/libfoo.so": b"fixed\n", "run/install/flag": b"1\n"})
+    result = apply_cli(image, root, run)
+    assert result.returncode == 0, result.stderr
+    assert (root / "usr/lib/libfoo.so").read_bytes() == b"fixed\n"
+    assert os.readlink(root / "lib") == "usr/lib"
+    assert (run / "install/flag").read_bytes() == b"1\n"
+    assert not (run / "dmoverlay").exists(), "staging is cleaned up"
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(live: tuple[Path, Path, Path]) -> None:
+    top, root, run = live
+    image = updates_img(top, {"lib/libfoo.so": b"fixed\n", "opt/new": b"x"})
+    before = snapshot(root), snapshot(run)
+    result = apply_cli(image, root, run, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "follow link  /lib -> usr/lib" in result.stdout
+    assert "replace      /usr/lib/libfoo.so (was a file)" in result.stdout
+    assert "create       /opt/new" in result.stdout
+    assert (snapshot(root), snapshot(run)) == before
+
+
+def test_json_report(live: tuple[Path, Path, Path]) -> None:
+    top, root, run = live
+    image = updates_img(top, {"etc/os-release": b"ID=fixed\n"})
+    report = json.loads(apply_cli(image, root, run, "--json").stdout)
+    assert report["ok"] is True and report["transaction"] == "000001"
+    assert {"op": "replace", "path": "etc/os-release"}.items() <= report["actions"][-1].items()
+
+
+def test_refusal_is_one_error_line_and_nothing_written(live: tuple[Path, Path, Path]) -> None:
+    top, root, run = live
+    image = updates_img(top, {"tmp/x": b"x", "usr/fine": b"y"})
+    before = snapshot(root), snapshot(run)
+    # find . lists the directory tmp as well as tmp/x: both are refused
+    assert error_line(apply_cli(image, root, run)) == (
+        "error: refused: tmp: writes under /tmp: a tmpfs is mounted on /tmp at start-up "
+        "and hides it (and 1 more: see --dry-run)")
+    assert (snapshot(root), snapshot(run)) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bad-crc", "garbage"])
+def test_corrupt_update_is_refused(live: tuple[Path, Path, Path], damage: str) -> None:
+    top, root, run = live
+    image = updates_img(top, {"usr/lib/a": os.urandom(50_000), "usr/lib/b": b"b"})
+    raw = bytearray(image.read_bytes())
+    if damage == "truncated":
+        raw = raw[: len(raw) - 20]
+    elif damage == "bad-crc":
+        raw[-8] ^= 0xFF
+    else:
+        raw = bytearray(os.urandom(1000))
+    image.write_bytes(bytes(raw))
+    before = snapshot(root), snapshot(run)
+    assert "error: " in error_line(apply_cli(image, root, run))
+    assert (snapshot(root), snapshot(run)) == before
+
+
+def test_missing_root_and_updates(live: tuple[Path, Path, Path]) -> None:
+    top, root, run = live
+    for args in (["apply", str(top / "nope.img"), "--root", str(root), "--run-dir", str(run)],
+                 ["apply", str(top), "--root", str(top / "noroot"), "--run-dir", str(run)],
+                 ["rollback", "--root", str(top / "noroot"), "--run-dir", str(run)]):
+        error_line(dmoverlay(*args))
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    served = tmp_path / "www"
+    served.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a: object, **kw: object) -> None:
+            super().__init__(*a, directory=str(served), **kw)  # type: ignore[arg-type]
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", served
+    finally:
+        httpd.shutdown()
+
+
+def test_url_with_checksum(live: tuple[Path, Path, Path], server: tuple[str, Path]) -> None:
+    top, root, run = live
+    base, served = server
+    image = updates_img(top, {"etc/os-release": b"ID=downloaded\n"})
+    (served / "updates.img").write_bytes(image.read_bytes())
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    bad = apply_cli(f"{base}/updates.img", root, run, "--sha256", "0" * 64)
+    assert "SHA-256 is" in error_line(bad)
+    assert (root / "etc/os-release").read_text() == "ID=old\n"
+    assert "404" in error_line(apply_cli(f"{base}/nothing.img", root, run))
+    good = apply_cli(f"{base}/updates.img", root, run, "--sha256", digest)
+    assert good.returncode == 0, good.stderr
+    assert (root / "etc/os-release").read_text() == "ID=downloaded\n"
+    assert not (run / "dmoverlay").exists()
+
+
+def test_rollback_command(live: tuple[Path, Path, Path]) -> None:
+    top, root, run = live
+    before = snapshot(root)
+    image = updates_img(top, {"lib/libfoo.so": b"fixed\n"})
+    assert apply_cli(image, root, run).returncode == 0
+    result = dmoverlay("rollback", "--root", str(root), "--run-dir", str(run))
+    assert result.stdout.strip() == "rolled back transaction 000001"
+    assert snapshot(root) == before
+    again = dmoverlay("rollback", "--root", str(root), "--run-dir", str(run))
+    assert again.stdout.strip() == "nothing to roll back"
