@@ -181,10 +181,10 @@ def is_tar(path: Path) -> bool:
         return False
     if head[257:262] == b"ustar":
         return True
-    return _header_checksum_ok(head)
+    return tar_header_checksum_ok(head)
 
 
-def _header_checksum_ok(head: bytes) -> bool:
+def tar_header_checksum_ok(head: bytes) -> bool:
     """Old v7 archives have no magic, only a header checksum: the byte sum of
     the header with its own checksum field counted as spaces."""
     field = head[148:156].split(b"\0")[0].strip()
@@ -236,7 +236,7 @@ def tar_path(name: str) -> str:
     return path
 
 
-def _tar_mtime_ns(member: tarfile.TarInfo) -> int:
+def tar_mtime_ns(member: tarfile.TarInfo) -> int:
     # pax keeps sub-second times as a decimal string; a float would round it.
     text = member.pax_headers.get("mtime")
     if text is None:
@@ -244,7 +244,7 @@ def _tar_mtime_ns(member: tarfile.TarInfo) -> int:
     return int(Decimal(text) * 1_000_000_000)
 
 
-def _tar_xattrs(member: tarfile.TarInfo) -> tuple[tuple[str, bytes], ...]:
+def tar_xattrs(member: tarfile.TarInfo) -> tuple[tuple[str, bytes], ...]:
     found: dict[str, bytes] = {}
     for key, value in member.pax_headers.items():
         if key.startswith("SCHILY.xattr."):
@@ -305,12 +305,12 @@ class _Unpacker:
             mode=stat.S_IMODE(member.mode),
             uid=member.uid,
             gid=member.gid,
-            mtime_ns=_tar_mtime_ns(member),
+            mtime_ns=tar_mtime_ns(member),
             size=size,
             target=member.linkname if member.issym() else "",
             rdev=(member.devmajor, member.devminor) if kind in (Kind.CHAR, Kind.BLOCK) else (0, 0),
             link_to=link_to,
-            xattrs=_tar_xattrs(member),
+            xattrs=tar_xattrs(member),
         )
 
     def _make_parents(self, path: str, name: str) -> None:

@@ -33,12 +33,7 @@ from dmoverlay.errors import CommandFailed, SourceError, UsageError
 from dmoverlay.members import Kind, Member, UpdateReader
 from dmoverlay.run import run
 from dmoverlay.sizes import format_size
-from dmoverlay.source import _header_checksum_ok, _tar_mtime_ns, _tar_xattrs
-
-# The build's tar helpers, shared rather than copied.
-tar_mtime_ns = _tar_mtime_ns
-tar_xattrs = _tar_xattrs
-tar_header_checksum_ok = _header_checksum_ok
+from dmoverlay.source import tar_header_checksum_ok, tar_mtime_ns, tar_xattrs
 
 CHUNK = 1 << 20
 HEAD_SIZE = superblock.HEAD_SIZE
