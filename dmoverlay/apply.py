@@ -42,6 +42,8 @@ from dmoverlay.sizes import MiB, format_size
 
 CHUNK = 1 << 20
 BLOCK = 4096
+SPOOL_RESERVE = 16 * MiB  # of the staging filesystem (RAM at boot) never used
+SPOOL_CHECK_EVERY = 4 * MiB
 # A crash test's hook: stop dead (as a kill would) at the N-th change point.
 _CRASH_AT = int(os.environ.get("DMOVERLAY_CRASH_AT", "0") or 0)
 _crash_count = 0
@@ -77,9 +79,13 @@ class Spool:
     def __init__(self, directory: Path) -> None:
         self.file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 (closed in close)
         self.size = 0
+        self.unchecked = 0  # bytes added since the room was last checked
         self.where: dict[str, tuple[int, int]] = {}
 
     def add(self, name: str, stream: Readable, size: int) -> None:
+        self.unchecked += size
+        if self.unchecked > SPOOL_CHECK_EVERY or size > SPOOL_CHECK_EVERY:
+            self._check_room(name, size)
         start = self.size
         left = size
         while left:
@@ -90,6 +96,14 @@ class Spool:
             left -= len(chunk)
         self.size += size
         self.where[name] = (start, size)
+
+    def _check_room(self, name: str, size: int) -> None:
+        st = os.fstatvfs(self.file.fileno())
+        if self.unchecked > st.f_bavail * st.f_frsize - SPOOL_RESERVE:
+            raise ImageError(f"{name}: {format_size(size)} of data, more than the room left "
+                             "to stage the update under the live /run",
+                             hint="nothing was written; free memory or use a smaller update")
+        self.unchecked = 0
 
     def chunks(self, name: str) -> Iterator[bytes]:
         self.file.flush()
@@ -210,12 +224,15 @@ def execute(trees: Trees, plan: Plan, spool: Spool, txn_name: str) -> Result:
         log.add(Record("times", tree=t, path="", atime_ns=st.st_atime_ns,
                        mtime_ns=st.st_mtime_ns))
     txn = _Txn(trees, txn_name, log, dirs)
+    umask = os.umask(0)  # modes are set exactly, at creation
     try:
         result = _execute(txn, plan, spool)
     except BaseException:
         log.close()
         undo(trees, txn_name)
         raise
+    finally:
+        os.umask(umask)
     log.close()
     return result
 
@@ -294,19 +311,30 @@ def _prepare(trees: Trees, a: Action, tmp: str, spool: Spool,
         os.chown(tmp, m.uid, m.gid, dir_fd=parent, follow_symlinks=False)
         os.utime(tmp, ns=(m.mtime_ns, m.mtime_ns), dir_fd=parent, follow_symlinks=False)
         return os.lstat(tmp, dir_fd=parent).st_ino
+    # created with its final permission bits (the umask is 0 meanwhile);
+    # setuid/setgid bits only after chown, which would clear them
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600, dir_fd=parent)
+                 m.mode & 0o777, dir_fd=parent)
     try:
         for chunk in spool.chunks(m.name):
-            os.write(fd, chunk)
-        os.fchown(fd, m.uid, m.gid)
-        os.fchmod(fd, m.mode)  # after chown, which clears setuid bits
+            _write_all(fd, chunk)
+        st = os.fstat(fd)
+        if (st.st_uid, st.st_gid) != (m.uid, m.gid):
+            os.fchown(fd, m.uid, m.gid)
+        if m.mode & 0o7000:
+            os.fchmod(fd, m.mode)
         for key, value in m.xattrs:
             os.setxattr(fd, key, value)
         os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
-        return os.fstat(fd).st_ino
+        return st.st_ino
     finally:
         os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _commit(txn: _Txn, n: int, a: Action, tmp: str) -> None:
@@ -315,7 +343,8 @@ def _commit(txn: _Txn, n: int, a: Action, tmp: str) -> None:
     trees = txn.trees
     parent = trees.dir_fd(a.where.parent)
     if a.op is Op.REPLACE or exists(parent, a.where.name):
-        trees.forget(a.where)
+        if a.replaces == "dir":
+            trees.forget(a.where)
         renameat2(parent, tmp, parent, a.where.name, RENAME_EXCHANGE)
         jfd, jname = txn.saved(a.where.tree, n)
         renameat2(parent, tmp, jfd, jname, RENAME_NOREPLACE)

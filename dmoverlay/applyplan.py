@@ -8,11 +8,12 @@ actions, or of refusals; the executor only carries actions out."""
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from dmoverlay.members import Kind, Member
 
@@ -26,6 +27,10 @@ FORBIDDEN_TOP = {"proc": "the kernel's proc filesystem", "sys": "sysfs",
                  "dev": "devtmpfs"}
 HIDDEN_TOP = {"tmp": "a tmpfs is mounted on /tmp at start-up and hides it"}
 RUN = "run"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# dmoverlay's own names: the journal at each tree's top, temporary files
+RESERVED_TOP = ".dmoverlay"
+RESERVED_PREFIX = ".dmoverlay-"
 
 
 class Op(StrEnum):
@@ -37,10 +42,10 @@ class Op(StrEnum):
     FOLLOW = "follow link"
 
 
-@dataclass(frozen=True)
-class Where:
+class Where(NamedTuple):
     """A real place: `tree` is "root" or "run"; `path` is relative to that
-    tree's top and contains no symlink (every component was checked)."""
+    tree's top and contains no symlink (every component was checked).
+    (A named tuple: planning hashes places by the hundred thousand.)"""
 
     tree: str
     path: str
@@ -124,13 +129,15 @@ def split_name(name: str) -> list[str]:
         raise Refused("empty name")
     if "\0" in name:
         raise Refused("name holds a NUL byte")
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+    if _CONTROL.search(name):
         raise Refused("name holds a control character")
     if name.startswith("/"):
         raise Refused("absolute name", "names in an update are relative to the root")
     if len(os.fsencode(name)) > PATH_MAX:
         raise Refused(f"name longer than {PATH_MAX} bytes")
     parts = name.removesuffix("/").split("/")
+    if parts[0] == RESERVED_TOP or any(p.startswith(RESERVED_PREFIX) for p in parts):
+        raise Refused("a name dmoverlay keeps for its journal and temporary files")
     for part in parts:
         if part == "..":
             raise Refused("name holds '..'", "the update is malformed or hostile")
@@ -162,6 +169,19 @@ class Planner:
         self.placed: dict[str, Where] = {}  # member name -> where it lands
         self.followed: set[tuple[str, str]] = set()
         self.actions_at: dict[Where, int] = {}
+        self.new_dirs: set[Where] = set()  # made by the plan where nothing was
+        # directories already resolved, by the update's spelling; forgotten
+        # whenever the plan changes what a walk could meet (links, whiteouts)
+        self.resolved: dict[tuple[str, ...], Where] = {}
+        self.stats: dict[Where, os.stat_result | None] = {}
+
+    def _lstat(self, where: Where) -> os.stat_result | None:
+        """The real tree's entry (it does not change while we plan)."""
+        if where.parent in self.new_dirs:
+            return None
+        if where not in self.stats:
+            self.stats[where] = self.tree.lstat(where)
+        return self.stats[where]
 
     # -- the view: the real trees with the plan's changes on top
 
@@ -170,11 +190,11 @@ class Planner:
         if where in self.planned:
             p = self.planned[where]
             return p.kind, p.by_update
-        if where in self.removed or any(r.tree == where.tree and
-                                        where.path.startswith(r.path + "/")
-                                        for r in self.removed):
+        if self.removed and (where in self.removed or any(
+                r.tree == where.tree and where.path.startswith(r.path + "/")
+                for r in self.removed)):
             return None, False
-        st = self.tree.lstat(where)
+        st = self._lstat(where)
         if st is None:
             return None, False
         return _kind_of(st.st_mode), False
@@ -193,6 +213,15 @@ class Planner:
         """The real directory the components lead to, following links as the
         live system would.  Missing directories are planned on the way, or,
         without `create`, end the walk with None."""
+        key = tuple(parts)
+        if key in self.resolved:
+            return self.resolved[key]
+        found = self._walk(parts, name, create=create)
+        if found is not None:
+            self.resolved[key] = found
+        return found
+
+    def _walk(self, parts: Sequence[str], name: str, *, create: bool) -> Where | None:
         where, todo, seen = self._top(list(parts))
         links = 0
         while todo:
@@ -252,6 +281,8 @@ class Planner:
             self.plan.actions.append(Action(Op.FOLLOW, "", link, detail=f"{link} -> {target}"))
 
     def _mkdir(self, where: Where, name: str, member: Member | None = None) -> None:
+        if self._lstat(where) is None:
+            self.new_dirs.add(where)
         self.planned[where] = _Planned(Kind.DIR)
         self.removed.discard(where)
         default = Member(name=name, kind=Kind.DIR, mode=0o755)
@@ -334,8 +365,10 @@ class Planner:
                               "of the update", "the update is malformed")
         # create or replace, judged against the real tree: a name the update
         # wrote twice, or removed and wrote again, still replaces what is there
-        real = self.tree.lstat(where)
+        real = self._lstat(where)
         replaces = _kind_of(real.st_mode) if real is not None else None
+        if m.kind is Kind.SYMLINK or kind not in (None, Kind.FILE):
+            self.resolved.clear()  # a walk through here would now end elsewhere
         op = Op.LINK if link_to else (Op.CREATE if replaces is None else Op.REPLACE)
         self._add(Action(op, m.name, where, m, replaces=replaces or "", link_to=link_to))
         self.planned[where] = _Planned(Kind.FILE if m.kind is Kind.HARDLINK else m.kind)
@@ -349,7 +382,7 @@ class Planner:
 
         if any(inside(w) for w in self.planned):
             return False
-        if self.tree.lstat(where) is None:
+        if self._lstat(where) is None:
             return True
         return all(where.child(n) in self.removed for n in self.tree.listdir(where))
 
@@ -369,6 +402,7 @@ class Planner:
             return  # nothing to remove: already as the update wants it
         self._add(Action(Op.WHITEOUT, m.name, where, m, replaces=kind))
         self.removed.add(where)
+        self.resolved.clear()
 
 
 def _kind_of(mode: int) -> Kind:

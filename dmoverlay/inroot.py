@@ -17,6 +17,9 @@ from dmoverlay.applyplan import Where
 from dmoverlay.errors import DmoverlayError
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                            ctypes.c_uint)
+_libc.syncfs.argtypes = (ctypes.c_int,)
 
 SYS_OPENAT2 = 437  # the same number on every architecture
 RESOLVE_NO_MAGICLINKS = 0x02

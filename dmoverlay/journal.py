@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 JOURNALS = ".dmoverlay/journal"
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 @dataclass
@@ -37,8 +38,9 @@ class Record:
     mtime_ns: int = 0
 
     def to_json(self) -> str:
-        fields = {k: v for k, v in self.__dict__.items() if v not in ("", 0) or k == "step"}
-        return json.dumps(fields, sort_keys=True)
+        if self.step == "ready":  # one per file: the common case, made cheaply
+            return f'{{"step":"ready","n":{self.n},"ino":{self.ino}}}'
+        return _encode({k: v for k, v in self.__dict__.items() if v or k == "step"})
 
     @classmethod
     def from_json(cls, line: str) -> Record:

@@ -3,6 +3,7 @@ nothing written outside it, each file atomic, all or nothing, undoable."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
@@ -167,6 +168,8 @@ REFUSED = [
     ("control", [f("usr/x\ny")], "control character"),
     ("long-component", [f("usr/" + "x" * 256)], "longer than 255"),
     ("long-path", [f("/".join(["d" * 200] * 21))], "longer than 4095"),
+    ("journal", [f(".dmoverlay/journal/000001/log")], "keeps for its journal"),
+    ("temporary-name", [f("usr/.dmoverlay-000001-0")], "keeps for its journal"),
     ("own-symlink", [link("usr/mine", "/etc"), f("usr/mine/passwd")], "update itself creates"),
     ("own-symlink-dir", [link("usr/mine", "/etc"), d("usr/mine")], "update itself creates"),
     ("escape-by-dotdot-link", [f("escape/x")], "above the root"),
@@ -246,3 +249,19 @@ def test_an_update_larger_than_the_cow_left_is_refused(live: tuple[Path, Path, P
         apply(top, root, run, [f("usr/big", bytes(2 << 20))], cow_free=one_mib_left)
     assert asked == [str(root)]
     assert snapshot(top) == before
+
+
+@pytest.mark.root
+def test_data_larger_than_the_staging_room_is_refused(tmp_path: Path) -> None:
+    from dmoverlay.apply import Spool
+
+    small = tmp_path / "run"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(small)], check=True)
+    try:
+        spool = Spool(small)
+        with pytest.raises(ImageError, match="room left to stage"):
+            spool.add("bomb", io.BytesIO(b""), 8 << 20)  # the header says 8 MiB: refused first
+        spool.close()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

@@ -4,9 +4,13 @@ the apply again converges on the new one."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +92,44 @@ def test_the_crash_points_are_all_reached(tmp_path: Path) -> None:
     env = {**os.environ, "DMOVERLAY_CRASH_AT": str(CHANGE_POINTS)}
     proc = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path)], env=env, check=False)
     assert proc.returncode == 86
+
+
+BIG_DRIVER = """
+import sys
+from pathlib import Path
+from tests.applykit import apply, f
+top = Path(sys.argv[1])
+files = [f(f"lib/mod{i // 50}/file{i}.so", bytes([i % 251]) * (2000 + i)) for i in range(400)]
+files += [f(f"etc/conf{i}", b"new") for i in range(0, 400, 7)]
+apply(top, top / "live/root", top / "live/run", files)
+"""
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_killed_at_a_random_moment(trial: int, tmp_path: Path) -> None:
+    """SIGKILL after a random delay, as a power cut would come."""
+    root, run = make_root(tmp_path / "live")
+    for i in range(0, 400, 7):
+        (root / f"etc/conf{i}").write_text("old")
+    old_root = snapshot(root)
+    delay = random.Random(trial).uniform(0.05, 0.6)
+    proc = subprocess.Popen([sys.executable, "-c", BIG_DRIVER, str(tmp_path)])
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for path, item in snapshot(root).items():
+        if ".dmoverlay-" in path or item.kind == "dir":
+            continue
+        if path.startswith("etc/conf"):
+            assert item.data in (sha(b"old"), sha(b"new")), path
+        elif path.startswith("usr/lib/mod"):
+            i = int(path.rsplit("file", 1)[1].removesuffix(".so"))
+            assert item.data == sha(bytes([i % 251]) * (2000 + i)), f"{path} is torn"
+        else:
+            assert item == old_root[path], path
+    rollback(ApplyOptions(root, run))
+    assert snapshot(root) == old_root
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
