@@ -15,7 +15,7 @@ def _run(*argv: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff() -> None:
-    result = _run(str(BIN / "ruff"), "check", "dmoverlay", "tests", "bench")
+    result = _run(str(BIN / "ruff"), "check", "dmoverlay", "tests", "bench", "scripts/vmtest")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
