@@ -239,14 +239,24 @@ def loop_setup(path: str | os.PathLike[str], *, read_only: bool, offset: int = 0
     bd = load("loop")
     from gi.repository import GLib
 
+    # bd_loop_setup opens the file read-write even for a read-only device,
+    # which fails on read-only media (a file inside a mounted squashfs): open
+    # it ourselves, as the device will use it.
+    try:
+        fd = os.open(file, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BlockDevError(f"cannot attach {file} to a loop device: {exc.strerror}",
+                            hint=_root_hint()) from None
     try:
         # 3.x added sector_size (0: the default) before the out argument.
         if _require_binding().major >= 3:
-            ok, name = bd.loop_setup(file, offset, size, read_only, part_scan, 0)
+            ok, name = bd.loop_setup_from_fd(fd, offset, size, read_only, part_scan, 0)
         else:
-            ok, name = bd.loop_setup(file, offset, size, read_only, part_scan)
+            ok, name = bd.loop_setup_from_fd(fd, offset, size, read_only, part_scan)
     except GLib.Error as exc:
         raise _error(exc, f"cannot attach {file} to a loop device", _root_hint()) from None
+    finally:
+        os.close(fd)  # the loop device holds its own reference
     if not ok or not name:
         raise BlockDevError(f"cannot attach {file} to a loop device", hint=_root_hint())
     return f"/dev/{name}"
@@ -305,3 +315,27 @@ def _same_file(attached: str | None, path: str | os.PathLike[str]) -> bool:
         # The kernel's path may not resolve here (deleted, or another mount
         # namespace): fall back to comparing names.
         return attached == os.path.realpath(path)
+
+
+# Mounts.  libblockdev's fs plugin mounts through libmount, as mount(8) does.
+
+def mount(device: str | os.PathLike[str], where: str | os.PathLike[str], *, fstype: str,
+          options: str = "") -> None:
+    bd = load("fs")
+    from gi.repository import GLib
+
+    try:
+        bd.fs_mount(os.fspath(device), os.fspath(where), fstype, options or None, None)
+    except GLib.Error as exc:
+        raise _error(exc, f"cannot mount {os.fspath(device)} ({fstype}) on {os.fspath(where)}",
+                     _root_hint()) from None
+
+
+def unmount(where: str | os.PathLike[str], *, lazy: bool = False) -> None:
+    bd = load("fs")
+    from gi.repository import GLib
+
+    try:
+        bd.fs_unmount(os.fspath(where), lazy, False, None)
+    except GLib.Error as exc:
+        raise _error(exc, f"cannot unmount {os.fspath(where)}") from None

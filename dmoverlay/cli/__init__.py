@@ -42,11 +42,12 @@ def cli(debug: bool, quiet: bool) -> None:
 
 
 def _register() -> None:
-    from dmoverlay.cli import apply, build, doctor, inspect
+    from dmoverlay.cli import apply, build, doctor, inspect, overlay
 
-    for module in (build, doctor, inspect, apply):
-        cli.add_command(module.command)
-    cli.add_command(apply.rollback_command)
+    for command in (build.command, inspect.command, doctor.command, overlay.setup_command,
+                    overlay.status_command, overlay.teardown_command, apply.command,
+                    apply.rollback_command):
+        cli.add_command(command)
 
 
 _register()

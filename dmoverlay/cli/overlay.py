@@ -1,0 +1,81 @@
+"""dmoverlay setup / status / teardown"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from dmoverlay import overlay
+from dmoverlay.cli.options import SIZE
+from dmoverlay.sizes import format_size
+
+STATE_DIR = click.option("--state-dir", type=click.Path(path_type=Path),
+                         default=overlay.STATE_DIR, show_default=True,
+                         help="Where overlays are recorded (and their work directories).")
+NAME = click.option("--name", default="live", show_default=True,
+                    help="Overlay name: devices NAME-rw and NAME-base.")
+
+# status exit codes, for monitors
+EXIT_ABOVE_THRESHOLD = 3
+EXIT_FULL = 4
+
+
+@click.command("setup")
+@click.argument("image")
+@click.option("--target", required=True, type=click.Path(path_type=Path),
+              help="Empty directory to mount the writable root on.")
+@NAME
+@click.option("--overlay-size", type=SIZE,
+              help="COW store size, kept in RAM (rd.live.overlay.size) [default: half the RAM].")
+@click.option("--live-dir", default="LiveOS", show_default=True, help="rd.live.dir")
+@click.option("--squashfs-name", default="squashfs.img", show_default=True,
+              help="rd.live.squashimg")
+@click.option("--tmpfs-dir", type=click.Path(path_type=Path),
+              help="Put the COW file in this existing tmpfs instead of a new one.")
+@STATE_DIR
+def setup_command(image: str, target: Path, name: str, overlay_size: int | None, live_dir: str,
+                  squashfs_name: str, tmpfs_dir: Path | None, state_dir: Path) -> None:
+    """Make IMAGE writable at TARGET: IMAGE is a squashfs.img, a rootfs.img, a disk
+    image or device holding LiveOS/squashfs.img, or LABEL=, UUID=, PARTUUID=,
+    PARTLABEL=, CDLABEL=."""
+    state = overlay.setup(overlay.SetupOptions(
+        image=image, target=target, name=name, overlay_size=overlay_size, live_dir=live_dir,
+        squashfs_name=squashfs_name, tmpfs_dir=tmpfs_dir, state_dir=state_dir))
+    click.echo(f"{name}: {image} writable at {state.target} "
+               f"({format_size(state.overlay_size)} COW in RAM)")
+
+
+@click.command("status")
+@NAME
+@STATE_DIR
+@click.option("--threshold", type=click.FloatRange(0, 100),
+              help=f"Exit {EXIT_ABOVE_THRESHOLD} when the COW is at least this % full.")
+@click.option("--json", "as_json", is_flag=True)
+def status_command(name: str, state_dir: Path, threshold: float | None, as_json: bool) -> None:
+    """How full the overlay's COW store is.  Exit 0; 3 above --threshold;
+    4 when the snapshot is full (overflow: writes fail) or invalid."""
+    st = overlay.status(state_dir, name)
+    if as_json:
+        click.echo(json.dumps(st.to_dict(), indent=2))
+    else:
+        ram = f", {format_size(st.ram_free)} of RAM left for it" if st.ram_free is not None else ""
+        click.echo(f"{name}: {st.state}, COW {format_size(st.used)} of "
+                   f"{format_size(st.total)} used ({st.percent:.1f}%){ram}; at {st.target}")
+    if st.state != "active":
+        sys.exit(EXIT_FULL)
+    if threshold is not None and st.percent >= threshold:
+        sys.exit(EXIT_ABOVE_THRESHOLD)
+
+
+@click.command("teardown")
+@NAME
+@STATE_DIR
+def teardown_command(name: str, state_dir: Path) -> None:
+    """Unmount and remove the overlay, in reverse order; safe to repeat."""
+    state = overlay.teardown(state_dir, name)
+    click.echo(f"{name}: torn down" if state else f"{name}: nothing to tear down")
+
+

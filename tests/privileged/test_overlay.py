@@ -1,0 +1,236 @@
+"""dmoverlay setup / status / teardown on the real kernel: an image made by
+`dmoverlay build`, a dm-snapshot with its COW in RAM, apply through it, and
+every fault releasing whatever was attached."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import samples
+
+pytestmark = pytest.mark.privileged
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "dmoverlay", *args], capture_output=True,
+                            text=True, check=False, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"dmoverlay {' '.join(args)} failed:\n{result.stderr}")
+    return result
+
+
+def error_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def resources() -> tuple[list[str], list[str], list[str]]:
+    """Loop devices in use, device-mapper devices, mounts: what a fault must not leave."""
+    loops = sorted(p.parent.parent.name for p in Path("/sys/block").glob("loop*/loop/backing_file"))
+    dms = sorted(subprocess.run(["dmsetup", "ls"], capture_output=True, text=True,
+                                check=True).stdout.split("\n"))
+    mounts = sorted(line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines())
+    return loops, dms, mounts
+
+
+def sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    top = tmp_path_factory.mktemp("images")
+    tree = top / "tree"
+    samples.make_plain_tree(tree)
+    cli("-q", "build", str(tree), "-o", str(top / "squashfs.img"), "--free", "256M",
+        "--compression", "zstd", "--disk", str(top / "disk.img"), "--disk-label", "DMOTEST")
+    return {"squashfs": top / "squashfs.img", "disk": top / "disk.img", "tree": tree}
+
+
+@pytest.fixture
+def place(tmp_path: Path) -> Iterator[dict[str, Path]]:
+    target = tmp_path / "sysroot"
+    target.mkdir()
+    state = tmp_path / "state"
+    name = f"t{os.getpid()}-{abs(hash(tmp_path.name)) % 10000}"
+    yield {"target": target, "state": state, "name": Path(name), "top": tmp_path}
+    cli("teardown", "--name", name, "--state-dir", str(state), check=False)
+
+
+def setup_args(image: Path | str, p: dict[str, Path], *extra: str) -> list[str]:
+    return ["setup", str(image), "--target", str(p["target"]), "--name", str(p["name"]),
+            "--state-dir", str(p["state"]), *extra]
+
+
+def status(p: dict[str, Path]) -> dict[str, object]:
+    out = cli("status", "--name", str(p["name"]), "--state-dir", str(p["state"]), "--json",
+              check=False).stdout
+    data: dict[str, object] = json.loads(out)
+    return data
+
+
+def test_the_whole_story(images: dict[str, Path], place: dict[str, Path]) -> None:
+    before = resources()
+    squash_sum = sha(images["squashfs"])
+    cli(*setup_args(images["squashfs"], place, "--overlay-size", "256M"))
+    root = place["target"]
+    assert os.readlink(root / "lib") == "usr/lib"
+    assert (root / "etc/os-release").read_text() == "NAME=Sample\nID=sample\n"
+    used_before = int(status(place)["used"])  # type: ignore[call-overload]
+    (root / "var/written").write_bytes(os.urandom(8 << 20))
+    os.sync()
+    used_after = int(status(place)["used"])  # type: ignore[call-overload]
+    assert used_after - used_before >= 8 << 20
+    # an update with lib/libfoo.so, through the overlay: the link is kept
+    upd = place["top"] / "upd"
+    (upd / "lib").mkdir(parents=True)
+    (upd / "lib/libfoo.so").write_bytes(b"fixed\n")
+    run_dir = place["top"] / "run"
+    run_dir.mkdir()
+    cli("apply", str(upd), "--root", str(root), "--run-dir", str(run_dir))
+    assert (root / "usr/lib/libfoo.so").read_bytes() == b"fixed\n"
+    assert os.readlink(root / "lib") == "usr/lib"
+    assert cli("teardown", "--name", str(place["name"]), "--state-dir",
+               str(place["state"])).returncode == 0
+    assert resources() == before
+    assert sha(images["squashfs"]) == squash_sum, "the squashfs must never change"
+    again = cli("teardown", "--name", str(place["name"]), "--state-dir", str(place["state"]))
+    assert "nothing to tear down" in again.stdout
+
+
+def test_disk_image_and_label(images: dict[str, Path], place: dict[str, Path]) -> None:
+    cli(*setup_args(images["disk"], place, "--overlay-size", "64M"))
+    assert (place["target"] / "usr/bin/tool").is_file()
+    cli("teardown", "--name", str(place["name"]), "--state-dir", str(place["state"]))
+
+
+def test_two_overlays_side_by_side(images: dict[str, Path], tmp_path: Path) -> None:
+    before = resources()
+    places = []
+    for n in ("a", "b"):
+        target = tmp_path / n
+        target.mkdir()
+        name = f"two{os.getpid()}{n}"
+        cli("setup", str(images["squashfs"]), "--target", str(target), "--name", name,
+            "--state-dir", str(tmp_path / "state"), "--overlay-size", "32M")
+        places.append((target, name))
+    (places[0][0] / "only-in-a").write_text("a")
+    assert not (places[1][0] / "only-in-a").exists()
+    for _, name in places:
+        cli("teardown", "--name", name, "--state-dir", str(tmp_path / "state"))
+    assert resources() == before
+
+
+def test_cow_fill_refuses_apply_then_overflows(images: dict[str, Path],
+                                               place: dict[str, Path]) -> None:
+    cli(*setup_args(images["squashfs"], place, "--overlay-size", "24M"))
+    root = place["target"]
+    filler = root / "var/filler"
+    with open(filler, "wb") as f:
+        f.write(os.urandom(16 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+    upd = place["top"] / "upd"
+    upd.mkdir()
+    (upd / "big").write_bytes(os.urandom(10 << 20))
+    refused = cli("apply", str(upd), "--root", str(root), "--run-dir", str(place["top"]),
+                  check=False)
+    assert "COW store" in error_line(refused)
+    assert not (root / "big").exists()
+    monitor = cli("status", "--name", str(place["name"]), "--state-dir", str(place["state"]),
+                  "--threshold", "50", check=False)
+    assert monitor.returncode == 3, monitor.stdout
+    # past full: a PO snapshot overflows; writes fail, reads go on
+    with pytest.raises(OSError), open(root / "var/more", "wb") as f:
+        for _ in range(64):
+            f.write(os.urandom(1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+    over = cli("status", "--name", str(place["name"]), "--state-dir", str(place["state"]),
+               check=False)
+    assert over.returncode == 4 and "overflow" in over.stdout
+    assert (root / "etc/os-release").read_text().startswith("NAME=Sample")
+
+
+def _faulty_cases(top: Path, images: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
+    plain = top / "plain.img"
+    subprocess.run(["mksquashfs", str(images["tree"]), str(plain), "-quiet", "-noappend",
+                    "-comp", "zstd"], check=True, capture_output=True)
+    cut = top / "cut.img"
+    whole = images["squashfs"].read_bytes()
+    cut.write_bytes(whole[: len(whole) // 2])
+    return {
+        "no rootfs": ([str(plain)], "no LiveOS/rootfs.img"),
+        "truncated": ([str(cut)], "truncated"),
+        "no match": (["LABEL=no-such-label-dmo"], "no device matches"),
+        "missing": ([str(top / "none.img")], "no such file"),
+    }
+
+
+@pytest.mark.parametrize("case", ["no rootfs", "truncated", "no match", "missing"])
+def test_faults_release_everything(images: dict[str, Path], place: dict[str, Path],
+                                   case: str) -> None:
+    args, words = _faulty_cases(place["top"], images)[case]
+    before = resources()
+    result = cli(*setup_args(args[0], place), check=False)
+    assert words in error_line(result)
+    assert resources() == before
+    assert not list(place["state"].glob("*.json")) if place["state"].exists() else True
+
+
+def test_target_not_empty_and_name_in_use(images: dict[str, Path],
+                                          place: dict[str, Path]) -> None:
+    (place["target"] / "x").write_text("x")
+    assert "not an empty directory" in error_line(cli(*setup_args(images["squashfs"], place),
+                                                      check=False))
+    (place["target"] / "x").unlink()
+    cli(*setup_args(images["squashfs"], place, "--overlay-size", "16M"))
+    other = place["top"] / "other"
+    other.mkdir()
+    before = resources()
+    again = cli("setup", str(images["squashfs"]), "--target", str(other), "--name",
+                str(place["name"]), "--state-dir", str(place["state"]), check=False)
+    assert "exists already" in error_line(again)
+    assert resources() == before
+
+
+def test_tmpfs_too_small(images: dict[str, Path], place: dict[str, Path]) -> None:
+    small = place["top"] / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], check=True)
+    try:
+        before = resources()
+        result = cli(*setup_args(images["squashfs"], place, "--overlay-size", "64M",
+                                 "--tmpfs-dir", str(small)), check=False)
+        assert "too little" in error_line(result)
+        assert resources() == before
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_teardown_says_what_is_busy(images: dict[str, Path], place: dict[str, Path]) -> None:
+    cli(*setup_args(images["squashfs"], place, "--overlay-size", "16M"))
+    holder = subprocess.Popen(["sleep", "60"], cwd=place["target"])
+    try:
+        busy = cli("teardown", "--name", str(place["name"]), "--state-dir", str(place["state"]),
+                   check=False)
+        assert "busy" in error_line(busy) and "sleep" in busy.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    cli("teardown", "--name", str(place["name"]), "--state-dir", str(place["state"]))
