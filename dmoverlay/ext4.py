@@ -15,9 +15,10 @@ from importlib import resources
 from pathlib import Path
 
 from dmoverlay.errors import ImageError, UsageError
+from dmoverlay.members import Kind
 from dmoverlay.run import run
 from dmoverlay.sizes import MiB, format_size, round_up
-from dmoverlay.source import SPECIAL, Kind, Tree
+from dmoverlay.source import SPECIAL, Tree
 
 BLOCK = 4096
 INODE_SIZE = 256

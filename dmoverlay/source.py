@@ -10,38 +10,19 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
-from enum import StrEnum
 from pathlib import Path
 from typing import IO
 
 from dmoverlay.compress import STREAM_ERRORS, CountingReader, open_decompressed
 from dmoverlay.errors import SourceError
+from dmoverlay.members import FORMAT_BITS, Kind
 
 NAME_MAX = 255
 CHUNK = 1 << 20
 
 
-class Kind(StrEnum):
-    FILE = "file"
-    DIR = "dir"
-    SYMLINK = "symlink"
-    CHAR = "char"
-    BLOCK = "block"
-    FIFO = "fifo"
-    SOCKET = "socket"
-
-
 SPECIAL = frozenset({Kind.CHAR, Kind.BLOCK, Kind.FIFO, Kind.SOCKET})
-
-_KIND_BITS = {
-    Kind.FILE: stat.S_IFREG,
-    Kind.DIR: stat.S_IFDIR,
-    Kind.SYMLINK: stat.S_IFLNK,
-    Kind.CHAR: stat.S_IFCHR,
-    Kind.BLOCK: stat.S_IFBLK,
-    Kind.FIFO: stat.S_IFIFO,
-    Kind.SOCKET: stat.S_IFSOCK,
-}
+_KIND_BITS = FORMAT_BITS
 
 
 @dataclass(frozen=True)

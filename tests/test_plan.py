@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from dmoverlay import ext4
 from dmoverlay.compress import Compression, detect
 from dmoverlay.errors import SourceError, UsageError
+from dmoverlay.members import Kind
 from dmoverlay.sizes import GiB, KiB, MiB, format_size, parse_size
-from dmoverlay.source import Entry, Kind, Tree, check_name, tar_path
+from dmoverlay.source import Entry, Tree, check_name, tar_path
 from dmoverlay.squashfs import Compressor, SquashOptions, mksquashfs_argv
 
 NS = 1_000_000_000

@@ -8,7 +8,8 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from dmoverlay.source import Kind, is_tar, read_directory, read_tar
+from dmoverlay.members import Kind
+from dmoverlay.source import is_tar, read_directory, read_tar
 from tests import samples
 
 
