@@ -112,36 +112,42 @@ def check_target(target: Path) -> None:
 
 
 class Recorder:
-    """Attach things, each recorded (and saved) as soon as it exists."""
+    """Attach things, each recorded (and saved) before it is attached: a setup
+    killed at any point leaves nothing that teardown does not know of."""
 
     def __init__(self, state: State, path: Path) -> None:
         self.state = state
         self.path = path
         self.state.save(path)
 
-    def add(self, step: Step) -> None:
+    def add(self, step: Step) -> Step:
         self.state.steps.append(step)
         self.state.save(self.path)
+        return step
 
     def mkdir(self, path: Path) -> Path:
+        # made first, noted after: never remove a directory that was not ours
         path.mkdir(mode=0o700)
         self.add(Step("dir", os.fspath(path)))
         return path
 
     def loop(self, file: str, *, read_only: bool, offset: int = 0, size: int = 0) -> str:
-        dev = blockdev.loop_setup(file, read_only=read_only, offset=offset, size=size)
-        self.add(Step("loop", dev, backing=os.path.realpath(file)))
-        return dev
+        # the device is known only once attached: until then its backing file
+        # is what teardown looks for
+        step = self.add(Step("loop", "", backing=os.path.realpath(file)))
+        step.what = blockdev.loop_setup(file, read_only=read_only, offset=offset, size=size)
+        self.state.save(self.path)
+        return step.what
 
     def mount(self, device: str, where: Path, *, fstype: str, options: str) -> Path:
-        blockdev.mount(device, where, fstype=fstype, options=options)
         self.add(Step("mount", os.fspath(where)))
+        blockdev.mount(device, where, fstype=fstype, options=options)
         return where
 
     def dm(self, name: str, table: str, *, read_only: bool) -> str:
+        self.add(Step("dm", name))
         argv = ["dmsetup", "create", name, "--table", table]
         run([*argv, "--readonly"] if read_only else argv)
-        self.add(Step("dm", name))
         node = Path("/dev/mapper") / name
         for _ in range(100):  # udev, where it runs, makes the node a moment later
             if node.exists():
@@ -319,10 +325,10 @@ def _cow_file(rec: Recorder, opts: SetupOptions, work: Path, size: int) -> Path:
                                f"too little for a {format_size(size)} COW",
                                hint="give a smaller --overlay-size or a larger tmpfs")
     cow_file = place / f"{opts.name}.cow"
-    with open(cow_file, "xb") as f:
+    with open(cow_file, "xb") as f:  # never someone else's file
         f.truncate(file_size)  # sparse: RAM is taken only as the overlay fills
-    rec.add(Step("file", os.fspath(cow_file)))
     rec.state.cow_file = os.fspath(cow_file)
+    rec.add(Step("file", os.fspath(cow_file)))
     return cow_file
 
 
@@ -375,11 +381,22 @@ def _undo(step: Step) -> None:
         if _dm_exists(step.what):
             _retry(lambda: run(["dmsetup", "remove", step.what]), what=f"/dev/mapper/{step.what}")
     elif step.kind == "loop":
-        blockdev.loop_teardown(step.what, backing=step.backing)
+        for dev in [step.what] if step.what else loops_backed_by(step.backing):
+            blockdev.loop_teardown(dev, backing=step.backing)
     elif step.kind == "file":
         Path(step.what).unlink(missing_ok=True)
     elif step.kind == "dir" and not os.path.ismount(step.what):
         shutil.rmtree(step.what, ignore_errors=True)
+
+
+def loops_backed_by(backing: str, *, sysfs: Path = Path("/sys")) -> list[str]:
+    """Loop devices attached to a file (a setup killed before it noted which)."""
+    found = []
+    for path in sorted(sysfs.glob("block/loop*/loop/backing_file")):
+        with suppress(OSError):
+            if path.read_text().strip() == backing:
+                found.append(f"/dev/{path.parent.parent.name}")
+    return found
 
 
 def _retry(action: Callable[[], object], *, what: str) -> None:

@@ -93,3 +93,13 @@ def test_setup_refuses_without_root_or_snapshot(tmp_path: Path) -> None:
     with pytest.raises(DmoverlayError):
         overlay.setup(opts)  # here: root, but no device-mapper (or not root elsewhere)
     assert not (tmp_path / "state").exists()
+
+
+def test_loops_backed_by_reads_sysfs(tmp_path: Path) -> None:
+    for n, backing in ((0, "/a/rootfs.img"), (3, "/b/cow"), (7, "/a/rootfs.img")):
+        d = tmp_path / f"block/loop{n}/loop"
+        d.mkdir(parents=True)
+        (d / "backing_file").write_text(backing + "\n")
+    assert overlay.loops_backed_by("/a/rootfs.img", sysfs=tmp_path) == ["/dev/loop0",
+                                                                      "/dev/loop7"]
+    assert overlay.loops_backed_by("/c", sysfs=tmp_path) == []

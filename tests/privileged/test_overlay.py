@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -113,10 +114,60 @@ def test_the_whole_story(images: dict[str, Path], place: dict[str, Path]) -> Non
     assert "nothing to tear down" in again.stdout
 
 
-def test_disk_image_and_label(images: dict[str, Path], place: dict[str, Path]) -> None:
+def test_disk_image(images: dict[str, Path], place: dict[str, Path]) -> None:
     cli(*setup_args(images["disk"], place, "--overlay-size", "64M"))
     assert (place["target"] / "usr/bin/tool").is_file()
     cli("teardown", "--name", str(place["name"]), "--state-dir", str(place["state"]))
+
+
+@pytest.fixture
+def attached_disk(images: dict[str, Path]) -> Iterator[str]:
+    """The disk image as a block device with its partitions, as a USB stick is."""
+    dev = subprocess.run(["losetup", "--find", "--show", "--read-only", "--partscan",
+                          str(images["disk"])], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    subprocess.run(["udevadm", "settle"], check=False, capture_output=True)
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=True)
+
+
+@pytest.mark.parametrize("spec", ["LABEL=DMOTEST", "PARTLABEL=DMOTEST", "live:LABEL=DMOTEST"])
+def test_device_spec(images: dict[str, Path], place: dict[str, Path], attached_disk: str,
+                     spec: str) -> None:
+    cli(*setup_args(spec, place, "--overlay-size", "32M"))
+    assert (place["target"] / "etc/os-release").is_file()
+    cli("teardown", "--name", str(place["name"]), "--state-dir", str(place["state"]))
+
+
+def test_spec_matching_several_devices(images: dict[str, Path], place: dict[str, Path],
+                                       attached_disk: str, tmp_path: Path) -> None:
+    twin = tmp_path / "twin.img"
+    twin.write_bytes(images["disk"].read_bytes())
+    dev = subprocess.run(["losetup", "--find", "--show", "--read-only", "--partscan",
+                          str(twin)], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        before = resources()
+        result = cli(*setup_args("LABEL=DMOTEST", place), check=False)
+        assert "matches 2 devices" in error_line(result)
+        assert resources() == before
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=True)
+
+
+@pytest.mark.parametrize("delay", [0.5, 2.0, 4.0])
+def test_teardown_after_a_setup_killed_half_way(images: dict[str, Path],
+                                                place: dict[str, Path], delay: float) -> None:
+    before = resources()
+    proc = subprocess.Popen([sys.executable, "-m", "dmoverlay", *setup_args(
+        images["squashfs"], place, "--overlay-size", "32M")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(delay)
+    proc.kill()
+    proc.wait()
+    cli("teardown", "--name", str(place["name"]), "--state-dir", str(place["state"]))
+    assert resources() == before
 
 
 def test_two_overlays_side_by_side(images: dict[str, Path], tmp_path: Path) -> None:
