@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from importlib import resources
@@ -18,7 +19,7 @@ from dmoverlay.errors import ImageError, UsageError
 from dmoverlay.members import Kind
 from dmoverlay.run import run
 from dmoverlay.sizes import MiB, format_size, round_up
-from dmoverlay.source import SPECIAL, Tree
+from dmoverlay.source import SPECIAL, Entry, Tree
 
 BLOCK = 4096
 INODE_SIZE = 256
@@ -56,6 +57,8 @@ def usage(tree: Tree) -> Usage:
     inodes = 0
     names_per_dir: dict[str, int] = {}
     for e in tree.entries:
+        if e.kind is Kind.DIR:
+            names_per_dir.setdefault(e.path, 0)  # even an empty one takes a block
         if e.path:
             parent = e.path.rpartition("/")[0]
             names_per_dir[parent] = names_per_dir.get(parent, 0) + len(e.path) - len(parent) + 12
@@ -68,7 +71,7 @@ def usage(tree: Tree) -> Usage:
             blocks += 1
         if sum(len(k) + len(v) + 20 for k, v in e.xattrs) > 96:
             blocks += 1
-    blocks += sum(-(-n // BLOCK) for n in names_per_dir.values())
+    blocks += sum(max(1, -(-n // BLOCK)) for n in names_per_dir.values())
     # extent tree blocks of large or fragmented files, directory index blocks
     blocks += blocks // 100
     return Usage(blocks=blocks, inodes=inodes)
@@ -238,33 +241,26 @@ def fixup_script(tree: Tree, *, epoch: int, all_root: bool,
                  value_file: dict[bytes, Path]) -> bytes:
     """The debugfs commands that make each inode what the manifest says.
     `value_file` maps each xattr value to the file holding it (filled in by
-    the caller, which writes them: debugfs reads binary values from files)."""
+    the caller, which writes them: debugfs reads binary values from files).
+
+    Commands name inodes relative to their directory, entered once with
+    `cd`: debugfs looks a name up anew for every command, and a full path
+    made 360,000 commands take 10 s instead of under one."""
     lines: list[bytes] = []
+    if tree.staged:
+        for e in tree.entries:
+            if e.kind in SPECIAL and not e.link_to:
+                lines += _mknod(e.path, e.kind, e.rdev)
+    by_dir: dict[str, list[Entry]] = {}
     for e in tree.entries:
-        if e.link_to:
-            continue
-        target = quote(e.path)
-        if tree.staged and e.kind in SPECIAL:
-            lines += _mknod(e.path, e.kind, e.rdev)
-        # mkfs makes the root directory itself (root_owner=0:0, mode 0755)
-        exact = tree.staged or not e.path
-        if exact:
-            lines.append(b"sif %s mode 0%o" % (target, e.st_mode))
-        if exact or all_root:
-            uid, gid = (0, 0) if all_root else (e.uid, e.gid)
-            lines.append(b"sif %s uid %d" % (target, uid))
-            lines.append(b"sif %s gid %d" % (target, gid))
-        mtime_ns = e.mtime_ns if e.mtime_ns or e.path else epoch * 1_000_000_000
-        ctime_ns = max(mtime_ns, epoch * 1_000_000_000)
-        for field, ns in (("mtime", mtime_ns), ("atime", mtime_ns),
-                          ("ctime", ctime_ns), ("crtime", ctime_ns)):
-            low, extra = time_fields(ns)
-            lines.append(b"sif %s %s_lo %d" % (target, field.encode(), low))
-            lines.append(b"sif %s %s_extra %d" % (target, field.encode(), extra))
-        if tree.staged:
-            for name, value in e.xattrs:
-                lines.append(b"ea_set -f %s %s %s" % (
-                    os.fsencode(value_file[value]), target, name.encode()))
+        if not e.link_to:
+            by_dir.setdefault(e.path.rpartition("/")[0] if e.path else "", []).append(e)
+    for directory, entries in by_dir.items():
+        lines.append(b"cd " + quote(directory))
+        for e in entries:
+            lines += _inode_fixes(e, tree, epoch=epoch, all_root=all_root,
+                                  value_file=value_file)
+    lines.append(b"cd /")
     if not any(e.path == "lost+found" for e in tree.entries):
         # made by mkfs itself, with a time that overflows past 2038 in 1.47.0
         low, extra = time_fields(epoch * 1_000_000_000)
@@ -272,6 +268,44 @@ def fixup_script(tree: Tree, *, epoch: int, all_root: bool,
             lines.append(b'sif "/lost+found" %s_lo %d' % (stamp, low))
             lines.append(b'sif "/lost+found" %s_extra %d' % (stamp, extra))
     return b"\n".join(lines) + b"\n"
+
+
+_INODE_SPEC = re.compile(r"<\d+>")
+
+
+def _here(e: Entry) -> bytes:
+    """The entry as a debugfs argument, from inside its directory.  A name
+    like `<12>` would be read as an inode number: those go by full path."""
+    name = e.path.rpartition("/")[2]
+    if not e.path or _INODE_SPEC.fullmatch(name):
+        return quote(e.path)
+    return b'"' + os.fsencode(name).replace(b'"', b'""') + b'"'
+
+
+def _inode_fixes(e: Entry, tree: Tree, *, epoch: int, all_root: bool,
+                 value_file: dict[bytes, Path]) -> list[bytes]:
+    target = _here(e)
+    lines = []
+    # mkfs makes the root directory itself (root_owner=0:0, mode 0755)
+    exact = tree.staged or not e.path
+    if exact:
+        lines.append(b"sif %s mode 0%o" % (target, e.st_mode))
+    if exact or all_root:
+        uid, gid = (0, 0) if all_root else (e.uid, e.gid)
+        lines.append(b"sif %s uid %d" % (target, uid))
+        lines.append(b"sif %s gid %d" % (target, gid))
+    mtime_ns = e.mtime_ns if e.mtime_ns or e.path else epoch * 1_000_000_000
+    ctime_ns = max(mtime_ns, epoch * 1_000_000_000)
+    for field, ns in (("mtime", mtime_ns), ("atime", mtime_ns),
+                      ("ctime", ctime_ns), ("crtime", ctime_ns)):
+        low, extra = time_fields(ns)
+        lines.append(b"sif %s %s_lo %d" % (target, field.encode(), low))
+        lines.append(b"sif %s %s_extra %d" % (target, field.encode(), extra))
+    if tree.staged:
+        for name, value in e.xattrs:
+            lines.append(b"ea_set -f %s %s %s" % (
+                os.fsencode(value_file[value]), target, name.encode()))
+    return lines
 
 
 def _mknod(path: str, kind: Kind, rdev: tuple[int, int]) -> list[bytes]:
