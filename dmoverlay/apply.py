@@ -32,15 +32,15 @@ from dmoverlay.inroot import (
     RENAME_NOREPLACE,
     InRootError,
     Trees,
-    exists,
+    raw_name,
     renameat2,
     syncfs,
 )
 from dmoverlay.journal import JOURNALS, Log, Record, Writer
-from dmoverlay.members import Kind, Member, UpdateReader
-from dmoverlay.sizes import MiB, format_size
+from dmoverlay.members import InFile, Kind, Member, UpdateReader, file_identity
+from dmoverlay.sizes import KiB, MiB, format_size
 
-CHUNK = 1 << 20
+CHUNK = 64 * KiB  # reads below glibc's mmap threshold: 1 MiB ones churn the heap
 BLOCK = 4096
 SPOOL_RESERVE = 16 * MiB  # of the staging filesystem (RAM at boot) never used
 SPOOL_CHECK_EVERY = 4 * MiB
@@ -73,50 +73,143 @@ class ApplyRefused(DmoverlayError):
 
 
 class Spool:
-    """File data of a streamed update, kept in one file until it is written
-    into the root: the update is read and checked to its end first."""
+    """File data of an update, kept until it is written into the root: the
+    update is read and checked to its end first.
+
+    Data that lies in a file already (a directory's file, a plain tar's
+    member: `Located`) is kept as where it lies, and copied from there if
+    that file has not changed since; other data (streamed, decompressed) in
+    one file under the live /run.  The kernel copies it into the root
+    (copy_file_range, else sendfile): no byte of it passes through Python."""
 
     def __init__(self, directory: Path) -> None:
-        self.file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 (closed in close)
+        # unbuffered, written with pwrite at offsets we know: no lseek per file
+        self.file = tempfile.TemporaryFile(dir=directory, buffering=0)  # noqa: SIM115 (closed in close)
+        self.fd = self.file.fileno()
+        self.dev = os.fstat(self.fd).st_dev
         self.size = 0
         self.unchecked = 0  # bytes added since the room was last checked
-        self.where: dict[str, tuple[int, int]] = {}
+        self.where: dict[str, tuple[int, int] | InFile] = {}
+        self.source: tuple[str, int] | None = None  # the located file last copied from, open
+        self.kernel_copy: dict[tuple[int, int], bool] = {}  # by st_dev pair: copy_file_range works
 
     def add(self, name: str, stream: Readable, size: int) -> None:
+        located = getattr(stream, "located", None)
+        place = located() if located is not None else None
+        if place is not None:
+            self.where[name] = place
+            return
         self.unchecked += size
         if self.unchecked > SPOOL_CHECK_EVERY or size > SPOOL_CHECK_EVERY:
             self._check_room(name, size)
-        start = self.size
+        start = offset = self.size
         left = size
         while left:
             chunk = stream.read(min(CHUNK, left))
             if not chunk:
                 raise ImageError(f"{name}: update ended inside this file's data")
-            self.file.write(chunk)
+            _pwrite_all(self.fd, chunk, offset)
+            offset += len(chunk)
             left -= len(chunk)
         self.size += size
         self.where[name] = (start, size)
 
     def _check_room(self, name: str, size: int) -> None:
-        st = os.fstatvfs(self.file.fileno())
+        st = os.fstatvfs(self.fd)
         if self.unchecked > st.f_bavail * st.f_frsize - SPOOL_RESERVE:
             raise ImageError(f"{name}: {format_size(size)} of data, more than the room left "
                              "to stage the update under the live /run",
                              hint="nothing was written; free memory or use a smaller update")
         self.unchecked = 0
 
-    def chunks(self, name: str) -> Iterator[bytes]:
-        self.file.flush()
-        offset, left = self.where[name]
-        fd = self.file.fileno()
-        while left:
-            chunk = os.pread(fd, min(CHUNK, left), offset)
-            offset += len(chunk)
-            left -= len(chunk)
-            yield chunk
+    def copy_into(self, name: str, fd: int, dev: int) -> None:
+        """Write the data of `name` at the position of `fd`, a file on the
+        filesystem `dev`.  ImageError if it lies in a file that changed."""
+        place = self.where[name]
+        if isinstance(place, InFile):
+            self._copy_located(place, fd, dev)
+            return
+        offset, size = place
+        if self._copy(self.fd, self.dev, offset, size, fd, dev) != size:
+            raise ImageError(f"{name}: its staged data was cut short",
+                             hint="leave the staging directory under the live /run alone")
+
+    def _copy_located(self, place: InFile, fd: int, dev: int) -> None:
+        src = self._open_source(place)
+        try:
+            copied = self._copy(src, place.identity[0], place.offset, place.size, fd, dev)
+        except OSError as exc:
+            if exc.errno in _TARGET_FULL:
+                raise
+            if file_identity(os.fstat(src)) != place.identity:
+                raise _changed(place.path) from None
+            raise ImageError(f"cannot copy {place.path} into the root: {exc.strerror}",
+                             hint=_UNDONE) from None
+        # the ctime moves with any write: the same identity after the copy
+        # means the bytes copied are those the pass saw
+        if copied != place.size or file_identity(os.fstat(src)) != place.identity:
+            raise _changed(place.path)
+
+    def _open_source(self, place: InFile) -> int:
+        if self.source is not None and self.source[0] == place.path:
+            return self.source[1]
+        self._close_source()
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+        try:
+            fd = os.open(place.path, flags)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise _changed(place.path) from None
+            raise ImageError(f"cannot read {place.path}: {exc.strerror}", hint=_UNDONE) from None
+        self.source = (place.path, fd)
+        return fd
+
+    def _copy(self, src: int, src_dev: int, offset: int, size: int, dst: int,
+              dst_dev: int) -> int:
+        """Copy `size` bytes at `offset` of `src` to `dst`; how many were
+        copied (fewer only if `src` ends before)."""
+        pair = (src_dev, dst_dev)
+        done = 0
+        while done < size:
+            if self.kernel_copy.get(pair, True):
+                try:
+                    n = os.copy_file_range(src, dst, size - done, offset + done)
+                except OSError as exc:
+                    if exc.errno not in _NO_COPY_FILE_RANGE:
+                        raise
+                    self.kernel_copy[pair] = False  # e.g. across filesystems: EXDEV
+                    continue
+            else:
+                n = os.sendfile(dst, src, offset + done, size - done)
+            if not n:
+                break
+            done += n
+        return done
+
+    def _close_source(self) -> None:
+        if self.source is not None:
+            os.close(self.source[1])
+            self.source = None
 
     def close(self) -> None:
+        self._close_source()
         self.file.close()
+
+
+_NO_COPY_FILE_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+_TARGET_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_UNDONE = "nothing was changed: the files written so far were removed"
+
+
+def _changed(path: str) -> ImageError:
+    return ImageError(f"{path} changed after the update was read",
+                      hint=f"leave the update alone while it is applied; {_UNDONE}")
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    done = os.pwrite(fd, data, offset)
+    while done < len(data):  # rare: a signal, or a full filesystem on the way to ENOSPC
+        done += os.pwrite(fd, memoryview(data)[done:], offset + done)
 
 
 def read_all(reader: UpdateReader, spool: Spool) -> list[Member]:
@@ -316,9 +409,8 @@ def _prepare(trees: Trees, a: Action, tmp: str, spool: Spool,
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  m.mode & 0o777, dir_fd=parent)
     try:
-        for chunk in spool.chunks(m.name):
-            _write_all(fd, chunk)
         st = os.fstat(fd)
+        spool.copy_into(m.name, fd, st.st_dev)
         if (st.st_uid, st.st_gid) != (m.uid, m.gid):
             os.fchown(fd, m.uid, m.gid)
         if m.mode & 0o7000:
@@ -331,25 +423,23 @@ def _prepare(trees: Trees, a: Action, tmp: str, spool: Spool,
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 def _commit(txn: _Txn, n: int, a: Action, tmp: str) -> None:
     """Rename one prepared entry into place.  With an old entry there, the
     two are exchanged in one step and the old one moves to the journal."""
     trees = txn.trees
     parent = trees.dir_fd(a.where.parent)
-    if a.op is Op.REPLACE or exists(parent, a.where.name):
-        if a.replaces == "dir":
-            trees.forget(a.where)
-        renameat2(parent, tmp, parent, a.where.name, RENAME_EXCHANGE)
-        jfd, jname = txn.saved(a.where.tree, n)
-        renameat2(parent, tmp, jfd, jname, RENAME_NOREPLACE)
-    else:
-        renameat2(parent, tmp, parent, a.where.name, RENAME_NOREPLACE)
+    tmp_raw, name_raw = raw_name(tmp), raw_name(a.where.name)
+    if a.op is not Op.REPLACE and not a.replaces:
+        try:
+            renameat2(parent, tmp_raw, parent, name_raw, RENAME_NOREPLACE)
+            return
+        except FileExistsError:
+            pass  # came to be since the plan: it goes to the journal as a replaced one
+    if a.replaces == "dir":
+        trees.forget(a.where)
+    renameat2(parent, tmp_raw, parent, name_raw, RENAME_EXCHANGE)
+    jfd, jname = txn.saved(a.where.tree, n)
+    renameat2(parent, tmp_raw, jfd, jname, RENAME_NOREPLACE)
 
 
 def _set_dir_metadata(trees: Trees, where: Where, m: Member) -> None:

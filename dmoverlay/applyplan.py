@@ -42,6 +42,9 @@ class Op(StrEnum):
     FOLLOW = "follow link"
 
 
+_new_where = tuple.__new__  # what Where(...) calls, without its Python-level __new__
+
+
 class Where(NamedTuple):
     """A real place: `tree` is "root" or "run"; `path` is relative to that
     tree's top and contains no symlink (every component was checked).
@@ -54,11 +57,11 @@ class Where(NamedTuple):
         return f"/{self.path}" if self.tree == "root" else f"<run>/{self.path}"
 
     def child(self, name: str) -> Where:
-        return Where(self.tree, f"{self.path}/{name}" if self.path else name)
+        return _new_where(Where, (self.tree, f"{self.path}/{name}" if self.path else name))
 
     @property
     def parent(self) -> Where:
-        return Where(self.tree, self.path.rpartition("/")[0])
+        return _new_where(Where, (self.tree, self.path.rpartition("/")[0]))
 
     @property
     def name(self) -> str:
@@ -133,17 +136,20 @@ def split_name(name: str) -> list[str]:
         raise Refused("name holds a control character")
     if name.startswith("/"):
         raise Refused("absolute name", "names in an update are relative to the root")
-    if len(os.fsencode(name)) > PATH_MAX:
+    plain = name.isascii()  # then its length in bytes is len(): no encoding
+    if (len(name) if plain else len(os.fsencode(name))) > PATH_MAX:
         raise Refused(f"name longer than {PATH_MAX} bytes")
     parts = name.removesuffix("/").split("/")
-    if parts[0] == RESERVED_TOP or any(p.startswith(RESERVED_PREFIX) for p in parts):
+    if parts[0] == RESERVED_TOP or (RESERVED_PREFIX in name and any(
+            p.startswith(RESERVED_PREFIX) for p in parts)):
         raise Refused("a name dmoverlay keeps for its journal and temporary files")
+    short = plain and len(name) <= NAME_MAX  # and so is every component
     for part in parts:
         if part == "..":
             raise Refused("name holds '..'", "the update is malformed or hostile")
         if part in ("", "."):
             raise Refused("name holds an empty or '.' component")
-        if len(os.fsencode(part)) > NAME_MAX:
+        if not short and len(os.fsencode(part)) > NAME_MAX:
             raise Refused(f"a component is longer than {NAME_MAX} bytes")
     return parts
 
@@ -177,11 +183,12 @@ class Planner:
 
     def _lstat(self, where: Where) -> os.stat_result | None:
         """The real tree's entry (it does not change while we plan)."""
-        if where.parent in self.new_dirs:
-            return None
-        if where not in self.stats:
-            self.stats[where] = self.tree.lstat(where)
-        return self.stats[where]
+        if where in self.stats:
+            return self.stats[where]
+        # nothing is below a directory the plan makes where there was nothing
+        st = None if where.parent in self.new_dirs else self.tree.lstat(where)
+        self.stats[where] = st
+        return st
 
     # -- the view: the real trees with the plan's changes on top
 
@@ -405,13 +412,12 @@ class Planner:
         self.resolved.clear()
 
 
+_KINDS = {stat.S_IFDIR: Kind.DIR, stat.S_IFLNK: Kind.SYMLINK, stat.S_IFREG: Kind.FILE,
+          stat.S_IFCHR: Kind.CHAR, stat.S_IFBLK: Kind.BLOCK, stat.S_IFIFO: Kind.FIFO}
+
+
 def _kind_of(mode: int) -> Kind:
-    for kind, bits in ((Kind.DIR, stat.S_IFDIR), (Kind.SYMLINK, stat.S_IFLNK),
-                       (Kind.FILE, stat.S_IFREG), (Kind.CHAR, stat.S_IFCHR),
-                       (Kind.BLOCK, stat.S_IFBLK), (Kind.FIFO, stat.S_IFIFO)):
-        if stat.S_IFMT(mode) == bits:
-            return kind
-    return Kind.SOCKET
+    return _KINDS.get(stat.S_IFMT(mode), Kind.SOCKET)
 
 
 def make_plan(tree: Tree, members: Iterable[Member], options: Options) -> Plan:

@@ -21,11 +21,13 @@ from enum import StrEnum
 from dmoverlay.compress import Readable
 from dmoverlay.errors import SourceError
 from dmoverlay.members import FORMAT_BITS, Kind, Member
+from dmoverlay.sizes import KiB
 
 TRAILER = "TRAILER!!!"
 NAME_SIZE_MAX = 4096 + 1  # PATH_MAX and the NUL that ends the name
 SYMLINK_MAX = 4096
-CHUNK = 1 << 20
+CHUNK = 64 * KiB  # reads below glibc's mmap threshold: 1 MiB ones churn the heap
+READ_AHEAD = 64 * KiB
 
 _CORRUPT_HINT = "the archive is damaged or truncated: download or re-create it"
 
@@ -49,8 +51,9 @@ _ODC_FIELDS = (("dev", 6), ("ino", 6), ("mode", 6), ("uid", 6), ("gid", 6), ("nl
                ("rdev", 6), ("mtime", 11), ("namesize", 6), ("filesize", 11))
 _BINARY_SIZE = 26
 
-_HEX = frozenset(b"0123456789abcdefABCDEF")
-_OCTAL = frozenset(b"01234567")
+_HEX = b"0123456789abcdefABCDEF"
+_OCTAL = b"01234567"
+_NEWC_LAYOUT = tuple((f, 8) for f in _NEWC_FIELDS)
 
 # Entry data and the header that follows start at multiples of this.
 _ALIGN = {Format.NEWC: 4, Format.CRC: 4, Format.ODC: 1, Format.BINARY: 2}
@@ -107,13 +110,17 @@ def split_dev(dev: int) -> tuple[int, int]:
 
 class _Input:
     """The archive's bytes, with the offset of the next one and a way to put
-    back what was read too far (looking past a trailer)."""
+    back what was read too far (looking past a trailer).  Small reads (an
+    archive of small files is mostly headers, names and padding) come from a
+    block read ahead: each read of the stream passes through several layers
+    (decompressor, checks), too slow to take a name or a header at a time."""
 
     def __init__(self, stream: Readable, where: str) -> None:
         self.stream = stream
         self.where = where
         self.offset = 0
-        self._back = b""
+        self._ahead = b""  # read from the stream; not consumed from _pos on
+        self._pos = 0
 
     def error(self, message: str, *, at: int | None = None) -> SourceError:
         offset = self.offset if at is None else at
@@ -121,15 +128,22 @@ class _Input:
 
     def read(self, size: int) -> bytes:
         """Up to `size` bytes; fewer only at the end of the stream."""
-        parts = []
-        if self._back:
-            parts.append(self._back[:size])
-            self._back = self._back[size:]
-        got = sum(len(p) for p in parts)
+        pos, end = self._pos, self._pos + size
+        if end <= len(self._ahead):
+            self._pos = end
+            self.offset += size
+            return self._ahead[pos:end]
+        parts = [self._ahead[pos:]]
+        got = len(parts[0])
+        self._ahead, self._pos = b"", 0
         while got < size:
-            chunk = self.stream.read(size - got)
+            want = size - got  # large: straight from the stream, not through _ahead
+            chunk = self.stream.read(max(want, READ_AHEAD))
             if not chunk:
                 break
+            if len(chunk) > want:
+                self._ahead, self._pos = chunk, want
+                chunk = chunk[:want]
             parts.append(chunk)
             got += len(chunk)
         data = b"".join(parts)
@@ -144,8 +158,12 @@ class _Input:
         return data
 
     def unread(self, data: bytes) -> None:
-        self._back = data + self._back
-        self.offset -= len(data)
+        n = len(data)
+        if n <= self._pos and self._ahead[self._pos - n:self._pos] == data:
+            self._pos -= n  # what was just read from _ahead: no copy
+        else:
+            self._ahead, self._pos = data + self._ahead[self._pos:], 0
+        self.offset -= n
 
     def skip_padding(self, align: int, what: str) -> None:
         pad = -self.offset % align
@@ -247,7 +265,7 @@ def _read_header(source: _Input) -> Header:
         return _with_name(source, fmt, offset, fields, dev=split_dev(fields["dev"]),
                           rdev=split_dev(fields["rdev"]))
     raw = source.exact(_NEWC_SIZE - 6, "header")
-    fields = _numbers(source, raw, tuple((f, 8) for f in _NEWC_FIELDS), 16, offset)
+    fields = _numbers(source, raw, _NEWC_LAYOUT, 16, offset)
     return _with_name(source, fmt, offset, fields,
                       dev=(fields["devmajor"], fields["devminor"]),
                       rdev=(fields["rdevmajor"], fields["rdevminor"]),
@@ -256,12 +274,13 @@ def _read_header(source: _Input) -> Header:
 
 def _numbers(source: _Input, raw: bytes, layout: tuple[tuple[str, int], ...], base: int,
              offset: int) -> dict[str, int]:
+    """The numbers of a header (`layout`: each field's name and width)."""
     digits = _HEX if base == 16 else _OCTAL
     fields: dict[str, int] = {}
     pos = 0
     for name, width in layout:
         text = raw[pos:pos + width]
-        if not set(text) <= digits:
+        if text.translate(None, digits):
             kind = "hexadecimal" if base == 16 else "octal"
             raise source.error(f"header field {name} is not {kind} ({text!r})", at=offset)
         fields[name] = int(text, base)

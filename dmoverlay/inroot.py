@@ -11,6 +11,7 @@ import ctypes
 import errno
 import os
 import stat
+import sys
 from dataclasses import dataclass, field
 
 from dmoverlay.applyplan import Where
@@ -20,6 +21,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
                             ctypes.c_uint)
 _libc.syncfs.argtypes = (ctypes.c_int,)
+_renameat2 = _libc.renameat2
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
 SYS_OPENAT2 = 437  # the same number on every architecture
 RESOLVE_NO_MAGICLINKS = 0x02
@@ -60,22 +63,24 @@ def openat2(dir_fd: int, path: str, flags: int, resolve: int, mode: int = 0) -> 
     raise AssertionError("unreachable")
 
 
-def renameat2(old_fd: int, old: str, new_fd: int, new: str, flags: int) -> None:
-    if _libc.renameat2(old_fd, os.fsencode(old), new_fd, os.fsencode(new), flags) != 0:
-        _raise_errno(f"rename {old} -> {new}")
+def raw_name(name: str) -> bytes:
+    """A name as the kernel takes it: os.fsencode, without its checks (a
+    rename of every file of an update passes two)."""
+    return name.encode(_FS_ENCODING, _FS_ERRORS)
+
+
+def renameat2(old_fd: int, old: str | bytes, new_fd: int, new: str | bytes,
+              flags: int) -> None:
+    """renameat2(2); an EEXIST (RENAME_NOREPLACE) is a FileExistsError."""
+    old_raw = old if isinstance(old, bytes) else raw_name(old)
+    new_raw = new if isinstance(new, bytes) else raw_name(new)
+    if _renameat2(old_fd, old_raw, new_fd, new_raw, flags) != 0:
+        _raise_errno(f"rename {os.fsdecode(old)} -> {os.fsdecode(new)}")
 
 
 def syncfs(fd: int) -> None:
     if _libc.syncfs(fd) != 0:
         _raise_errno("syncfs")
-
-
-def exists(dir_fd: int, name: str) -> bool:
-    try:
-        os.lstat(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 @dataclass

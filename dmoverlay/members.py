@@ -3,6 +3,7 @@ cpio, tar, filesystem image): the common currency of readers and planner."""
 
 from __future__ import annotations
 
+import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,19 +56,44 @@ class Member:
     xattrs: tuple[tuple[str, bytes], ...] = ()
 
 
+def file_identity(st: os.stat_result) -> tuple[int, ...]:
+    """What tells a file changed: the same inode, size and times (writing
+    data or metadata moves the ctime, which no one can set back)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+@dataclass(frozen=True)
+class InFile:
+    """Where a FILE member's data lies, in one piece, in a regular file that
+    outlives the reader: a directory's file, a member of a plain tar archive
+    on disk.  It can be copied from there when it is written, if the file
+    still has the identity it had when it was read."""
+
+    path: str  # absolute
+    offset: int
+    size: int
+    identity: tuple[int, ...]  # file_identity() of the file
+
+
+class Located(Protocol):
+    """A FILE's stream that can say where its data lies instead of reading it."""
+
+    def located(self) -> InFile | None:
+        """Where the data lies, for a consumer that copies it from there
+        later (and checks the identity then): the pass then reads none of it.
+        None when it must be read now."""
+
+
 class UpdateReader(Protocol):
     """An update that can be read from start to end, more than once.
 
     Each pass yields the members in the update's order with, for a FILE, a
     stream of exactly `size` bytes that must be read (or skipped) before the
-    next member is asked for.  A pass that ends without an exception means
-    the whole input was valid: compressed streams were read to their end,
-    checksums matched, nothing was truncated.  `digest()` after a pass is a
-    SHA-256 over everything the pass read, so a second pass can prove it saw
-    the same update as the first."""
+    next member is asked for; a stream may also be `Located`.  A pass that
+    ends without an exception means the whole input was valid: compressed
+    streams were read to their end, checksums matched, nothing was
+    truncated (data taken by location is checked when it is copied)."""
 
     description: str
 
     def members(self) -> Iterator[tuple[Member, Readable | None]]: ...
-
-    def digest(self) -> str: ...

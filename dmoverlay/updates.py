@@ -16,26 +16,26 @@ import stat
 import tarfile
 import tempfile
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from enum import StrEnum
-from http.client import HTTPException, HTTPMessage
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO, TYPE_CHECKING, BinaryIO
 
 from dmoverlay import cpio, log, superblock
 from dmoverlay.compress import STREAM_ERRORS, Compression, Readable, open_decompressed
 from dmoverlay.compress import detect as detect_compression
 from dmoverlay.errors import CommandFailed, SourceError, UsageError
-from dmoverlay.members import Kind, Member, UpdateReader
+from dmoverlay.members import InFile, Kind, Member, UpdateReader, file_identity
 from dmoverlay.run import run
-from dmoverlay.sizes import format_size
+from dmoverlay.sizes import KiB, format_size
 from dmoverlay.source import tar_header_checksum_ok, tar_mtime_ns, tar_xattrs
 
-CHUNK = 1 << 20
+if TYPE_CHECKING:  # urllib and http.client are imported by a download only: they
+    import urllib.request  # take about as long as the rest of an apply's imports
+    from http.client import HTTPMessage
+
+CHUNK = 64 * KiB  # reads below glibc's mmap threshold: 1 MiB ones churn the heap
 HEAD_SIZE = superblock.HEAD_SIZE
 DOWNLOAD_TIMEOUT = 30.0  # seconds without progress, per connect and per read
 
@@ -167,12 +167,14 @@ def open_update(spec: str, *, staging: Path, sha256: str | None = None,
     anything else reads it."""
     expected = parse_sha256(sha256) if sha256 is not None else None
     with ExitStack() as stack:
-        if _is_download(spec):
+        downloaded = _is_download(spec)
+        if downloaded:
             os.makedirs(staging, mode=0o700, exist_ok=True)
             path = stack.enter_context(download(spec, staging=staging, timeout=timeout))
         else:
             path = Path(spec)
-        yield _reader(path, spec, expected=expected, staging=staging, stack=stack)
+        yield _reader(path, spec, expected=expected, staging=staging, stack=stack,
+                      lasting=not downloaded)
 
 
 def _is_download(spec: str) -> bool:
@@ -184,7 +186,9 @@ def _is_download(spec: str) -> bool:
 
 
 def _reader(path: Path, label: str, *, expected: str | None, staging: Path,
-            stack: ExitStack) -> UpdateReader:
+            stack: ExitStack, lasting: bool) -> UpdateReader:
+    """`lasting`: the file or directory outlives the reader (a download is
+    removed with it, and an image unmounted), so its data can be `Located`."""
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -192,13 +196,14 @@ def _reader(path: Path, label: str, *, expected: str | None, staging: Path,
     if stat.S_ISDIR(st.st_mode):
         if expected is not None:
             raise UsageError("--sha256 checks a file or a download, not a directory")
-        return DirectoryReader(path, description=f"directory {label}")
+        return DirectoryReader(path, description=f"directory {label}", in_place=lasting)
     if expected is not None:
         check_sha256(path, label, expected)
     fmt, compression = _identify_file(path, label)
     packed = "" if compression is Compression.NONE else f"{compression}-compressed "
     if fmt is Format.TAR:
-        return TarReader(path, label=label, description=f"{packed}tar archive {label}")
+        return TarReader(path, label=label, description=f"{packed}tar archive {label}",
+                         in_place=lasting and compression is Compression.NONE)
     if fmt is Format.CPIO:
         return CpioReader(path, label=label, description=f"{packed}cpio archive {label}")
     os.makedirs(staging, mode=0o700, exist_ok=True)
@@ -244,16 +249,22 @@ def url_scheme(spec: str) -> str | None:
     return None if match is None else match[1].lower()
 
 
-class _HttpRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow redirects to http(s) only (urllib would also follow ftp)."""
+def _http_redirects() -> urllib.request.BaseHandler:
+    """A handler that follows redirects to http(s) only (urllib would also
+    follow ftp)."""
+    import urllib.parse
+    import urllib.request
 
-    def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int,
-                         msg: str, headers: HTTPMessage,
-                         newurl: str) -> urllib.request.Request | None:
-        if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
-            raise SourceError(f"{req.full_url}: redirected to {newurl}",
-                              hint="only http(s) URLs are followed")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+    class HttpRedirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int,
+                             msg: str, headers: HTTPMessage,
+                             newurl: str) -> urllib.request.Request | None:
+            if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
+                raise SourceError(f"{req.full_url}: redirected to {newurl}",
+                                  hint="only http(s) URLs are followed")
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+    return HttpRedirects()
 
 
 @contextmanager
@@ -270,7 +281,11 @@ def download(url: str, *, staging: Path, timeout: float = DOWNLOAD_TIMEOUT) -> I
 
 
 def _fetch(url: str, out: BinaryIO, timeout: float) -> None:
-    opener = urllib.request.build_opener(_HttpRedirects())
+    import urllib.error
+    import urllib.request
+    from http.client import HTTPException
+
+    opener = urllib.request.build_opener(_http_redirects())
     request = urllib.request.Request(url, headers={"User-Agent": "dmoverlay"})
     try:
         with opener.open(request, timeout=timeout) as response:
@@ -338,44 +353,34 @@ def _copy_response(response: Readable, out: BinaryIO, total: int | None, url: st
 # ---------------------------------------------------------------- directories
 
 
-def _header_bytes(member: Member) -> bytes:
-    # repr escapes every byte a name or link may hold, and a FILE's data
-    # that follows has the length the header states: no two updates share
-    # a digest input.
-    return repr(member).encode("ascii", "backslashreplace") + b"\n"
-
-
 class DirectoryReader:
-    """A directory tree, walked in sorted order, parents before children."""
+    """A directory tree, walked in sorted order, parents before children.
+
+    With `in_place` (the directory outlives the reader), file data is
+    `Located`: a consumer may copy it later instead of reading it now."""
 
     def __init__(self, root: Path, *, description: str,
-                 hide_empty_lost_found: bool = False) -> None:
+                 hide_empty_lost_found: bool = False, in_place: bool = False) -> None:
         self.root = root
         self.description = description
         # mkfs.ext4 makes lost+found in every ext image: an artifact of the
         # format, not something the update's author put there.
         self.hide_empty_lost_found = hide_empty_lost_found
-        self._digest: str | None = None
-
-    def digest(self) -> str:
-        return _done(self._digest)
+        self.in_place = in_place
 
     def members(self) -> Iterator[tuple[Member, Readable | None]]:
-        digest = hashlib.sha256()
         inodes: dict[tuple[int, int], str] = {}
         for name, full, st in self._walk():
             member = _dir_member(name, full, st, inodes)
-            digest.update(_header_bytes(member))
             if member.kind is not Kind.FILE:
                 yield member, None
                 continue
-            with _FileData(full, st, digest) as data:
+            with _FileData(full, st, in_place=self.in_place) as data:
                 yield member, data
                 data.finish()
-        self._digest = digest.hexdigest()
 
     def _walk(self) -> Iterator[tuple[str, str, os.stat_result]]:
-        top = os.fspath(self.root)
+        top = os.path.abspath(self.root)  # located data is found again from any directory
         try:
             st = os.stat(top)  # the directory named, even through a symlink
         except OSError as exc:
@@ -405,12 +410,6 @@ class DirectoryReader:
             return not os.listdir(full)
         except OSError as exc:
             raise _unreadable(full, exc) from None
-
-
-def _done(digest: str | None) -> str:
-    if digest is None:
-        raise RuntimeError("digest() is known only after a complete pass")
-    return digest
 
 
 def _unreadable(full: str, exc: OSError) -> SourceError:
@@ -476,27 +475,43 @@ def _xattrs(full: str) -> tuple[tuple[str, bytes], ...]:
 
 class _FileData:
     """A file's data, exactly the size its lstat gave: a file that changes
-    while it is read is an error, not a silently different update."""
+    while it is read is an error, not a silently different update.  Opened
+    only when read: a consumer that takes its location reads it later."""
 
-    def __init__(self, full: str, st: os.stat_result, digest: hashlib._Hash) -> None:
+    def __init__(self, full: str, st: os.stat_result, *, in_place: bool) -> None:
         self.full = full
+        self.st = st
         self.remaining = st.st_size
-        self.digest = digest
+        self.in_place = in_place
+        self.taken = False
+        self.fd = -1
+
+    def located(self) -> InFile | None:
+        if not self.in_place:
+            return None
+        self.taken = True
+        return InFile(self.full, 0, self.st.st_size, file_identity(self.st))
+
+    def _open(self) -> int:
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
         try:
-            self.fd = os.open(full, flags)
+            fd = os.open(self.full, flags)
         except OSError as exc:
-            raise _unreadable(full, exc) from None
-        now = os.fstat(self.fd)
-        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(now.st_mode):
-            os.close(self.fd)
+            raise _unreadable(self.full, exc) from None
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (self.st.st_dev, self.st.st_ino) \
+                or not stat.S_ISREG(now.st_mode):
+            os.close(fd)
             raise self._changed()
+        self.fd = fd
+        return fd
 
     def __enter__(self) -> _FileData:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
 
     def _changed(self) -> SourceError:
         return SourceError(f"{self.full} changed while it was read",
@@ -504,25 +519,29 @@ class _FileData:
 
     def read(self, size: int = -1, /) -> bytes:
         want = self.remaining if size < 0 else min(size, self.remaining)
+        fd = self.fd if self.fd >= 0 else self._open()
         parts: list[bytes] = []
         while want > 0:
             try:
-                chunk = os.read(self.fd, min(want, CHUNK))
+                chunk = os.read(fd, min(want, CHUNK))
             except OSError as exc:
                 raise _unreadable(self.full, exc) from None
             if not chunk:
                 raise self._changed()
-            self.digest.update(chunk)
             parts.append(chunk)
             self.remaining -= len(chunk)
             want -= len(chunk)
         return b"".join(parts)
 
     def finish(self) -> None:
-        """Read what the consumer skipped, and check nothing follows."""
+        """Read what the consumer skipped, and check nothing follows (unless
+        the consumer took the location: it checks the file when it copies)."""
+        if self.taken:
+            return
         while self.remaining:
             self.read(CHUNK)
-        if os.read(self.fd, 1):
+        fd = self.fd if self.fd >= 0 else self._open()
+        if os.read(fd, 1):
             raise self._changed()
 
 
@@ -551,33 +570,33 @@ def _corrupt(label: str, exc: BaseException) -> SourceError:
 
 
 class _ArchiveFile:
-    """An archive file, opened afresh for each pass.  Its digest is the
-    SHA-256 of the file, taken when a pass ends, after checking the file
-    was not changed during the pass."""
+    """An archive file, opened afresh for each pass, which fails if the file
+    changed during the pass."""
 
     def __init__(self, path: Path, label: str) -> None:
         self.path = path
         self.label = label
-        self.digest: str | None = None
+
+    @contextmanager
+    def opened(self) -> Iterator[tuple[BinaryIO, tuple[int, ...]]]:
+        """The file as it is, and its identity (`file_identity`)."""
+        with _open_regular(self.path, self.label) as raw:
+            before = file_identity(os.fstat(raw.fileno()))
+            yield raw, before
+            if file_identity(os.fstat(raw.fileno())) != before:
+                raise SourceError(f"{self.label} changed while it was read",
+                                  hint="leave the update alone while it is applied")
 
     @contextmanager
     def stream(self) -> Iterator[Readable]:
-        with _open_regular(self.path, self.label) as raw:
-            before = _identity(os.fstat(raw.fileno()))
+        """The file's content, decompressed, checked to its end."""
+        with self.opened() as (raw, _):
             try:
                 with open_decompressed(self.label, raw) as stream:
                     yield _Guarded(stream, self.label)
                     stream.drain()
             except (tarfile.TarError, *STREAM_ERRORS) as exc:
                 raise _corrupt(self.label, exc) from None
-            if _identity(os.fstat(raw.fileno())) != before:
-                raise SourceError(f"{self.label} changed while it was read",
-                                  hint="leave the update alone while it is applied")
-            self.digest = file_sha256(raw.fileno())
-
-
-def _identity(st: os.stat_result) -> tuple[int, ...]:
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class CpioReader:
@@ -587,48 +606,79 @@ class CpioReader:
         self.file = _ArchiveFile(path, label)
         self.description = description
 
-    def digest(self) -> str:
-        return _done(self.file.digest)
-
     def members(self) -> Iterator[tuple[Member, Readable | None]]:
-        self.file.digest = None
         with self.file.stream() as stream:
             yield from cpio.read_members(stream, where=self.file.label)
 
 
 class _ZeroWatch:
-    """Counts the bytes read and notes where the last non-zero one was."""
+    """Counts the bytes read and keeps the last two reads: only what follows
+    the end-of-archive marker must be zeros, and tarfile reads in records
+    (10 KiB) and less than one past the marker, so the data before it need
+    not be looked at."""
 
     def __init__(self, inner: Readable) -> None:
         self.inner = inner
         self.count = 0
-        self.nonzero_end = 0
+        self.before = self.last = b""
 
     def read(self, size: int = -1, /) -> bytes:
         data = self.inner.read(size)
-        kept = len(data.rstrip(b"\0"))
-        if kept:
-            self.nonzero_end = self.count + kept
         self.count += len(data)
+        self.before, self.last = self.last, data
         return data
 
-    def drain(self) -> None:
-        while self.read(CHUNK):
-            pass
+    def zeros_after(self, end: int) -> bool:
+        """Read to the end of the stream: whether all after offset `end` is zero."""
+        start = self.count - len(self.before) - len(self.last)
+        if end < start:
+            return False  # read past unseen: tarfile never reads that far ahead
+        tail = (self.before + self.last)[end - start:]
+        clean = tail.count(0) == len(tail)
+        while data := self.inner.read(CHUNK):
+            self.count += len(data)
+            clean = clean and data.count(0) == len(data)
+        return clean
 
 
 class TarReader:
-    """A tar archive (ustar, pax, GNU, v7), plain or compressed."""
+    """A tar archive (ustar, pax, GNU, v7), plain or compressed.
 
-    def __init__(self, path: Path, *, label: str, description: str) -> None:
+    With `in_place` (a plain archive that outlives the reader), the pass
+    reads the headers only, seeking over the data, which is `Located`."""
+
+    def __init__(self, path: Path, *, label: str, description: str,
+                 in_place: bool = False) -> None:
         self.file = _ArchiveFile(path, label)
         self.description = description
-
-    def digest(self) -> str:
-        return _done(self.file.digest)
+        self.in_place = in_place
 
     def members(self) -> Iterator[tuple[Member, Readable | None]]:
-        self.file.digest = None
+        return self._members_in_place() if self.in_place else self._members_streamed()
+
+    def _members_in_place(self) -> Iterator[tuple[Member, Readable | None]]:
+        label = self.file.label
+        path = os.path.abspath(self.file.path)  # found again from any directory
+        with self.file.opened() as (raw, identity):
+            headers = _Positioned(raw.fileno())
+            try:
+                with tarfile.open(fileobj=headers, mode="r:") as tar:  # type: ignore[call-overload]
+                    for info in tar:
+                        member = tar_member(info, label)
+                        if member.kind is not Kind.FILE:
+                            yield member, None
+                        elif info.issparse():  # its data is not in one piece
+                            yield member, _Guarded(_extracted(tar, info), label)
+                        else:
+                            place = InFile(path, info.offset_data, info.size, identity)
+                            yield member, _InArchive(raw.fileno(), place, label)
+                    end = tar.offset
+            except (tarfile.TarError, OSError) as exc:  # tarfile checked the data is there
+                raise _corrupt(label, exc) from None
+            size = identity[2]
+            _check_tar_end(label, size, end, _zeros(raw.fileno(), end, size, label))
+
+    def _members_streamed(self) -> Iterator[tuple[Member, Readable | None]]:
         label = self.file.label
         with self.file.stream() as stream:
             watch = _ZeroWatch(stream)
@@ -638,18 +688,105 @@ class TarReader:
                     data = tar.extractfile(info) if member.kind is Kind.FILE else None
                     yield member, (None if data is None else _Guarded(data, label))
                 end = tar.offset
-            watch.drain()
-            _check_tar_end(label, watch, end)
+            zeros = watch.zeros_after(end)
+            _check_tar_end(label, watch.count, end, zeros)
 
 
-def _check_tar_end(label: str, watch: _ZeroWatch, end: int) -> None:
+class _Positioned:
+    """A file read at a position of our own, from a block read ahead: tarfile
+    asks for tell() three times a member, and BufferedReader makes an lseek
+    for each."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pos = 0
+        self.block = b""
+        self.block_at = 0
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_CUR:
+            pos += self.pos
+        elif whence == os.SEEK_END:
+            pos += os.fstat(self.fd).st_size
+        self.pos = pos
+        return pos
+
+    def read(self, size: int = -1, /) -> bytes:
+        if size < 0:
+            size = max(0, os.fstat(self.fd).st_size - self.pos)
+        start = self.pos - self.block_at
+        if start >= 0 and start + size <= len(self.block):
+            data = self.block[start:start + size]
+        elif size >= CHUNK:
+            data = os.pread(self.fd, size, self.pos)
+        else:
+            self.block, self.block_at = os.pread(self.fd, CHUNK, self.pos), self.pos
+            data = self.block[:size]
+        self.pos += len(data)
+        return data
+
+
+def _extracted(tar: tarfile.TarFile, info: tarfile.TarInfo) -> Readable:
+    data = tar.extractfile(info)
+    assert data is not None  # a regular file's
+    return data
+
+
+class _InArchive:
+    """A member's data in a plain archive, read where it lies (with pread:
+    tarfile's place in the file stays), or `Located` there."""
+
+    def __init__(self, fd: int, place: InFile, label: str) -> None:
+        self.fd = fd
+        self.place = place
+        self.label = label
+        self.done = 0
+
+    def located(self) -> InFile:
+        return self.place
+
+    def read(self, size: int = -1, /) -> bytes:
+        left = self.place.size - self.done
+        want = left if size < 0 else min(size, left)
+        parts: list[bytes] = []
+        while want > 0:
+            try:
+                chunk = os.pread(self.fd, min(want, CHUNK), self.place.offset + self.done)
+            except OSError as exc:
+                raise SourceError(f"cannot read {self.label}: {exc.strerror}") from None
+            if not chunk:
+                raise _corrupt(self.label, EOFError("unexpected end of data"))
+            parts.append(chunk)
+            self.done += len(chunk)
+            want -= len(chunk)
+        return b"".join(parts)
+
+
+def _zeros(fd: int, offset: int, size: int, label: str) -> bool:
+    """Whether the file holds only zeros from `offset` to `size`."""
+    while offset < size:
+        try:
+            chunk = os.pread(fd, min(CHUNK, size - offset), offset)
+        except OSError as exc:
+            raise SourceError(f"cannot read {label}: {exc.strerror}") from None
+        if not chunk or chunk.count(0) != len(chunk):
+            return False
+        offset += len(chunk)
+    return True
+
+
+def _check_tar_end(label: str, size: int, end: int, zeros: bool) -> None:
     """Python's tarfile stops without a word at a damaged header after the
     first, and a plain archive cut at a member boundary reads as a shorter
-    valid one: only what follows the last member tells these apart."""
-    if watch.count < end + tarfile.BLOCKSIZE:
+    valid one: only what follows the last member (from `end` to the archive's
+    `size`, `zeros` or not) tells these apart."""
+    if size < end + tarfile.BLOCKSIZE:
         raise SourceError(f"{label}: truncated tar archive (no end-of-archive marker "
                           f"at offset {end})", hint=_DAMAGED)
-    if watch.nonzero_end > end:
+    if not zeros:
         raise SourceError(f"{label}: unreadable tar header at offset {end}, or data after "
                           "the end-of-archive marker", hint=_DAMAGED)
 

@@ -11,10 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from dmoverlay.apply import ApplyOptions, ApplyRefused, rollback
-from dmoverlay.applyplan import Op
+from dmoverlay.apply import (
+    ApplyOptions,
+    ApplyRefused,
+    Spool,
+    apply_members,
+    execute,
+    read_all,
+    rollback,
+)
+from dmoverlay.applyplan import Op, Options, make_plan
 from dmoverlay.errors import ImageError
+from dmoverlay.inroot import Trees
 from dmoverlay.members import Kind, Member
+from dmoverlay.updates import open_update
 from tests.applykit import apply, d, f, hard, link, make_root, other, snapshot
 
 
@@ -133,6 +143,27 @@ def test_rollback_restores_the_tree_exactly(live: tuple[Path, Path, Path]) -> No
     assert snapshot(root) == before_root
     assert snapshot(run) == before_run
     assert not (root / ".dmoverlay").exists()
+
+
+def test_a_name_made_after_planning_goes_to_the_journal(live: tuple[Path, Path, Path]) -> None:
+    """A file planned as new whose name came to be before the rename: it is
+    exchanged like a replaced one, and rollback puts it back."""
+    top, root, run = live
+    member, data = f("etc/new.conf", b"new\n")
+    spool = Spool(top)
+    try:
+        spool.add(member.name, io.BytesIO(data), len(data))
+        with Trees(os.fspath(root), os.fspath(run)) as trees:
+            plan = make_plan(trees, [member], Options())
+            assert [a.op for a in plan.actions] == [Op.CREATE]
+            (root / "etc/new.conf").write_bytes(b"made meanwhile\n")
+            before = snapshot(root)
+            execute(trees, plan, spool, "000001")
+    finally:
+        spool.close()
+    assert (root / "etc/new.conf").read_bytes() == b"new\n"
+    assert rollback(ApplyOptions(root, run)) == "000001"
+    assert snapshot(root) == before
 
 
 def test_two_applies_roll_back_one_at_a_time(live: tuple[Path, Path, Path]) -> None:
@@ -265,3 +296,105 @@ def test_data_larger_than_the_staging_room_is_refused(tmp_path: Path) -> None:
         spool.close()
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def _update_tree(top: Path) -> Path:
+    tree = top / "update"
+    (tree / "usr/lib").mkdir(parents=True)
+    for name in ("a", "b", "c"):
+        (tree / "usr/lib" / name).write_bytes(name.encode() * 3000)
+    return tree
+
+
+def _packed(tree: Path, how: str) -> Path:
+    if how == "directory":
+        return tree
+    out = tree.parent / ("update.tar" if how == "tar" else "update.tar.gz")
+    subprocess.run(["tar", "-czf" if how == "tar.gz" else "-cf", str(out), "-C", str(tree),
+                    "."], check=True)
+    return out
+
+
+@pytest.mark.parametrize(("how", "staged"), [("directory", 0), ("tar", 0), ("tar.gz", 9000)])
+def test_data_in_lasting_files_is_not_staged(live: tuple[Path, Path, Path], how: str,
+                                             staged: int) -> None:
+    """A directory's files and a plain tar's members are copied from where
+    they lie, not through the staging file (RAM under /run at boot)."""
+    top, root, run = live
+    spec = _packed(_update_tree(top), how)
+    spool = Spool(top)
+    try:
+        with open_update(os.fspath(spec), staging=top) as reader:
+            members = read_all(reader, spool)
+        assert spool.size == staged
+        apply_members(ApplyOptions(root, run), members, spool, lambda _: None)
+    finally:
+        spool.close()
+    for name in ("a", "b", "c"):
+        assert (root / "usr/lib" / name).read_bytes() == name.encode() * 3000
+
+
+@pytest.mark.root
+def test_data_copied_across_filesystems(tmp_path: Path) -> None:
+    """copy_file_range refuses to cross filesystems (EXDEV): sendfile then."""
+    other = tmp_path / "tmpfs"
+    other.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(other)], check=True)
+    try:
+        root, run = make_root(tmp_path / "live")
+        tree = _update_tree(other)
+        big = os.urandom(300_000)
+        (tree / "usr/lib/big").write_bytes(big)
+        spool = Spool(other)  # staged data on the tmpfs as well
+        try:
+            with open_update(os.fspath(tree), staging=other) as reader:
+                members = read_all(reader, spool)
+            spool.add("usr/lib/streamed", io.BytesIO(big[::-1]), len(big))
+            members.append(Member("usr/lib/streamed", Kind.FILE, 0o644, size=len(big)))
+            apply_members(ApplyOptions(root, run), members, spool, lambda _: None)
+        finally:
+            spool.close()
+    finally:
+        subprocess.run(["umount", str(other)], check=True)
+    assert (root / "usr/lib/big").read_bytes() == big
+    assert (root / "usr/lib/streamed").read_bytes() == big[::-1]
+    assert (root / "usr/lib/c").read_bytes() == b"c" * 3000
+
+
+@pytest.mark.parametrize("change", ["rewritten", "same size and times", "replaced",
+                                    "removed", "tar touched", "tar rewritten"])
+def test_an_update_changed_after_reading_is_refused_and_undone(
+        live: tuple[Path, Path, Path], change: str) -> None:
+    top, root, run = live
+    tree = _update_tree(top)
+    spec = _packed(tree, "tar" if change.startswith("tar") else "directory")
+    before = snapshot(root), snapshot(run)
+    spool = Spool(top)
+    try:
+        with open_update(os.fspath(spec), staging=top) as reader:
+            members = read_all(reader, spool)
+        last = tree / "usr/lib/c"  # written last: a and b are written, then removed
+        st = last.stat()
+        if change == "rewritten":
+            last.write_bytes(b"shorter")
+        elif change == "same size and times":
+            last.write_bytes(b"C" * 3000)
+            os.utime(last, ns=(st.st_atime_ns, st.st_mtime_ns))
+        elif change == "replaced":
+            (tree / "usr/lib/new").write_bytes(b"c" * 3000)
+            os.replace(tree / "usr/lib/new", last)
+        elif change == "removed":
+            last.unlink()
+        elif change == "tar touched":
+            os.utime(spec)
+        else:
+            with open(spec, "r+b") as f:
+                f.seek(-600, os.SEEK_END)
+                f.write(bytes(10))  # in the end-of-archive padding: still a good tar
+        with pytest.raises(ImageError, match="changed after the update was read") as info:
+            apply_members(ApplyOptions(root, run), members, spool, lambda _: None)
+    finally:
+        spool.close()
+    assert info.value.hint is not None and "nothing was changed" in info.value.hint
+    assert (snapshot(root), snapshot(run)) == before
+    assert not (root / ".dmoverlay").exists()

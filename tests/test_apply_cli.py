@@ -155,6 +155,27 @@ def test_url_with_checksum(live: tuple[Path, Path, Path], server: tuple[str, Pat
     assert not (run / "dmoverlay").exists()
 
 
+def test_directory_and_plain_tar_local_and_downloaded(live: tuple[Path, Path, Path],
+                                                     server: tuple[str, Path]) -> None:
+    """Data copied from where it lies (a directory, a plain tar on disk) or
+    from the staging file (a download, removed once read) lands the same."""
+    top, root, run = live
+    base, served = server
+    updates_img(top, {"etc/os-release": b"ID=new\n", "lib/libfoo.so": os.urandom(70_000)})
+    tree = top / "updates"
+    subprocess.run(["tar", "-cf", str(served / "u.tar"), "-C", str(tree), "."], check=True)
+    before = snapshot(root)
+    for spec in (tree, served / "u.tar", f"{base}/u.tar"):
+        result = apply_cli(spec, root, run)
+        assert result.returncode == 0, (spec, result.stderr)
+        assert (root / "etc/os-release").read_bytes() == b"ID=new\n", spec
+        assert (root / "usr/lib/libfoo.so").read_bytes() == \
+            (tree / "lib/libfoo.so").read_bytes(), spec
+        assert dmoverlay("rollback", "--root", str(root), "--run-dir", str(run)).returncode == 0
+        assert snapshot(root) == before
+    assert not (run / "dmoverlay").exists()
+
+
 def test_rollback_command(live: tuple[Path, Path, Path]) -> None:
     top, root, run = live
     before = snapshot(root)

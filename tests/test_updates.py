@@ -18,7 +18,7 @@ import pytest
 
 from dmoverlay import log, updates
 from dmoverlay.errors import SourceError, UsageError
-from dmoverlay.members import Kind, Member, UpdateReader
+from dmoverlay.members import InFile, Kind, Member, UpdateReader, file_identity
 from dmoverlay.updates import Format, identify, open_update
 from tests import samples
 
@@ -37,11 +37,9 @@ def read_all(reader: UpdateReader) -> Read:
     return [(m, None if d is None else d.read()) for m, d in reader.members()]
 
 
-def read_spec(spec: str | Path, staging: Path, *,
-              sha256: str | None = None) -> tuple[Read, str]:
+def read_spec(spec: str | Path, staging: Path, *, sha256: str | None = None) -> Read:
     with open_update(str(spec), staging=staging, sha256=sha256) as reader:
-        got = read_all(reader)
-        return got, reader.digest()
+        return read_all(reader)
 
 
 Shape = tuple[frozenset[tuple[object, ...]], frozenset[frozenset[str]]]
@@ -226,10 +224,9 @@ def test_archive_gives_the_directory_members(tree: Path, tmp_path: Path, staging
     plain = tmp_path / f"update.{fmt}"
     (make_tar if fmt == "tar" else make_cpio)(tree, plain)
     archive = compress(plain, how)
-    got, digest = read_spec(archive, staging)
-    expected, _ = read_spec(tree, staging)
+    got = read_spec(archive, staging)
+    expected = read_spec(tree, staging)
     assert shape(got) == shape(expected)
-    assert digest == hashlib.sha256(archive.read_bytes()).hexdigest()
     times = {m.name: m.mtime_ns for m, _ in got}
     second = 1 if fmt == "tar" else 10**9  # cpio keeps whole seconds
     assert times == {m.name: m.mtime_ns // second * second for m, _ in expected}
@@ -238,11 +235,10 @@ def test_archive_gives_the_directory_members(tree: Path, tmp_path: Path, staging
     with open_update(str(archive), staging=staging) as reader:
         kind = "" if how == "none" else f"{how}-compressed "
         assert reader.description == f"{kind}{fmt} archive {archive}"
-        read_all(reader)
-        first = reader.digest()
+        first = read_all(reader)
         for _ in reader.members():  # a pass that skips all the data
             pass
-        assert reader.digest() == first
+        assert read_all(reader) == first
     assert list(staging.iterdir()) == []
 
 
@@ -316,14 +312,57 @@ def test_damaged_second_tar_header(tmp_path: Path, staging: Path) -> None:
         read_all(reader)
 
 
-def test_data_after_the_tar_end_is_refused(tree: Path, tmp_path: Path,
-                                           staging: Path) -> None:
+@pytest.mark.parametrize("how", ["none", "gzip"])  # read in place, and streamed
+def test_data_after_the_tar_end_is_refused(tree: Path, tmp_path: Path, staging: Path,
+                                           how: str) -> None:
     one = make_tar(tree, tmp_path / "one.tar")
     two = tmp_path / "two.tar"
     two.write_bytes(one.read_bytes() * 2)  # `cat a.tar b.tar`: GNU tar reads only a.tar
-    with open_update(str(two), staging=staging) as reader, \
+    with open_update(str(compress(two, how)), staging=staging) as reader, \
             pytest.raises(SourceError, match="data after the end-of-archive marker"):
         read_all(reader)
+    three = tmp_path / "three.tar"
+    three.write_bytes(one.read_bytes() + bytes(100_000) + b"x")  # far past the marker
+    with open_update(str(compress(three, how)), staging=staging) as reader, \
+            pytest.raises(SourceError, match="data after the end-of-archive marker"):
+        read_all(reader)
+    padded = tmp_path / "padded.tar"
+    padded.write_bytes(one.read_bytes() + bytes(100_000))
+    with open_update(str(compress(padded, how)), staging=staging) as reader:
+        assert shape(read_all(reader)) == shape(read_spec(tree, staging))
+
+
+def _located(data: object) -> InFile | None:
+    located = getattr(data, "located", None)
+    return None if located is None else located()
+
+
+@pytest.mark.parametrize("fmt", ["posix", "gnu"])
+def test_lasting_plain_updates_locate_their_data(tree: Path, tmp_path: Path, staging: Path,
+                                                 fmt: str) -> None:
+    """A directory and a plain tar on disk say where each file's data lies, and
+    a pass that takes the locations reads none of it; compressed archives and
+    an image's directory (unmounted when the reader closes) do not."""
+    (tree / "usr/share/doc").mkdir(parents=True)
+    (tree / f"usr/share/doc/{'long-name-' * 20}").write_bytes(b"in a pax or GNU long name")
+    archive = make_tar(tree, tmp_path / "u.tar", fmt=fmt)
+    for spec, lasting in ((tree, True), (archive, True), (compress(archive, "xz"), False)):
+        seen = 0
+        with open_update(str(spec), staging=staging) as reader:
+            for member, data in reader.members():
+                place = _located(data)
+                assert (place is not None) == (lasting and member.kind is Kind.FILE), spec
+                if place is None:
+                    continue
+                with open(place.path, "rb") as f:
+                    f.seek(place.offset)
+                    assert f.read(place.size) == (tree / member.name).read_bytes()
+                assert place.size == member.size
+                assert place.identity == file_identity(os.stat(place.path))
+                seen += 1
+        assert seen == (4 if lasting else 0)
+    image_dir = updates.DirectoryReader(tree, description="an image's directory")
+    assert all(_located(d) is None for _, d in image_dir.members())
 
 
 # ------------------------------------------------------ what members carry
@@ -341,7 +380,7 @@ def test_names_are_reported_as_spelled(tmp_path: Path, staging: Path) -> None:
         tar.addfile(link)
     path = tmp_path / "evil.tar"
     path.write_bytes(buf.getvalue())
-    got, _ = read_spec(path, staging)
+    got = read_spec(path, staging)
     assert [m.name for m, _ in got] == ["", "x", "../evil", "/etc/passwd", "a/../../b",
                                         "../up", "hard"]
     assert got[-1][0].kind is Kind.HARDLINK and got[-1][0].target == "x"
@@ -365,7 +404,7 @@ def test_tar_metadata(tmp_path: Path, staging: Path) -> None:
         tar.addfile(fifo)
     path = tmp_path / "meta.tar"
     path.write_bytes(buf.getvalue())
-    got = dict(read_spec(path, staging)[0])
+    got = dict(read_spec(path, staging))
     by_name = {m.name: m for m in got}
     ping = by_name["usr/bin/ping"]
     assert (ping.kind, ping.mode, ping.uid, ping.gid, ping.size) == (Kind.FILE, 0o4755, 7, 5, 4)
@@ -390,7 +429,7 @@ def test_gnu_long_names_and_links(tmp_path: Path, staging: Path) -> None:
         tar.addfile(sym)
     path = tmp_path / "gnu.tar"
     path.write_bytes(buf.getvalue())
-    got, _ = read_spec(path, staging)
+    got = read_spec(path, staging)
     assert [(m.name, m.target) for m, _ in got] == [(long, ""), ("s", "/" + "t" * 300)]
 
 
@@ -404,7 +443,7 @@ def test_sparse_members_yield_their_full_data(tmp_path: Path, staging: Path,
         f.seek(8 << 20)
         f.write(b"tail")
     archive = make_tar(src, tmp_path / "s.tar", "--sparse", fmt=fmt)
-    got = dict((m.name, (m, d)) for m, d in read_spec(archive, staging)[0])
+    got = dict((m.name, (m, d)) for m, d in read_spec(archive, staging))
     member, data = got["sparse"]
     assert member.size == (8 << 20) + 4
     assert data == (src / "sparse").read_bytes()
@@ -427,7 +466,7 @@ def test_directory_members(tmp_path: Path, staging: Path) -> None:
     root = tmp_path / "plain"
     samples.make_plain_tree(root)
     os.setxattr(root / "etc/os-release", "user.comment", b"hello")
-    got, digest = read_spec(root, staging)
+    got = read_spec(root, staging)
     names = [m.name for m, _ in got]
     assert names[0] == ""
     for i, name in enumerate(names[1:], 1):  # parents first, then sorted siblings
@@ -444,17 +483,17 @@ def test_directory_members(tmp_path: Path, staging: Path) -> None:
     assert (again.kind, again.target) == (Kind.HARDLINK, "usr/bin/tool")
     assert names.index("usr/bin/tool") < names.index("usr/bin/tool-again")
     assert by_name["var/sparse.img"][0].size == 16 << 20
-    assert read_spec(root, staging)[1] == digest
+    assert read_spec(root, staging) == got
     (root / "etc/empty").write_bytes(b"now something")
-    assert read_spec(root, staging)[1] != digest
+    assert read_spec(root, staging) != got
 
 
 def test_directory_named_through_a_symlink(tree: Path, tmp_path: Path,
                                           staging: Path) -> None:
     os.symlink(tree, tmp_path / "link")
-    got, digest = read_spec(tmp_path / "link", staging)
+    got = read_spec(tmp_path / "link", staging)
     assert got[0][0].kind is Kind.DIR
-    assert (got, digest) == read_spec(tree, staging)
+    assert got == read_spec(tree, staging)
 
 
 def test_directory_file_changing_while_read(tree: Path, staging: Path) -> None:
@@ -468,8 +507,6 @@ def test_directory_file_changing_while_read(tree: Path, staging: Path) -> None:
             if member.name == "etc/conf":
                 with open(tree / "etc/conf", "ab") as f:
                     f.write(b"x" * 100)
-    with pytest.raises(RuntimeError, match="complete pass"):
-        reader.digest()
 
 
 @pytest.mark.parametrize("fmt", ["tar", "cpio", "directory"])
@@ -478,7 +515,7 @@ def test_hardlinks_come_after_their_file(tree: Path, tmp_path: Path, staging: Pa
     spec = {"directory": lambda: tree,
             "tar": lambda: make_tar(tree, tmp_path / "u.tar"),
             "cpio": lambda: make_cpio(tree, tmp_path / "u.cpio")}[fmt]()
-    got, _ = read_spec(spec, staging)
+    got = read_spec(spec, staging)
     seen: dict[str, Kind] = {}
     links = 0
     for member, data in got:
@@ -496,9 +533,7 @@ def test_stopping_a_pass_early_then_reading_again(tree: Path, tmp_path: Path,
     with open_update(str(archive), staging=staging) as reader:
         for _ in reader.members():
             break
-        with pytest.raises(RuntimeError):
-            reader.digest()
-        assert len(read_all(reader)) == len(read_spec(tree, staging)[0])
+        assert len(read_all(reader)) == len(read_spec(tree, staging))
 
 
 # ------------------------------------------------ the same update, any format
@@ -517,17 +552,17 @@ def _formats(root: Path, tmp_path: Path) -> dict[str, Path]:
 def test_same_members_from_directory_tar_and_cpio(tmp_path: Path, staging: Path) -> None:
     root = tmp_path / "plain"
     samples.make_plain_tree(root)
-    expected = shape(read_spec(root, staging)[0])
+    expected = shape(read_spec(root, staging))
     for name, path in _formats(root, tmp_path).items():
-        assert shape(read_spec(path, staging)[0]) == expected, name
+        assert shape(read_spec(path, staging)) == expected, name
 
 
 @pytest.mark.root
 def test_same_members_from_a_rich_tree(rich_tree: Path, tmp_path: Path,
                                        staging: Path) -> None:
-    expected = shape(read_spec(rich_tree, staging)[0])
+    expected = shape(read_spec(rich_tree, staging))
     for name, path in _formats(rich_tree, tmp_path).items():
-        assert shape(read_spec(path, staging)[0]) == expected, name
+        assert shape(read_spec(path, staging)) == expected, name
 
 
 def test_anaconda_updates_img(tree: Path, tmp_path: Path, staging: Path) -> None:
@@ -537,7 +572,7 @@ def test_anaconda_updates_img(tree: Path, tmp_path: Path, staging: Path) -> None
                    check=True)
     with open_update(str(out), staging=staging) as reader:
         assert reader.description == f"gzip-compressed cpio archive {out}"
-        assert shape(read_all(reader)) == shape(read_spec(tree, staging)[0])
+        assert shape(read_all(reader)) == shape(read_spec(tree, staging))
 
 
 # --------------------------------------------------------------------- images
@@ -568,13 +603,12 @@ def test_images_give_the_directory_members(tmp_path: Path, staging: Path, fmt: s
     samples.make_plain_tree(root)
     os.setxattr(root / "etc/os-release", "user.comment", b"hello")
     image = (make_squashfs if fmt == "squashfs" else make_ext4)(root, tmp_path / "img")
-    expected, _ = read_spec(root, staging)
+    expected = read_spec(root, staging)
     with open_update(str(image), staging=staging) as reader:
         assert reader.description == f"{fmt} image {image}"
         assert mounted_under(staging)
         got = read_all(reader)
-        digest = reader.digest()
-        assert read_all(reader) == got and reader.digest() == digest
+        assert read_all(reader) == got
     assert shape(got) == shape(expected)  # ext's empty lost+found is not part of it
     release = next(m for m, _ in got if m.name == "etc/os-release")
     assert ("user.comment", b"hello") in release.xattrs
@@ -611,8 +645,8 @@ def test_images_need_root(tmp_path: Path, staging: Path,
 def test_sha256_of_a_local_file(tree: Path, tmp_path: Path, staging: Path) -> None:
     archive = make_tar(tree, tmp_path / "u.tar")
     good = hashlib.sha256(archive.read_bytes()).hexdigest()
-    _, digest = read_spec(archive, staging, sha256=f"sha256:{good.upper()}")
-    assert digest == good
+    got = read_spec(archive, staging, sha256=f"sha256:{good.upper()}")
+    assert shape(got) == shape(read_spec(tree, staging))
     with pytest.raises(SourceError, match=f"SHA-256 is {good}, not {'0' * 64}"), \
             open_update(str(archive), staging=staging, sha256="0" * 64):
         pass
@@ -712,12 +746,13 @@ def test_download(server: tuple[str, _Server], tree: Path, tmp_path: Path, stagi
     with open_update(f"{url}/updates.img", staging=staging, sha256=good) as reader:
         assert [p.name.startswith("download-") for p in staging.iterdir()] == [True]
         assert reader.description == f"gzip-compressed cpio archive {url}/updates.img"
-        assert shape(read_all(reader)) == shape(read_spec(tree, staging)[0])
-        assert reader.digest() == good
+        assert shape(read_all(reader)) == shape(read_spec(tree, staging))
     assert _Progress.shown[0] == -1 and _Progress.shown[-1] == 100
     assert list(staging.iterdir()) == []
     for path in ("/moved", "/unsized"):
-        assert read_spec(f"{url}{path}", staging)[1] == good
+        # the file downloaded is checked against the SHA-256 before it is read
+        got = read_spec(f"{url}{path}", staging, sha256=good)
+        assert shape(got) == shape(read_spec(tree, staging))
     assert list(staging.iterdir()) == []
 
 
