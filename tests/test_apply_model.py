@@ -32,6 +32,11 @@ class Model:
         hops = 0
         while todo:
             part = todo.pop(0)
+            if part == ".":
+                continue
+            if part == "..":  # link targets come from relpath, never above the root
+                real.pop()
+                continue
             here = "/".join([*real, part])
             if here in self.links:
                 hops += 1
