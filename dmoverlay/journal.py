@@ -55,16 +55,17 @@ class Log:
     was then done)."""
 
     records: list[Record] = field(default_factory=list)
+    _inodes: dict[int, int] | None = field(default=None, repr=False, compare=False)
 
     @property
     def done(self) -> bool:
         return any(r.step == "done" for r in self.records)
 
     def inode_of(self, n: int) -> int:
-        for r in self.records:
-            if r.step == "ready" and r.n == n:
-                return r.ino
-        return 0
+        """The inode of put `n`'s new entry, once written; else 0."""
+        if self._inodes is None:
+            self._inodes = {r.n: r.ino for r in self.records if r.step == "ready"}
+        return self._inodes.get(n, 0)
 
     @classmethod
     def parse(cls, text: str) -> Log:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,8 @@ import sys
 from pathlib import Path
 from tests.applykit import apply, d, f, hard, link, other
 from dmoverlay.members import Kind
-top = Path(sys.argv[1])
-apply(top, top / "live/root", top / "live/run", [
+top, jobs = Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 1
+apply(top, top / "live/root", top / "live/run", jobs=jobs, entries=[
     d("lib"), f("lib/libfoo.so", b"new libfoo" * 1000), f("lib/libnew.so", b"n"),
     f("etc/resolv.conf", b"nameserver 10.0.0.1"), f("etc/os-release", b"ID=new"),
     d("opt"), d("opt/app", 0o750), f("opt/app/bin", b"bin", 0o755), hard("opt/app/bin2",
@@ -62,18 +63,28 @@ def _each_file_old_or_new(now: dict[str, Item], old: dict[str, Item],
         assert item in (old.get(path), new.get(path)), f"{path} is neither old nor new"
 
 
+@pytest.mark.parametrize("jobs", [1, 2])
 @pytest.mark.parametrize("point", range(1, CHANGE_POINTS + 2))
-def test_killed_at_any_point(point: int, tmp_path: Path,
+def test_killed_at_any_point(point: int, jobs: int, tmp_path: Path,
                              expected: tuple[Snapshots, Snapshots]) -> None:
+    """With two processes writing, each counts the points it passes (a
+    worker starts from its parent's count) and the first to reach `point`
+    kills the apply: more interleavings, fewer points reached."""
     root_exp, run_exp = expected
     root, run = make_root(tmp_path / "live")
     old_root, old_run = snapshot(root), snapshot(run)
     assert old_root == root_exp["old"]
     env = {**os.environ, "DMOVERLAY_CRASH_AT": str(point)}
-    proc = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path)], env=env,
+    proc = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path), str(jobs)], env=env,
                           capture_output=True, text=True, check=False)
-    crashed = proc.returncode == 86
-    assert crashed or (proc.returncode == 0 and point > CHANGE_POINTS), proc.stderr
+    _wait_for_workers(tmp_path)
+    # a worker that reaches the point kills its parent (-9) and ends with 86
+    crashed = proc.returncode in (86, -signal.SIGKILL)
+    if jobs == 1:
+        assert crashed or (proc.returncode == 0 and point > CHANGE_POINTS), proc.stderr
+    else:
+        assert crashed or proc.returncode == 0, proc.stderr
+        assert crashed or point > CHANGE_POINTS // 2, "a crash point before the split was missed"
     _each_file_old_or_new(snapshot(root), root_exp["old"], root_exp["new"])
     _each_file_old_or_new(snapshot(run), run_exp["old"], run_exp["new"])
     if point % 2:
@@ -81,7 +92,7 @@ def test_killed_at_any_point(point: int, tmp_path: Path,
         assert snapshot(root) == old_root
         assert snapshot(run) == old_run
     else:  # the next apply first undoes the torn one, then applies in full
-        subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path)], check=True)
+        subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path), str(jobs)], check=True)
         assert without_dir_times(snapshot(root)) == without_dir_times(root_exp["new"])
         assert without_dir_times(snapshot(run)) == without_dir_times(run_exp["new"])
 
@@ -98,25 +109,28 @@ BIG_DRIVER = """
 import sys
 from pathlib import Path
 from tests.applykit import apply, f
-top = Path(sys.argv[1])
+top, jobs = Path(sys.argv[1]), int(sys.argv[2])
 files = [f(f"lib/mod{i // 50}/file{i}.so", bytes([i % 251]) * (2000 + i)) for i in range(400)]
 files += [f(f"etc/conf{i}", b"new") for i in range(0, 400, 7)]
-apply(top, top / "live/root", top / "live/run", files)
+apply(top, top / "live/root", top / "live/run", files, jobs=jobs)
 """
 
 
-@pytest.mark.parametrize("trial", range(12))
+@pytest.mark.parametrize("trial", range(16))
 def test_killed_at_a_random_moment(trial: int, tmp_path: Path) -> None:
-    """SIGKILL after a random delay, as a power cut would come."""
+    """SIGKILL after a random delay, as a power cut would come; half the
+    trials with the files split over two processes (only the first is
+    killed: its workers die with it)."""
     root, run = make_root(tmp_path / "live")
     for i in range(0, 400, 7):
         (root / f"etc/conf{i}").write_text("old")
     old_root = snapshot(root)
     delay = random.Random(trial).uniform(0.05, 0.6)
-    proc = subprocess.Popen([sys.executable, "-c", BIG_DRIVER, str(tmp_path)])
+    proc = subprocess.Popen([sys.executable, "-c", BIG_DRIVER, str(tmp_path), str(1 + trial % 2)])
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    _wait_for_workers(tmp_path)
     for path, item in snapshot(root).items():
         if ".dmoverlay-" in path or item.kind == "dir":
             continue
@@ -129,6 +143,21 @@ def test_killed_at_a_random_moment(trial: int, tmp_path: Path) -> None:
             assert item == old_root[path], path
     rollback(ApplyOptions(root, run))
     assert snapshot(root) == old_root
+
+
+def _wait_for_workers(top: Path) -> None:
+    """Workers of a killed apply die with it, a moment later: wait until no
+    process is left whose command line names `top`."""
+    marker = os.fsencode(top)
+    for _ in range(500):
+        alive = []
+        for proc in Path("/proc").iterdir():
+            with suppress(OSError):  # ended meanwhile
+                alive.append(proc.name.isdigit() and marker in (proc / "cmdline").read_bytes())
+        if not any(alive):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"a worker of the apply in {top} outlived it")
 
 
 def sha(data: bytes) -> str:

@@ -88,9 +88,10 @@ updates = st.lists(st.lists(st.sampled_from(NAMES + LINKS + ["file"]), min_size=
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(roots(), updates)
+@given(roots(), updates, st.sampled_from([1, 2]))
 def test_apply_matches_the_model(root_spec: tuple[set[str], dict[str, str], dict[str, bytes]],
-                                 names: list[str]) -> None:
+                                 names: list[str], jobs: int) -> None:
+    """`jobs`: files written by one process, or split over two."""
     dirs, links, files = root_spec
     with tempfile.TemporaryDirectory() as tmp:
         top = Path(tmp)
@@ -110,12 +111,12 @@ def test_apply_matches_the_model(root_spec: tuple[set[str], dict[str, str], dict
         update = [f(n, f"new {n}".encode()) for n in names]
         if None in placed:
             try:
-                apply(top, root, run, update)
+                apply(top, root, run, update, jobs=jobs)
             except ApplyRefused:
                 assert snapshot(top) == before_all
                 return
             raise AssertionError(f"expected a refusal for {names}")
-        apply(top, root, run, update)
+        apply(top, root, run, update, jobs=jobs)
         last = {where: name for name, where in zip(names, placed, strict=True) if where}
         for where, name in last.items():
             assert (root / where).read_bytes() == f"new {name}".encode(), (name, where)

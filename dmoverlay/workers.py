@@ -1,0 +1,181 @@
+"""Splitting the per-file work of an apply over forked processes.
+
+Writing ten thousand files is a few system calls and a little Python for
+each.  One process spends about as long in Python as in the kernel; a second
+process (not a thread: they would share one interpreter lock) does the other
+half meanwhile.  Work is split by directory, so the processes seldom wait on
+the same directory's lock.
+
+The children are forks of the caller: they share its open directories and
+the spool, change only what their part names, and end with `os._exit`
+(never running the caller's clean-up).  Each dies with its parent (a parent
+killed at any point leaves no child writing behind it), and reports its
+result or its exception through a pipe."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pickle
+import signal
+from collections.abc import Callable, Hashable, Sequence
+from contextlib import suppress
+from typing import TypeVar
+
+from dmoverlay.errors import DmoverlayError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+MAX_JOBS = 8
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class WorkerDied(DmoverlayError):
+    """A worker process ended without reporting."""
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except OSError:
+        return os.cpu_count() or 1
+
+
+def jobs_for(count: int, asked: int, *, least: int) -> int:
+    """How many processes for `count` pieces of work: `asked` if not 0, else
+    one per CPU (at most MAX_JOBS) when there are at least `least` pieces,
+    below which a fork costs more than it saves."""
+    if asked:
+        return max(1, min(asked, count or 1))
+    if count < least:
+        return 1
+    return max(1, min(available_cpus(), MAX_JOBS, count))
+
+
+def split(items: Sequence[T], jobs: int, group: Callable[[T], Hashable],
+          cost: Callable[[T], int]) -> list[list[T]]:
+    """`items` in at most `jobs` parts of about equal cost, each group (a
+    directory) kept in one part unless it alone is more than a part's
+    share.  Items keep their order inside a part; the parts are never empty."""
+    if jobs <= 1 or len(items) <= 1:
+        return [list(items)] if items else []
+    groups: dict[Hashable, list[int]] = {}
+    for n, item in enumerate(items):
+        groups.setdefault(group(item), []).append(n)
+    share = -(-sum(cost(i) for i in items) // jobs)
+    pieces: list[tuple[int, list[int]]] = []  # (cost, indexes)
+    for members in groups.values():
+        piece: list[int] = []
+        piece_cost = 0
+        for n in members:
+            if piece and piece_cost + cost(items[n]) > share:
+                pieces.append((piece_cost, piece))
+                piece, piece_cost = [], 0
+            piece.append(n)
+            piece_cost += cost(items[n])
+        pieces.append((piece_cost, piece))
+    # the costliest piece first, each to the least loaded part (LPT)
+    loads = [0] * jobs
+    parts: list[list[int]] = [[] for _ in range(jobs)]
+    for piece_cost, piece in sorted(pieces, key=lambda p: (-p[0], p[1][0])):
+        k = loads.index(min(loads))
+        loads[k] += piece_cost
+        parts[k] += piece
+    return [[items[n] for n in sorted(part)] for part in parts if part]
+
+
+def run_split(parts: Sequence[T], work: Callable[[T], R]) -> list[R]:
+    """work(part) for every part: the first here, each other in a forked
+    child.  The results in the parts' order.  If any part fails, the others
+    are stopped, and the first failure (in the parts' order) is raised once
+    no child is left running."""
+    if len(parts) <= 1:
+        return [work(p) for p in parts]
+    children: list[tuple[int, int]] = []  # (pid, read end)
+    try:
+        for part in parts[1:]:
+            children.append(_fork(part, work))
+        mine = work(parts[0])
+    except BaseException:
+        _stop(children)
+        raise
+    results: list[R] = [mine]
+    for n, (pid, fd) in enumerate(children):
+        outcome = _collect(pid, fd)
+        children[n] = (0, -1)
+        if isinstance(outcome, _Failed):
+            _stop(children)
+            raise outcome.error
+        results.append(outcome.value)  # type: ignore[arg-type]
+    return results
+
+
+class _Done:
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _fork(part: T, work: Callable[[T], R]) -> tuple[int, int]:
+    parent = os.getpid()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        return pid, read_end
+    # the child: never returns, never runs the parent's clean-up
+    status = 1
+    try:
+        os.close(read_end)
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl
+            os._exit(1)
+        try:
+            outcome: _Done | _Failed = _Done(work(part))
+        except BaseException as exc:  # every failure goes to the parent
+            outcome = _Failed(exc)
+        try:
+            data = pickle.dumps(outcome)
+        except Exception as exc:  # an unpicklable result or error
+            data = pickle.dumps(_Failed(WorkerDied(f"a worker failed: {exc!r}")))
+        view = memoryview(data)
+        while view:
+            view = view[os.write(write_end, view):]
+        status = 0
+    finally:
+        os._exit(status)
+
+
+def _collect(pid: int, fd: int) -> _Done | _Failed:
+    chunks = []
+    with os.fdopen(fd, "rb") as pipe:
+        while chunk := pipe.read(1 << 16):
+            chunks.append(chunk)
+    _, status = os.waitpid(pid, 0)
+    if chunks:
+        try:
+            outcome = pickle.loads(b"".join(chunks))
+        except Exception:  # cut short: the child died writing
+            outcome = None
+        if isinstance(outcome, _Done | _Failed):
+            return outcome
+    why = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+           else f"exit status {os.waitstatus_to_exitcode(status)}")
+    return _Failed(WorkerDied(f"a worker process ended without reporting ({why})",
+                              hint="nothing was changed: what was written was undone"))
+
+
+def _stop(children: list[tuple[int, int]]) -> None:
+    for pid, fd in children:
+        if pid:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        if fd >= 0:
+            os.close(fd)
