@@ -13,6 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import IO
 
+from dmoverlay import tarheader
 from dmoverlay.compress import STREAM_ERRORS, CountingReader, open_decompressed
 from dmoverlay.errors import SourceError
 from dmoverlay.members import FORMAT_BITS, Kind
@@ -168,12 +169,11 @@ def is_tar(path: Path) -> bool:
 def tar_header_checksum_ok(head: bytes) -> bool:
     """Old v7 archives have no magic, only a header checksum: the byte sum of
     the header with its own checksum field counted as spaces."""
-    field = head[148:156].split(b"\0")[0].strip()
     try:
-        stored = int(field, 8)
+        return len(head) >= tarheader.BLOCK and tarheader.octal(head[148:156]) == \
+            tarheader.checksum(head)
     except ValueError:
         return False
-    return stored == sum(head[:148]) + 8 * 32 + sum(head[156:512])
 
 
 def read_tar(archive: Path, staging: Path) -> Tree:

@@ -22,7 +22,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO
 
-from dmoverlay import cpio, log, superblock
+from dmoverlay import cpio, log, superblock, tarheader
 from dmoverlay.compress import STREAM_ERRORS, Compression, Readable, open_decompressed
 from dmoverlay.compress import detect as detect_compression
 from dmoverlay.errors import CommandFailed, SourceError, UsageError
@@ -30,6 +30,7 @@ from dmoverlay.members import InFile, Kind, Member, UpdateReader, file_identity
 from dmoverlay.run import run
 from dmoverlay.sizes import KiB, format_size
 from dmoverlay.source import tar_header_checksum_ok, tar_mtime_ns, tar_xattrs
+from dmoverlay.tarheader import plain_header
 
 if TYPE_CHECKING:  # urllib and http.client are imported by a download only: they
     import urllib.request  # take about as long as the rest of an apply's imports
@@ -648,10 +649,11 @@ class TarReader:
     reads the headers only, seeking over the data, which is `Located`."""
 
     def __init__(self, path: Path, *, label: str, description: str,
-                 in_place: bool = False) -> None:
+                 in_place: bool = False, fast: bool = True) -> None:
         self.file = _ArchiveFile(path, label)
         self.description = description
         self.in_place = in_place
+        self.fast = fast  # plain headers read by tarheader (False: all by tarfile)
 
     def members(self) -> Iterator[tuple[Member, Readable | None]]:
         return self._members_in_place() if self.in_place else self._members_streamed()
@@ -660,23 +662,49 @@ class TarReader:
         label = self.file.label
         path = os.path.abspath(self.file.path)  # found again from any directory
         with self.file.opened() as (raw, identity):
-            headers = _Positioned(raw.fileno())
+            fd, size = raw.fileno(), identity[2]
+            headers = _Positioned(fd)
             try:
                 with tarfile.open(fileobj=headers, mode="r:") as tar:  # type: ignore[call-overload]
-                    for info in tar:
-                        member = tar_member(info, label)
-                        if member.kind is not Kind.FILE:
-                            yield member, None
-                        elif info.issparse():  # its data is not in one piece
-                            yield member, _Guarded(_extracted(tar, info), label)
-                        else:
-                            place = InFile(path, info.offset_data, info.size, identity)
-                            yield member, _InArchive(raw.fileno(), place, label)
+                    offset = 0
+                    while True:
+                        # plain headers read here; tarfile reads the rest, and
+                        # every header after a global pax one (it applies to all)
+                        buf = b"" if tar.pax_headers or not self.fast else headers.header_at(offset)
+                        member = plain_header(buf) if buf else None
+                        if member is not None:
+                            offset += tarheader.BLOCK
+                            if member.kind is Kind.FILE:
+                                place = InFile(path, offset, member.size, identity)
+                                offset += tarheader.data_blocks(member.size)
+                                if offset > size:
+                                    raise tarfile.ReadError("unexpected end of data")
+                                yield member, _InArchive(fd, place, label)
+                            else:
+                                yield member, None
+                            continue
+                        if offset:  # else the first member, which tarfile read at open
+                            tar.offset, tar.firstmember = offset, None
+                        info = tar.next()
+                        if info is None:
+                            break
+                        yield self._member(tar, info, InFile(path, info.offset_data, info.size,
+                                                             identity), fd)
+                        offset = tar.offset
                     end = tar.offset
             except (tarfile.TarError, OSError) as exc:  # tarfile checked the data is there
                 raise _corrupt(label, exc) from None
-            size = identity[2]
-            _check_tar_end(label, size, end, _zeros(raw.fileno(), end, size, label))
+            _check_tar_end(label, size, end, _zeros(fd, end, size, label))
+
+    def _member(self, tar: tarfile.TarFile, info: tarfile.TarInfo, place: InFile,
+                fd: int) -> tuple[Member, Readable | None]:
+        label = self.file.label
+        member = tar_member(info, label)
+        if member.kind is not Kind.FILE:
+            return member, None
+        if info.issparse():  # its data is not in one piece
+            return member, _Guarded(_extracted(tar, info), label)
+        return member, _InArchive(fd, place, label)
 
     def _members_streamed(self) -> Iterator[tuple[Member, Readable | None]]:
         label = self.file.label
@@ -705,6 +733,14 @@ class _Positioned:
 
     def tell(self) -> int:
         return self.pos
+
+    def header_at(self, offset: int) -> bytes:
+        """The 512 bytes at `offset` (fewer at the end), from the block read
+        ahead when they are in it; the position stays."""
+        start = offset - self.block_at
+        if not (start >= 0 and start + tarheader.BLOCK <= len(self.block)):
+            self.block, self.block_at, start = os.pread(self.fd, CHUNK, offset), offset, 0
+        return self.block[start:start + tarheader.BLOCK]
 
     def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
         if whence == os.SEEK_CUR:
