@@ -19,11 +19,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any
 
 JOURNALS = ".dmoverlay/journal"
 _encode = json.JSONEncoder(separators=(",", ":")).encode
+_string = encode_basestring_ascii  # a JSON string, as _encode writes it
 
 
 @dataclass
@@ -38,8 +40,12 @@ class Record:
     mtime_ns: int = 0
 
     def to_json(self) -> str:
-        if self.step == "ready":  # one per file: the common case, made cheaply
+        # "put" and "ready": one each per file, made cheaply (the same JSON)
+        if self.step == "ready":
             return f'{{"step":"ready","n":{self.n},"ino":{self.ino}}}'
+        if self.step == "put" and self.n and self.tree and self.path and self.tmp:
+            return (f'{{"step":"put","n":{self.n},"tree":{_string(self.tree)},'
+                    f'"path":{_string(self.path)},"tmp":{_string(self.tmp)}}}')
         return _encode({k: v for k, v in self.__dict__.items() if v or k == "step"})
 
     @classmethod

@@ -62,19 +62,20 @@ def split(items: Sequence[T], jobs: int, group: Callable[[T], Hashable],
     if jobs <= 1 or len(items) <= 1:
         return [list(items)] if items else []
     groups: dict[Hashable, list[int]] = {}
+    costs = [cost(i) for i in items]
     for n, item in enumerate(items):
         groups.setdefault(group(item), []).append(n)
-    share = -(-sum(cost(i) for i in items) // jobs)
+    share = -(-sum(costs) // jobs)
     pieces: list[tuple[int, list[int]]] = []  # (cost, indexes)
     for members in groups.values():
         piece: list[int] = []
         piece_cost = 0
         for n in members:
-            if piece and piece_cost + cost(items[n]) > share:
+            if piece and piece_cost + costs[n] > share:
                 pieces.append((piece_cost, piece))
                 piece, piece_cost = [], 0
             piece.append(n)
-            piece_cost += cost(items[n])
+            piece_cost += costs[n]
         pieces.append((piece_cost, piece))
     # the costliest piece first, each to the least loaded part (LPT)
     loads = [0] * jobs
