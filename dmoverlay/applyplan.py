@@ -102,7 +102,7 @@ class Plan:
 class Tree(Protocol):
     """Read-only lookups in the real trees (root, run), by symlink-free path."""
 
-    def lstat(self, where: Where) -> os.stat_result | None: ...
+    def kind(self, where: Where) -> Kind | None: ...
 
     def readlink(self, where: Where) -> str: ...
 
@@ -179,16 +179,16 @@ class Planner:
         # directories already resolved, by the update's spelling; forgotten
         # whenever the plan changes what a walk could meet (links, whiteouts)
         self.resolved: dict[tuple[str, ...], Where] = {}
-        self.stats: dict[Where, os.stat_result | None] = {}
+        self.kinds: dict[Where, Kind | None] = {}
 
-    def _lstat(self, where: Where) -> os.stat_result | None:
-        """The real tree's entry (it does not change while we plan)."""
-        if where in self.stats:
-            return self.stats[where]
+    def _real(self, where: Where) -> Kind | None:
+        """The kind of the real tree's entry (it does not change while we plan)."""
+        if where in self.kinds:
+            return self.kinds[where]
         # nothing is below a directory the plan makes where there was nothing
-        st = None if where.parent in self.new_dirs else self.tree.lstat(where)
-        self.stats[where] = st
-        return st
+        kind = None if where.parent in self.new_dirs else self.tree.kind(where)
+        self.kinds[where] = kind
+        return kind
 
     # -- the view: the real trees with the plan's changes on top
 
@@ -201,10 +201,7 @@ class Planner:
                 r.tree == where.tree and where.path.startswith(r.path + "/")
                 for r in self.removed)):
             return None, False
-        st = self._lstat(where)
-        if st is None:
-            return None, False
-        return _kind_of(st.st_mode), False
+        return self._real(where), False
 
     def _top(self, parts: list[str]) -> tuple[Where, list[str], list[str]]:
         """Where a path from the live system's `/` starts (`run/...` is the
@@ -288,7 +285,7 @@ class Planner:
             self.plan.actions.append(Action(Op.FOLLOW, "", link, detail=f"{link} -> {target}"))
 
     def _mkdir(self, where: Where, name: str, member: Member | None = None) -> None:
-        if self._lstat(where) is None:
+        if self._real(where) is None:
             self.new_dirs.add(where)
         self.planned[where] = _Planned(Kind.DIR)
         self.removed.discard(where)
@@ -372,8 +369,7 @@ class Planner:
                               "of the update", "the update is malformed")
         # create or replace, judged against the real tree: a name the update
         # wrote twice, or removed and wrote again, still replaces what is there
-        real = self._lstat(where)
-        replaces = _kind_of(real.st_mode) if real is not None else None
+        replaces = self._real(where)
         if m.kind is Kind.SYMLINK or kind not in (None, Kind.FILE):
             self.resolved.clear()  # a walk through here would now end elsewhere
         op = Op.LINK if link_to else (Op.CREATE if replaces is None else Op.REPLACE)
@@ -389,7 +385,7 @@ class Planner:
 
         if any(inside(w) for w in self.planned):
             return False
-        if self._lstat(where) is None:
+        if self._real(where) is None:
             return True
         return all(where.child(n) in self.removed for n in self.tree.listdir(where))
 
@@ -416,7 +412,7 @@ _KINDS = {stat.S_IFDIR: Kind.DIR, stat.S_IFLNK: Kind.SYMLINK, stat.S_IFREG: Kind
           stat.S_IFCHR: Kind.CHAR, stat.S_IFBLK: Kind.BLOCK, stat.S_IFIFO: Kind.FIFO}
 
 
-def _kind_of(mode: int) -> Kind:
+def kind_of(mode: int) -> Kind:
     return _KINDS.get(stat.S_IFMT(mode), Kind.SOCKET)
 
 

@@ -14,8 +14,9 @@ import stat
 import sys
 from dataclasses import dataclass, field
 
-from dmoverlay.applyplan import Where
+from dmoverlay.applyplan import Where, kind_of
 from dmoverlay.errors import DmoverlayError
+from dmoverlay.members import Kind
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
@@ -32,6 +33,7 @@ RESOLVE_IN_ROOT = 0x10
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 AT_FDCWD = -100
+LIST_AFTER = 24  # lookups in one directory, after which it is listed instead
 
 
 class _OpenHow(ctypes.Structure):
@@ -92,6 +94,10 @@ class Trees:
     run: str | None
     fds: dict[str, int] = field(default_factory=dict)
     dirs: dict[Where, int] = field(default_factory=dict)
+    # for the planner: lookups per directory, and the kinds of the entries of
+    # a directory it asked about often (one listing instead of many lstats)
+    asked: dict[Where, int] = field(default_factory=dict)
+    listed: dict[Where, dict[str, Kind]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.fds["root"] = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -148,6 +154,39 @@ class Trees:
             return None
         except InRootError:
             return None
+
+    def kind(self, where: Where) -> Kind | None:
+        """The kind of entry at `where`, None if there is none.  After
+        LIST_AFTER questions about one directory, its entries are listed
+        once: their kinds come with their names (d_type), no lstat each."""
+        parent = where.parent
+        listing = self.listed.get(parent)
+        if listing is None and where.path and where.tree in self.fds:
+            asked = self.asked[parent] = self.asked.get(parent, 0) + 1
+            if asked >= LIST_AFTER:
+                listing = self.listed[parent] = self._list(parent)
+        if listing is not None:
+            return listing.get(where.name)
+        st = self.lstat(where)
+        return None if st is None else kind_of(st.st_mode)
+
+    def _list(self, where: Where) -> dict[str, Kind]:
+        try:
+            fd = self.dir_fd(where)
+        except InRootError:
+            return {}
+        found = {}
+        with os.scandir(fd) as entries:
+            for e in entries:
+                if e.is_symlink():
+                    found[e.name] = Kind.SYMLINK
+                elif e.is_dir(follow_symlinks=False):
+                    found[e.name] = Kind.DIR
+                elif e.is_file(follow_symlinks=False):
+                    found[e.name] = Kind.FILE
+                else:  # a device, fifo or socket: the listing does not say which
+                    found[e.name] = kind_of(e.stat(follow_symlinks=False).st_mode)
+        return found
 
     def readlink(self, where: Where) -> str:
         return os.readlink(where.name, dir_fd=self.dir_fd(where.parent))

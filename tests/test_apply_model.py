@@ -7,10 +7,12 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from unittest.mock import patch
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dmoverlay import inroot
 from dmoverlay.apply import ApplyRefused
 from tests.applykit import apply, f, snapshot
 
@@ -88,10 +90,17 @@ updates = st.lists(st.lists(st.sampled_from(NAMES + LINKS + ["file"]), min_size=
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(roots(), updates, st.sampled_from([1, 2]))
+@given(roots(), updates, st.sampled_from([1, 2]), st.sampled_from([1, 24]))
 def test_apply_matches_the_model(root_spec: tuple[set[str], dict[str, str], dict[str, bytes]],
-                                 names: list[str], jobs: int) -> None:
-    """`jobs`: files written by one process, or split over two."""
+                                 names: list[str], jobs: int, list_after: int) -> None:
+    """`jobs`: files written by one process, or split over two; `list_after`:
+    the planner learns what is in the root by lstat, or (1) by listing."""
+    with patch.object(inroot, "LIST_AFTER", list_after):
+        _check(root_spec, names, jobs)
+
+
+def _check(root_spec: tuple[set[str], dict[str, str], dict[str, bytes]], names: list[str],
+           jobs: int) -> None:
     dirs, links, files = root_spec
     with tempfile.TemporaryDirectory() as tmp:
         top = Path(tmp)
