@@ -38,7 +38,7 @@ from dmoverlay.inroot import (
     renameat2,
     syncfs,
 )
-from dmoverlay.journal import JOURNALS, Log, Record, Writer
+from dmoverlay.journal import JOURNALS, Log, Record, Writer, ready_line
 from dmoverlay.members import InFile, Kind, Member, UpdateReader, file_identity
 from dmoverlay.sizes import KiB, MiB, format_size
 from dmoverlay.workers import jobs_for, run_split, split
@@ -97,7 +97,8 @@ class Spool:
         self.size = 0
         self.unchecked = 0  # bytes added since the room was last checked
         self.where: dict[str, tuple[int, int] | InFile] = {}
-        self.source: tuple[str, int] | None = None  # the located file last copied from, open
+        # the located file last copied from, open, and its identity when read
+        self.source: tuple[str, int, tuple[int, ...]] | None = None
         self.kernel_copy: dict[tuple[int, int], bool] = {}  # by st_dev pair: copy_file_range works
 
     def add(self, name: str, stream: Readable, size: int) -> None:
@@ -148,18 +149,27 @@ class Spool:
         except OSError as exc:
             if exc.errno in _TARGET_FULL:
                 raise
-            if file_identity(os.fstat(src)) != place.identity:
-                raise _changed(place.path) from None
+            self.check_sources()
             raise ImageError(f"cannot copy {place.path} into the root: {exc.strerror}",
                              hint=_UNDONE) from None
-        # the ctime moves with any write: the same identity after the copy
-        # means the bytes copied are those the pass saw
-        if copied != place.size or file_identity(os.fstat(src)) != place.identity:
+        if copied != place.size:
             raise _changed(place.path)
+
+    def check_sources(self) -> None:
+        """ImageError if the file data was last copied from changed since the
+        update was read.  The ctime moves with any write: the same identity
+        after the copies means the bytes copied are those the pass saw.  (A
+        file is checked when the next copy comes from another one, or here:
+        a tar archive once, not once a member.)"""
+        if self.source is not None:
+            path, fd, identity = self.source
+            if file_identity(os.fstat(fd)) != identity:
+                raise _changed(path)
 
     def _open_source(self, place: InFile) -> int:
         if self.source is not None and self.source[0] == place.path:
             return self.source[1]
+        self.check_sources()
         self._close_source()
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
         try:
@@ -168,7 +178,7 @@ class Spool:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                 raise _changed(place.path) from None
             raise ImageError(f"cannot read {place.path}: {exc.strerror}", hint=_UNDONE) from None
-        self.source = (place.path, fd)
+        self.source = (place.path, fd, place.identity)
         return fd
 
     def _copy(self, src: int, src_dev: int, offset: int, size: int, dst: int,
@@ -392,17 +402,17 @@ def _execute(txn: _Txn, plan: Plan, spool: Spool) -> Result:
     # files and symlinks in parallel parts; hardlinks after, beside their source
     parts = _parts([p for p in puts if p[1].op is not Op.LINK], parent, txn.jobs, data=True)
 
-    def prepare(part: list[tuple[int, Action]]) -> list[tuple[int, int]]:
-        inodes = []
+    def prepare(part: list[tuple[int, Action]]) -> str:
+        """The part's files written; their "ready" journal lines."""
+        lines = []
         for n, a in part:
-            inodes.append((n, _prepare(trees, a, tmp[n], spool, placed_tmp)))
+            lines.append(ready_line(n, _prepare(trees, a, tmp[n], spool, placed_tmp)))
             _change_point()
-        return inodes
+        spool.check_sources()
+        return "".join(f"{line}\n" for line in lines)
 
-    ready = [r for done in run_split(parts, prepare) for r in done]
-    ready += prepare(links)
-    for n, ino in sorted(ready):
-        log.add(Record("ready", n, ino=ino))
+    for lines in [*run_split(parts, prepare), prepare(links)]:
+        log.add_lines(lines)
     for fd in trees.fds.values():
         syncfs(fd)
     log.sync()

@@ -42,7 +42,7 @@ class Record:
     def to_json(self) -> str:
         # "put" and "ready": one each per file, made cheaply (the same JSON)
         if self.step == "ready":
-            return f'{{"step":"ready","n":{self.n},"ino":{self.ino}}}'
+            return ready_line(self.n, self.ino)
         if self.step == "put" and self.n and self.tree and self.path and self.tmp:
             return (f'{{"step":"put","n":{self.n},"tree":{_string(self.tree)},'
                     f'"path":{_string(self.path)},"tmp":{_string(self.tmp)}}}')
@@ -52,6 +52,11 @@ class Record:
     def from_json(cls, line: str) -> Record:
         data: dict[str, Any] = json.loads(line)
         return cls(**data)
+
+
+def ready_line(n: int, ino: int) -> str:
+    """A "ready" record's JSON, made without a Record: one per file."""
+    return f'{{"step":"ready","n":{n},"ino":{ino}}}'
 
 
 @dataclass
@@ -95,9 +100,15 @@ class Writer:
     def add(self, record: Record) -> None:
         self.pending.append(record.to_json() + "\n")
 
+    def add_lines(self, lines: str) -> None:
+        """Records already made (`to_json` lines, each ending in a newline)."""
+        self.pending.append(lines)
+
     def sync(self) -> None:
         if self.pending:
-            os.write(self.fd, "".join(self.pending).encode())
+            data = memoryview("".join(self.pending).encode())
+            while data:  # a short write comes near a full filesystem
+                data = data[os.write(self.fd, data):]
             self.pending.clear()
         os.fsync(self.fd)
 

@@ -361,10 +361,13 @@ def test_data_copied_across_filesystems(tmp_path: Path) -> None:
     assert (root / "usr/lib/c").read_bytes() == b"c" * 3000
 
 
+@pytest.mark.parametrize("jobs", [1, 2])
 @pytest.mark.parametrize("change", ["rewritten", "same size and times", "replaced",
                                     "removed", "tar touched", "tar rewritten"])
 def test_an_update_changed_after_reading_is_refused_and_undone(
-        live: tuple[Path, Path, Path], change: str) -> None:
+        live: tuple[Path, Path, Path], change: str, jobs: int) -> None:
+    """With two processes writing, the one that finds the change tells the
+    other, and the apply is undone as a whole."""
     top, root, run = live
     tree = _update_tree(top)
     spec = _packed(tree, "tar" if change.startswith("tar") else "directory")
@@ -392,7 +395,7 @@ def test_an_update_changed_after_reading_is_refused_and_undone(
                 f.seek(-600, os.SEEK_END)
                 f.write(bytes(10))  # in the end-of-archive padding: still a good tar
         with pytest.raises(ImageError, match="changed after the update was read") as info:
-            apply_members(ApplyOptions(root, run), members, spool, lambda _: None)
+            apply_members(ApplyOptions(root, run, jobs=jobs), members, spool, lambda _: None)
     finally:
         spool.close()
     assert info.value.hint is not None and "nothing was changed" in info.value.hint
