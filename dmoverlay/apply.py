@@ -38,7 +38,7 @@ from dmoverlay.inroot import (
     renameat2,
     syncfs,
 )
-from dmoverlay.journal import JOURNALS, Log, Record, Writer, ready_line
+from dmoverlay.journal import JOURNALS, Log, Record, Writer, put_line, ready_line
 from dmoverlay.members import InFile, Kind, Member, UpdateReader, file_identity
 from dmoverlay.sizes import KiB, MiB, format_size
 from dmoverlay.workers import jobs_for, run_split, split
@@ -387,8 +387,8 @@ def _execute(txn: _Txn, plan: Plan, spool: Spool) -> Result:
                            atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns))
     for n, a in mkdirs:
         log.add(Record("mkdir", n, a.where.tree, a.where.path))
-    for n, a in puts:
-        log.add(Record("put", n, a.where.tree, a.where.path, tmp=tmp[n]))
+    log.add_lines("".join(f"{put_line(n, a.where.tree, a.where.path, tmp[n])}\n"
+                          for n, a in puts))
     for n, a in removes:
         log.add(Record("remove", n, a.where.tree, a.where.path))
     log.sync()

@@ -44,14 +44,20 @@ class Record:
         if self.step == "ready":
             return ready_line(self.n, self.ino)
         if self.step == "put" and self.n and self.tree and self.path and self.tmp:
-            return (f'{{"step":"put","n":{self.n},"tree":{_string(self.tree)},'
-                    f'"path":{_string(self.path)},"tmp":{_string(self.tmp)}}}')
+            return put_line(self.n, self.tree, self.path, self.tmp)
         return _encode({k: v for k, v in self.__dict__.items() if v or k == "step"})
 
     @classmethod
     def from_json(cls, line: str) -> Record:
         data: dict[str, Any] = json.loads(line)
         return cls(**data)
+
+
+def put_line(n: int, tree: str, path: str, tmp: str) -> str:
+    """A "put" record's JSON (n, tree, path and tmp not empty), made without
+    a Record: one per file."""
+    return (f'{{"step":"put","n":{n},"tree":{_string(tree)},"path":{_string(path)},'
+            f'"tmp":{_string(tmp)}}}')
 
 
 def ready_line(n: int, ino: int) -> str:

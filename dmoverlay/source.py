@@ -9,7 +9,6 @@ import stat
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
 from typing import IO
 
@@ -222,6 +221,8 @@ def tar_mtime_ns(member: tarfile.TarInfo) -> int:
     text = member.pax_headers.get("mtime")
     if text is None:
         return int(member.mtime) * 1_000_000_000
+    from decimal import Decimal  # here: only pax archives keep sub-second times
+
     return int(Decimal(text) * 1_000_000_000)
 
 

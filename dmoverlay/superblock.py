@@ -9,9 +9,7 @@ how a truncated image is told from a whole one."""
 from __future__ import annotations
 
 import struct
-import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from enum import StrEnum
 
 from dmoverlay.errors import ImageError
@@ -333,7 +331,7 @@ def _ext_info(sb: bytes, compat: int, incompat: int, ro_compat: int) -> Ext4Info
     return Ext4Info(
         fs_type=_ext_type(compat, incompat, ro_compat),
         label=sb[0x78:0x88].split(b"\0", 1)[0].decode("utf-8", "replace"),
-        uuid=str(uuid.UUID(bytes=bytes(sb[0x68:0x78]))),
+        uuid=_uuid(bytes(sb[0x68:0x78])),
         block_size=1024 << log_block,
         blocks=_u32(sb, 0x4) | (_u32(sb, 0x150) << 32 if wide else 0),
         free_blocks=_u32(sb, 0xC) | (_u32(sb, 0x158) << 32 if wide else 0),
@@ -442,6 +440,8 @@ def _u32(data: bytes, offset: int) -> int:
 def iso_time(seconds: int | None) -> str | None:
     if seconds is None:
         return None
+    from datetime import UTC, datetime  # here: every update is identified, few inspected
+
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -465,3 +465,9 @@ def crc32c(data: bytes) -> int:
     for byte in data:
         crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
     return crc ^ 0xFFFFFFFF
+
+
+def _uuid(raw: bytes) -> str:
+    """16 bytes as the 8-4-4-4-12 hex form blkid prints."""
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

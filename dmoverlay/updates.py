@@ -9,7 +9,6 @@ pass that ends without an error has proved the update whole."""
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import re
 import stat
@@ -225,6 +224,8 @@ def parse_sha256(text: str) -> str:
 
 
 def file_sha256(fd: int) -> str:
+    import hashlib  # here: only an update with --sha256 needs it
+
     digest = hashlib.sha256()
     offset = 0
     while chunk := os.pread(fd, CHUNK, offset):
