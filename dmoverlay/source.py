@@ -223,7 +223,11 @@ def tar_mtime_ns(member: tarfile.TarInfo) -> int:
         return int(member.mtime) * 1_000_000_000
     from decimal import Decimal  # here: only pax archives keep sub-second times
 
-    return int(Decimal(text) * 1_000_000_000)
+    try:
+        return int(Decimal(text) * 1_000_000_000)
+    except (ArithmeticError, ValueError):  # not a number, NaN, Infinity
+        raise SourceError(f"{member.name!r}: unreadable time {text!r} in its pax header",
+                          hint="the archive is damaged; re-create it") from None
 
 
 def tar_xattrs(member: tarfile.TarInfo) -> tuple[tuple[str, bytes], ...]:

@@ -11,6 +11,7 @@ the reference (tests compare the two on generated and damaged archives)."""
 
 from __future__ import annotations
 
+import re
 import stat
 import sys
 import zlib
@@ -37,6 +38,23 @@ def octal(field: bytes) -> int:
     return int(field.partition(b"\0")[0].strip() or b"0", 8)
 
 
+# the numbers as tar programs write them: fixed-width octal, a NUL after each
+# (a NUL and a space after the checksum)
+_CANONICAL = re.compile(rb"([0-7]{7})\0([0-7]{7})\0([0-7]{7})\0([0-7]{11})\0([0-7]{11})\0"
+                        rb"([0-7]{6})\0 ")
+_NO_DEVICE = (bytes(16), b"0000000\0" * 2)  # devmajor and devminor of an ordinary entry
+
+
+def _numbers(buf: bytes) -> tuple[int, ...]:
+    """mode, uid, gid, size, mtime and checksum: from their usual form in one
+    match, else each as tarfile reads it."""
+    canonical = _CANONICAL.match(buf, 100)
+    if canonical is not None:
+        return tuple(int(group, 8) for group in canonical.groups())
+    return tuple(octal(buf[a:b]) for a, b in ((100, 108), (108, 116), (116, 124), (124, 136),
+                                              (136, 148), (148, 156)))
+
+
 def _sum(data: bytes) -> int:
     """The sum of at most 256 bytes: adler32's first half is 1 + that sum,
     modulo 65521, which 256 * 255 does not reach."""
@@ -59,12 +77,12 @@ def plain_header(buf: bytes) -> Member | None:
     if kind is None:
         return None
     try:
-        if octal(buf[148:156]) != checksum(buf):
-            return None
-        mode, uid, gid = octal(buf[100:108]), octal(buf[108:116]), octal(buf[116:124])
-        size, mtime = octal(buf[124:136]), octal(buf[136:148])
-        rdev = octal(buf[329:337]), octal(buf[337:345])  # read (checked) as tarfile does
+        mode, uid, gid, size, mtime, chksum = _numbers(buf)
+        devs = buf[329:345]
+        rdev = (0, 0) if devs in _NO_DEVICE else (octal(devs[:8]), octal(devs[8:]))
     except ValueError:
+        return None
+    if chksum != checksum(buf):
         return None
     name = _text(buf[:100])
     if kind is Kind.FILE and buf[156] == 0 and name.endswith("/"):

@@ -244,3 +244,24 @@ def test_missing_tool_is_named(plain_tree: Path, tmp_path: Path) -> None:
     assert result.returncode != 0
     assert result.stderr.startswith("error: mksquashfs not found"), result.stderr
     assert "squashfs-tools" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["build", "apply"])
+@pytest.mark.parametrize("mtime", ["yesterday", "NaN", "Infinity"])
+def test_unreadable_pax_time(tmp_path: Path, command: str, mtime: str) -> None:
+    """A pax time that is not a number: one error line, for build and apply."""
+    archive = tmp_path / "bad.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("etc/motd")
+        info.size, info.pax_headers = 2, {"mtime": mtime}
+        tar.addfile(info, io.BytesIO(b"hi"))
+    root = tmp_path / "root"
+    root.mkdir()
+    args = (["build", str(archive), "-o", str(tmp_path / "out.img")] if command == "build"
+            else ["apply", str(archive), "--root", str(root), "--run-dir", str(tmp_path)])
+    result = dmoverlay(*args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"unreadable time {mtime!r}" in errors[0], result.stderr
+    assert list(root.iterdir()) == []
