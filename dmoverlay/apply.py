@@ -41,13 +41,14 @@ from dmoverlay.inroot import (
 from dmoverlay.journal import JOURNALS, Log, Record, Writer, put_line, ready_line
 from dmoverlay.members import InFile, Kind, Member, UpdateReader, file_identity
 from dmoverlay.sizes import KiB, MiB, format_size
-from dmoverlay.workers import jobs_for, run_split, split
+from dmoverlay.workers import chunks, jobs_for, run_pulled
 
 CHUNK = 64 * KiB  # reads below glibc's mmap threshold: 1 MiB ones churn the heap
 BLOCK = 4096
 SPOOL_RESERVE = 16 * MiB  # of the staging filesystem (RAM at boot) never used
 SPOOL_CHECK_EVERY = 4 * MiB
 PARALLEL_FROM = 256  # files: fewer are written by one process (a fork costs ~1 ms)
+CHUNK_FILES = 64  # files (or 2 MiB of data) handed to a writing process at a time
 # A crash test's hook: stop dead (as a kill would) at the N-th change point.
 _CRASH_AT = int(os.environ.get("DMOVERLAY_CRASH_AT", "0") or 0)
 _crash_count = 0
@@ -399,32 +400,32 @@ def _execute(txn: _Txn, plan: Plan, spool: Spool) -> Result:
         _change_point()
     links = [(n, a) for n, a in puts if a.op is Op.LINK]
     placed_tmp = {a.where: (parent[n], tmp[n]) for n, a in puts} if links else {}
-    # files and symlinks in parallel parts; hardlinks after, beside their source
-    parts = _parts([p for p in puts if p[1].op is not Op.LINK], parent, txn.jobs, data=True)
+    # files and symlinks by several processes; hardlinks after, beside their source
+    files = [p for p in puts if p[1].op is not Op.LINK]
 
-    def prepare(part: list[tuple[int, Action]]) -> str:
-        """The part's files written; their "ready" journal lines."""
+    def prepare(chunk: list[tuple[int, Action]]) -> str:
+        """The chunk's files written; their "ready" journal lines."""
         lines = []
-        for n, a in part:
+        for n, a in chunk:
             lines.append(ready_line(n, _prepare(trees, a, tmp[n], spool, placed_tmp)))
             _change_point()
         spool.check_sources()
         return "".join(f"{line}\n" for line in lines)
 
-    for lines in [*run_split(parts, prepare), prepare(links)]:
-        log.add_lines(lines)
+    log.add_lines("".join(run_pulled(_chunks(files, parent, data=True), prepare, txn.jobs)))
+    log.add_lines(prepare(links))
     for fd in trees.fds.values():
         syncfs(fd)
     log.sync()
 
-    def commit(part: list[tuple[int, Action]]) -> None:
-        for n, a in part:
+    def commit(chunk: list[tuple[int, Action]]) -> None:
+        for n, a in chunk:
             _commit(txn, n, a, tmp[n])
             _change_point()
 
     # a directory replaced drops out of the open directories: this process's
-    run_split(_parts([p for p in puts if p[1].replaces != "dir"], parent, txn.jobs, data=False),
-              commit)
+    others = [p for p in puts if p[1].replaces != "dir"]
+    run_pulled(_chunks(others, parent, data=False), commit, txn.jobs)
     commit([p for p in puts if p[1].replaces == "dir"])
     for n, a in removes:
         parent_fd = trees.dir_fd(parent[n])
@@ -442,16 +443,17 @@ def _execute(txn: _Txn, plan: Plan, spool: Spool) -> Result:
     return Result(txn.name, plan, written=len(puts))
 
 
-def _parts(puts: list[tuple[int, Action]], parent: dict[int, Where], jobs: int, *,
-           data: bool) -> list[list[tuple[int, Action]]]:
-    """Puts split by directory into parts of about equal cost: making a
-    file costs about as much as copying 32 KiB of data (measured on tmpfs),
-    renaming one (not `data`) the same whatever its size."""
+def _chunks(puts: list[tuple[int, Action]], parent: dict[int, Where], *,
+            data: bool) -> list[list[tuple[int, Action]]]:
+    """Puts in chunks of one directory each, handed out to the processes
+    that write them.  Making a file costs about as much as copying 32 KiB
+    of data (measured on tmpfs); renaming one (not `data`) the same
+    whatever its size."""
     def cost(p: tuple[int, Action]) -> int:
         m = p[1].member
         return 1 + (m.size // (32 * KiB) if data and m is not None else 0)
 
-    return split(puts, jobs, group=lambda p: parent[p[0]], cost=cost)
+    return chunks(puts, group=lambda p: parent[p[0]], cost=cost, most=CHUNK_FILES)
 
 
 def _prepare(trees: Trees, a: Action, tmp: str, spool: Spool,

@@ -3,8 +3,9 @@
 Writing ten thousand files is a few system calls and a little Python for
 each.  One process spends about as long in Python as in the kernel; a second
 process (not a thread: they would share one interpreter lock) does the other
-half meanwhile.  Work is split by directory, so the processes seldom wait on
-the same directory's lock.
+half meanwhile.  The work comes in chunks of one directory each, so that the
+processes seldom wait on the same directory's lock, and each process takes
+the next chunk when it is done with one.
 
 The children are forks of the caller: they share its open directories and
 the spool, change only what their part names, and end with `os._exit`
@@ -15,6 +16,7 @@ result or its exception through a pipe."""
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import pickle
 import signal
@@ -29,6 +31,7 @@ R = TypeVar("R")
 
 MAX_JOBS = 8
 PR_SET_PDEATHSIG = 1
+F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -54,37 +57,73 @@ def jobs_for(count: int, asked: int, *, least: int) -> int:
     return max(1, min(available_cpus(), MAX_JOBS, count))
 
 
-def split(items: Sequence[T], jobs: int, group: Callable[[T], Hashable],
-          cost: Callable[[T], int]) -> list[list[T]]:
-    """`items` in at most `jobs` parts of about equal cost, each group (a
-    directory) kept in one part unless it alone is more than a part's
-    share.  Items keep their order inside a part; the parts are never empty."""
-    if jobs <= 1 or len(items) <= 1:
-        return [list(items)] if items else []
-    groups: dict[Hashable, list[int]] = {}
-    costs = [cost(i) for i in items]
+def chunks(items: Sequence[T], group: Callable[[T], Hashable], cost: Callable[[T], int],
+           most: int) -> list[list[T]]:
+    """`items` cut into chunks to hand out one at a time: each from one group
+    (a directory: processes then seldom wait on the same directory's lock),
+    of a cost of at most `most` unless one item alone costs more.  Costliest
+    first, so that the last chunks handed out are small; items keep their
+    order inside a chunk."""
+    groups: dict[Hashable, list[tuple[int, T]]] = {}
     for n, item in enumerate(items):
-        groups.setdefault(group(item), []).append(n)
-    share = -(-sum(costs) // jobs)
-    pieces: list[tuple[int, list[int]]] = []  # (cost, indexes)
+        groups.setdefault(group(item), []).append((n, item))
+    pieces: list[tuple[int, int, list[T]]] = []  # (cost, first index, items)
     for members in groups.values():
-        piece: list[int] = []
-        piece_cost = 0
-        for n in members:
-            if piece and piece_cost + costs[n] > share:
-                pieces.append((piece_cost, piece))
+        piece: list[T] = []
+        piece_cost = first = 0
+        for n, item in members:
+            c = cost(item)
+            if piece and piece_cost + c > most:
+                pieces.append((piece_cost, first, piece))
                 piece, piece_cost = [], 0
-            piece.append(n)
-            piece_cost += costs[n]
-        pieces.append((piece_cost, piece))
-    # the costliest piece first, each to the least loaded part (LPT)
-    loads = [0] * jobs
-    parts: list[list[int]] = [[] for _ in range(jobs)]
-    for piece_cost, piece in sorted(pieces, key=lambda p: (-p[0], p[1][0])):
-        k = loads.index(min(loads))
-        loads[k] += piece_cost
-        parts[k] += piece
-    return [[items[n] for n in sorted(part)] for part in parts if part]
+            if not piece:
+                first = n
+            piece.append(item)
+            piece_cost += c
+        pieces.append((piece_cost, first, piece))
+    return [piece for _, _, piece in sorted(pieces, key=lambda p: (-p[0], p[1]))]
+
+
+def run_pulled(chunks: Sequence[T], work: Callable[[T], R], jobs: int) -> list[R]:
+    """work(chunk) for every chunk, in `jobs` processes (this one and forked
+    children) that each take the next chunk as soon as they are done with
+    one: however the chunks' costs were misjudged, no process idles while
+    another has a queue.  The results in the chunks' order; failures as in
+    run_split."""
+    if jobs <= 1 or len(chunks) <= 1:
+        return [work(c) for c in chunks]
+    ids = b"".join(n.to_bytes(4, "little") for n in range(len(chunks)))
+    read_end, write_end = os.pipe()
+    try:
+        # it must hold every number at once (nobody reads it yet); over
+        # pipe-max-size, the default (64 KiB: 16384 chunks) must do
+        with suppress(OSError):
+            fcntl.fcntl(write_end, F_SETPIPE_SZ, len(ids))
+        fits = len(ids) <= fcntl.fcntl(write_end, F_GETPIPE_SZ)
+        if fits:
+            os.write(write_end, ids)
+    finally:
+        os.close(write_end)
+    if not fits:
+        os.close(read_end)
+        return [work(c) for c in chunks]
+
+    def pull(_: None) -> dict[int, R]:
+        done = {}
+        # each read takes one whole number: pipe reads of PIPE_BUF bytes or
+        # fewer are atomic, and every number was written before any read
+        while raw := os.read(read_end, 4):
+            n = int.from_bytes(raw, "little")
+            done[n] = work(chunks[n])
+        return done
+
+    try:
+        results: dict[int, R] = {}
+        for done in run_split([None] * jobs, pull):
+            results.update(done)
+    finally:
+        os.close(read_end)
+    return [results[n] for n in range(len(chunks))]
 
 
 def run_split(parts: Sequence[T], work: Callable[[T], R]) -> list[R]:

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dmoverlay.errors import ImageError
-from dmoverlay.workers import WorkerDied, jobs_for, run_split, split
+from dmoverlay.workers import WorkerDied, chunks, jobs_for, run_pulled, run_split
 
 
 def test_jobs_for() -> None:
@@ -27,36 +28,55 @@ def test_jobs_for() -> None:
 items_strategy = st.lists(st.tuples(st.integers(0, 5), st.integers(1, 50)), max_size=60)
 
 
-@given(items_strategy, st.integers(1, 4))
-def test_split_keeps_every_item_once_and_in_order(items: list[tuple[int, int]],
-                                                   jobs: int) -> None:
+@given(items_strategy, st.integers(1, 120))
+def test_chunks_keep_every_item_once_in_order_and_in_one_group(items: list[tuple[int, int]],
+                                                               most: int) -> None:
     tagged = [(d, c, n) for n, (d, c) in enumerate(items)]
-    parts = split(tagged, jobs, group=lambda i: i[0], cost=lambda i: i[1])
-    assert len(parts) <= jobs
-    assert all(parts)
-    assert Counter(i for p in parts for i in p) == Counter(tagged)
-    for part in parts:
-        assert [i[2] for i in part] == sorted(i[2] for i in part)
+    cut = chunks(tagged, group=lambda i: i[0], cost=lambda i: i[1], most=most)
+    assert all(cut)
+    assert Counter(i for c in cut for i in c) == Counter(tagged)
+    for chunk in cut:
+        assert len({d for d, _, _ in chunk}) == 1
+        assert [i[2] for i in chunk] == sorted(i[2] for i in chunk)
+        assert len(chunk) == 1 or sum(c for _, c, _ in chunk) <= most
+    costs = [sum(c for _, c, _ in chunk) for chunk in cut]
+    assert costs == sorted(costs, reverse=True)  # the costliest handed out first
 
 
-def test_split_keeps_directories_together_and_balances() -> None:
-    items = [(d, 1) for d in "abcd" for _ in range(10)]
-    parts = split(items, 2, group=lambda i: i[0], cost=lambda i: i[1])
-    assert [len(p) for p in parts] == [20, 20]
-    for part in parts:
-        assert len({d for d, _ in part}) == 2
+def test_chunks_cut_a_large_directory() -> None:
+    items = [("big", 1)] * 130 + [("small", 1)] * 2
+    cut = chunks(items, group=lambda i: i[0], cost=lambda i: i[1], most=64)
+    assert [len(c) for c in cut] == [64, 64, 2, 2]
 
 
-def test_split_cuts_a_directory_larger_than_a_share() -> None:
-    items = [("big", 1)] * 30 + [("small", 1)] * 2
-    parts = split(items, 2, group=lambda i: i[0], cost=lambda i: i[1])
-    assert sorted(len(p) for p in parts) == [16, 16]
+@given(st.lists(st.integers(0, 1000), max_size=200), st.integers(1, 3))
+@settings(max_examples=20, deadline=None)
+def test_run_pulled_does_every_chunk_once_in_order(values: list[int], jobs: int) -> None:
+    assert run_pulled(values, lambda v: (v, v * 2), jobs) == [(v, v * 2) for v in values]
 
 
-def test_split_weighs_large_files() -> None:
-    items = [("a", 100)] + [("b", 1)] * 50 + [("c", 1)] * 50
-    parts = split(items, 2, group=lambda i: i[0], cost=lambda i: i[1])
-    assert sorted(len(p) for p in parts) == [1, 100]
+def test_run_pulled_shares_the_chunks_out(tmp_path: Path) -> None:
+    """Two processes, chunks of unequal cost: both take chunks, none twice."""
+    def work(n: int) -> int:
+        (tmp_path / f"{n}.{os.getpid()}").touch()
+        time.sleep(0.02 if n % 3 == 0 else 0.001)
+        return os.getpid()
+
+    pids = run_pulled(list(range(40)), work, 2)
+    assert len(set(pids)) == 2
+    assert sorted(int(p.name.split(".")[0]) for p in tmp_path.iterdir()) == list(range(40))
+
+
+def test_run_pulled_failure_in_a_child_comes_back(tmp_path: Path) -> None:
+    def work(n: int) -> int:
+        if os.getpid() != parent:
+            raise ImageError(f"chunk {n} is bad")
+        time.sleep(0.01)
+        return n
+
+    parent = os.getpid()
+    with pytest.raises(ImageError, match=r"chunk \d+ is bad"):
+        run_pulled(list(range(20)), work, 2)
 
 
 def test_run_split_returns_results_in_order() -> None:
