@@ -43,6 +43,19 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from common import (
+    DRACUT_LOOP,
+    ROOT_LINKS,
+    Column,
+    Failed,
+    Table,
+    load_average,
+    load_text,
+    quiet_run,
+    stopwatch,
+    unmount,
+)
+
 from dmoverlay import log
 from dmoverlay.apply import ApplyOptions, Spool, apply_members, read_all, staging
 from dmoverlay.journal import JOURNALS
@@ -56,7 +69,6 @@ GOAL_VS_TAR = 1.5  # dmoverlay at most 1.5 x the time of tar --keep-directory-sy
 SEED = 20260101
 NEW_MTIME = 1_750_000_000  # whole seconds: tar and cpio keep no more
 OLD_MTIME = 1_700_000_000
-ROOT_LINKS = {"bin": "usr/bin", "sbin": "usr/sbin", "lib": "usr/lib", "lib64": "usr/lib64"}
 ROOT_DIRS = ("dev", "etc", "home", "proc", "root", "run", "sys", "tmp", "var",
              "usr/bin", "usr/sbin", "usr/lib", "usr/lib64", "usr/share")
 LARGE_MIB = (20, 30, 40, 50)
@@ -77,18 +89,6 @@ TEMPLATES: tuple[tuple[str, str, str, float, int], ...] = (
     ("etc/{a}", "conf", ".conf", 0.0, 0o644),
     ("etc/{a}/{b}.d", "drop", ".conf", 0.0, 0o644),
 )
-
-# apply-live-updates.sh of dracut (dracut-ng), its loop as written there.
-DRACUT_LOOP = r"""
-cd "$1" || exit 1
-NEWROOT=$2
-find . -depth -type d -exec mkdir -p "$NEWROOT/{}" \;
-find . -depth \! -type d -exec cp -a "{}" "$NEWROOT/{}" \;
-"""
-
-
-class Failed(Exception):
-    pass
 
 
 # ---------------------------------------------------------------- the data
@@ -344,23 +344,6 @@ class Bench:
         return {"directory": self.update, "tar": self.tar, "cpio.gz": self.cpio}[kind]
 
 
-def quiet_run(argv: Sequence[str | os.PathLike[str]], env: dict[str, str] | None = None) -> str:
-    """Run a command, its output discarded; its stderr is returned, and shown
-    if it fails."""
-    proc = subprocess.run(argv, env=env or clean_env(), stdin=subprocess.DEVNULL,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr)
-        raise Failed(f"failed (exit {proc.returncode}): {' '.join(map(str, argv))}")
-    return proc.stderr
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process and of the children it waited for (and theirs)."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
 def timed(bench: Bench, repeat: int, job: Callable[[Path], dict[str, float]], *,
           journal: bool = False) -> tuple[float, float, dict[str, float]]:
     """Best wall time of `repeat` runs of `job` on a fresh root, each result
@@ -370,14 +353,12 @@ def timed(bench: Bench, repeat: int, job: Callable[[Path], dict[str, float]], *,
     for _ in range(repeat):
         root = bench.fresh_root()
         gc.collect()
-        cpu = cpu_seconds()
-        start = time.monotonic()
-        phases = job(root)
-        seconds = time.monotonic() - start
-        best_cpu = min(best_cpu, cpu_seconds() - cpu)
+        with stopwatch() as lap:
+            phases = job(root)
+        best_cpu = min(best_cpu, lap.cpu)
         verify(root, bench.update, bench.want, bench.sample, journal=journal)
-        if seconds < best:
-            best, best_phases = seconds, phases
+        if lap.wall < best:
+            best, best_phases = lap.wall, phases
     return best, best_cpu, best_phases
 
 
@@ -454,9 +435,9 @@ def dmoverlay_library_process(bench: Bench, kind: str) -> Callable[[Path], dict[
 def startup(bench: Bench, repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
-        start = time.monotonic()
-        quiet_run([bench.exe, "--version"], env=dict(os.environ))
-        best = min(best, time.monotonic() - start)
+        with stopwatch() as lap:
+            quiet_run([bench.exe, "--version"], env=dict(os.environ))
+        best = min(best, lap.wall)
     return best
 
 
@@ -539,7 +520,7 @@ RUNNERS = {"cli": dmoverlay_cli, "process": dmoverlay_library_process, "lib": dm
 
 def measure(bench: Bench, repeat: int, data: dict[str, int], size: str,
             force_profile: bool) -> Result:
-    load_before = os.getloadavg()[0]
+    load_before = load_average()
     rows = []
     for step, kind, how in STEPS:
         print(f"timing {step} from the {kind}", file=sys.stderr)
@@ -557,7 +538,7 @@ def measure(bench: Bench, repeat: int, data: dict[str, int], size: str,
     goals = {"vs_dracut": head["dracut_over_cli_directory"] >= GOAL_VS_DRACUT,
              "vs_tar": head["cli_tar_over_tar"] <= GOAL_VS_TAR}
     result = Result(data, size, rows, startup(bench, repeat), head, goals,
-                    (load_before, os.getloadavg()[0]), code_version())
+                    (load_before, load_average()), code_version())
     if force_profile or not all(goals.values()):
         for kind in ("directory", "tar"):
             print(f"timing the parts of an in-process apply of the {kind}", file=sys.stderr)
@@ -599,21 +580,24 @@ def headline(rows: list[Row]) -> dict[str, float]:
     }
 
 
+TABLE = Table((Column("step", "<38"), Column("input", "<11"), Column("seconds", ">8.2f"),
+               Column("cpu s", ">7.2f"), Column("x faster", ">10.1f"), Column("x tar", ">7.2f")))
+
+
 def report(res: Result) -> None:
     d = res.data
     print(f"update: {d['small_files']} small files (1-8 KiB), {d['large_files']} large "
           f"({'/'.join(map(str, LARGE_MIB))} MiB), {d['symlinks']} symlinks, "
           f"{d['directories']} directories, {d['update_bytes'] / MiB:.0f} MiB; "
           f"{d['replaced']} files replace older ones in the root")
-    print(f"all on a tmpfs (size={res.tmpfs}); load average {res.load[0]:.2f} before, "
-          f"{res.load[1]:.2f} after; code {res.code}")
+    print(f"all on a tmpfs (size={res.tmpfs}); {load_text(*res.load)}; code {res.code}")
     print("x faster: than the dracut loop; x tar: this time / tar's (both by wall time)")
-    print(f"{'step':<38}{'input':<11}{'seconds':>8}{'cpu s':>7}{'x faster':>10}{'x tar':>7}")
+    print(TABLE.header())
     for r in res.rows:
         extra = ", ".join(f"{k} {v:.2f} s" for k, v in r.phases.items())
-        print(f"{r.step:<38}{r.input:<11}{r.seconds:>8.2f}{r.cpu_seconds:>7.2f}"
-              f"{r.speedup_vs_dracut:>10.1f}{r.vs_tar:>7.2f}" + (f"  ({extra})" if extra else ""))
-    print(f"{'dmoverlay --version (start-up)':<49}{res.startup_seconds:>8.2f}")
+        print(TABLE.row(r.step, r.input, r.seconds, r.cpu_seconds, r.speedup_vs_dracut, r.vs_tar)
+              + (f"  ({extra})" if extra else ""))
+    print(TABLE.row("dmoverlay --version (start-up)", "", res.startup_seconds))
     h, ok = res.headline, res.goals_met
     print(f"dracut loop / dmoverlay apply DIR = {h['dracut_over_cli_directory']:.1f} x "
           f"(goal >= {GOAL_VS_DRACUT:g}: {'met' if ok['vs_dracut'] else 'MISSED'}; "
@@ -641,12 +625,7 @@ def tmpfs(scratch: Path, size: str) -> Iterator[Path]:
         try:
             yield top
         finally:
-            for attempt in range(3):
-                if subprocess.run(["umount", top]).returncode == 0:
-                    break
-                time.sleep(1 + attempt)
-            else:
-                subprocess.run(["umount", "-l", top], check=True)
+            unmount(top)
     finally:
         os.rmdir(top)
 

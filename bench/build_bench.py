@@ -14,18 +14,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import struct
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TypeVar
+
+from common import (
+    ROOT_LINKS,
+    Column,
+    Failed,
+    Table,
+    load_average,
+    load_text,
+    quiet_run,
+    stopwatch,
+    unmount,
+)
 
 from dmoverlay.build import DEFAULT_LABEL
 from dmoverlay.run import clean_env
@@ -39,12 +49,7 @@ GOAL = 1.15  # the project's goal: build <= 1.15 x mksquashfs alone
 # Copied into the tree: /usr as a merged-/usr root has it, with the usual
 # top-level links.  Not /etc: it holds this machine's secrets.
 SOURCE = Path("/usr")
-ROOT_LINKS = {"bin": "usr/bin", "sbin": "usr/sbin", "lib": "usr/lib", "lib64": "usr/lib64"}
 ROOT_DIRS = ("dev", "etc", "home", "proc", "root", "run", "sys", "tmp", "var")
-
-
-class Failed(Exception):
-    pass
 
 
 @dataclass
@@ -121,11 +126,6 @@ def tree_summary(root: Path) -> tuple[int, int]:
 # --------------------------------------------------------------- measuring
 
 
-def children_cpu() -> float:
-    use = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return use.ru_utime + use.ru_stime
-
-
 def best_of(repeat: int, job: Callable[[], T], *,
             before: Callable[[], None]) -> tuple[float, float, T]:
     """The fastest of `repeat` runs of `job`, each after an untimed `before`
@@ -134,24 +134,12 @@ def best_of(repeat: int, job: Callable[[], T], *,
     best: tuple[float, float, T] | None = None
     for _ in range(repeat):
         before()
-        cpu = children_cpu()
-        start = time.monotonic()
-        value = job()
-        wall = time.monotonic() - start
-        if best is None or wall < best[0]:
-            best = (wall, children_cpu() - cpu, value)
+        with stopwatch(own_cpu=False) as lap:
+            value = job()
+        if best is None or lap.wall < best[0]:
+            best = (lap.wall, lap.cpu, value)
     assert best is not None
     return best
-
-
-def quiet_run(argv: Sequence[str | os.PathLike[str]], env: dict[str, str] | None = None) -> str:
-    """Run a command; its stderr is returned, and shown if it fails."""
-    proc = subprocess.run(argv, env=env or clean_env(), stdin=subprocess.DEVNULL,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr)
-        raise Failed(f"failed (exit {proc.returncode}): {' '.join(map(str, argv))}")
-    return proc.stderr
 
 
 def phases(progress: str) -> dict[str, float]:
@@ -249,14 +237,6 @@ def classic(tree: Path, work: Path, comp: Compressor, size: int, epoch: int,
     return Row("classic loop mount", comp, wall, cpu, out.stat().st_size)
 
 
-def unmount(mnt: Path) -> None:
-    for _ in range(3):
-        if subprocess.run(["umount", mnt]).returncode == 0:
-            return
-        time.sleep(1)
-    subprocess.run(["umount", "-l", mnt], check=True)
-
-
 # ---------------------------------------------------------------- the run
 
 
@@ -273,7 +253,7 @@ class Result:
 
 
 def measure(tree: Path, work: Path, repeat: int, exe: str) -> Result:
-    load_before = os.getloadavg()[0]
+    load_before = load_average()
     rows: list[Row] = []
     rootfs_size = 0
     for comp in COMPRESSORS:
@@ -302,7 +282,7 @@ def measure(tree: Path, work: Path, repeat: int, exe: str) -> Result:
             free[amount] = None
     entries, data = tree_summary(tree)
     return Result(str(tree), entries, data, rootfs_size, rows, headline(rows), free,
-                  (load_before, os.getloadavg()[0]))
+                  (load_before, load_average()))
 
 
 def headline(rows: list[Row]) -> dict[str, dict[str, float]]:
@@ -317,14 +297,18 @@ def headline(rows: list[Row]) -> dict[str, dict[str, float]]:
     return out
 
 
+TABLE = Table((Column("step", "<32"), Column("seconds", ">9.2f"), Column("cpu s", ">9.2f"),
+               Column("squashfs bytes", ">16,"), Column("vs mksquashfs", ">15.2f")))
+
+
 def report(res: Result) -> None:
     print(f"tree: {res.tree_bytes / MB:.1f} MB in {res.entries} entries, copied from "
           f"{SOURCE}; rootfs.img {res.rootfs_bytes / MB:.1f} MB (sparse); "
-          f"load average {res.load[0]:.2f} before, {res.load[1]:.2f} after")
-    print(f"{'step':<32}{'seconds':>9}{'cpu s':>9}{'squashfs bytes':>16}{'vs mksquashfs':>15}")
+          f"{load_text(*res.load)}")
+    print(TABLE.header())
     for r in res.rows:
-        print(f"{r.step + ' (' + r.compression + ')':<32}{r.seconds:>9.2f}{r.cpu_seconds:>9.2f}"
-              f"{r.squashfs_bytes:>16,}{r.ratio:>15.2f}")
+        print(TABLE.row(f"{r.step} ({r.compression})", r.seconds, r.cpu_seconds,
+                        r.squashfs_bytes, r.ratio))
         if r.phases:
             print("    dmoverlay steps: " + ", ".join(
                 f"{name} {s:.1f} s" for name, s in r.phases.items()))

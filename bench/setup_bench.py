@@ -38,11 +38,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from common import DRACUT_LOOP, Column, Failed, Table, stopwatch
 
 from dmoverlay import log, overlay
 from dmoverlay.errors import DmoverlayError
@@ -76,18 +77,6 @@ dmsetup create "$name-rw" --table "0 $sz snapshot $base $cow PO 8"
 mount -n -t ext4 "/dev/mapper/$name-rw" "$target"
 """
 
-# apply-live-updates.sh of dracut (dracut-ng), its loop as written there.
-DRACUT_LOOP = r"""
-cd "$1" || exit 1
-NEWROOT=$2
-find . -depth -type d -exec mkdir -p "$NEWROOT/{}" \;
-find . -depth \! -type d -exec cp -a "{}" "$NEWROOT/{}" \;
-"""
-
-
-class Failed(Exception):
-    pass
-
 
 def say(message: str) -> None:
     print(f"setup_bench: {message}", file=sys.stderr, flush=True)
@@ -111,9 +100,9 @@ def run(argv: Sequence[str | os.PathLike[str]]) -> str:
 
 
 def timed(action: Callable[[], object]) -> float:
-    start = time.monotonic()
-    action()
-    return time.monotonic() - start
+    with stopwatch() as lap:
+        action()
+    return lap.wall
 
 
 # ---------------------------------------------------------------- the data
@@ -369,9 +358,9 @@ def time_startup(repeat: int) -> list[Row]:
     rows = [Row(name) for name in STARTUP]
     for _ in range(repeat):
         for row in rows:
-            start = time.monotonic()
-            run(STARTUP[row.method])
-            row.seconds.append(time.monotonic() - start)
+            with stopwatch() as lap:
+                run(STARTUP[row.method])
+            row.seconds.append(lap.wall)
     return rows
 
 
@@ -519,6 +508,18 @@ def bench(opts: argparse.Namespace, top: Path) -> Results:
                    setup_rows, startup_rows, cow_rows)
 
 
+# (a): a method's best time (each run's follow it, outside the columns)
+SECONDS = Table((Column("method", "<32"), Column("best", ">7.2f")), indent="  ")
+COW = Table((Column("method", "<36"), Column("COW delta", ">10.2f", "M"),
+             Column("per byte", ">9.3f"), Column("umount", ">+8.0f", "K"),
+             Column("RAM", ">9.2f", "M"), Column("seconds", ">9.1f")), indent="  ")
+RATIOS = Table((Column("ratio", "<56"), Column("value", ">7.3f")), indent="  ")
+
+
+def seconds_line(row: Row) -> str:
+    return SECONDS.row(row.method, row.best) + f"   [{' '.join(f'{s:.2f}' for s in row.seconds)}]"
+
+
 def report(r: Results) -> None:
     m = r.machine
     print(f"kernel {m['kernel']}, Python {m['python']}, {m['cpus']} CPUs, "
@@ -528,10 +529,10 @@ def report(r: Results) -> None:
           f"{r.overlay_bytes // MiB} MiB")
     print("\n(a) setup, wall seconds: best, then every run")
     for row in r.setup:
-        print(f"  {row.method:<32}{row.best:>7.2f}   [{' '.join(f'{s:.2f}' for s in row.seconds)}]")
+        print(seconds_line(row))
     print("  start-up of a new process:")
     for row in r.startup:
-        print(f"  {row.method:<32}{row.best:>7.2f}   [{' '.join(f'{s:.2f}' for s in row.seconds)}]")
+        print(seconds_line(row))
     if m["in_vm"] == "vm":
         print("  (qemu TCG emulates every instruction: process start-up and Python imports are "
               "tens of times\n  slower than on hardware, and weigh far more here than at boot)")
@@ -539,18 +540,16 @@ def report(r: Results) -> None:
           f"replacing older ones), {r.update_data_bytes / MiB:.2f} MiB of data, "
           f"{r.update_block_bytes / MiB:.2f} MiB in whole 4 KiB blocks "
           f"(ratio {r.update_block_bytes / r.update_data_bytes:.3f})")
-    print(f"  {'method':<36}{'COW delta':>10}{'per byte':>9}{'umount':>8}{'RAM':>9}"
-          f"{'seconds':>9}")
+    print(COW.header())
     for c in r.cow:
         late = c.used_after_umount - c.used_after_sync
-        print(f"  {c.method:<36}{c.delta / MiB:>9.2f}M{c.delta / r.update_data_bytes:>9.3f}"
-              f"{late / KiB:>+7.0f}K{(c.ram_after - c.ram_before) / MiB:>8.2f}M"
-              f"{c.seconds:>9.1f}")
+        print(COW.row(c.method, c.delta / MiB, c.delta / r.update_data_bytes, late / KiB,
+                      (c.ram_after - c.ram_before) / MiB, c.seconds))
     print("  (COW delta: `dmoverlay status` used bytes after sync minus before; umount: what "
           "came on unmounting; RAM: tmpfs pages of the COW file)")
     print("\nratios")
     for name, value in r.ratios.items():
-        print(f"  {name:<56}{value:>7.3f}")
+        print(RATIOS.row(name, value))
     for goal, met in r.goals_met.items():
         print(f"goal: {goal}: {'met' if met else 'NOT met'}")
 

@@ -692,4 +692,4 @@ def test_report_types(images: dict[str, Path]) -> None:
 def test_command_is_registered() -> None:
     from dmoverlay.cli import cli
     assert isinstance(cli, click.Group)
-    assert cli.commands.get("inspect") is command
+    assert cli.get_command(click.Context(cli), "inspect") is command

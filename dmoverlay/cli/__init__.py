@@ -1,26 +1,117 @@
 """The `dmoverlay` command. click lives in this package only; each command is
-a thin wrapper over the library in its own module."""
+a thin wrapper over the library in its own module.
+
+A command's module is imported only when that command runs (or shows its
+help): `setup` at boot should not pay for `apply`'s archive readers and
+downloader, and `dmoverlay --version` for none of them.  COMMANDS names each
+module, and carries the summary line `dmoverlay --help` lists.
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
-import traceback
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import click
+from click.utils import make_default_short_help
 
-from dmoverlay import __version__, log, run
+from dmoverlay import __version__, log
 from dmoverlay.errors import DmoverlayError
+
+
+class LazyCommand(NamedTuple):
+    """Where a command is defined, and the first sentence of its help (kept
+    equal to the docstring's by tests/test_cli_imports.py)."""
+
+    module: str
+    attr: str
+    summary: str
+
+
+COMMANDS: Mapping[str, LazyCommand] = {
+    "build": LazyCommand(
+        "dmoverlay.cli.build", "command",
+        "Build a live runtime image from SOURCE, a root directory or a tar archive "
+        "(plain, gzip, xz, bzip2 or zstd), without root privileges."),
+    "inspect": LazyCommand(
+        "dmoverlay.cli.inspect", "command",
+        "Show what IMAGE is and what it holds, without mounting it (no root needed)."),
+    "doctor": LazyCommand(
+        "dmoverlay.cli.doctor", "command",
+        "Show what this machine can do for dmoverlay and what is missing: tools, Python "
+        "modules, libblockdev plugins, kernel features (loop, squashfs, ext4, "
+        "device-mapper...) and privileges, each with a hint naming the fix."),
+    "setup": LazyCommand(
+        "dmoverlay.cli.overlay", "setup_command",
+        "Make IMAGE writable at TARGET: IMAGE is a squashfs.img, a rootfs.img, a disk image "
+        "or device holding LiveOS/squashfs.img, or LABEL=, UUID=, PARTUUID=, PARTLABEL=, "
+        "CDLABEL=."),
+    "status": LazyCommand(
+        "dmoverlay.cli.overlay", "status_command",
+        "How full the overlay's COW store is."),
+    "teardown": LazyCommand(
+        "dmoverlay.cli.overlay", "teardown_command",
+        "Unmount and remove the overlay, in reverse order; safe to repeat."),
+    "apply": LazyCommand(
+        "dmoverlay.cli.apply", "command",
+        "Apply UPDATES (a directory, cpio or tar archive, filesystem image, or http(s) URL) "
+        "onto ROOT: links kept, nothing written outside ROOT, every file replaced "
+        "atomically, all or nothing."),
+    "rollback": LazyCommand(
+        "dmoverlay.cli.apply", "rollback_command",
+        "Undo the last apply on ROOT (or finish undoing one a crash cut short)."),
+}
 
 
 class Group(click.Group):
     """Turns expected failures into `error:` / `hint:` lines and exit code 1;
-    a traceback only with --debug."""
+    a traceback only with --debug.  Commands in `lazy` are imported when
+    first asked for."""
+
+    def __init__(self, *args: Any, lazy: Mapping[str, LazyCommand] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy: Mapping[str, LazyCommand] = lazy or {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in self.lazy:
+            where = self.lazy[cmd_name]
+            command = getattr(importlib.import_module(where.module), where.attr)
+            assert isinstance(command, click.Command), where
+            self.add_command(command, cmd_name)
+        return self.commands.get(cmd_name)
+
+    def summary_line(self, cmd_name: str, limit: int) -> str:
+        """A command's line in the listing, cut as click cuts it, without
+        importing a command not yet loaded."""
+        if cmd_name in self.commands:
+            return self.commands[cmd_name].get_short_help_str(limit)
+        return make_default_short_help(self.lazy[cmd_name].summary, limit)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        names = [name for name in self.list_commands(ctx)
+                 if name not in self.commands or not self.commands[name].hidden]
+        if not names:
+            return
+        # click's spacing: the widest name and three times the default gap
+        limit = formatter.width - 6 - max(len(name) for name in names)
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, self.summary_line(name, limit)) for name in names])
 
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
         except DmoverlayError as exc:
+            from dmoverlay import run
+
             if run.debug:
+                import traceback
+
                 traceback.print_exc()
             click.echo(f"error: {exc.message}", err=True)
             if exc.hint:
@@ -31,26 +122,16 @@ class Group(click.Group):
             sys.exit(130)
 
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="dmoverlay")
 @click.option("--debug", is_flag=True, help="Echo commands; show tracebacks.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 def cli(debug: bool, quiet: bool) -> None:
     """Build, set up and update ext4-in-squashfs live runtimes."""
+    from dmoverlay import run  # subprocess and friends: not for --version or --help
+
     run.debug = run.debug or debug
     log.quiet = quiet
-
-
-def _register() -> None:
-    from dmoverlay.cli import apply, build, doctor, inspect, overlay
-
-    for command in (build.command, inspect.command, doctor.command, overlay.setup_command,
-                    overlay.status_command, overlay.teardown_command, apply.command,
-                    apply.rollback_command):
-        cli.add_command(command)
-
-
-_register()
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """Loop devices, tmpfs, device-mapper tables and mounts for the privileged tests.
 
-Deliberately independent of dmoverlay's own code: these helpers prove the harness
-and the kernel, so the library can later be tested against them.  Each attach has
+Independent of dmoverlay's own code, so that they prove the harness and the kernel,
+but for one piece: `dmsetup status` is read with dmoverlay.cow.parse_status, which
+these tests thereby check against what a real kernel prints.  Each attach has
 its detach in a finally block; a teardown that fails raises (it is never swallowed),
 and every command has a time limit, so a wedged device fails a test instead of
 stalling the VM until the harness kills it.
@@ -16,8 +17,9 @@ import shlex
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+
+from dmoverlay.cow import SnapshotStatus, parse_status
 
 MiB = 1024 * 1024
 SECTOR = 512
@@ -142,30 +144,9 @@ def dm_device(name: str, table: str) -> Iterator[Path]:
         run("dmsetup", "remove", "--retry", name)
 
 
-@dataclass(frozen=True)
-class SnapshotStatus:
-    """`<start> <len> snapshot <allocated>/<total> <metadata>`, or `Invalid`,
-    `Overflow`, `Merge failed` in place of the numbers; sizes in sectors."""
-
-    state: str
-    allocated: int = 0
-    total: int = 0
-    metadata: int = 0
-
-
-def parse_snapshot_status(line: str) -> SnapshotStatus:
-    fields = line.split()
-    if len(fields) < 4 or fields[2] != "snapshot":
-        raise ValueError(f"not a snapshot status: {line!r}")
-    rest = fields[3:]
-    if "/" in rest[0] and len(rest) == 2:
-        allocated, total = rest[0].split("/")
-        return SnapshotStatus("active", int(allocated), int(total), int(rest[1]))
-    return SnapshotStatus(" ".join(rest))
-
-
 def snapshot_status(name: str) -> SnapshotStatus:
-    return parse_snapshot_status(run("dmsetup", "status", name))
+    """The snapshot's state and COW use, in sectors."""
+    return parse_status(run("dmsetup", "status", name))
 
 
 def dm_name(what: str) -> str:

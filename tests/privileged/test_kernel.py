@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from dmoverlay.cow import State
 from tests.privileged.kernel import (
     SECTOR,
     MiB,
@@ -121,7 +122,8 @@ def test_persistent_cow_brings_the_changes_back(tmp_path: Path) -> None:
                     assert (root / "etc" / "os-release").read_text() == "NAME=persisted\n"
 
 
-@pytest.mark.parametrize(("store", "full_state"), [("PO", "Overflow"), ("N", "Invalid")])
+@pytest.mark.parametrize(("store", "full_state"),
+                         [("PO", State.OVERFLOW), ("N", State.INVALID)])
 def test_a_full_cow_makes_the_snapshot(tmp_path: Path, store: str, full_state: str) -> None:
     """Fills a 1 MiB COW with 4 MiB of writes and records what the kernel does.
     PO (dracut's live-rw): the snapshot overflows, writes fail, reads still work.
@@ -148,7 +150,7 @@ def test_a_full_cow_makes_the_snapshot(tmp_path: Path, store: str, full_state: s
         assert full.value.errno == errno.EIO
         state = snapshot_status(name).state
         print(f"{store}: {written // 1024} KiB written into a 1 MiB COW, then EIO; "
-              f"status {state!r}")
+              f"status {state}")
         assert state == full_state
         assert 0 < written <= 1 * MiB
         if store == "PO":  # its header and exception table take chunks of the COW

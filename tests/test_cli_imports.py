@@ -1,0 +1,95 @@
+"""The command line imports a command's module only when that command is
+asked for: which modules a run of `dmoverlay` brings in, not how long it takes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.utils import make_default_short_help
+
+from dmoverlay.cli import COMMANDS, cli
+
+# Runs dmoverlay's entry point and writes the modules it added to those the
+# interpreter had at start-up (site may bring in some, such as urllib.parse).
+PROBE = """
+import sys
+out = sys.argv.pop(1)
+before = set(sys.modules)
+try:
+    from dmoverlay.cli import main
+    main()
+finally:
+    with open(out, "w") as f:
+        f.write("\\n".join(sorted(set(sys.modules) - before)))
+"""
+
+# What only some commands need: libblockdev and pyparted, the downloader, the
+# archive readers and checksums, and the library behind each command.
+HEAVY = {"gi", "parted", "urllib.request", "http.client", "ssl", "tarfile", "hashlib",
+         "dmoverlay.apply", "dmoverlay.updates", "dmoverlay.build", "dmoverlay.source",
+         "dmoverlay.compress", "dmoverlay.inspect", "dmoverlay.doctor", "dmoverlay.disk"}
+COMMAND_MODULES = {lazy.module for lazy in COMMANDS.values()}
+
+
+def dmoverlay(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """A `dmoverlay ARGS` run and the modules it imported."""
+    out = tmp_path / "modules"
+    result = subprocess.run([sys.executable, "-c", PROBE, str(out), *args],
+                            capture_output=True, text=True, check=False)
+    return result, set(out.read_text().split())
+
+
+def test_version_imports_no_command(tmp_path: Path) -> None:
+    result, added = dmoverlay(tmp_path, "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "dmoverlay, version 0.1.0\n"
+    assert "dmoverlay.cli" in added
+    assert not added & (HEAVY | COMMAND_MODULES | {"dmoverlay.run", "subprocess"})
+
+
+def test_help_lists_every_command_without_importing_them(tmp_path: Path) -> None:
+    result, added = dmoverlay(tmp_path, "--help")
+    assert result.returncode == 0, result.stderr
+    listed = result.stdout.split("Commands:\n", 1)[1].split()
+    assert all(name in listed for name in COMMANDS)
+    assert not added & (HEAVY | COMMAND_MODULES)
+
+
+def test_status_help_imports_only_its_own_command(tmp_path: Path) -> None:
+    result, added = dmoverlay(tmp_path, "status", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "How full the overlay's COW store is." in result.stdout
+    assert "dmoverlay.cli.overlay" in added
+    assert not added & (HEAVY | COMMAND_MODULES - {"dmoverlay.cli.overlay"})
+
+
+def test_errors_of_a_lazy_command_keep_their_form(tmp_path: Path) -> None:
+    result, added = dmoverlay(tmp_path, "inspect", str(tmp_path / "missing.img"))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"error: {tmp_path / 'missing.img'}: no such file",
+                                          "hint: check the path"]
+    assert "dmoverlay.cli.apply" not in added
+
+
+def test_unknown_command_is_a_usage_error(tmp_path: Path) -> None:
+    result, added = dmoverlay(tmp_path, "frobnicate")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["error: No such command 'frobnicate'.",
+                                          "hint: see dmoverlay --help"]
+    assert not added & COMMAND_MODULES
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_listed_summary_is_the_commands_own(name: str) -> None:
+    """The table's summary cuts to the same line as the command's docstring
+    at every terminal width, so `dmoverlay --help` reads as click would print it."""
+    command = cli.get_command(click.Context(cli), name)
+    assert command is not None
+    assert command.name == name
+    for limit in range(10, 200):
+        assert make_default_short_help(COMMANDS[name].summary, limit) \
+            == command.get_short_help_str(limit), limit
