@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.applykit import make_root, snapshot
+from tests.applykit import make_root, snapshot, without_dir_times
 from tests.conftest import dmoverlay
 
 
@@ -186,3 +186,26 @@ def test_rollback_command(live: tuple[Path, Path, Path]) -> None:
     assert snapshot(root) == before
     again = dmoverlay("rollback", "--root", str(root), "--run-dir", str(run))
     assert again.stdout.strip() == "nothing to roll back"
+
+
+def test_jobs_give_the_same_tree(tmp_path: Path) -> None:
+    """One process or several (the default on this machine for 600 files)
+    make the same tree, and rollback undoes either."""
+    files = {f"lib/mod{i % 7}/f{i}.so": bytes([i % 256]) * (100 + i) for i in range(600)}
+    image = updates_img(tmp_path, files)
+    trees = {}
+    for jobs in ("1", "2", "0"):
+        root, run = make_root(tmp_path / f"live{jobs}")
+        before = snapshot(root)
+        assert apply_cli(image, root, run, "--jobs", jobs).returncode == 0
+        trees[jobs] = without_dir_times(snapshot(root))  # existing ones: when written
+        assert dmoverlay("rollback", "--root", str(root), "--run-dir", str(run)).returncode == 0
+        assert snapshot(root) == before
+    assert trees["1"] == trees["2"] == trees["0"]
+    assert trees["1"]["usr/lib/mod3/f10.so"].data == hashlib.sha256(bytes([10]) * 110).hexdigest()
+
+
+def test_jobs_must_not_be_negative(live: tuple[Path, Path, Path]) -> None:
+    top, root, run = live
+    result = apply_cli(updates_img(top, {"etc/x": b"x"}), root, run, "--jobs", "-1")
+    assert result.returncode == 2 and "--jobs" in result.stderr

@@ -36,8 +36,10 @@ def plan_dict(plan: Plan) -> dict[str, object]:
     }
 
 
-def _options(root: Path, run_dir: str, **kw: bool) -> ApplyOptions:
-    return ApplyOptions(root=root, run_dir=None if run_dir == "none" else Path(run_dir), **kw)
+def _options(root: Path, run_dir: str, *, allow_setuid: bool = False, dry_run: bool = False,
+             jobs: int = 0) -> ApplyOptions:
+    return ApplyOptions(root=root, run_dir=None if run_dir == "none" else Path(run_dir),
+                        allow_setuid=allow_setuid, dry_run=dry_run, jobs=jobs)
 
 
 @click.command("apply")
@@ -50,12 +52,14 @@ def _options(root: Path, run_dir: str, **kw: bool) -> ApplyOptions:
 @click.option("--allow-setuid", is_flag=True, help="Accept setuid/setgid files.")
 @click.option("-n", "--dry-run", is_flag=True, help="Print the plan; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="A machine-readable report on stdout.")
+@click.option("-j", "--jobs", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Processes that write files (0: one per CPU for a large update).")
 def command(updates: str, root: Path, run_dir: str, sha256: str | None, allow_setuid: bool,
-            dry_run: bool, as_json: bool) -> None:
+            dry_run: bool, as_json: bool, jobs: int) -> None:
     """Apply UPDATES (a directory, cpio or tar archive, filesystem image, or
     http(s) URL) onto ROOT: links kept, nothing written outside ROOT, every
     file replaced atomically, all or nothing.  `dmoverlay rollback` undoes it."""
-    opts = _options(root, run_dir, allow_setuid=allow_setuid, dry_run=dry_run)
+    opts = _options(root, run_dir, allow_setuid=allow_setuid, dry_run=dry_run, jobs=jobs)
     with staging(opts) as place:
         spool = Spool(place)
         try:
