@@ -378,12 +378,34 @@ def tar_extract(bench: Bench) -> Callable[[Path], dict[str, float]]:
     return job
 
 
-def dmoverlay_cli(bench: Bench, kind: str) -> Callable[[Path], dict[str, float]]:
+def dmoverlay_cli(bench: Bench, kind: str, *extra: str) -> Callable[[Path], dict[str, float]]:
     def job(root: Path) -> dict[str, float]:
         err = quiet_run([bench.exe, "apply", bench.path_of(kind), "--root", root,
-                         "--run-dir", bench.run_dir], env=dict(os.environ))
+                         "--run-dir", bench.run_dir, *extra], env=dict(os.environ))
         return cli_phases(err)
     return job
+
+
+def dmoverlay_cli_one_process(bench: Bench, kind: str) -> Callable[[Path], dict[str, float]]:
+    return dmoverlay_cli(bench, kind, "--jobs", "1")
+
+
+def rollback_seconds(bench: Bench, repeat: int) -> float:
+    """`dmoverlay rollback` of the tar's apply, best of `repeat`; the root
+    must come back as it was."""
+    before = manifest(bench.pristine)
+    best = float("inf")
+    for _ in range(repeat):
+        root = bench.fresh_root()
+        quiet_run([bench.exe, "apply", bench.tar, "--root", root, "--run-dir", bench.run_dir],
+                  env=dict(os.environ))
+        with stopwatch() as lap:
+            quiet_run([bench.exe, "rollback", "--root", root, "--run-dir", bench.run_dir],
+                      env=dict(os.environ))
+        best = min(best, lap.wall)
+        if manifest(root) != before:
+            raise Failed(f"{root}: rollback did not bring back the root as it was")
+    return best
 
 
 def cli_phases(progress: str) -> dict[str, float]:
@@ -501,6 +523,7 @@ class Result:
     code: str  # the commit measured, and whether dmoverlay/ had uncommitted changes
     breakdown: dict[str, dict[str, float]] = field(default_factory=dict)  # by input
     profile: dict[str, str] | None = None
+    rollback_seconds: float = 0.0  # `dmoverlay rollback` of the tar's apply
 
 
 STEPS = (
@@ -509,13 +532,16 @@ STEPS = (
     ("dmoverlay apply (CLI)", "directory", "cli"),
     ("dmoverlay apply (CLI)", "tar", "cli"),
     ("dmoverlay apply (CLI)", "cpio.gz", "cli"),
+    ("dmoverlay apply (CLI, --jobs 1)", "directory", "cli1"),
+    ("dmoverlay apply (CLI, --jobs 1)", "tar", "cli1"),
     ("dmoverlay library, new process", "directory", "process"),
     ("dmoverlay library, new process", "tar", "process"),
     ("dmoverlay library, in-process", "directory", "lib"),
     ("dmoverlay library, in-process", "tar", "lib"),
     ("dmoverlay library, in-process", "cpio.gz", "lib"),
 )
-RUNNERS = {"cli": dmoverlay_cli, "process": dmoverlay_library_process, "lib": dmoverlay_library}
+RUNNERS = {"cli": dmoverlay_cli, "cli1": dmoverlay_cli_one_process,
+           "process": dmoverlay_library_process, "lib": dmoverlay_library}
 
 
 def measure(bench: Bench, repeat: int, data: dict[str, int], size: str,
@@ -539,6 +565,8 @@ def measure(bench: Bench, repeat: int, data: dict[str, int], size: str,
              "vs_tar": head["cli_tar_over_tar"] <= GOAL_VS_TAR}
     result = Result(data, size, rows, startup(bench, repeat), head, goals,
                     (load_before, load_average()), code_version())
+    print("timing dmoverlay rollback of the tar's apply", file=sys.stderr)
+    result.rollback_seconds = rollback_seconds(bench, repeat)
     if force_profile or not all(goals.values()):
         for kind in ("directory", "tar"):
             print(f"timing the parts of an in-process apply of the {kind}", file=sys.stderr)
@@ -598,6 +626,7 @@ def report(res: Result) -> None:
         print(TABLE.row(r.step, r.input, r.seconds, r.cpu_seconds, r.speedup_vs_dracut, r.vs_tar)
               + (f"  ({extra})" if extra else ""))
     print(TABLE.row("dmoverlay --version (start-up)", "", res.startup_seconds))
+    print(TABLE.row("dmoverlay rollback (CLI) of the tar's", "", res.rollback_seconds))
     h, ok = res.headline, res.goals_met
     print(f"dracut loop / dmoverlay apply DIR = {h['dracut_over_cli_directory']:.1f} x "
           f"(goal >= {GOAL_VS_DRACUT:g}: {'met' if ok['vs_dracut'] else 'MISSED'}; "
