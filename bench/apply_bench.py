@@ -49,6 +49,7 @@ from common import (
     Column,
     Failed,
     Table,
+    compile_bytecode,
     load_average,
     load_text,
     quiet_run,
@@ -699,6 +700,7 @@ def main() -> None:
     if args.files < 1 or args.repeat < 1:
         raise SystemExit("--files and --repeat must be at least 1")
     exe = shutil.which("dmoverlay", path=os.path.dirname(sys.executable)) or "dmoverlay"
+    compile_bytecode()
     os.umask(0o022)  # mkdir -p in dracut's loop makes 0755 directories, as the update has
     log.quiet = True
     try:

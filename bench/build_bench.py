@@ -30,6 +30,7 @@ from common import (
     Column,
     Failed,
     Table,
+    compile_bytecode,
     load_average,
     load_text,
     quiet_run,
@@ -338,6 +339,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
     exe = shutil.which("dmoverlay", path=os.path.dirname(sys.executable)) or "dmoverlay"
+    compile_bytecode()
     work = Path(tempfile.mkdtemp(prefix="build-bench.", dir=args.scratch))
     try:
         tree = args.tree or work / "tree"

@@ -69,21 +69,14 @@ def parse_status(line: str) -> SnapshotStatus:
     return SnapshotStatus(State.ACTIVE, int(allocated), int(total), metadata)
 
 
-def dm_name(dev: int, *, sysfs: Path = Path("/sys")) -> str | None:
-    """The device-mapper name of a block device number, or None if not dm."""
+def dm_name(dev: int | str, *, sysfs: Path = Path("/sys")) -> str | None:
+    """The device-mapper name of a block device (a number, or "major:minor"),
+    or None if it is not a dm device."""
+    devno = dev if isinstance(dev, str) else f"{os.major(dev)}:{os.minor(dev)}"
     try:
-        return (sysfs / f"dev/block/{os.major(dev)}:{os.minor(dev)}/dm/name").read_text().strip()
+        return (sysfs / f"dev/block/{devno}/dm/name").read_text().strip()
     except OSError:
         return None
-
-
-def cow_device(name: str) -> str | None:
-    """The COW device of a snapshot, as major:minor, from its table:
-    `<start> <length> snapshot <origin> <cow> <P|N|PO> <chunk>`."""
-    table = run(["dmsetup", "table", name]).stdout.split()
-    if len(table) >= 5 and table[2] == "snapshot":
-        return table[4]
-    return None
 
 
 def backing_file(devno: str, *, sysfs: Path = Path("/sys")) -> Path | None:
@@ -96,19 +89,50 @@ def backing_file(devno: str, *, sysfs: Path = Path("/sys")) -> Path | None:
 
 
 def free_bytes(path: str) -> int | None:
-    """Room left in the COW store under the filesystem holding `path`; None
-    when it is not on a dm-snapshot (or dmsetup is missing)."""
+    """Room left for new writes under the filesystem holding `path`: in its
+    dm-snapshot's COW store, or its thin volume's pool; None when it is on
+    neither (or dmsetup is missing)."""
     name = dm_name(os.stat(path).st_dev)
     if name is None or find_tool("dmsetup") is None:
         return None
-    line = run(["dmsetup", "status", name]).stdout
-    if " snapshot " not in f" {line} ":
+    table = run(["dmsetup", "table", name]).stdout.split()
+    # snapshot: <start> <len> snapshot <origin> <cow> <P|N|PO> <chunk>
+    if len(table) >= 5 and table[2] == "snapshot":
+        status = parse_status(run(["dmsetup", "status", name]).stdout)
+        return _within_backing(status.free_bytes, table[4])
+    # thin: <start> <len> thin <pool> <id> [<external origin>]
+    if len(table) >= 4 and table[2] == "thin":
+        return _pool_free(table[3])
+    return None
+
+
+def _pool_free(pool_devno: str) -> int | None:
+    from dmoverlay.dmtable import parse_pool_status  # here: an apply on a snapshot needs none
+
+    pool = dm_name(pool_devno)
+    if pool is None:
         return None
-    status = parse_status(line)
-    free = status.free_bytes
-    cow = cow_device(name)
-    backing = backing_file(cow) if cow else None
-    if backing is not None:
-        st = os.statvfs(backing.parent)
-        free = min(free, st.f_bavail * st.f_frsize)
-    return free
+    # <start> <len> thin-pool <metadata> <data> <block sectors> <low water mark> ...
+    table = run(["dmsetup", "table", pool]).stdout.split()
+    if len(table) < 6 or table[2] != "thin-pool":
+        return None
+    status = parse_pool_status(run(["dmsetup", "status", pool]).stdout, int(table[5]))
+    free = status.total - status.used if status.state == "active" else 0
+    return _within_backing(free, table[4])
+
+
+def _within_backing(free: int, devno: str) -> int:
+    """A store on a loop device over a sparse file (on tmpfs, say) also needs
+    room in the file's filesystem; one allocated in full (a persistent
+    overlay) does not."""
+    backing = backing_file(devno)
+    if backing is None:
+        return free
+    try:
+        st = os.stat(backing)
+        if st.st_blocks * SECTOR >= st.st_size:
+            return free
+        fs = os.statvfs(backing.parent)
+    except OSError:
+        return free
+    return min(free, fs.f_bavail * fs.f_frsize)

@@ -16,15 +16,19 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from dmoverlay import blockdev, cow, devspec, log
+from dmoverlay import blockdev, cow, devspec, log, persistent
 from dmoverlay.dmtable import (
     SECTOR,
+    Device,
+    Mode,
     Names,
     State,
     Step,
+    ThinPool,
     cow_file_size,
-    linear_table,
-    snapshot_table,
+    layout,
+    parse_pool_status,
+    thin_sizes,
 )
 from dmoverlay.errors import DmoverlayError, ImageError, UsageError
 from dmoverlay.run import find_tool, run
@@ -44,11 +48,43 @@ class SetupOptions:
     image: str
     target: Path
     name: str = "live"
-    overlay_size: int | None = None  # None: half the RAM
+    overlay_size: int | None = None  # RAM layer (None: half the RAM); or a new overlay file
     live_dir: str = "LiveOS"
     squashfs_name: str = "squashfs.img"
     tmpfs_dir: Path | None = None  # an existing tmpfs for the COW file; else our own
     state_dir: Path = STATE_DIR
+    overlay: str | None = None  # persistent overlay: DEVICE:PATH, DEVICE or FILE
+    overlay_reset: bool = False  # start the persistent overlay afresh
+    overlay_readonly: bool = False  # show it, keep new writes in RAM
+    overlay_thin: bool = False  # RAM layer as a thin volume: fstrim gives RAM back
+
+    @property
+    def mode(self) -> Mode:
+        if self.overlay is None:
+            return Mode.RAM
+        return Mode.READONLY if self.overlay_readonly else Mode.PERSISTENT
+
+
+def check_options(opts: SetupOptions) -> None:
+    """Combinations that mean nothing, refused before anything is touched."""
+    if opts.overlay is None:
+        for flag, given in (("--overlay-reset", opts.overlay_reset),
+                            ("--overlay-readonly", opts.overlay_readonly)):
+            if given:
+                raise UsageError(f"{flag} needs --overlay",
+                                 hint="name the persistent overlay: --overlay DEVICE:PATH")
+        return
+    persistent.parse_spec(opts.overlay)
+    if opts.overlay_reset and opts.overlay_readonly:
+        raise UsageError("--overlay-reset and --overlay-readonly contradict each other",
+                         hint="a read-only overlay is never written")
+    if opts.overlay_thin and not opts.overlay_readonly:
+        raise UsageError("--overlay-thin with --overlay needs --overlay-readonly",
+                         hint="writes go to a persistent overlay itself; only a read-only "
+                              "one has a RAM layer to make thin")
+    if opts.tmpfs_dir is not None and opts.mode is Mode.PERSISTENT:
+        raise UsageError("--tmpfs-dir means nothing with a persistent overlay",
+                         hint="its COW is the overlay file, not RAM")
 
 
 # ------------------------------------------------------------------ checks
@@ -60,26 +96,27 @@ def require_root() -> None:
                            hint="run it as root (at boot, the initramfs is)")
 
 
-def require_snapshot_target() -> None:
-    """dm-snapshot in the kernel, loading the module if need be."""
+def require_target(target: str = "snapshot", module: str = "dm-snapshot",
+                            config: str = "CONFIG_DM_SNAPSHOT") -> None:
+    """A device-mapper target in the kernel, loading its module if need be."""
     if find_tool("dmsetup") is None:
         raise OverlayError("dmsetup not found", hint="apt-get install dmsetup")
-    if not _has_snapshot():
+    if not _has_target(target):
         if find_tool("modprobe") is not None:
-            run(["modprobe", "dm-snapshot"], check=False)
-        if not _has_snapshot():
+            run(["modprobe", module], check=False)
+        if not _has_target(target):
             raise OverlayError(
-                "this kernel has no device-mapper snapshot target (dm-snapshot)",
-                hint="load it (modprobe dm-snapshot) or use a kernel with CONFIG_DM_SNAPSHOT; "
+                f"this kernel has no device-mapper {target} target ({module})",
+                hint=f"load it (modprobe {module}) or use a kernel with {config}; "
                      "dmoverlay doctor says what is missing")
 
 
-def _has_snapshot() -> bool:
+def _has_target(target: str) -> bool:
     if not Path("/dev/mapper/control").exists():
         return False
     result = run(["dmsetup", "targets"], check=False)
     return result.returncode == 0 and any(
-        line.split()[:1] == ["snapshot"] for line in result.stdout.splitlines())
+        line.split()[:1] == [target] for line in result.stdout.splitlines())
 
 
 def ram_bytes(meminfo: str) -> int:
@@ -144,16 +181,35 @@ class Recorder:
         blockdev.mount(device, where, fstype=fstype, options=options)
         return where
 
-    def dm(self, name: str, table: str, *, read_only: bool) -> str:
-        self.add(Step("dm", name))
-        argv = ["dmsetup", "create", name, "--table", table]
-        run([*argv, "--readonly"] if read_only else argv)
-        node = Path("/dev/mapper") / name
+    def dm(self, device: Device) -> str:
+        self.add(Step("dm", device.name))
+        argv = ["dmsetup", "create", device.name, "--table", device.table]
+        run([*argv, "--readonly"] if device.read_only else argv)
+        node = Path("/dev/mapper") / device.name
         for _ in range(100):  # udev, where it runs, makes the node a moment later
             if node.exists():
-                return os.fspath(node)
+                break
             time.sleep(0.05)
-        raise OverlayError(f"{node} did not appear")
+        else:
+            raise OverlayError(f"{node} did not appear")
+        for message in device.messages:
+            run(["dmsetup", "message", device.name, "0", message])
+        return os.fspath(node)
+
+    def new_file(self, path: Path, size: int) -> Path:
+        """A persistent overlay made by this setup: removed if the setup fails,
+        kept by a teardown after it succeeded."""
+        try:
+            with open(path, "xb") as f:  # never someone else's file
+                self.add(Step("newfile", os.fspath(path)))
+                # allocated now: a store that finds its disk full halfway is
+                # marked invalid by the kernel, and everything in it is lost
+                os.posix_fallocate(f.fileno(), 0, size)
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise OverlayError(f"cannot make the overlay file {path}: {exc.strerror}",
+                               hint="give a smaller --overlay-size, or another place") from None
+        return path
 
 
 # ------------------------------------------------------------------ setup
@@ -166,15 +222,22 @@ def state_path(state_dir: Path, name: str) -> Path:
 def setup(opts: SetupOptions) -> State:
     require_root()
     names = Names(opts.name)
+    check_options(opts)
     check_target(opts.target)
-    require_snapshot_target()
-    size = overlay_size(opts, ram_bytes(Path("/proc/meminfo").read_text()))
+    require_target()
+    if opts.overlay_thin:
+        require_target("thin-pool", "dm-thin-pool", "CONFIG_DM_THIN_PROVISIONING")
+    size = 0  # a persistent overlay's size is its file's
+    if opts.mode is not Mode.PERSISTENT:
+        size = overlay_size(opts, ram_bytes(Path("/proc/meminfo").read_text()))
     opts.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = state_path(opts.state_dir, opts.name)
-    if path.exists() or _dm_exists(names.rw) or _dm_exists(names.base):
+    if path.exists() or any(_dm_exists(n) for n in names.all()):
         raise UsageError(f"an overlay named {opts.name!r} exists already",
                          hint="tear it down first, or give --name")
-    rec = Recorder(State(opts.name, os.fspath(opts.target), opts.image, size), path)
+    state = State(opts.name, os.fspath(opts.target), opts.image, size,
+                  mode=opts.mode.value, thin=opts.overlay_thin)
+    rec = Recorder(state, path)
     try:
         _setup(rec, opts, names, size)
     except BaseException:
@@ -188,40 +251,53 @@ def setup(opts: SetupOptions) -> State:
 def _setup(rec: Recorder, opts: SetupOptions, names: Names, size: int) -> None:
     work = rec.mkdir(opts.state_dir / opts.name)
     with log.step(f"finding the root filesystem in {opts.image}"):
-        rootfs = _find_rootfs(rec, opts, work)
+        rootfs, medium = _find_rootfs(rec, opts, work)
     with log.step("attaching rootfs.img read-only"):
         base = rec.loop(os.fspath(rootfs), read_only=True)
         _check_ext(base, rootfs)
         sectors = _sectors(base)
-    with log.step(f"making a {format_size(size)} COW store in RAM"):
-        cow_file = _cow_file(rec, opts, work, size)
-        cow_dev = rec.loop(os.fspath(cow_file), read_only=False)
-    with log.step(f"creating {names.rw} and {names.base}"):
-        rec.dm(names.base, linear_table(sectors=sectors, device=base), read_only=True)
-        rw = rec.dm(names.rw, snapshot_table(sectors=sectors, origin=base, cow=cow_dev),
-                    read_only=False)
+    store = ""
+    if opts.overlay is not None:
+        with log.step(f"opening the persistent overlay {opts.overlay}"):
+            store = _persistent_store(rec, opts, work, medium)
+    cow_dev, thin = "", None
+    if opts.mode is not Mode.PERSISTENT and opts.overlay_thin:
+        with log.step(f"making a {format_size(size)} thin pool in RAM"):
+            thin = _thin_pool(rec, opts, work, size)
+    elif opts.mode is not Mode.PERSISTENT:
+        with log.step(f"making a {format_size(size)} COW store in RAM"):
+            cow_file = _cow_file(rec, opts, work, size)
+            cow_dev = rec.loop(os.fspath(cow_file), read_only=False)
+    devices = layout(names, sectors=sectors, base=base, mode=opts.mode, cow=cow_dev,
+                     persistent=store, thin=thin)
+    rw = ""
+    with log.step(f"creating {', '.join(d.name for d in devices)}"):
+        for device in devices:
+            node = rec.dm(device)
+            rw = node if device.name == names.rw else rw
     with log.step(f"mounting {names.rw} on {opts.target}"):
         rec.mount(rw, opts.target, fstype="ext4", options="")
 
 
-def _find_rootfs(rec: Recorder, opts: SetupOptions, work: Path) -> Path:
-    """Follow the image down to LiveOS/rootfs.img, mounting what is on the way."""
+def _find_rootfs(rec: Recorder, opts: SetupOptions, work: Path) -> tuple[Path, str]:
+    """Follow the image down to LiveOS/rootfs.img, mounting what is on the way;
+    also the live medium (dracut's livedev, which names the auto overlay)."""
     spec = devspec.parse(opts.image)
     source = devspec.resolve(spec) if spec else opts.image
     if not os.path.exists(source):
         raise UsageError(f"{source}: no such file or device")
     kind = _kind_of(source)
     if kind is Kind.EXT and not _holds(source, opts):
-        return Path(source)  # a rootfs.img itself
+        return Path(source), source  # a rootfs.img itself
     if kind is Kind.SQUASHFS:
-        return _in_squashfs(rec, opts, work, source)
-    media = _media(rec, opts, work, source, kind)
+        return _in_squashfs(rec, opts, work, source), source
+    media, medium = _media(rec, opts, work, source, kind)
     squash = media / opts.live_dir / opts.squashfs_name
     if squash.is_file():
-        return _in_squashfs(rec, opts, work, os.fspath(squash))
+        return _in_squashfs(rec, opts, work, os.fspath(squash)), medium
     for name in ROOTFS_NAMES:
         if (media / opts.live_dir / name).is_file():
-            return media / opts.live_dir / name
+            return media / opts.live_dir / name, medium
     raise ImageError(f"{opts.image}: no {opts.live_dir}/{opts.squashfs_name} nor "
                      f"{opts.live_dir}/rootfs.img on it",
                      hint="check --live-dir and --squashfs-name (rd.live.dir, rd.live.squashimg)")
@@ -246,9 +322,10 @@ def _holds(source: str, opts: SetupOptions) -> bool:
 
 
 def _media(rec: Recorder, opts: SetupOptions, work: Path, source: str,
-           kind: Kind | str) -> Path:
+           kind: Kind | str) -> tuple[Path, str]:
     """Mount the boot medium (a filesystem, or the partition of a disk that
-    holds the live directory) read-only."""
+    holds the live directory) read-only; read-write when it holds the
+    persistent overlay too, as a live stick made by livecd-iso-to-disk does."""
     candidates = _partitions(source) if kind in (Kind.GPT, Kind.MBR) else [(0, 0)]
     for offset, size in candidates:
         dev = source
@@ -258,11 +335,26 @@ def _media(rec: Recorder, opts: SetupOptions, work: Path, source: str,
         if fstype not in ("ext2", "ext3", "ext4", "iso9660", "vfat", "squashfs"):
             continue
         where = rec.mkdir(work / f"media{len(rec.state.steps)}")
-        rec.mount(dev, where, fstype=fstype, options="ro")
+        rec.mount(dev, where, fstype=fstype, options="rw" if _holds_overlay(opts, dev) else "ro")
         if (where / opts.live_dir).is_dir():
-            return where
+            return where, dev
     raise ImageError(f"{opts.image}: no filesystem on it holds {opts.live_dir}/",
                      hint="check --live-dir (rd.live.dir)")
+
+
+def _holds_overlay(opts: SetupOptions, dev: str) -> bool:
+    """Is this block device the one a read-write persistent overlay is on?"""
+    if opts.mode is not Mode.PERSISTENT or not _is_block(dev):
+        return False
+    assert opts.overlay is not None
+    device = persistent.parse_spec(opts.overlay).device
+    if device is None:
+        return False
+    spec = devspec.parse(device)
+    with suppress(DmoverlayError, OSError):
+        named = devspec.resolve(spec) if spec else device
+        return _is_block(named) and os.stat(named).st_rdev == os.stat(dev).st_rdev
+    return False
 
 
 def _partitions(source: str) -> list[tuple[int, int]]:
@@ -310,26 +402,192 @@ def _sectors(dev: str) -> int:
     return int(Path(f"/sys/class/block/{name}/size").read_text())
 
 
-def _cow_file(rec: Recorder, opts: SetupOptions, work: Path, size: int) -> Path:
-    file_size = cow_file_size(size)
+def _ram_place(rec: Recorder, opts: SetupOptions, work: Path, need: int, size: int) -> Path:
     if opts.tmpfs_dir is None:
         place = rec.mkdir(work / "cow")
         # a tmpfs of exactly the overlay's size (plus the kernel's slack):
         # the COW can never take more RAM than it was given
-        rec.mount("tmpfs", place, fstype="tmpfs", options=f"size={file_size + MiB},mode=0700")
+        rec.mount("tmpfs", place, fstype="tmpfs", options=f"size={need + MiB},mode=0700")
+        return place
+    st = os.statvfs(opts.tmpfs_dir)
+    if st.f_bavail * st.f_frsize < need:
+        raise OverlayError(f"{opts.tmpfs_dir} has {format_size(st.f_bavail * st.f_frsize)} free, "
+                           f"too little for a {format_size(size)} COW",
+                           hint="give a smaller --overlay-size or a larger tmpfs")
+    return opts.tmpfs_dir
+
+
+def _sparse_file(rec: Recorder, path: Path, size: int) -> Path:
+    with open(path, "xb") as f:  # never someone else's file
+        f.truncate(size)  # sparse: RAM is taken only as the overlay fills
+    rec.add(Step("file", os.fspath(path)))
+    return path
+
+
+def _cow_file(rec: Recorder, opts: SetupOptions, work: Path, size: int) -> Path:
+    file_size = cow_file_size(size)
+    place = _ram_place(rec, opts, work, file_size, size)
+    rec.state.cow_file = os.fspath(place / f"{opts.name}.cow")
+    return _sparse_file(rec, place / f"{opts.name}.cow", file_size)
+
+
+def _thin_pool(rec: Recorder, opts: SetupOptions, work: Path, size: int) -> ThinPool:
+    meta_size, data_size = thin_sizes(size)
+    place = _ram_place(rec, opts, work, meta_size + data_size, size)
+    meta = _sparse_file(rec, place / f"{opts.name}.thin-meta", meta_size)
+    data = _sparse_file(rec, place / f"{opts.name}.thin-data", data_size)
+    rec.state.cow_file = os.fspath(data)
+    # a loop device on a tmpfs file passes discards down as holes punched
+    # in it: that is what gives the RAM back
+    return ThinPool(rec.loop(os.fspath(meta), read_only=False),
+                    rec.loop(os.fspath(data), read_only=False), data_size // SECTOR)
+
+
+# ------------------------------------------------------------------ persistent overlay
+
+
+def _persistent_store(rec: Recorder, opts: SetupOptions, work: Path, medium: str) -> str:
+    """The device the persistent store is on: the overlay file on a loop, or a
+    raw partition itself."""
+    assert opts.overlay is not None
+    spec = persistent.parse_spec(opts.overlay)
+    read_only = opts.overlay_readonly
+    if spec.device is None:
+        assert spec.path is not None
+        return _store_device(rec, opts, os.path.abspath(spec.path), raw=False)
+    dev = _overlay_device(rec, spec.device, read_only=read_only)
+    fstype = _fs_type(dev)
+    if spec.path is None and fstype in ("", "DM_snapshot_cow"):
+        return _store_device(rec, opts, dev, raw=True)
+    if not fstype:
+        raise ImageError(f"{spec.device}: holds no filesystem to keep {spec.path} in",
+                         hint=f"give --overlay {spec.device} alone to use the device itself")
+    where = _our_mount(rec, dev)  # the live medium itself
+    if where is None:
+        _check_not_mounted(dev, spec.device)
+        where = rec.mkdir(work / "overlay-fs")
+        rec.mount(dev, where, fstype=fstype, options="ro" if read_only else "rw")
+    if not read_only and os.statvfs(where).f_flag & os.ST_RDONLY:
+        raise OverlayError(f"{spec.device} was mounted read-only",
+                           hint="a persistent overlay is written; or give --overlay-readonly")
+    inner = spec.path or persistent.auto_path(opts.live_dir, *_label_uuid(medium))
+    return _store_device(rec, opts, os.fspath(where / inner.lstrip("/")), raw=False,
+                         shown=f"{spec.device}:{inner}")
+
+
+def _overlay_device(rec: Recorder, text: str, *, read_only: bool) -> str:
+    """The block device named by a spec or path; a filesystem image on a loop."""
+    spec = devspec.parse(text)
+    dev = devspec.resolve(spec) if spec else text
+    if not os.path.exists(dev):
+        raise UsageError(f"--overlay {text}: no such file or device")
+    if not _is_block(dev):
+        if not os.path.isfile(dev):
+            raise UsageError(f"--overlay {text}: neither a block device nor an image file")
+        _check_writable(dev, read_only=read_only, what=text)
+        return rec.loop(dev, read_only=read_only)
+    name = os.path.basename(os.path.realpath(dev))
+    if not read_only and Path(f"/sys/class/block/{name}/ro").read_text().strip() == "1":
+        raise OverlayError(f"--overlay {text}: {dev} is read-only",
+                           hint="a persistent overlay is written; or give --overlay-readonly")
+    return dev
+
+
+def _our_mount(rec: Recorder, dev: str) -> Path | None:
+    """Where this setup mounted `dev` already, if it did."""
+    where = _mounted_at(os.stat(dev).st_rdev) if _is_block(dev) else ""
+    ours = {step.what for step in rec.state.steps if step.kind == "mount"}
+    return Path(where) if where in ours else None
+
+
+def _check_not_mounted(dev: str, text: str) -> None:
+    where = _mounted_at(os.stat(dev).st_rdev) if _is_block(dev) else ""
+    if where:
+        raise OverlayError(f"--overlay {text}: {dev} is mounted at {where} already",
+                           hint=f"give the overlay file's path under {where} instead")
+
+
+def _check_writable(path: str, *, read_only: bool, what: str) -> None:
+    if not read_only and not os.access(path, os.W_OK):
+        raise OverlayError(f"--overlay {what}: {path} is not writable",
+                           hint="a persistent overlay is written; or give --overlay-readonly")
+
+
+def _check_unused(path: str, *, raw: bool, shown: str) -> None:
+    """Two snapshots on one store would each overwrite the other's chunks."""
+    if raw:
+        name = os.path.basename(os.path.realpath(path))
+        users = os.listdir(f"/sys/class/block/{name}/holders")
     else:
-        place = opts.tmpfs_dir
-        st = os.statvfs(place)
-        if st.f_bavail * st.f_frsize < file_size:
-            raise OverlayError(f"{place} has {format_size(st.f_bavail * st.f_frsize)} free, "
-                               f"too little for a {format_size(size)} COW",
-                               hint="give a smaller --overlay-size or a larger tmpfs")
-    cow_file = place / f"{opts.name}.cow"
-    with open(cow_file, "xb") as f:  # never someone else's file
-        f.truncate(file_size)  # sparse: RAM is taken only as the overlay fills
-    rec.state.cow_file = os.fspath(cow_file)
-    rec.add(Step("file", os.fspath(cow_file)))
-    return cow_file
+        users = loops_backed_by(os.path.realpath(path))
+    if users:
+        raise OverlayError(f"{shown} is in use already (by {', '.join(users)})",
+                           hint="tear down the overlay that uses it first")
+
+
+def _mounted_at(rdev: int) -> str:
+    devno = f"{os.major(rdev)}:{os.minor(rdev)}"
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[2] == devno:
+            return fields[4]
+    return ""
+
+
+def _label_uuid(dev: str) -> tuple[str, str]:
+    def tag(name: str) -> str:
+        return run(["blkid", "-c", "/dev/null", "-o", "value", "-s", name, dev],
+                   check=False).stdout.strip()
+    return tag("LABEL"), tag("UUID")
+
+
+def _store_device(rec: Recorder, opts: SetupOptions, path: str, *, raw: bool,
+                  shown: str = "") -> str:
+    """Check (make, reset) the store and attach it."""
+    shown = shown or path
+    read_only = opts.overlay_readonly
+    size = _store_size(rec, opts, path, raw=raw, shown=shown)
+    _check_unused(path, raw=raw, shown=shown)
+    if opts.overlay_reset:
+        _reset(path, shown)
+    header = persistent.read_header(_head(path), where=shown, probed=_fs_type(path))
+    if read_only and header.state is persistent.Store.NEW:
+        raise UsageError(f"{shown}: an empty overlay: nothing to show read-only",
+                         hint="set it up once without --overlay-readonly")
+    rec.state.overlay = shown
+    if opts.mode is Mode.PERSISTENT:
+        rec.state.overlay_size = size
+    return path if raw else rec.loop(path, read_only=read_only)
+
+
+def _store_size(rec: Recorder, opts: SetupOptions, path: str, *, raw: bool, shown: str) -> int:
+    """The size of the store, made now if it is missing and may be."""
+    wanted = opts.overlay_size if opts.mode is Mode.PERSISTENT else None
+    if not os.path.exists(path):
+        if opts.overlay_readonly:
+            raise UsageError(f"{shown}: no such overlay file",
+                             hint="--overlay-readonly shows an existing overlay")
+        if not os.path.isdir(os.path.dirname(path)):
+            raise UsageError(f"{shown}: its directory does not exist",
+                             hint="create it first, or check the path")
+        size = persistent.new_size(wanted, where=shown)
+        rec.new_file(Path(path), size)
+        return size
+    if not raw and not os.path.isfile(path):
+        raise UsageError(f"{shown}: not a regular file")
+    _check_writable(path, read_only=opts.overlay_readonly, what=shown)
+    size = _sectors(path) * SECTOR if raw else os.path.getsize(path)
+    persistent.check_size(size, wanted=wanted, where=shown)
+    return size
+
+
+def _reset(path: str, shown: str) -> None:
+    try:
+        with open(path, "r+b") as f:
+            f.write(bytes(persistent.RESET_BYTES))
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise OverlayError(f"cannot reset {shown}: {exc.strerror}") from None
 
 
 def _dm_exists(name: str) -> bool:
@@ -367,13 +625,13 @@ def _unwind(state: State, path: Path) -> None:
     recorded so that a later teardown can finish."""
     while state.steps:
         step = state.steps[-1]
-        _undo(step)
+        _undo(step, complete=state.complete)
         state.steps.pop()
         state.save(path)
     path.unlink(missing_ok=True)
 
 
-def _undo(step: Step) -> None:
+def _undo(step: Step, *, complete: bool) -> None:
     if step.kind == "mount":
         if os.path.ismount(step.what):
             _retry(lambda: blockdev.unmount(step.what), what=step.what)
@@ -383,7 +641,7 @@ def _undo(step: Step) -> None:
     elif step.kind == "loop":
         for dev in [step.what] if step.what else loops_backed_by(step.backing):
             blockdev.loop_teardown(dev, backing=step.backing)
-    elif step.kind == "file":
+    elif step.kind == "file" or (step.kind == "newfile" and not complete):
         Path(step.what).unlink(missing_ok=True)
     elif step.kind == "dir" and not os.path.ismount(step.what):
         shutil.rmtree(step.what, ignore_errors=True)
@@ -450,6 +708,9 @@ class Status:
     used: int
     total: int
     ram_free: int | None  # room left in the tmpfs holding the COW file
+    mode: str = Mode.RAM.value
+    overlay: str = ""  # the persistent overlay
+    thin: bool = False
 
     @property
     def free(self) -> int:
@@ -463,17 +724,24 @@ class Status:
     def to_dict(self) -> dict[str, object]:
         return {"name": self.name, "target": self.target, "state": self.state,
                 "used": self.used, "total": self.total, "free": self.free,
-                "percent": round(self.percent, 2), "ram_free": self.ram_free}
+                "percent": round(self.percent, 2), "ram_free": self.ram_free,
+                "mode": self.mode, "overlay": self.overlay or None, "thin": self.thin}
 
 
 def status(state_dir: Path, name: str) -> Status:
+    """The COW's fill: of the RAM layer when there is one (a read-only
+    persistent overlay's too), else of the persistent overlay."""
     state, _ = load_state(state_dir, name)
     names = Names(name)
-    line = run(["dmsetup", "status", names.rw]).stdout
-    snap = cow.parse_status(line)
     ram_free = None
     if state.cow_file:
         st = os.statvfs(os.path.dirname(state.cow_file))
         ram_free = st.f_bavail * st.f_frsize
-    return Status(name, state.target, snap.state.value, snap.used_bytes, snap.total_bytes,
-                  ram_free)
+    if state.thin:
+        pool = parse_pool_status(run(["dmsetup", "status", names.pool]).stdout)
+        state_word, used, total = pool.state, pool.used, pool.total
+    else:
+        snap = cow.parse_status(run(["dmsetup", "status", names.rw]).stdout)
+        state_word, used, total = snap.state.value, snap.used_bytes, snap.total_bytes
+    return Status(name, state.target, state_word, used, total, ram_free, mode=state.mode,
+                  overlay=state.overlay, thin=state.thin)

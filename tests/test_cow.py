@@ -37,6 +37,7 @@ def test_dm_name_reads_sysfs(tmp_path: Path) -> None:
     (tmp_path / "dev/block/253:3/dm").mkdir(parents=True)
     (tmp_path / "dev/block/253:3/dm/name").write_text("live-rw\n")
     assert dm_name(dev, sysfs=tmp_path) == "live-rw"
+    assert dm_name("253:3", sysfs=tmp_path) == "live-rw"  # as a table names a device
     assert dm_name(os.makedev(8, 1), sysfs=tmp_path) is None
 
 

@@ -25,7 +25,7 @@ class Meta:
     xattrs: tuple[tuple[str, bytes], ...]
 
 
-def _digest(path: str) -> str:
+def digest(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -55,7 +55,7 @@ def describe(root: Path, *, skip: frozenset[str] = frozenset({"lost+found"})) ->
                 size=st.st_size if not stat.S_ISDIR(st.st_mode) else 0,
                 rdev=st.st_rdev,
                 target=os.readlink(full) if stat.S_ISLNK(st.st_mode) else "",
-                digest=_digest(full) if stat.S_ISREG(st.st_mode) else "",
+                digest=digest(full) if stat.S_ISREG(st.st_mode) else "",
                 xattrs=_xattrs(full) if not stat.S_ISLNK(st.st_mode) else (),
             )
     return found

@@ -10,13 +10,15 @@ import click
 
 from dmoverlay import overlay
 from dmoverlay.cli.options import SIZE
+from dmoverlay.dmtable import Mode, State
 from dmoverlay.sizes import format_size
 
 STATE_DIR = click.option("--state-dir", type=click.Path(path_type=Path),
                          default=overlay.STATE_DIR, show_default=True,
                          help="Where overlays are recorded (and their work directories).")
 NAME = click.option("--name", default="live", show_default=True,
-                    help="Overlay name: devices NAME-rw and NAME-base.")
+                    help="Overlay name: devices NAME-rw and NAME-base (and NAME-ro, "
+                         "NAME-overlay-pool).")
 
 # status exit codes, for monitors
 EXIT_ABOVE_THRESHOLD = 3
@@ -29,23 +31,49 @@ EXIT_FULL = 4
               help="Empty directory to mount the writable root on.")
 @NAME
 @click.option("--overlay-size", type=SIZE,
-              help="COW store size, kept in RAM (rd.live.overlay.size) [default: half the RAM].")
+              help="COW store size, kept in RAM (rd.live.overlay.size) [default: half the RAM]; "
+                   "with --overlay, the size of the overlay file to create if it is missing.")
+@click.option("--overlay", "overlay_spec", metavar="DEVICE:PATH",
+              help="Persistent overlay (rd.live.overlay): the file PATH on DEVICE (LABEL=, "
+                   "UUID=, PARTUUID=, PARTLABEL=, CDLABEL=, /dev/..., or a filesystem image "
+                   "file), mounted read-write; DEVICE alone: the raw device, or dracut's "
+                   "/LiveOS/overlay-<label>-<uuid> on it; or a plain FILE.")
+@click.option("--overlay-reset", is_flag=True,
+              help="Start the persistent overlay afresh (rd.live.overlay.reset).")
+@click.option("--overlay-readonly", is_flag=True,
+              help="Show the persistent overlay read-only; new writes go to RAM and are lost "
+                   "at teardown (rd.live.overlay.readonly).")
+@click.option("--overlay-thin", is_flag=True,
+              help="Keep RAM writes in a thin pool, so deleting files and fstrim give the RAM "
+                   "back (rd.live.overlay.thin).")
 @click.option("--live-dir", default="LiveOS", show_default=True, help="rd.live.dir")
 @click.option("--squashfs-name", default="squashfs.img", show_default=True,
               help="rd.live.squashimg")
 @click.option("--tmpfs-dir", type=click.Path(path_type=Path),
               help="Put the COW file in this existing tmpfs instead of a new one.")
 @STATE_DIR
-def setup_command(image: str, target: Path, name: str, overlay_size: int | None, live_dir: str,
-                  squashfs_name: str, tmpfs_dir: Path | None, state_dir: Path) -> None:
+def setup_command(image: str, target: Path, name: str, overlay_size: int | None,
+                  overlay_spec: str | None, overlay_reset: bool, overlay_readonly: bool,
+                  overlay_thin: bool, live_dir: str, squashfs_name: str,
+                  tmpfs_dir: Path | None, state_dir: Path) -> None:
     """Make IMAGE writable at TARGET: IMAGE is a squashfs.img, a rootfs.img, a disk
     image or device holding LiveOS/squashfs.img, or LABEL=, UUID=, PARTUUID=,
     PARTLABEL=, CDLABEL=."""
     state = overlay.setup(overlay.SetupOptions(
         image=image, target=target, name=name, overlay_size=overlay_size, live_dir=live_dir,
-        squashfs_name=squashfs_name, tmpfs_dir=tmpfs_dir, state_dir=state_dir))
-    click.echo(f"{name}: {image} writable at {state.target} "
-               f"({format_size(state.overlay_size)} COW in RAM)")
+        squashfs_name=squashfs_name, tmpfs_dir=tmpfs_dir, state_dir=state_dir,
+        overlay=overlay_spec, overlay_reset=overlay_reset, overlay_readonly=overlay_readonly,
+        overlay_thin=overlay_thin))
+    click.echo(f"{name}: {image} writable at {state.target} ({_where_writes_go(state)})")
+
+
+def _where_writes_go(state: State) -> str:
+    ram = f"{format_size(state.overlay_size)} {'thin pool' if state.thin else 'COW'} in RAM"
+    if state.mode == Mode.PERSISTENT:
+        return f"changes kept in {state.overlay}"
+    if state.mode == Mode.READONLY:
+        return f"{state.overlay} read-only under a {ram}"
+    return ram
 
 
 @click.command("status")
@@ -62,8 +90,11 @@ def status_command(name: str, state_dir: Path, threshold: float | None, as_json:
         click.echo(json.dumps(st.to_dict(), indent=2))
     else:
         ram = f", {format_size(st.ram_free)} of RAM left for it" if st.ram_free is not None else ""
-        click.echo(f"{name}: {st.state}, COW {format_size(st.used)} of "
-                   f"{format_size(st.total)} used ({st.percent:.1f}%){ram}; at {st.target}")
+        kept = f"; changes kept in {st.overlay}" if st.mode == Mode.PERSISTENT else ""
+        shown = f"; {st.overlay} shown read-only" if st.mode == Mode.READONLY else ""
+        click.echo(f"{name}: {st.state}, {'thin pool' if st.thin else 'COW'} "
+                   f"{format_size(st.used)} of {format_size(st.total)} used "
+                   f"({st.percent:.1f}%){ram}; at {st.target}{kept}{shown}")
     if st.state != "active":
         sys.exit(EXIT_FULL)
     if threshold is not None and st.percent >= threshold:

@@ -12,13 +12,17 @@ not run must never look like a pass.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
-from collections.abc import Generator
+import sys
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests import samples
 
 ENV = "DMOVERLAY_PRIVILEGED"
 HERE = Path(__file__).resolve().parent
@@ -107,3 +111,70 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
         report.outcome = "failed"
         report.longrepr = (f"skipped in the privileged run ({reason}); here a test that "
                            "does not run is a failure")
+
+
+# ------------------------------------------------------------------ dmoverlay as a command
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "dmoverlay", *args], capture_output=True,
+                            text=True, check=False, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"dmoverlay {' '.join(args)} failed:\n{result.stderr}")
+    return result
+
+
+def error_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def resources() -> tuple[list[str], list[str], list[str]]:
+    """Loop devices in use, device-mapper devices, mounts: what a fault must not leave."""
+    loops = sorted(p.parent.parent.name for p in Path("/sys/block").glob("loop*/loop/backing_file"))
+    dms = sorted(subprocess.run(["dmsetup", "ls"], capture_output=True, text=True,
+                                check=True).stdout.split("\n"))
+    mounts = sorted(line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines())
+    return loops, dms, mounts
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A runtime built by `dmoverlay build`, as a squashfs.img and as a disk image
+    whose second partition (DMOTEST-overlay) is a raw persistent overlay."""
+    top = tmp_path_factory.mktemp("images")
+    tree = top / "tree"
+    samples.make_plain_tree(tree)
+    cli("-q", "build", str(tree), "-o", str(top / "squashfs.img"), "--free", "256M",
+        "--compression", "zstd", "--disk", str(top / "disk.img"), "--disk-label", "DMOTEST",
+        "--overlay-size", "32M")
+    return {"squashfs": top / "squashfs.img", "disk": top / "disk.img", "tree": tree}
+
+
+@pytest.fixture
+def place(tmp_path: Path) -> Iterator[dict[str, Path]]:
+    target = tmp_path / "sysroot"
+    target.mkdir()
+    state = tmp_path / "state"
+    name = f"t{os.getpid()}-{abs(hash(tmp_path.name)) % 10000}"
+    yield {"target": target, "state": state, "name": Path(name), "top": tmp_path}
+    cli("teardown", "--name", name, "--state-dir", str(state), check=False)
+
+
+def setup_args(image: Path | str, p: dict[str, Path], *extra: str) -> list[str]:
+    return ["setup", str(image), "--target", str(p["target"]), "--name", str(p["name"]),
+            "--state-dir", str(p["state"]), *extra]
+
+
+def teardown(p: dict[str, Path]) -> subprocess.CompletedProcess[str]:
+    return cli("teardown", "--name", str(p["name"]), "--state-dir", str(p["state"]))
+
+
+def status(p: dict[str, Path]) -> dict[str, Any]:
+    out = cli("status", "--name", str(p["name"]), "--state-dir", str(p["state"]), "--json",
+              check=False).stdout
+    data: dict[str, Any] = json.loads(out)
+    return data

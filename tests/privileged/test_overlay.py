@@ -4,8 +4,6 @@ every fault releasing whatever was attached."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -15,87 +13,23 @@ from pathlib import Path
 
 import pytest
 
-from tests import samples
+from tests.privileged.conftest import cli, error_line, resources, setup_args, status
+from tests.treecheck import digest
 
 pytestmark = pytest.mark.privileged
 
 
-def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "dmoverlay", *args], capture_output=True,
-                            text=True, check=False, timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f"dmoverlay {' '.join(args)} failed:\n{result.stderr}")
-    return result
-
-
-def error_line(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr
-    return errors[0]
-
-
-def resources() -> tuple[list[str], list[str], list[str]]:
-    """Loop devices in use, device-mapper devices, mounts: what a fault must not leave."""
-    loops = sorted(p.parent.parent.name for p in Path("/sys/block").glob("loop*/loop/backing_file"))
-    dms = sorted(subprocess.run(["dmsetup", "ls"], capture_output=True, text=True,
-                                check=True).stdout.split("\n"))
-    mounts = sorted(line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines())
-    return loops, dms, mounts
-
-
-def sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    top = tmp_path_factory.mktemp("images")
-    tree = top / "tree"
-    samples.make_plain_tree(tree)
-    cli("-q", "build", str(tree), "-o", str(top / "squashfs.img"), "--free", "256M",
-        "--compression", "zstd", "--disk", str(top / "disk.img"), "--disk-label", "DMOTEST")
-    return {"squashfs": top / "squashfs.img", "disk": top / "disk.img", "tree": tree}
-
-
-@pytest.fixture
-def place(tmp_path: Path) -> Iterator[dict[str, Path]]:
-    target = tmp_path / "sysroot"
-    target.mkdir()
-    state = tmp_path / "state"
-    name = f"t{os.getpid()}-{abs(hash(tmp_path.name)) % 10000}"
-    yield {"target": target, "state": state, "name": Path(name), "top": tmp_path}
-    cli("teardown", "--name", name, "--state-dir", str(state), check=False)
-
-
-def setup_args(image: Path | str, p: dict[str, Path], *extra: str) -> list[str]:
-    return ["setup", str(image), "--target", str(p["target"]), "--name", str(p["name"]),
-            "--state-dir", str(p["state"]), *extra]
-
-
-def status(p: dict[str, Path]) -> dict[str, object]:
-    out = cli("status", "--name", str(p["name"]), "--state-dir", str(p["state"]), "--json",
-              check=False).stdout
-    data: dict[str, object] = json.loads(out)
-    return data
-
-
 def test_the_whole_story(images: dict[str, Path], place: dict[str, Path]) -> None:
     before = resources()
-    squash_sum = sha(images["squashfs"])
+    squash_sum = digest(images["squashfs"])
     cli(*setup_args(images["squashfs"], place, "--overlay-size", "256M"))
     root = place["target"]
     assert os.readlink(root / "lib") == "usr/lib"
     assert (root / "etc/os-release").read_text() == "NAME=Sample\nID=sample\n"
-    used_before = int(status(place)["used"])  # type: ignore[call-overload]
+    used_before = int(status(place)["used"])
     (root / "var/written").write_bytes(os.urandom(8 << 20))
     os.sync()
-    used_after = int(status(place)["used"])  # type: ignore[call-overload]
+    used_after = int(status(place)["used"])
     assert used_after - used_before >= 8 << 20
     # an update with lib/libfoo.so, through the overlay: the link is kept
     upd = place["top"] / "upd"
@@ -109,7 +43,7 @@ def test_the_whole_story(images: dict[str, Path], place: dict[str, Path]) -> Non
     assert cli("teardown", "--name", str(place["name"]), "--state-dir",
                str(place["state"])).returncode == 0
     assert resources() == before
-    assert sha(images["squashfs"]) == squash_sum, "the squashfs must never change"
+    assert digest(images["squashfs"]) == squash_sum, "the squashfs must never change"
     again = cli("teardown", "--name", str(place["name"]), "--state-dir", str(place["state"]))
     assert "nothing to tear down" in again.stdout
 
@@ -285,3 +219,47 @@ def test_teardown_says_what_is_busy(images: dict[str, Path], place: dict[str, Pa
         holder.kill()
         holder.wait()
     cli("teardown", "--name", str(place["name"]), "--state-dir", str(place["state"]))
+
+
+def _tmpfs_used(path: Path) -> int:
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def test_thin_overlay_gives_ram_back(images: dict[str, Path], place: dict[str, Path]) -> None:
+    """rd.live.overlay.thin: what is deleted and trimmed leaves the thin pool and
+    its tmpfs, which a snapshot's COW never gives back."""
+    before = resources()
+    cli(*setup_args(images["squashfs"], place, "--overlay-size", "64M", "--overlay-thin"))
+    root = place["target"]
+    ram = place["state"] / str(place["name"]) / "cow"
+    st = status(place)
+    assert (st["thin"], st["state"], st["total"]) == (True, "active", 64 << 20)
+    (root / "var/big").write_bytes(os.urandom(16 << 20))
+    os.sync()
+    used, ram_used = int(status(place)["used"]), _tmpfs_used(ram)
+    assert used >= 16 << 20 and ram_used >= 16 << 20
+    (root / "var/big").unlink()
+    os.sync()  # ext4 frees a deleted file's blocks when its journal commits
+    subprocess.run(["fstrim", str(root)], check=True, capture_output=True)
+    os.sync()
+    assert int(status(place)["used"]) < used - (12 << 20)
+    assert _tmpfs_used(ram) < ram_used - (12 << 20)
+    assert (root / "etc/os-release").read_text() == "NAME=Sample\nID=sample\n"
+    cli("teardown", "--name", str(place["name"]), "--state-dir", str(place["state"]))
+    assert resources() == before
+
+
+def test_thin_overlay_full_fails_writes_not_reads(images: dict[str, Path],
+                                                   place: dict[str, Path]) -> None:
+    cli(*setup_args(images["squashfs"], place, "--overlay-size", "16M", "--overlay-thin"))
+    root = place["target"]
+    with pytest.raises(OSError), open(root / "var/more", "wb") as f:
+        for _ in range(32):
+            f.write(os.urandom(1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+    full = cli("status", "--name", str(place["name"]), "--state-dir", str(place["state"]),
+               check=False)
+    assert full.returncode == 4 and "full" in full.stdout, full.stdout
+    assert (root / "etc/os-release").read_text().startswith("NAME=Sample")
