@@ -178,3 +178,13 @@ def status(p: dict[str, Path]) -> dict[str, Any]:
               check=False).stdout
     data: dict[str, Any] = json.loads(out)
     return data
+
+
+def write_until_it_fails(path: Path, mib: int) -> None:
+    """Write up to `mib` MiB, synced as it goes: past a full overlay the
+    kernel fails a write (OSError, which the caller expects)."""
+    with open(path, "wb") as f:
+        for _ in range(mib):
+            f.write(os.urandom(1 << 20))
+            f.flush()
+            os.fsync(f.fileno())

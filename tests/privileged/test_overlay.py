@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.privileged.conftest import cli, error_line, resources, setup_args, status
+from tests.privileged.conftest import (
+    cli,
+    error_line,
+    resources,
+    setup_args,
+    status,
+    write_until_it_fails,
+)
 from tests.treecheck import digest
 
 pytestmark = pytest.mark.privileged
@@ -141,11 +148,8 @@ def test_cow_fill_refuses_apply_then_overflows(images: dict[str, Path],
                   "--threshold", "50", check=False)
     assert monitor.returncode == 3, monitor.stdout
     # past full: a PO snapshot overflows; writes fail, reads go on
-    with pytest.raises(OSError), open(root / "var/more", "wb") as f:
-        for _ in range(64):
-            f.write(os.urandom(1 << 20))
-            f.flush()
-            os.fsync(f.fileno())
+    with pytest.raises(OSError):
+        write_until_it_fails(root / "var/more", 64)
     over = cli("status", "--name", str(place["name"]), "--state-dir", str(place["state"]),
                check=False)
     assert over.returncode == 4 and "overflow" in over.stdout
@@ -254,11 +258,8 @@ def test_thin_overlay_full_fails_writes_not_reads(images: dict[str, Path],
                                                    place: dict[str, Path]) -> None:
     cli(*setup_args(images["squashfs"], place, "--overlay-size", "16M", "--overlay-thin"))
     root = place["target"]
-    with pytest.raises(OSError), open(root / "var/more", "wb") as f:
-        for _ in range(32):
-            f.write(os.urandom(1 << 20))
-            f.flush()
-            os.fsync(f.fileno())
+    with pytest.raises(OSError):
+        write_until_it_fails(root / "var/more", 32)
     full = cli("status", "--name", str(place["name"]), "--state-dir", str(place["state"]),
                check=False)
     assert full.returncode == 4 and "full" in full.stdout, full.stdout

@@ -108,16 +108,21 @@ def test_changes_survive_teardown_until_a_reset(images: dict[str, Path],
     assert digest(images["squashfs"]) == squash_sum
 
 
+def _store_with_a_change(images: dict[str, Path], place: dict[str, Path],
+                         size: str) -> tuple[Path, str]:
+    """A persistent overlay file holding var/old, torn down; it and its digest."""
+    store = place["top"] / "live.overlay"
+    cli(*setup_args(images["squashfs"], place, "--overlay", str(store), "--overlay-size", size))
+    (place["target"] / "var/old").write_text("old\n")
+    teardown(place)
+    return store, digest(store)
+
+
 def test_readonly_shows_old_changes_and_forgets_new_ones(images: dict[str, Path],
                                                          place: dict[str, Path]) -> None:
-    store = place["top"] / "live.overlay"
     root = place["target"]
     before = resources()
-    cli(*setup_args(images["squashfs"], place, "--overlay", str(store), "--overlay-size", "32M"))
-    (root / "var/old").write_text("old\n")
-    teardown(place)
-    store_sum = digest(store)
-
+    store, store_sum = _store_with_a_change(images, place, "32M")
     cli(*setup_args(images["squashfs"], place, "--overlay", str(store), "--overlay-readonly",
                     "--overlay-size", "32M"))
     st = status(place)
@@ -271,13 +276,9 @@ def test_read_only_device(images: dict[str, Path], place: dict[str, Path]) -> No
 
 def test_readonly_overlay_under_a_thin_ram_layer(images: dict[str, Path],
                                                  place: dict[str, Path]) -> None:
-    store = place["top"] / "live.overlay"
     root = place["target"]
     before = resources()
-    cli(*setup_args(images["squashfs"], place, "--overlay", str(store), "--overlay-size", "16M"))
-    (root / "var/old").write_text("old\n")
-    teardown(place)
-    store_sum = digest(store)
+    store, store_sum = _store_with_a_change(images, place, "16M")
     cli(*setup_args(images["squashfs"], place, "--overlay", str(store), "--overlay-readonly",
                     "--overlay-thin", "--overlay-size", "32M"))
     st = status(place)
