@@ -724,6 +724,8 @@ class Status:
     mode: str = Mode.RAM.value
     overlay: str = ""  # the persistent overlay
     thin: bool = False
+    kept_used: int | None = None  # read-only mode: the persistent store shown, its fill
+    kept_total: int | None = None
 
     @property
     def free(self) -> int:
@@ -738,7 +740,8 @@ class Status:
         return {"name": self.name, "target": self.target, "state": self.state,
                 "used": self.used, "total": self.total, "free": self.free,
                 "percent": round(self.percent, 2), "ram_free": self.ram_free,
-                "mode": self.mode, "overlay": self.overlay or None, "thin": self.thin}
+                "mode": self.mode, "overlay": self.overlay or None, "thin": self.thin,
+                "overlay_used": self.kept_used, "overlay_total": self.kept_total}
 
 
 def status(state_dir: Path, name: str) -> Status:
@@ -756,5 +759,10 @@ def status(state_dir: Path, name: str) -> Status:
     else:
         snap = cow.parse_status(run(["dmsetup", "status", names.rw]).stdout)
         state_word, used, total = snap.state.value, snap.used_bytes, snap.total_bytes
+    kept_used = kept_total = None
+    if state.mode == Mode.READONLY.value:  # the store shown under the RAM layer
+        kept = cow.parse_status(run(["dmsetup", "status", names.ro]).stdout)
+        kept_used, kept_total = kept.used_bytes, kept.total_bytes
     return Status(name, state.target, state_word, used, total, ram_free, mode=state.mode,
-                  overlay=state.overlay, thin=state.thin)
+                  overlay=state.overlay, thin=state.thin, kept_used=kept_used,
+                  kept_total=kept_total)

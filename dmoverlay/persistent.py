@@ -77,7 +77,12 @@ def _inner_path(path: str, text: str) -> str | None:
 
 def auto_path(live_dir: str, label: str, uuid: str) -> str:
     """dracut's default overlay file on the overlay device, named after the
-    live medium."""
+    live medium, which must then have a label or a UUID (an image file has
+    neither: `overlay--` would name no medium at all)."""
+    if not label and not uuid:
+        raise UsageError("--overlay without a path: the file is named after the live "
+                         "medium's label and UUID, and this medium has neither",
+                         hint="give the path: --overlay DEVICE:/LiveOS/overlay")
     return f"/{live_dir}/overlay-{label}-{uuid}"
 
 

@@ -204,6 +204,9 @@ def test_bad_overlay_specs(text: str) -> None:
 
 def test_auto_path_is_dracuts() -> None:
     assert persistent.auto_path("LiveOS", "LIVE", "1234") == "/LiveOS/overlay-LIVE-1234"
+    assert persistent.auto_path("LiveOS", "", "1234") == "/LiveOS/overlay--1234"
+    with pytest.raises(UsageError, match="neither"):  # an image file: no medium to name
+        persistent.auto_path("LiveOS", "", "")
 
 
 def _header(magic: bytes = b"SnAp", valid: int = 1, version: int = 1, chunk: int = 8) -> bytes:

@@ -91,7 +91,11 @@ def status_command(name: str, state_dir: Path, threshold: float | None, as_json:
     else:
         ram = f", {format_size(st.ram_free)} of RAM left for it" if st.ram_free is not None else ""
         kept = f"; changes kept in {st.overlay}" if st.mode == Mode.PERSISTENT else ""
-        shown = f"; {st.overlay} shown read-only" if st.mode == Mode.READONLY else ""
+        shown = ""
+        if st.mode == Mode.READONLY:
+            fill = (f" ({format_size(st.kept_used)} of {format_size(st.kept_total)} used)"
+                    if st.kept_used is not None and st.kept_total is not None else "")
+            shown = f"; {st.overlay} shown read-only{fill}"
         click.echo(f"{name}: {st.state}, {'thin pool' if st.thin else 'COW'} "
                    f"{format_size(st.used)} of {format_size(st.total)} used "
                    f"({st.percent:.1f}%){ram}; at {st.target}{kept}{shown}")

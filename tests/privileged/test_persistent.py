@@ -127,6 +127,9 @@ def test_readonly_shows_old_changes_and_forgets_new_ones(images: dict[str, Path]
                     "--overlay-size", "32M"))
     st = status(place)
     assert (st["mode"], st["overlay"]) == ("readonly", str(store))
+    assert 0 < st["overlay_used"] < st["overlay_total"] <= 32 * MiB  # the store shown
+    shown = cli("status", "--name", str(place["name"]), "--state-dir", str(place["state"]))
+    assert f"{store} shown read-only (" in shown.stdout
     assert st["ram_free"] is not None and st["total"] < 33 * MiB
     assert (root / "var/old").read_text() == "old\n"
     (root / "var/old").write_text("changed\n")
