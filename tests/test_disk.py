@@ -247,7 +247,7 @@ def test_patch_gpt_refuses_damage_and_surprises() -> None:
     with pytest.raises(ImageError, match="no GPT header"):
         disk.patch_gpt(b"EFI PARX" + header[8:], entries, layout)
     with pytest.raises(ImageError, match="header checksum"):
-        disk.patch_gpt(header[:60] + b"\xff" + header[61:], entries, layout)
+        disk.patch_gpt(header[:60] + bytes([header[60] ^ 0xFF]) + header[61:], entries, layout)
     with pytest.raises(ImageError, match="entries do not match their checksum"):
         disk.patch_gpt(header, b"\x01" + entries[1:], layout)
     extra = spec_entries(layout, extra=1)
