@@ -423,7 +423,8 @@ def _execute(txn: _Txn, plan: Plan, spool: Spool) -> Result:
             _commit(txn, n, a, tmp[n])
             _change_point()
 
-    # a directory replaced drops out of the open directories: this process's
+    # a file over an (empty) directory closes that directory's descriptors
+    # (Trees.forget), which only this process would know of: it goes last, here
     others = [p for p in puts if p[1].replaces != "dir"]
     run_pulled(_chunks(others, parent, data=False), commit, txn.jobs)
     commit([p for p in puts if p[1].replaces == "dir"])
