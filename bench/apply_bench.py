@@ -428,9 +428,9 @@ def library_apply(update: Path, root: Path, run_dir: Path) -> dict[str, float]:
         try:
             with open_update(os.fspath(update), staging=place) as reader:
                 members = read_all(reader, spool)
-            read = time.monotonic()
-            apply_members(opts, members, spool)
-            applied = time.monotonic()
+                read = time.monotonic()
+                apply_members(opts, members, spool)
+                applied = time.monotonic()
         finally:
             spool.close()
     return {"read": read - start, "plan+write": applied - read}

@@ -171,7 +171,7 @@ class Spool:
         if self.source is not None and self.source[0] == place.path:
             return self.source[1]
         self.check_sources()
-        self._close_source()
+        self.release_source()
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
         try:
             fd = os.open(place.path, flags)
@@ -204,13 +204,14 @@ class Spool:
             done += n
         return done
 
-    def _close_source(self) -> None:
+    def release_source(self) -> None:
+        """Close the file last copied from (it is opened again if need be)."""
         if self.source is not None:
             os.close(self.source[1])
             self.source = None
 
     def close(self) -> None:
-        self._close_source()
+        self.release_source()
         self.file.close()
 
 
@@ -363,6 +364,7 @@ def execute(trees: Trees, plan: Plan, spool: Spool, txn_name: str, jobs: int = 0
         raise
     finally:
         os.umask(umask)
+        spool.release_source()  # an image's mount must not stay busy
     log.close()
     return result
 

@@ -164,7 +164,9 @@ def open_update(spec: str, *, staging: Path, sha256: str | None = None,
     Downloads and image mounts live under `staging` (a directory under /run:
     /tmp may be hidden by a tmpfs at start-up) and are removed on exit.
     `sha256` is checked against the file (downloaded or local) before
-    anything else reads it."""
+    anything else reads it.  File data may be `Located` in them (not read
+    into the spool), so write it before leaving the block: after, a copy
+    fails as from an update that changed."""
     expected = parse_sha256(sha256) if sha256 is not None else None
     with ExitStack() as stack:
         downloaded = _is_download(spec)
@@ -173,8 +175,7 @@ def open_update(spec: str, *, staging: Path, sha256: str | None = None,
             path = stack.enter_context(download(spec, staging=staging, timeout=timeout))
         else:
             path = Path(spec)
-        yield _reader(path, spec, expected=expected, staging=staging, stack=stack,
-                      lasting=not downloaded)
+        yield _reader(path, spec, expected=expected, staging=staging, stack=stack)
 
 
 def _is_download(spec: str) -> bool:
@@ -186,9 +187,9 @@ def _is_download(spec: str) -> bool:
 
 
 def _reader(path: Path, label: str, *, expected: str | None, staging: Path,
-            stack: ExitStack, lasting: bool) -> UpdateReader:
-    """`lasting`: the file or directory outlives the reader (a download is
-    removed with it, and an image unmounted), so its data can be `Located`."""
+            stack: ExitStack) -> UpdateReader:
+    """Every kind of update lasts as long as `stack` (a download is removed,
+    an image unmounted, when it closes): data in a plain file is `Located`."""
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -196,14 +197,14 @@ def _reader(path: Path, label: str, *, expected: str | None, staging: Path,
     if stat.S_ISDIR(st.st_mode):
         if expected is not None:
             raise UsageError("--sha256 checks a file or a download, not a directory")
-        return DirectoryReader(path, description=f"directory {label}", in_place=lasting)
+        return DirectoryReader(path, description=f"directory {label}", in_place=True)
     if expected is not None:
         check_sha256(path, label, expected)
     fmt, compression = _identify_file(path, label)
     packed = "" if compression is Compression.NONE else f"{compression}-compressed "
     if fmt is Format.TAR:
         return TarReader(path, label=label, description=f"{packed}tar archive {label}",
-                         in_place=lasting and compression is Compression.NONE)
+                         in_place=compression is Compression.NONE)
     if fmt is Format.CPIO:
         return CpioReader(path, label=label, description=f"{packed}cpio archive {label}")
     os.makedirs(staging, mode=0o700, exist_ok=True)
@@ -898,7 +899,7 @@ def open_image(image: Path, fmt: Format, *, staging: Path,
                                    f"loop or {fstype} support") from None
         try:
             yield DirectoryReader(mountpoint, description=f"{fmt} image {label}",
-                                  hide_empty_lost_found=fmt is Format.EXT)
+                                  hide_empty_lost_found=fmt is Format.EXT, in_place=True)
         finally:
             _unmount(mountpoint)
     finally:

@@ -309,25 +309,32 @@ def _update_tree(top: Path) -> Path:
 def _packed(tree: Path, how: str) -> Path:
     if how == "directory":
         return tree
+    if how == "squashfs":
+        image = tree.parent / "update.img"
+        subprocess.run(["mksquashfs", str(tree), str(image), "-noappend", "-quiet",
+                        "-no-progress"], check=True, stdout=subprocess.DEVNULL)
+        return image
     out = tree.parent / ("update.tar" if how == "tar" else "update.tar.gz")
     subprocess.run(["tar", "-czf" if how == "tar.gz" else "-cf", str(out), "-C", str(tree),
                     "."], check=True)
     return out
 
 
-@pytest.mark.parametrize(("how", "staged"), [("directory", 0), ("tar", 0), ("tar.gz", 9000)])
+@pytest.mark.parametrize(("how", "staged"), [("directory", 0), ("tar", 0), ("tar.gz", 9000),
+                                             pytest.param("squashfs", 0, marks=pytest.mark.root)])
 def test_data_in_lasting_files_is_not_staged(live: tuple[Path, Path, Path], how: str,
                                              staged: int) -> None:
-    """A directory's files and a plain tar's members are copied from where
-    they lie, not through the staging file (RAM under /run at boot)."""
+    """A directory's files, a plain tar's members and an image's files
+    (mounted while the apply runs) are copied from where they lie, not
+    through the staging file (RAM under /run at boot)."""
     top, root, run = live
     spec = _packed(_update_tree(top), how)
     spool = Spool(top)
     try:
         with open_update(os.fspath(spec), staging=top) as reader:
             members = read_all(reader, spool)
-        assert spool.size == staged
-        apply_members(ApplyOptions(root, run), members, spool, lambda _: None)
+            assert spool.size == staged
+            apply_members(ApplyOptions(root, run), members, spool, lambda _: None)
     finally:
         spool.close()
     for name in ("a", "b", "c"):

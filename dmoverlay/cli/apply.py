@@ -63,10 +63,12 @@ def command(updates: str, root: Path, run_dir: str, sha256: str | None, allow_se
     with staging(opts) as place:
         spool = Spool(place)
         try:
-            with log.step(f"reading {updates}"), \
-                    open_update(updates, staging=place, sha256=sha256) as reader:
-                members = read_all(reader, spool)
-            result = apply_members(opts, members, spool)
+            # applied inside: an image stays mounted, a download kept, while
+            # their files are copied from where they lie
+            with open_update(updates, staging=place, sha256=sha256) as reader:
+                with log.step(f"reading {updates}"):
+                    members = read_all(reader, spool)
+                result = apply_members(opts, members, spool)
         except ApplyRefused as exc:
             if as_json:
                 click.echo(json.dumps({"ok": False, **plan_dict(exc.plan)}, indent=2))
