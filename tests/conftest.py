@@ -6,6 +6,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,15 @@ def dmoverlay(*args: str, user: int | None = None, env: dict[str, str] | None = 
     full_env.update(env or {})
     return subprocess.run(argv, capture_output=True, text=True, env=full_env, cwd=cwd,
                           check=False)
+
+
+@contextmanager
+def small_tmpfs(path: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted on a new directory `path` (root only), with mount
+    options such as "size=4m", unmounted on exit."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)

@@ -26,6 +26,7 @@ from dmoverlay.inroot import Trees
 from dmoverlay.members import Kind, Member
 from dmoverlay.updates import open_update
 from tests.applykit import apply, d, f, hard, link, make_root, other, snapshot
+from tests.conftest import small_tmpfs
 
 
 @pytest.fixture
@@ -249,11 +250,7 @@ def test_all_refusals_are_listed(live: tuple[Path, Path, Path]) -> None:
 
 @pytest.mark.root
 def test_an_update_that_does_not_fit_is_refused_before_writing(tmp_path: Path) -> None:
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,nr_inodes=200", "tmpfs", str(small)],
-                   check=True)
-    try:
+    with small_tmpfs(tmp_path / "small", "size=4m,nr_inodes=200") as small:
         root, run = make_root(small / "live")
         before = snapshot(small)
         with pytest.raises(ImageError, match="does not fit"):
@@ -261,8 +258,6 @@ def test_an_update_that_does_not_fit_is_refused_before_writing(tmp_path: Path) -
         with pytest.raises(ImageError, match="inodes"):
             apply(tmp_path, root, run, [f(f"usr/f{i}") for i in range(300)])
         assert snapshot(small) == before
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_an_update_larger_than_the_cow_left_is_refused(live: tuple[Path, Path, Path]) -> None:
@@ -286,16 +281,11 @@ def test_an_update_larger_than_the_cow_left_is_refused(live: tuple[Path, Path, P
 def test_data_larger_than_the_staging_room_is_refused(tmp_path: Path) -> None:
     from dmoverlay.apply import Spool
 
-    small = tmp_path / "run"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(small)], check=True)
-    try:
+    with small_tmpfs(tmp_path / "run", "size=20m") as small:
         spool = Spool(small)
         with pytest.raises(ImageError, match="room left to stage"):
             spool.add("bomb", io.BytesIO(b""), 8 << 20)  # the header says 8 MiB: refused first
         spool.close()
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
 
 
 def _update_tree(top: Path) -> Path:
@@ -344,10 +334,7 @@ def test_data_in_lasting_files_is_not_staged(live: tuple[Path, Path, Path], how:
 @pytest.mark.root
 def test_data_copied_across_filesystems(tmp_path: Path) -> None:
     """copy_file_range refuses to cross filesystems (EXDEV): sendfile then."""
-    other = tmp_path / "tmpfs"
-    other.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(other)], check=True)
-    try:
+    with small_tmpfs(tmp_path / "tmpfs", "size=20m") as other:
         root, run = make_root(tmp_path / "live")
         tree = _update_tree(other)
         big = os.urandom(300_000)
@@ -361,8 +348,6 @@ def test_data_copied_across_filesystems(tmp_path: Path) -> None:
             apply_members(ApplyOptions(root, run), members, spool, lambda _: None)
         finally:
             spool.close()
-    finally:
-        subprocess.run(["umount", str(other)], check=True)
     assert (root / "usr/lib/big").read_bytes() == big
     assert (root / "usr/lib/streamed").read_bytes() == big[::-1]
     assert (root / "usr/lib/c").read_bytes() == b"c" * 3000

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import dmoverlay
+from tests.conftest import dmoverlay, small_tmpfs
 
 
 def fails(out_dir: Path, *args: str, user: int | None = None,
@@ -218,17 +218,12 @@ def test_unwritable_output_directory(plain_tree: Path, shared_dir: Path) -> None
 
 @pytest.mark.root
 def test_too_little_space_is_caught_before_the_long_work(tmp_path: Path) -> None:
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True)
-    try:
+    with small_tmpfs(tmp_path / "small", "size=2m") as small:
         tree = tmp_path / "tree"
         tree.mkdir()
         (tree / "big").write_bytes(os.urandom(8 << 20))
         line = fails(small, str(tree), "-o", str(small / "out.img"))
         assert "not enough space" in line
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_missing_tool_is_named(plain_tree: Path, tmp_path: Path) -> None:
