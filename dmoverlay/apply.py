@@ -318,7 +318,7 @@ class _Txn:
     name: str
     log: Writer
     dirs: dict[str, Where] = field(default_factory=dict)  # tree -> journal dir
-    jobs: int = 1  # processes writing files
+    jobs: int = 0  # processes asked for to write files (0: decided by the update's size)
 
     def saved(self, tree: str, n: int) -> tuple[int, str]:
         return self.trees.dir_fd(self.dirs[tree]), str(n)
@@ -353,8 +353,7 @@ def execute(trees: Trees, plan: Plan, spool: Spool, txn_name: str, jobs: int = 0
     for t, st in sorted(tops.items()):
         log.add(Record("times", tree=t, path="", atime_ns=st.st_atime_ns,
                        mtime_ns=st.st_mtime_ns))
-    puts = sum(a.op in (Op.CREATE, Op.REPLACE) for a in plan.actions)
-    txn = _Txn(trees, txn_name, log, dirs, jobs_for(puts, jobs, least=PARALLEL_FROM))
+    txn = _Txn(trees, txn_name, log, dirs, jobs)
     umask = os.umask(0)  # modes are set exactly, at creation
     try:
         result = _execute(txn, plan, spool)
@@ -404,6 +403,7 @@ def _execute(txn: _Txn, plan: Plan, spool: Spool) -> Result:
     placed_tmp = {a.where: (parent[n], tmp[n]) for n, a in puts} if links else {}
     # files and symlinks by several processes; hardlinks after, beside their source
     files = [p for p in puts if p[1].op is not Op.LINK]
+    jobs = jobs_for(len(files), txn.jobs, least=PARALLEL_FROM)
 
     def prepare(chunk: list[tuple[int, Action]]) -> str:
         """The chunk's files written; their "ready" journal lines."""
@@ -414,7 +414,7 @@ def _execute(txn: _Txn, plan: Plan, spool: Spool) -> Result:
         spool.check_sources()
         return "".join(f"{line}\n" for line in lines)
 
-    log.add_lines("".join(run_pulled(_chunks(files, parent, data=True), prepare, txn.jobs)))
+    log.add_lines("".join(run_pulled(_chunks(files, parent, data=True), prepare, jobs)))
     log.add_lines(prepare(links))
     for fd in trees.fds.values():
         syncfs(fd)
@@ -428,7 +428,7 @@ def _execute(txn: _Txn, plan: Plan, spool: Spool) -> Result:
     # a file over an (empty) directory closes that directory's descriptors
     # (Trees.forget), which only this process would know of: it goes last, here
     others = [p for p in puts if p[1].replaces != "dir"]
-    run_pulled(_chunks(others, parent, data=False), commit, txn.jobs)
+    run_pulled(_chunks(others, parent, data=False), commit, jobs)
     commit([p for p in puts if p[1].replaces == "dir"])
     for n, a in removes:
         parent_fd = trees.dir_fd(parent[n])

@@ -84,19 +84,19 @@ def chunks(items: Sequence[T], group: Callable[[T], Hashable], cost: Callable[[T
     return [piece for _, _, piece in sorted(pieces, key=lambda p: (-p[0], p[1]))]
 
 
-def run_pulled(chunks: Sequence[T], work: Callable[[T], R], jobs: int) -> list[R]:
-    """work(chunk) for every chunk, in `jobs` processes (this one and forked
+def run_pulled(pieces: Sequence[T], work: Callable[[T], R], jobs: int) -> list[R]:
+    """work(piece) for every piece (a chunk), in `jobs` processes (this one and forked
     children) that each take the next chunk as soon as they are done with
-    one: however the chunks' costs were misjudged, no process idles while
-    another has a queue.  The results in the chunks' order; failures as in
+    one: however the pieces' costs were misjudged, no process idles while
+    another has a queue.  The results in the pieces' order; failures as in
     run_split."""
-    if jobs <= 1 or len(chunks) <= 1:
-        return [work(c) for c in chunks]
-    ids = b"".join(n.to_bytes(4, "little") for n in range(len(chunks)))
+    if jobs <= 1 or len(pieces) <= 1:
+        return [work(p) for p in pieces]
+    ids = b"".join(n.to_bytes(4, "little") for n in range(len(pieces)))
     read_end, write_end = os.pipe()
     try:
         # it must hold every number at once (nobody reads it yet); over
-        # pipe-max-size, the default (64 KiB: 16384 chunks) must do
+        # pipe-max-size, the default (64 KiB: 16384 pieces) must do
         with suppress(OSError):
             fcntl.fcntl(write_end, F_SETPIPE_SZ, len(ids))
         fits = len(ids) <= fcntl.fcntl(write_end, F_GETPIPE_SZ)
@@ -106,7 +106,7 @@ def run_pulled(chunks: Sequence[T], work: Callable[[T], R], jobs: int) -> list[R
         os.close(write_end)
     if not fits:
         os.close(read_end)
-        return [work(c) for c in chunks]
+        return [work(p) for p in pieces]
 
     def pull(_: None) -> dict[int, R]:
         done = {}
@@ -114,7 +114,7 @@ def run_pulled(chunks: Sequence[T], work: Callable[[T], R], jobs: int) -> list[R
         # fewer are atomic, and every number was written before any read
         while raw := os.read(read_end, 4):
             n = int.from_bytes(raw, "little")
-            done[n] = work(chunks[n])
+            done[n] = work(pieces[n])
         return done
 
     try:
@@ -123,7 +123,7 @@ def run_pulled(chunks: Sequence[T], work: Callable[[T], R], jobs: int) -> list[R
             results.update(done)
     finally:
         os.close(read_end)
-    return [results[n] for n in range(len(chunks))]
+    return [results[n] for n in range(len(pieces))]
 
 
 def run_split(parts: Sequence[T], work: Callable[[T], R]) -> list[R]:
@@ -193,14 +193,12 @@ def _fork(part: T, work: Callable[[T], R]) -> tuple[int, int]:
 
 
 def _collect(pid: int, fd: int) -> _Done | _Failed:
-    chunks = []
     with os.fdopen(fd, "rb") as pipe:
-        while chunk := pipe.read(1 << 16):
-            chunks.append(chunk)
+        data = pipe.read()
     _, status = os.waitpid(pid, 0)
-    if chunks:
+    if data:
         try:
-            outcome = pickle.loads(b"".join(chunks))
+            outcome = pickle.loads(data)
         except Exception:  # cut short: the child died writing
             outcome = None
         if isinstance(outcome, _Done | _Failed):

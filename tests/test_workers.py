@@ -135,7 +135,8 @@ def test_the_parents_failure_stops_the_children(tmp_path: Path) -> None:
             while not started.exists():
                 pass
             raise ImageError("parent part failed")
-        started.write_text(str(os.getpid()))
+        (tmp_path / "pid").write_text(str(os.getpid()))
+        os.rename(tmp_path / "pid", started)  # whole when it appears
         while True:  # stopped by the parent's failure, or never
             pass
 
