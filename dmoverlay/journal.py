@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any
@@ -72,16 +73,17 @@ class Log:
     was then done)."""
 
     records: list[Record] = field(default_factory=list)
-    _inodes: dict[int, int] | None = field(default=None, repr=False, compare=False)
 
     @property
     def done(self) -> bool:
         return any(r.step == "done" for r in self.records)
 
+    @cached_property
+    def _inodes(self) -> dict[int, int]:
+        return {r.n: r.ino for r in self.records if r.step == "ready"}
+
     def inode_of(self, n: int) -> int:
         """The inode of put `n`'s new entry, once written; else 0."""
-        if self._inodes is None:
-            self._inodes = {r.n: r.ino for r in self.records if r.step == "ready"}
         return self._inodes.get(n, 0)
 
     @classmethod
