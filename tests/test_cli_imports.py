@@ -9,9 +9,8 @@ from pathlib import Path
 
 import click
 import pytest
-from click.utils import make_default_short_help
 
-from dmoverlay.cli import COMMANDS, cli
+from dmoverlay.cli import COMMANDS, cli, summary_cut
 
 # Runs dmoverlay's entry point and writes the modules it added to those the
 # interpreter had at start-up (site may bring in some, such as urllib.parse).
@@ -91,5 +90,5 @@ def test_listed_summary_is_the_commands_own(name: str) -> None:
     assert command is not None
     assert command.name == name
     for limit in range(10, 200):
-        assert make_default_short_help(COMMANDS[name].summary, limit) \
+        assert summary_cut(COMMANDS[name].summary, limit) \
             == command.get_short_help_str(limit), limit

@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import click
-from click.utils import make_default_short_help
 
 from dmoverlay import __version__, log
 from dmoverlay.errors import DmoverlayError
@@ -65,6 +64,13 @@ COMMANDS: Mapping[str, LazyCommand] = {
 }
 
 
+def summary_cut(summary: str, limit: int) -> str:
+    """A summary cut to `limit` columns as click cuts a command's help in
+    the listing (through its public API: the helper behind it is private
+    and deprecated in newer click)."""
+    return click.Command(None, help=summary).get_short_help_str(limit)
+
+
 class Group(click.Group):
     """Turns expected failures into `error:` / `hint:` lines and exit code 1;
     a traceback only with --debug.  Commands in `lazy` are imported when
@@ -91,7 +97,7 @@ class Group(click.Group):
         importing a command not yet loaded."""
         if cmd_name in self.commands:
             return self.commands[cmd_name].get_short_help_str(limit)
-        return make_default_short_help(self.lazy[cmd_name].summary, limit)
+        return summary_cut(self.lazy[cmd_name].summary, limit)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         names = [name for name in self.list_commands(ctx)

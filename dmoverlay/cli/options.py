@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import click
 
 from dmoverlay.errors import UsageError
 from dmoverlay.sizes import parse_size
 
+if TYPE_CHECKING:  # generic from click 8.2 on; Debian 12's 8.1 is not
+    _IntParam = click.ParamType[int]
+else:
+    _IntParam = click.ParamType
 
-class SizeType(click.ParamType):
+
+class SizeType(_IntParam):
     name = "size"
 
     def convert(self, value: object, param: click.Parameter | None,
