@@ -104,8 +104,7 @@ def require_target(target: str = "snapshot", module: str = "dm-snapshot",
     if _module_present(module):
         return  # loaded, or built in (it has parameters): no program to start
     if not _has_target(target):
-        if find_tool("modprobe") is not None:
-            run(["modprobe", module], check=False)
+        _modprobe(module)
         if not _has_target(target):
             raise OverlayError(
                 f"this kernel has no device-mapper {target} target ({module})",
@@ -126,6 +125,61 @@ def _has_target(target: str) -> bool:
     result = run(["dmsetup", "targets"], check=False)
     return result.returncode == 0 and any(
         line.split()[:1] == [target] for line in result.stdout.splitlines())
+
+
+# Filesystems whose module has another name (ext2/3 are served by ext4's).
+_FS_MODULES = {"iso9660": "isofs", "ext2": "ext4", "ext3": "ext4"}
+LOOP_CONTROL = Path("/dev/loop-control")
+
+
+def fs_module(fstype: str) -> str:
+    return _FS_MODULES.get(fstype, fstype)
+
+
+def has_filesystem(fstype: str, filesystems: str) -> bool:
+    """Whether /proc/filesystems (its text) lists `fstype`."""
+    return any(line.split()[-1:] == [fstype] for line in filesystems.splitlines())
+
+
+_ready: set[str] = set()  # kernel parts found or loaded by this process
+
+
+def require_loop(control: Path = LOOP_CONTROL) -> None:
+    """The loop driver, loaded if it is a module not loaded yet: a bare
+    initramfs has no static device nodes, and opening /dev/loop-control does
+    not load the module there."""
+    if "loop" in _ready or control.exists():
+        _ready.add("loop")
+        return
+    _modprobe("loop")
+    for _ in range(40):  # devtmpfs makes the node at once; udev, where it runs, soon
+        if control.exists():
+            _ready.add("loop")
+            return
+        time.sleep(0.05)
+    raise OverlayError(f"this kernel has no loop devices ({control} is missing)",
+                       hint="load the loop module (modprobe loop) or use a kernel with "
+                            "CONFIG_BLK_DEV_LOOP; dmoverlay doctor says what is missing")
+
+
+def require_filesystem(fstype: str, proc: Path = Path("/proc/filesystems")) -> None:
+    """A filesystem in the kernel before it is mounted, its module loaded if
+    need be (the kernel's own module request needs a usermode helper that a
+    bare initramfs may lack)."""
+    if fstype in _ready or has_filesystem(fstype, proc.read_text()):
+        _ready.add(fstype)
+        return
+    _modprobe(fs_module(fstype))
+    if not has_filesystem(fstype, proc.read_text()):
+        raise OverlayError(f"this kernel has no {fstype} filesystem",
+                           hint=f"load its module (modprobe {fs_module(fstype)}) or use a "
+                                "kernel that has it; dmoverlay doctor says what is missing")
+    _ready.add(fstype)
+
+
+def _modprobe(module: str) -> None:
+    if find_tool("modprobe") is not None:
+        run(["modprobe", module], check=False)
 
 
 def ram_bytes(meminfo: str) -> int:
@@ -180,12 +234,14 @@ class Recorder:
     def loop(self, file: str, *, read_only: bool, offset: int = 0, size: int = 0) -> str:
         # the device is known only once attached: until then its backing file
         # is what teardown looks for
+        require_loop()
         step = self.add(Step("loop", "", backing=os.path.realpath(file)))
         step.what = blockdev.loop_setup(file, read_only=read_only, offset=offset, size=size)
         self.state.save(self.path)
         return step.what
 
     def mount(self, device: str, where: Path, *, fstype: str, options: str) -> Path:
+        require_filesystem(fstype)
         self.add(Step("mount", os.fspath(where)))
         blockdev.mount(device, where, fstype=fstype, options=options)
         return where

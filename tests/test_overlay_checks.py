@@ -5,7 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dmoverlay.overlay import _dm_exists, _module_present
+import pytest
+
+from dmoverlay.overlay import (
+    OverlayError,
+    _dm_exists,
+    _module_present,
+    fs_module,
+    has_filesystem,
+    require_filesystem,
+    require_loop,
+)
 
 
 def _dm(sysfs: Path, index: int, name: str) -> None:
@@ -30,3 +40,40 @@ def test_module_present(tmp_path: Path) -> None:
     control.touch()
     assert _module_present("dm-snapshot", tmp_path, control)
     assert not _module_present("dm-thin-pool", tmp_path, control)  # then dmsetup decides
+
+
+FILESYSTEMS = "nodev\tsysfs\nnodev\ttmpfs\n\text4\n\tsquashfs\nnodev\tfuse\n\tfuseblk\n"
+
+
+def test_has_filesystem_reads_proc_filesystems() -> None:
+    assert has_filesystem("ext4", FILESYSTEMS)
+    assert has_filesystem("tmpfs", FILESYSTEMS)  # a nodev one
+    assert not has_filesystem("fuseblk2", FILESYSTEMS)
+    assert not has_filesystem("fuse", "\tfuseblk\n")  # a prefix is not the name
+    assert not has_filesystem("iso9660", FILESYSTEMS)
+
+
+def test_filesystem_modules() -> None:
+    assert fs_module("iso9660") == "isofs"
+    assert fs_module("ext3") == "ext4"
+    assert fs_module("squashfs") == "squashfs"
+
+
+def test_missing_filesystem_is_one_line(tmp_path: Path) -> None:
+    proc = tmp_path / "filesystems"
+    proc.write_text(FILESYSTEMS)
+    require_filesystem("ext4", proc)
+    with pytest.raises(OverlayError, match="no nosuchfs filesystem") as exc:
+        require_filesystem("nosuchfs", proc)  # modprobe tries, and finds no such module
+    assert exc.value.hint is not None and "modprobe nosuchfs" in exc.value.hint
+
+
+def test_missing_loop_control_is_one_line(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("dmoverlay.overlay._modprobe", lambda module: None)
+    monkeypatch.setattr("dmoverlay.overlay.time.sleep", lambda seconds: None)
+    monkeypatch.setattr("dmoverlay.overlay._ready", set())
+    with pytest.raises(OverlayError, match="no loop devices"):
+        require_loop(tmp_path / "loop-control")
+    (tmp_path / "loop-control").touch()
+    require_loop(tmp_path / "loop-control")
