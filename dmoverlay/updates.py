@@ -33,11 +33,14 @@ from dmoverlay.tarheader import plain_header
 
 if TYPE_CHECKING:  # urllib and http.client are imported by a download only: they
     import urllib.request  # take about as long as the rest of an apply's imports
-    from http.client import HTTPMessage
+    from http.client import HTTPMessage, HTTPResponse
 
 CHUNK = 64 * KiB  # reads below glibc's mmap threshold: 1 MiB ones churn the heap
 HEAD_SIZE = superblock.HEAD_SIZE
 DOWNLOAD_TIMEOUT = 30.0  # seconds without progress, per connect and per read
+# seconds for a whole download: a server that drips a byte now and then
+# never trips the stall timeout
+DOWNLOAD_DEADLINE = 600.0
 
 ACCEPTED = ("give a directory; a cpio (newc, crc, odc) or tar archive, plain or compressed "
             "with gzip, xz, bzip2 or zstd; an uncompressed squashfs or ext2/3/4 image; "
@@ -158,7 +161,8 @@ def _open_regular(path: Path, label: str) -> BinaryIO:
 
 @contextmanager
 def open_update(spec: str, *, staging: Path, sha256: str | None = None,
-                timeout: float = DOWNLOAD_TIMEOUT) -> Iterator[UpdateReader]:
+                timeout: float = DOWNLOAD_TIMEOUT,
+                deadline: float = DOWNLOAD_DEADLINE) -> Iterator[UpdateReader]:
     """The update named by `spec` (a path or an http(s) URL), ready for passes.
 
     Downloads and image mounts live under `staging` (a directory under /run:
@@ -172,7 +176,8 @@ def open_update(spec: str, *, staging: Path, sha256: str | None = None,
         downloaded = _is_download(spec)
         if downloaded:
             os.makedirs(staging, mode=0o700, exist_ok=True)
-            path = stack.enter_context(download(spec, staging=staging, timeout=timeout))
+            path = stack.enter_context(download(spec, staging=staging, timeout=timeout,
+                                                deadline=deadline))
         else:
             path = Path(spec)
         yield _reader(path, spec, expected=expected, staging=staging, stack=stack)
@@ -271,29 +276,33 @@ def _http_redirects() -> urllib.request.BaseHandler:
 
 
 @contextmanager
-def download(url: str, *, staging: Path, timeout: float = DOWNLOAD_TIMEOUT) -> Iterator[Path]:
-    """Download `url` into staging/download-XXXX, removed on exit."""
+def download(url: str, *, staging: Path, timeout: float = DOWNLOAD_TIMEOUT,
+             deadline: float = DOWNLOAD_DEADLINE) -> Iterator[Path]:
+    """Download `url` into staging/download-XXXX, removed on exit.  No
+    progress for `timeout` seconds, or no end after `deadline` seconds (give
+    or take one read), is an error."""
     fd, name = tempfile.mkstemp(prefix="download-", dir=staging)
     path = Path(name)
     try:
         with os.fdopen(fd, "wb") as out:
-            _fetch(url, out, timeout)
+            _fetch(url, out, timeout, deadline)
         yield path
     finally:
         path.unlink(missing_ok=True)
 
 
-def _fetch(url: str, out: BinaryIO, timeout: float) -> None:
+def _fetch(url: str, out: BinaryIO, timeout: float, deadline: float) -> None:
     import urllib.error
     import urllib.request
     from http.client import HTTPException
 
     opener = urllib.request.build_opener(_http_redirects())
     request = urllib.request.Request(url, headers={"User-Agent": "dmoverlay"})
+    give_up = time.monotonic() + deadline
     try:
-        with opener.open(request, timeout=timeout) as response:
+        with opener.open(request, timeout=min(timeout, deadline)) as response:
             total = _content_length(response.headers.get("Content-Length"))
-            got = _copy_response(response, out, total, url)
+            got = _copy_response(response, out, total, url, (give_up, deadline))
     except urllib.error.HTTPError as exc:
         raise SourceError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:
@@ -339,12 +348,21 @@ def _content_length(value: str | None) -> int | None:
     return int(value)
 
 
-def _copy_response(response: Readable, out: BinaryIO, total: int | None, url: str) -> int:
+def _copy_response(response: HTTPResponse, out: BinaryIO, total: int | None, url: str,
+                   deadline: tuple[float, float]) -> int:
+    """Copy the body to `out`; `deadline`: the monotonic time to give up at,
+    and the seconds that it stands for."""
     progress = log.Percent(f"downloading {url}") if total else None
     got = 0
-    while chunk := response.read(CHUNK):  # errors here are the network's
+    # read1: what one read of the socket brings, so a trickle meets the check
+    while chunk := response.read1(CHUNK):  # errors here are the network's
         _store(out, chunk, url)
         got += len(chunk)
+        if time.monotonic() > deadline[0]:
+            raise SourceError(f"cannot download {url}: not done after {deadline[1]:g} s "
+                              f"({format_size(got)} received)",
+                              hint="the server or the network is too slow; give more time "
+                                   "with --timeout")
         if progress is not None and total:
             progress(min(100, got * 100 // total))
     _store(out, b"", url)

@@ -9,9 +9,12 @@ import io
 import os
 import socket
 import subprocess
+import sys
 import tarfile
 import threading
+import time
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -789,6 +792,53 @@ def test_no_answer_times_out(staging: Path) -> None:
         port = s.getsockname()[1]
         download_fails(f"http://127.0.0.1:{port}/u", staging, "no answer for 0.3 s",
                        timeout=0.3)
+
+
+def drip(every: float) -> Callable[[_Handler], None]:
+    """A byte now and then: each read sees progress, the download never ends."""
+    def route(handler: _Handler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", "100000")
+        handler.end_headers()
+        with suppress(OSError):  # the client gave up
+            for _ in range(100000):
+                handler.wfile.write(b"x")
+                handler.wfile.flush()
+                time.sleep(every)
+    return route
+
+
+def test_a_trickle_meets_the_deadline(server: tuple[str, _Server], staging: Path) -> None:
+    url, httpd = server
+    httpd.routes = {"/slow": drip(0.05)}
+    # each read brings a byte well within the stall timeout: only the deadline ends it
+    download_fails(f"{url}/slow", staging, r"not done after 0.5 s \(\d+ B received\)",
+                   timeout=5, deadline=0.5)
+
+
+def test_sigterm_during_a_download_leaves_nothing(server: tuple[str, _Server],
+                                                  tmp_path: Path) -> None:
+    url, httpd = server
+    httpd.routes = {"/slow": drip(0.05)}
+    root, run = tmp_path / "root", tmp_path / "run"
+    root.mkdir()
+    run.mkdir()
+    apply = subprocess.Popen(
+        [sys.executable, "-m", "dmoverlay", "apply", f"{url}/slow", "--root", str(root),
+         "--run-dir", str(run)], stderr=subprocess.PIPE, text=True)
+    try:
+        while not any((run / "dmoverlay").glob("staging-*/download-*")):
+            assert apply.poll() is None, apply.communicate()
+            time.sleep(0.02)
+        apply.terminate()
+        _, stderr = apply.communicate(timeout=60)
+    finally:
+        apply.kill()
+    assert apply.returncode == 143, stderr
+    assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
+        "error: terminated (SIGTERM); what was under way was undone"], stderr
+    assert "Traceback" not in stderr
+    assert list(run.iterdir()) == [] and list(root.iterdir()) == []
 
 
 @pytest.mark.parametrize("spec", ["ftp://127.0.0.1/u.img", "file:///etc/passwd",

@@ -10,6 +10,7 @@ module, and carries the summary line `dmoverlay --help` lists.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -62,6 +63,17 @@ COMMANDS: Mapping[str, LazyCommand] = {
         "dmoverlay.cli.apply", "rollback_command",
         "Undo the last apply on ROOT (or finish undoing one a crash cut short)."),
 }
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised wherever the process is, so that every cleanup on the
+    way out runs (staging removed, an apply undone, a setup unwound): the
+    default action would end the process on the spot."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup
+    raise Terminated
 
 
 def summary_cut(summary: str, limit: int) -> str:
@@ -126,6 +138,9 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(130)
+        except Terminated:
+            click.echo("error: terminated (SIGTERM); what was under way was undone", err=True)
+            sys.exit(143)
 
 
 @click.group(cls=Group, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
@@ -141,6 +156,7 @@ def cli(debug: bool, quiet: bool) -> None:
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = cli.main(prog_name="dmoverlay", standalone_mode=False)
     except click.exceptions.Abort:

@@ -11,7 +11,7 @@ from dmoverlay import log
 from dmoverlay.apply import ApplyOptions, ApplyRefused, Spool, apply_members, read_all, staging
 from dmoverlay.apply import rollback as undo_last
 from dmoverlay.applyplan import Op, Plan
-from dmoverlay.updates import open_update
+from dmoverlay.updates import DOWNLOAD_DEADLINE, open_update
 
 
 def plan_lines(plan: Plan) -> list[str]:
@@ -54,8 +54,12 @@ def _options(root: Path, run_dir: str, *, allow_setuid: bool = False, dry_run: b
 @click.option("--json", "as_json", is_flag=True, help="A machine-readable report on stdout.")
 @click.option("-j", "--jobs", type=click.IntRange(min=0), default=0, show_default=True,
               help="Processes that write files (0: one per CPU for a large update).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+              default=DOWNLOAD_DEADLINE, show_default=True,
+              help="Seconds a download may take in all (30 s without progress fail it "
+                   "sooner).")
 def command(updates: str, root: Path, run_dir: str, sha256: str | None, allow_setuid: bool,
-            dry_run: bool, as_json: bool, jobs: int) -> None:
+            dry_run: bool, as_json: bool, jobs: int, timeout: float) -> None:
     """Apply UPDATES (a directory, cpio or tar archive, filesystem image, or
     http(s) URL) onto ROOT: links kept, nothing written outside ROOT, every
     file replaced atomically, all or nothing.  `dmoverlay rollback` undoes it."""
@@ -65,7 +69,8 @@ def command(updates: str, root: Path, run_dir: str, sha256: str | None, allow_se
         try:
             # applied inside: an image stays mounted, a download kept, while
             # their files are copied from where they lie
-            with open_update(updates, staging=place, sha256=sha256) as reader:
+            with open_update(updates, staging=place, sha256=sha256,
+                             deadline=timeout) as reader:
                 with log.step(f"reading {updates}"):
                     members = read_all(reader, spool)
                 result = apply_members(opts, members, spool)
