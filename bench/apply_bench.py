@@ -1,8 +1,10 @@
 """How fast `dmoverlay apply` is, against dracut's per-file loop and GNU tar, in one run.
 
-The update: `--files` small files (1-8 KiB, text and binary) in a few hundred
-directories under lib/, lib64/, bin/, sbin/, usr/share/ and etc/, a few
-hundred new .so links, and four large files (20-50 MiB), written once as a
+The update (`--shape large`, the default): `--files` small files (1-8 KiB, text
+and binary) in a few hundred directories under lib/, lib64/, bin/, sbin/, usr/share/ and etc/, a few
+hundred new .so links, and four large files (20-50 MiB); or (`--shape small`:
+many files, little data) files of 64-512 bytes, 100 to a directory, and four
+files of 8 MiB (32 MiB in all).  Either is written once as a
 directory, a tar and a gzip'd newc cpio (anaconda's updates.img).  The root:
 merged /usr (lib -> usr/lib, bin -> usr/bin, ...) holding about half of the
 update's files in older versions, so both creating and replacing are timed.
@@ -72,8 +74,20 @@ NEW_MTIME = 1_750_000_000  # whole seconds: tar and cpio keep no more
 OLD_MTIME = 1_700_000_000
 ROOT_DIRS = ("dev", "etc", "home", "proc", "root", "run", "sys", "tmp", "var",
              "usr/bin", "usr/sbin", "usr/lib", "usr/lib64", "usr/share")
-LARGE_MIB = (20, 30, 40, 50)
-FILES_PER_DIR = 30
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How the update is made up: small files per directory, their sizes
+    (bytes, least and most), and the large files (MiB each)."""
+
+    per_dir: int
+    small: tuple[int, int]
+    large_mib: tuple[int, ...]
+
+
+SHAPES = {"large": Shape(30, (KiB, 8 * KiB), (20, 30, 40, 50)),
+          "small": Shape(100, (64, 512), (8, 8, 8, 8))}
 SAMPLE_EVERY = 10  # contents compared for every 10th small file, and every large one
 
 # (directory pattern, file name stem, suffix, share of binary files, mode)
@@ -149,10 +163,10 @@ def live_path(name: str) -> str:
     return ROOT_LINKS.get(top, top) + sep + rest
 
 
-def directories(files: int) -> list[tuple[str, int]]:
+def directories(files: int, shape: Shape) -> list[tuple[str, int]]:
     """The update's directories, each with the index of its template."""
     found: dict[str, int] = {}
-    for i in range(max(len(TEMPLATES), files // FILES_PER_DIR)):
+    for i in range(max(len(TEMPLATES), files // shape.per_dir)):
         t = i % len(TEMPLATES)
         n = i // len(TEMPLATES)
         path = TEMPLATES[t][0].format(a=f"pkg{n // 3:02d}", b=f"part{n % 3}")
@@ -160,24 +174,24 @@ def directories(files: int) -> list[tuple[str, int]]:
     return sorted(found.items())
 
 
-def plan_files(files: int, rng: random.Random) -> tuple[list[Spec], set[str]]:
+def plan_files(files: int, rng: random.Random, shape: Shape) -> tuple[list[Spec], set[str]]:
     """The update's files (small, then large) and the directories the root
     already has (by update name)."""
-    dirs = directories(files)
+    dirs = directories(files, shape)
     existing = {d for d, _ in dirs if rng.random() < 0.8}
     existing |= {p for d in existing for p in ancestors(d)}
     small = []
     for j in range(files):
         path, t = rng.choice(dirs)
         _, stem, suffix, binary, mode = TEMPLATES[t]
-        small.append(Spec(f"{path}/{stem}{j:05d}{suffix}", rng.randint(KiB, 8 * KiB), binary,
+        small.append(Spec(f"{path}/{stem}{j:05d}{suffix}", rng.randint(*shape.small), binary,
                           mode))
     candidates = [i for i, s in enumerate(small) if s.name.rpartition("/")[0] in existing]
     for i in rng.sample(candidates, min(len(candidates), files // 2)):
-        small[i] = replace(small[i], old_size=rng.randint(KiB, 8 * KiB))
+        small[i] = replace(small[i], old_size=rng.randint(*shape.small))
     large = [Spec(f"lib/firmware/bench/blob{i}.bin", mib * MiB, 0.7, 0o644,
                   old_size=(mib - 2) * MiB if i % 2 == 0 else 0)
-             for i, mib in enumerate(LARGE_MIB)]
+             for i, mib in enumerate(shape.large_mib)]
     existing |= {"lib/firmware/bench", "lib/firmware"}
     return small + large, existing
 
@@ -200,11 +214,11 @@ def write_file(path: Path, data: bytes, mode: int, mtime: int) -> None:
     os.utime(path, (mtime, mtime))
 
 
-def make_data(update: Path, root: Path, files: int) -> dict[str, int]:
+def make_data(update: Path, root: Path, files: int, shape: Shape) -> dict[str, int]:
     """Write the update tree and the root it applies to; a summary."""
     rng = random.Random(SEED)
     content = Content(rng)
-    specs, existing = plan_files(files, rng)
+    specs, existing = plan_files(files, rng, shape)
     for name in ROOT_DIRS:
         (root / name).mkdir(parents=True, exist_ok=True)
     for name, target in ROOT_LINKS.items():
@@ -230,7 +244,9 @@ def make_data(update: Path, root: Path, files: int) -> dict[str, int]:
     for top, dirs, _ in os.walk(update, topdown=False):
         for d in dirs:
             os.utime(Path(top) / d, (NEW_MTIME, NEW_MTIME))
-    return {"small_files": files, "large_files": len(LARGE_MIB), "symlinks": len(links),
+    return {"small_files": files, "small_least": shape.small[0], "small_most": shape.small[1],
+            "large_files": len(shape.large_mib), "large_mib": sum(shape.large_mib),
+            "symlinks": len(links),
             "directories": sum(len(d) for _, d, _ in os.walk(update)),
             "replaced": sum(1 for s in specs if s.old_size), "update_bytes": total}
 
@@ -615,8 +631,9 @@ TABLE = Table((Column("step", "<38"), Column("input", "<11"), Column("seconds", 
 
 def report(res: Result) -> None:
     d = res.data
-    print(f"update: {d['small_files']} small files (1-8 KiB), {d['large_files']} large "
-          f"({'/'.join(map(str, LARGE_MIB))} MiB), {d['symlinks']} symlinks, "
+    print(f"update: {d['small_files']} small files ({d['small_least']}-{d['small_most']} "
+          f"bytes), {d['large_files']} large ({d['large_mib']} MiB in all), "
+          f"{d['symlinks']} symlinks, "
           f"{d['directories']} directories, {d['update_bytes'] / MiB:.0f} MiB; "
           f"{d['replaced']} files replace older ones in the root")
     print(f"all on a tmpfs (size={res.tmpfs}); {load_text(*res.load)}; code {res.code}")
@@ -660,12 +677,12 @@ def tmpfs(scratch: Path, size: str) -> Iterator[Path]:
         os.rmdir(top)
 
 
-def prepare(top: Path, files: int, exe: str) -> tuple[Bench, dict[str, int]]:
+def prepare(top: Path, files: int, exe: str, shape: Shape) -> tuple[Bench, dict[str, int]]:
     update, pristine, run_dir = top / "update", top / "pristine", top / "run"
     for d in (update, pristine, run_dir):
         d.mkdir()
     print(f"writing the update ({files} small files) and the root", file=sys.stderr)
-    data = make_data(update, pristine, files)
+    data = make_data(update, pristine, files, shape)
     print("packing update.tar and update.cpio.gz (gzip -9)", file=sys.stderr)
     tar, cpio = make_archives(update, top)
     upd = manifest(update)
@@ -681,6 +698,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=10_000, help="small files in the update")
     parser.add_argument("--repeat", type=int, default=1, help="best of N runs per step")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="large",
+                        help="large: 1-8 KiB files and 140 MiB in four; small: 64-512 "
+                             "bytes, 100 to a directory, and 32 MiB in four")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--profile", action="store_true",
                         help="profile the in-process apply even when the goals are met")
@@ -705,7 +725,7 @@ def main() -> None:
     log.quiet = True
     try:
         with tmpfs(args.scratch, args.tmpfs_size) as top:
-            bench, data = prepare(top, args.files, exe)
+            bench, data = prepare(top, args.files, exe, SHAPES[args.shape])
             result = measure(bench, args.repeat, data, args.tmpfs_size, args.profile)
     except Failed as exc:
         raise SystemExit(str(exc)) from None

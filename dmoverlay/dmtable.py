@@ -34,7 +34,9 @@ scattered write), and it errors when full instead of queueing writes
 from __future__ import annotations
 
 import json
+import os
 import re
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -233,6 +235,14 @@ class State:
         return cls(**data, steps=steps)
 
     def save(self, path: Path) -> None:
+        """Write the state whole, then rename it into place: never through a
+        name someone planted (a link at the temporary name is replaced, not
+        followed)."""
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.to_json())
+        os.replace(tmp, path)

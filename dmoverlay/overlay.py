@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
 import stat
 import time
 from collections.abc import Callable
@@ -41,6 +41,10 @@ ROOTFS_NAMES = ("rootfs.img", "ext3fs.img")  # dracut's order
 
 class OverlayError(DmoverlayError):
     """Setup, status or teardown could not be done."""
+
+
+class NoOverlay(OverlayError):
+    """Nothing is recorded under that name."""
 
 
 @dataclass(frozen=True)
@@ -227,7 +231,12 @@ class Recorder:
 
     def mkdir(self, path: Path) -> Path:
         # made first, noted after: never remove a directory that was not ours
-        path.mkdir(mode=0o700)
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            raise OverlayError(f"{path} exists already", hint="a setup under this name "
+                               "died before it noted it, or something planted it: look at "
+                               "it, remove it, try again") from None
         self.add(Step("dir", os.fspath(path)))
         return path
 
@@ -296,6 +305,7 @@ def setup(opts: SetupOptions) -> State:
     if opts.mode is not Mode.PERSISTENT:
         size = overlay_size(opts, ram_bytes(Path("/proc/meminfo").read_text()))
     opts.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    check_state_dir(opts.state_dir)
     path = state_path(opts.state_dir, opts.name)
     if path.exists() or any(_dm_exists(n) for n in names.all()):
         raise UsageError(f"an overlay named {opts.name!r} exists already",
@@ -667,15 +677,84 @@ def _dm_exists(name: str, sysfs: Path = Path("/sys")) -> bool:
 # ------------------------------------------------------------------ teardown
 
 
+STATE_MAX = 1 << 20  # bytes: a state file holds a few dozen steps
+_LOOP = re.compile(r"/dev/loop[0-9]+")
+
+
 def load_state(state_dir: Path, name: str) -> tuple[State, Path]:
+    """The state setup recorded, checked before anything acts on it: /run
+    is writable by more than setup (an update's run/ entries land there), so
+    a state file is input like any other."""
+    Names(name)  # a name that cannot leave the state directory
+    check_state_dir(state_dir)
     path = state_path(state_dir, name)
     try:
-        return State.from_json(path.read_text()), path
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise OverlayError(f"no overlay named {name!r} is set up",
+        raise NoOverlay(f"no overlay named {name!r} is set up",
                            hint=f"nothing recorded in {path}") from None
-    except (ValueError, TypeError) as exc:
-        raise OverlayError(f"{path}: unreadable state ({exc})") from None
+    except OSError as exc:
+        raise OverlayError(f"{path}: cannot read the state ({exc.strerror})",
+                           hint="it is not a file setup wrote; look at it, remove it") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise OverlayError(f"{path}: not a state file setup wrote (not a regular file "
+                               "of this user)", hint="look at it, and remove it")
+        text = f.read(STATE_MAX + 1)
+    try:
+        if len(text) > STATE_MAX:
+            raise ValueError(f"over {STATE_MAX} bytes")
+        state = State.from_json(text.decode())
+        check_state(state, state_dir, name)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise OverlayError(f"{path}: unreadable state ({exc})",
+                           hint="nothing was torn down: look at it, and undo by hand") from None
+    return state, path
+
+
+def check_state_dir(state_dir: Path) -> None:
+    """The state directory is setup's own: a real directory (not a link to
+    elsewhere), of this user, that nobody else may write in."""
+    try:
+        st = os.lstat(state_dir)
+    except FileNotFoundError:
+        return  # nothing recorded, or setup makes it
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise OverlayError(f"{state_dir}: not a private directory of this user (a link, "
+                           "another owner's, or writable by others)",
+                           hint="something planted it: look at it, remove it, try again")
+
+
+def check_state(state: State, state_dir: Path, name: str) -> None:
+    """ValueError unless every step is one setup could have recorded: teardown
+    unmounts, detaches, removes and deletes only what names its own things."""
+    if state.name != name or not isinstance(state.complete, bool):
+        raise ValueError(f"it names the overlay {state.name!r}")
+    work = os.fspath(state_dir / name)  # as setup makes it
+    dirs = {work}  # mount points are directories setup made (or the target)
+    names = Names(name).all()
+    files = (f"{name}.cow", f"{name}.thin-meta", f"{name}.thin-data")
+    allowed: dict[str, Callable[[Step], bool]] = {
+        "dir": lambda s: s.what == work or (os.path.dirname(s.what) == work
+                                            and os.path.basename(s.what) not in ("", ".", "..")),
+        "mount": lambda s: s.what in dirs or s.what == state.target,
+        "dm": lambda s: s.what in names,
+        "loop": lambda s: (not s.what or bool(_LOOP.fullmatch(s.what)))
+        and os.path.isabs(s.backing),
+        "file": lambda s: os.path.isabs(s.what) and os.path.basename(s.what) in files,
+        # removed only while setup is unfinished, and only if it holds a store
+        "newfile": lambda s: os.path.isabs(s.what),
+    }
+    for step in state.steps:
+        if not isinstance(step.what, str) or not isinstance(step.backing, str) \
+                or not isinstance(step.kind, str):
+            raise ValueError(f"a step of unknown form: {step!r}")
+        ok = allowed.get(step.kind)
+        if ok is None or not ok(step):
+            raise ValueError(f"a {step.kind} step setup would not record: {step.what!r}")
+        if step.kind == "dir":
+            dirs.add(step.what)
 
 
 def teardown(state_dir: Path, name: str) -> State | None:
@@ -683,7 +762,7 @@ def teardown(state_dir: Path, name: str) -> State | None:
     require_root()
     try:
         state, path = load_state(state_dir, name)
-    except OverlayError:
+    except NoOverlay:
         return None
     _unwind(state, path)
     return state
@@ -711,9 +790,38 @@ def _undo(step: Step, *, complete: bool) -> None:
         for dev in [step.what] if step.what else loops_backed_by(step.backing):
             blockdev.loop_teardown(dev, backing=step.backing)
     elif step.kind == "file" or (step.kind == "newfile" and not complete):
-        Path(step.what).unlink(missing_ok=True)
+        _remove_ours(step.what, store=step.kind == "newfile")
     elif step.kind == "dir" and not os.path.ismount(step.what):
-        shutil.rmtree(step.what, ignore_errors=True)
+        # a mount point or the directory holding them: empty once unmounted;
+        # anything else in it is not ours to delete
+        with suppress(FileNotFoundError, NotADirectoryError):
+            try:
+                os.rmdir(step.what)
+            except OSError as exc:
+                log.info(f"warning: {step.what} kept: {exc.strerror}")
+
+
+def _remove_ours(path: str, *, store: bool) -> None:
+    """Delete a file setup made: a regular file (never through a link), and
+    for a new overlay file, only while it holds nothing but a store."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.info(f"warning: {path} kept: {exc.strerror}")
+        return
+    with os.fdopen(fd, "rb") as f:
+        mine = stat.S_ISREG(os.fstat(fd).st_mode)
+        if mine and store:
+            try:
+                persistent.read_header(f.read(4096), where=path)
+            except DmoverlayError:
+                mine = False
+    if mine:
+        os.unlink(path)
+    else:
+        log.info(f"warning: {path} kept: not the file setup made")
 
 
 def loops_backed_by(backing: str, *, sysfs: Path = Path("/sys")) -> list[str]:
