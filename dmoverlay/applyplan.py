@@ -199,6 +199,9 @@ class Planner:
         # directories checked for mounts: the mount point at or above each
         # (below its tree's top), or None when it is on the top's mount
         self.mounts: dict[Where, Where | None] = {Where("root", ""): None, Where("run", ""): None}
+        # directories holding an entry the plan made: kept from the first
+        # time a directory is to be replaced (most updates replace none)
+        self.holding: set[Where] | None = None
 
     def _real(self, where: Where) -> Kind | None:
         """The kind of the real tree's entry (it does not change while we plan)."""
@@ -375,6 +378,8 @@ class Planner:
         if self._real(where) is None:
             self.new_dirs.add(where)
         self.planned[where] = _Planned(Kind.DIR)
+        if self.holding is not None:
+            self.holding.add(where.parent)
         self.removed.discard(where)
         default = Member(name=name, kind=Kind.DIR, mode=0o755)
         self._add(Action(Op.MKDIR, member.name if member else name, where, member or default))
@@ -479,15 +484,18 @@ class Planner:
         op = Op.LINK if link_to else (Op.CREATE if replaces is None else Op.REPLACE)
         self._add(Action(op, m.name, where, m, replaces=replaces or "", link_to=link_to))
         self.planned[where] = _Planned(Kind.FILE if m.kind is Kind.HARDLINK else m.kind)
+        if self.holding is not None:
+            self.holding.add(where.parent)
         self.removed.discard(where)
         self.placed[m.name] = where
 
     def _empty_dir(self, where: Where) -> bool:
-        """No child in the real tree (less whiteouts) nor planned by the update."""
-        def inside(w: Where) -> bool:
-            return w.tree == where.tree and w.path.startswith(where.path + "/")
-
-        if any(inside(w) for w in self.planned):
+        """No child in the real tree (less whiteouts) nor planned by the update.
+        (An entry planned deeper inside has a planned or real directory on
+        its way, a child of this one: children are enough.)"""
+        if self.holding is None:  # the first time: then kept as the plan grows
+            self.holding = {w.parent for w in self.planned}
+        if where in self.holding:
             return False
         if self._real(where) is None:
             return True

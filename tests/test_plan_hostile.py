@@ -4,6 +4,7 @@ privilege carried in metadata, and a root that changes while it is planned."""
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import subprocess
@@ -20,7 +21,7 @@ from dmoverlay.applyplan import Op, Options, Planner, Where, make_plan
 from dmoverlay.inroot import Trees
 from dmoverlay.members import Kind, Member
 from tests.applykit import apply, d, f, hard, link, make_root, other, snapshot
-from tests.conftest import small_tmpfs
+from tests.conftest import dmoverlay, small_tmpfs
 
 
 @pytest.fixture
@@ -228,6 +229,26 @@ def test_the_removed_lookup_matches_a_scan_of_every_whiteout(
                                             or where.path.startswith(r.path + "/"))
                   for r in planner.removed)
     assert planner._kind_at(where) == ((None, False) if scanned else (Kind.DIR, False))
+
+
+def test_a_directory_holding_planned_entries_is_not_empty(live: tuple[Path, Path, Path]) -> None:
+    """Whether a directory may be replaced by a file, with what the plan
+    made inside it counted, before and after the first such question."""
+    _, root, run = live
+    for name in ("a", "b", "c", "e", "ex"):
+        (root / "srv" / name).mkdir(parents=True)
+    planner = _planner(root, run, [
+        f("srv/a"),  # an empty directory replaced: the first question
+        f("srv/b/new"), f("srv/b"),  # a child planned after it
+        f("srv/c/x/y"), f("srv/c"),  # a grandchild, its directory made on the way
+        f("srv/ex/f"), f("srv/e"),  # a sibling that only begins the same
+    ])
+    try:
+        refused = {r.name for r in planner.plan.refusals}
+        assert refused == {"srv/b", "srv/c"}, planner.plan.refusals
+        assert planner._kind_at(Where("root", "srv/e")) == (Kind.FILE, True)
+    finally:
+        planner.tree.close()  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------------ mount points inside ROOT
@@ -485,3 +506,47 @@ def test_without_a_live_run_no_link_leads_into_root_run(live: tuple[Path, Path, 
         with pytest.raises(ApplyRefused, match="needs the live /run"):
             apply(top, root, None, [f(name)])
     assert snapshot(top) == before
+
+
+# ------------------------------------------------------------------ from the command line
+
+def _tar(top: Path, *members: tuple[str, dict[str, str]]) -> Path:
+    import tarfile
+
+    archive = top / "update.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, pax in members:
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            info.pax_headers = pax
+            tar.addfile(info, io.BytesIO(b"x"))
+    return archive
+
+
+def test_cli_an_xattr_refused_then_let_through(live: tuple[Path, Path, Path]) -> None:
+    top, root, run = live
+    archive = _tar(top, ("usr/a", {"SCHILY.xattr.trusted.overlay.opaque": "y"}))
+    before = snapshot(root), snapshot(run)
+    refused = dmoverlay("apply", str(archive), "--root", str(root), "--run-dir", str(run))
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "error: refused: usr/a: xattr trusted.overlay.opaque" in refused.stderr
+    assert "--allow-xattr trusted.overlay.opaque" in refused.stderr
+    assert (snapshot(root), snapshot(run)) == before
+    done = dmoverlay("apply", str(archive), "--root", str(root), "--run-dir", str(run),
+                     "--allow-xattr", "trusted.overlay")
+    assert done.returncode == 0, done.stderr
+    assert os.getxattr(root / "usr/a", "trusted.overlay.opaque") == b"y"
+
+
+def test_cli_a_whiteout_of_the_journal_is_one_error_line(live: tuple[Path, Path, Path]) -> None:
+    top, root, run = live
+    apply(top, root, run, [f("etc/first")])  # a journal at the top of ROOT now
+    archive = _tar(top, (".wh..dmoverlay", {}))
+    before = snapshot(root), snapshot(run)
+    result = dmoverlay("apply", str(archive), "--root", str(root), "--run-dir", str(run))
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: refused: .wh..dmoverlay: reaches /.dmoverlay, a name dmoverlay "
+                      "keeps for its journal and temporary files"], result.stderr
+    assert (snapshot(root), snapshot(run)) == before
+    assert (root / ".dmoverlay/journal").is_dir()
