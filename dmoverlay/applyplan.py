@@ -112,7 +112,9 @@ class Tree(Protocol):
 
     def kind(self, where: Where) -> Kind | None: ...
 
-    def readlink(self, where: Where) -> str: ...
+    def readlink(self, where: Where) -> str:
+        """The link's text; OSError if it is no longer a link or is gone
+        (the tree changed since kind() was asked)."""
 
     def listdir(self, where: Where) -> list[str]: ...
 

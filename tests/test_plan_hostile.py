@@ -114,6 +114,40 @@ def test_a_run_directory_entry_is_still_accepted(live: tuple[Path, Path, Path]) 
     assert [a.op for a in result.plan.actions] == [Op.CREATE]
 
 
+LINK_TARGETS = ["../..", "..", "/", "/run", "../run", "run", ".", "/.dmoverlay", "proc"]
+COMPONENTS = ["a", "top", "up", "run", "proc", "tmp", ".dmoverlay", ".DMOVERLAY",
+              ".wh.proc", ".wh..dmoverlay", ".wh.run", "dmoverlay"]
+
+
+@given(st.lists(st.tuples(st.sampled_from(["usr/top", "usr/lib/up", "up"]),
+                          st.sampled_from(LINK_TARGETS)), max_size=3, unique_by=lambda t: t[0]),
+       st.lists(st.tuples(st.lists(st.sampled_from(COMPONENTS), min_size=1, max_size=4),
+                          st.sampled_from([Kind.FILE, Kind.DIR, Kind.SYMLINK])), max_size=6))
+def test_no_plan_ever_touches_a_reserved_place(
+        tmp_path_factory: pytest.TempPathFactory, links: list[tuple[str, str]],
+        members: list[tuple[list[str], Kind]]) -> None:
+    """Whatever links the root holds and however the names are spelt, no
+    action lands on the journal, /proc, /tmp, the staging directory or
+    replaces /run."""
+    top = tmp_path_factory.mktemp("reserved")
+    root, run = make_root(top)
+    for where, target in links:
+        os.symlink(target, root / where)
+    os.symlink("..", run / "up")
+    with Trees(os.fspath(root), os.fspath(run)) as trees:
+        plan = make_plan(trees, [Member("/".join(parts), kind, target="x")
+                                 for parts, kind in members], Options())
+    for a in plan.actions:
+        first = a.where.path.split("/")[0].casefold()
+        assert first not in (".dmoverlay", "")
+        assert not any(p.startswith(".dmoverlay-") for p in a.where.path.split("/"))
+        if a.where.tree == "root":
+            assert first not in ("proc", "sys", "dev", "tmp"), a
+            assert first != "run" or (a.where.path == "run" and a.op is Op.MKDIR), a
+        else:
+            assert first != "dmoverlay", a
+
+
 # ------------------------------------------------------------------ `..` at the top
 
 def test_dotdot_at_the_top_stays_at_the_top(live: tuple[Path, Path, Path]) -> None:
