@@ -115,7 +115,7 @@ def _malformed_value(name: str, value: bytes, kind: Kind) -> str | None:
 ACL_VERSION = 2
 ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = (
     0x01, 0x02, 0x04, 0x08, 0x10, 0x20)
-_ACL_NO_ID = 0xFFFFFFFF
+_NO_ID = 0xFFFFFFFF  # (uid_t)-1: no user, no group
 # the order the kernel insists on (posix_acl_valid): what may follow what
 _ACL_NEXT = {
     None: {ACL_USER_OBJ},
@@ -148,7 +148,7 @@ def acl_problem(value: bytes) -> str | None:
         if perm & ~7:
             return "a POSIX ACL entry with permissions beyond rwx"
         if tag in (ACL_USER, ACL_GROUP):
-            if ident == _ACL_NO_ID or (tag == last and ident <= last_id):
+            if ident == _NO_ID or (tag == last and ident <= last_id):
                 return "a POSIX ACL with a bad or repeated user or group id"
             named, last_id = True, ident
         last = tag
@@ -171,6 +171,8 @@ def capability_problem(value: bytes) -> str | None:
     size = _CAP_SIZES.get(magic & _CAP_REVISION_MASK)
     if size is None or size != len(value) or magic & ~_CAP_REVISION_MASK & ~_CAP_EFFECTIVE:
         return "not file capabilities of revision 2 or 3"
+    if size == 24 and struct.unpack_from("<I", value, 20)[0] == _NO_ID:
+        return "file capabilities for a root user that does not exist"
     return None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import struct
 import subprocess
 from collections.abc import Iterator
@@ -520,14 +521,37 @@ def test_an_acl_the_policy_accepts_the_kernel_accepts(
         os.removexattr(target, "system.posix_acl_access")
 
 
-@pytest.mark.parametrize("value", [capability(2), capability(3), capability(2, effective=False)])
-def test_capabilities_the_policy_accepts_the_kernel_accepts(tmp_path: Path,
-                                                            value: bytes) -> None:
+@given(st.sampled_from([0x01000000, 0x02000000, 0x02000001, 0x03000000, 0x03000001,
+                        0x02000002, 0x04000000]),
+       st.sampled_from([8, 16, 20]), st.sampled_from([b"", b"\0\0\0\0", b"\xff" * 4]))
+def test_capabilities_the_policy_accepts_the_kernel_accepts(
+        tmp_path_factory: pytest.TempPathFactory, magic: int, size: int, tail: bytes) -> None:
     from dmoverlay import xattrpolicy
 
+    value = struct.pack("<I", magic) + bytes(size - 4) + tail
+    target = tmp_path_factory.getbasetemp() / "cap-target"
+    target.touch()
+    if xattrpolicy.capability_problem(value) is None:
+        os.setxattr(target, "security.capability", value)
+        os.removexattr(target, "security.capability")
+
+
+def test_capabilities_as_setcap_writes_them(tmp_path: Path) -> None:
+    """Judged as privilege: refused by default, accepted with --allow-setuid."""
+    from dmoverlay import xattrpolicy
+
+    if shutil.which("setcap") is None:
+        pytest.skip("setcap (libcap2-bin) is not installed")
+    binary = tmp_path / "ping"
+    binary.touch()
+    subprocess.run(["setcap", "cap_setuid,cap_sys_admin=ep", str(binary)], check=True)
+    value = os.getxattr(binary, "security.capability")
     assert xattrpolicy.capability_problem(value) is None
-    (tmp_path / "x").touch()
-    os.setxattr(tmp_path / "x", "security.capability", value)
+    assert xattrpolicy.refusal("security.capability", value, Kind.FILE, allow_setuid=True,
+                               allowed=()) is None
+    refused = xattrpolicy.refusal("security.capability", value, Kind.FILE,
+                                  allow_setuid=False, allowed=())
+    assert refused is not None and "--allow-setuid" in refused[1]
 
 
 def test_without_a_live_run_no_link_leads_into_root_run(live: tuple[Path, Path, Path]) -> None:
