@@ -622,6 +622,7 @@ class ApplyOptions:
     root: Path
     run_dir: Path | None = Path("/run")
     allow_setuid: bool = False
+    allow_xattrs: tuple[str, ...] = ()  # xattr names let through (applyplan.Options)
     dry_run: bool = False
     jobs: int = 0  # processes writing files; 0: one per CPU for a large update
 
@@ -675,7 +676,8 @@ def apply_members(opts: ApplyOptions, members: list[Member], spool: Spool,
     with opened(opts) as trees, _no_gc_passes():
         recover(trees)
         plan = make_plan(trees, members, Options(allow_setuid=opts.allow_setuid,
-                                                 has_run=opts.run_dir is not None))
+                                                 has_run=opts.run_dir is not None,
+                                                 allow_xattrs=opts.allow_xattrs))
         if not plan.ok:
             raise ApplyRefused(plan)
         if opts.dry_run:

@@ -2,8 +2,11 @@
 
 Every name is resolved as the live system will see it: ROOT is `/`, its
 top-level `run` is the live /run (a separate directory), symlinks are
-followed inside that view and never out of it.  The result is a list of
-actions, or of refusals; the executor only carries actions out."""
+followed inside that view and never out of it (`..` at the top stays
+there, as in the kernel).  Every place is judged where it resolves, not as
+its name is written: a link back to the top leads to the journal or /proc
+as surely as their names do.  The result is a list of actions, or of
+refusals; the executor only carries actions out."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import NamedTuple, Protocol
 
+from dmoverlay import xattrpolicy
 from dmoverlay.members import Kind, Member
 
 NAME_MAX = 255
@@ -29,8 +33,12 @@ HIDDEN_TOP = {"tmp": "a tmpfs is mounted on /tmp at start-up and hides it"}
 RUN = "run"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # dmoverlay's own names: the journal at each tree's top, temporary files
+# beside each target, and the staging directory at the live /run's top
 RESERVED_TOP = ".dmoverlay"
 RESERVED_PREFIX = ".dmoverlay-"
+STAGING_TOP = "dmoverlay"
+_RESERVED = ("a name dmoverlay keeps for its journal and temporary files",
+             "the update is malformed or hostile")
 
 
 class Op(StrEnum):
@@ -104,15 +112,25 @@ class Tree(Protocol):
 
     def kind(self, where: Where) -> Kind | None: ...
 
-    def readlink(self, where: Where) -> str: ...
+    def readlink(self, where: Where) -> str:
+        """The link's text; OSError if it is no longer a link or is gone
+        (the tree changed since kind() was asked)."""
 
     def listdir(self, where: Where) -> list[str]: ...
+
+    def same_mount(self, where: Where) -> bool:
+        """Whether a directory is on its tree's top's mount (a rename can
+        reach the journal from there)."""
+
+
+_UNKNOWN = Where("", "")  # not looked up yet
 
 
 @dataclass(frozen=True)
 class Options:
-    allow_setuid: bool = False
+    allow_setuid: bool = False  # setuid/setgid files, file capabilities
     has_run: bool = True  # a live /run to put run/ entries in
+    allow_xattrs: tuple[str, ...] = ()  # xattr names (and below) the policy refuses
 
 
 class Refused(Exception):
@@ -180,6 +198,12 @@ class Planner:
         # whenever the plan changes what a walk could meet (links, whiteouts)
         self.resolved: dict[tuple[str, ...], Where] = {}
         self.kinds: dict[Where, Kind | None] = {}
+        # directories checked for mounts: the mount point at or above each
+        # (below its tree's top), or None when it is on the top's mount
+        self.mounts: dict[Where, Where | None] = {Where("root", ""): None, Where("run", ""): None}
+        # directories holding an entry the plan made: kept from the first
+        # time a directory is to be replaced (most updates replace none)
+        self.holding: set[Where] | None = None
 
     def _real(self, where: Where) -> Kind | None:
         """The kind of the real tree's entry (it does not change while we plan)."""
@@ -197,18 +221,26 @@ class Planner:
         if where in self.planned:
             p = self.planned[where]
             return p.kind, p.by_update
-        if self.removed and (where in self.removed or any(
-                r.tree == where.tree and where.path.startswith(r.path + "/")
-                for r in self.removed)):
+        if self.removed and self._removed_at(where):
             return None, False
         return self._real(where), False
+
+    def _removed_at(self, where: Where) -> bool:
+        """Whether a whiteout removed the place or a directory above it:
+        its ancestors looked up, not every whiteout (O(depth))."""
+        removed, path = self.removed, where.path
+        while path:
+            if _new_where(Where, (where.tree, path)) in removed:
+                return True
+            path = path.rpartition("/")[0]
+        return False
 
     def _top(self, parts: list[str]) -> tuple[Where, list[str], list[str]]:
         """Where a path from the live system's `/` starts (`run/...` is the
         live /run), what is left to walk, and the live path walked so far."""
         if parts and parts[0] == RUN:
             if not self.options.has_run:
-                raise Refused("run/ entries need the live /run", "give --run-dir")
+                raise Refused("goes into /run, which needs the live /run", "give --run-dir")
             return Where("run", ""), parts[1:], [RUN]
         return Where("root", ""), parts, []
 
@@ -233,16 +265,22 @@ class Planner:
             if part in ("", "."):
                 continue
             if part == "..":
-                if not seen:
-                    raise Refused("a symlink leads above the root", "the root is malformed")
+                # as the kernel: /.. is /, and the live /run's .. is / too
                 where, todo, seen = self._top(seen[:-1] + todo)
                 continue
-            self._check_top(seen, part)
+            if not where.path:
+                if where.tree == "root" and part == RUN:  # a link's way into /run
+                    where, todo, seen = self._top([RUN, *todo])
+                    continue
+                self._check_top(where.tree, part)
+            elif part.startswith(RESERVED_PREFIX):
+                raise Refused(f"goes through {where.child(part)}, {_RESERVED[0]}", _RESERVED[1])
             here = where.child(part)
             kind, by_update = self._kind_at(here)
             if kind is None:
                 if not create:
                     return None
+                self._check_mount(where)
                 self._mkdir(here, name)
                 where = here
             elif kind is Kind.DIR:
@@ -255,7 +293,7 @@ class Planner:
                 links += 1
                 if links > MAX_LINKS:
                     raise Refused("too many levels of symbolic links")
-                target = self.tree.readlink(here)
+                target = self._readlink(here)
                 self._note_follow(here, target)
                 rest = [p for p in target.split("/") if p]
                 if target.startswith("/"):
@@ -268,15 +306,69 @@ class Planner:
             seen.append(part)
         return where
 
-    def _check_top(self, seen: list[str], part: str) -> None:
-        if seen:
+    def _readlink(self, link: Where) -> str:
+        try:
+            return self.tree.readlink(link)
+        except OSError as exc:  # no longer a link (EINVAL), or gone
+            raise Refused(f"{link} changed while the update was planned ({exc.strerror})",
+                          "nothing was written; apply it again") from None
+
+    def _check_place(self, where: Where, kind: Kind | None) -> None:
+        """Judge where an entry lands by the first component of its place,
+        at its tree's top.  Only a place just below a top needs it: the
+        first component of a deeper one is a directory the walk went
+        through, judged on the way, as every step of a walk is."""
+        if "/" in where.path:
             return
-        if part in FORBIDDEN_TOP:
-            raise Refused(f"writes under /{part} ({FORBIDDEN_TOP[part]})",
+        self._check_top(where.tree, where.path)
+        if where.tree == "root" and where.path == RUN and kind is not Kind.DIR:
+            raise Refused("replaces /run, on which the live /run is mounted",
+                          "only a directory may be named run at the top")
+
+    def _check_top(self, tree: str, part: str) -> None:
+        """A name just below a tree's top.  Case does not matter here: on a
+        case-folding directory, .DMOVERLAY is the journal."""
+        folded = part.casefold()
+        if folded == RESERVED_TOP or folded.startswith(RESERVED_PREFIX):
+            raise Refused(f"reaches {Where(tree, part)}, {_RESERVED[0]}", _RESERVED[1])
+        if tree == "run":
+            if folded == STAGING_TOP:
+                raise Refused(f"reaches {Where(tree, part)}, dmoverlay's staging directory",
+                              _RESERVED[1])
+            return
+        if folded in FORBIDDEN_TOP:
+            raise Refused(f"writes under /{part} ({FORBIDDEN_TOP[folded]})",
                           "nothing in an update may go there")
-        if part in HIDDEN_TOP:
-            raise Refused(f"writes under /{part}: {HIDDEN_TOP[part]}",
+        if folded in HIDDEN_TOP:
+            raise Refused(f"writes under /{part}: {HIDDEN_TOP[folded]}",
                           "put it elsewhere, e.g. under var/tmp or run")
+
+    def _check_mount(self, directory: Where) -> None:
+        """Refuse to change anything in a directory on another mount than its
+        tree's top: the rename to the journal would fail (EXDEV) mid-commit."""
+        point = self.mounts.get(directory, _UNKNOWN)
+        if point is _UNKNOWN:
+            point = self._mount_point(directory)
+        if point is not None:
+            where = "" if point == directory else f"{directory}, below "
+            raise Refused(f"writes into {where}{point}: another filesystem is mounted there",
+                          "a rename cannot cross filesystems: unmount it, or leave its "
+                          "files out of the update")
+
+    def _mount_point(self, directory: Where) -> Where | None:
+        """The mount point at or above a directory (below its tree's top),
+        or None.  One question to the tree per directory, ever."""
+        chain = []
+        d = directory
+        while d.path and d not in self.mounts:
+            chain.append(d)
+            d = d.parent
+        found = self.mounts.get(d) if d.path else None
+        for c in reversed(chain):
+            if found is None and self._real(c) is Kind.DIR and not self.tree.same_mount(c):
+                found = c
+            self.mounts[c] = found
+        return found
 
     def _note_follow(self, link: Where, target: str) -> None:
         key = (str(link), target)
@@ -288,6 +380,8 @@ class Planner:
         if self._real(where) is None:
             self.new_dirs.add(where)
         self.planned[where] = _Planned(Kind.DIR)
+        if self.holding is not None:
+            self.holding.add(where.parent)
         self.removed.discard(where)
         default = Member(name=name, kind=Kind.DIR, mode=0o755)
         self._add(Action(Op.MKDIR, member.name if member else name, where, member or default))
@@ -311,6 +405,9 @@ class Planner:
 
     def _add_member(self, m: Member) -> None:
         if m.name == "":
+            if m.kind is not Kind.DIR:
+                raise Refused(f"the top of the update is a {m.kind}, not a directory",
+                              "the update is malformed or hostile")
             return  # the update's own top: the root's metadata stays as it is
         parts = split_name(m.name)
         self._check_kind(m)
@@ -321,11 +418,14 @@ class Planner:
         if base.startswith(WHITEOUT):
             self._whiteout(m, parts[:-1], base.removeprefix(WHITEOUT))
             return
-        if len(parts) == 1:
-            self._check_top([], base)
+        if m.xattrs:
+            self._check_xattrs(m)
         parent = self.resolve_dir(parts[:-1], m.name)
         assert parent is not None
         where = parent.child(base)
+        self._check_place(where, m.kind)
+        if m.kind is not Kind.DIR:
+            self._check_mount(parent)  # a directory's is checked if it is made
         if m.kind is Kind.DIR:
             self._dir(m, where)
         else:
@@ -339,9 +439,18 @@ class Planner:
                 and not self.options.allow_setuid):
             raise Refused("a setuid/setgid file", "pass --allow-setuid if it is meant to be")
 
+    def _check_xattrs(self, m: Member) -> None:
+        opts = self.options
+        for key, value in m.xattrs:
+            verdict = xattrpolicy.refusal(key, value, m.kind, allow_setuid=opts.allow_setuid,
+                                          allowed=opts.allow_xattrs)
+            if verdict is not None:
+                raise Refused(*verdict)
+
     def _dir(self, m: Member, where: Where) -> None:
         kind, _ = self._kind_at(where)
         if kind is None:
+            self._check_mount(where.parent)
             self._mkdir(where, m.name, m)
         elif kind is Kind.SYMLINK:
             # keep the link, go on inside its target
@@ -357,6 +466,8 @@ class Planner:
 
     def _entry(self, m: Member, where: Where) -> None:
         kind, _ = self._kind_at(where)
+        if kind is Kind.DIR:
+            self._check_mount(where)  # a mount point is no directory to replace
         if kind is Kind.DIR and not self._empty_dir(where):
             raise Refused(f"a {m.kind} over a non-empty directory",
                           "remove the directory first with a .wh. entry")
@@ -375,15 +486,18 @@ class Planner:
         op = Op.LINK if link_to else (Op.CREATE if replaces is None else Op.REPLACE)
         self._add(Action(op, m.name, where, m, replaces=replaces or "", link_to=link_to))
         self.planned[where] = _Planned(Kind.FILE if m.kind is Kind.HARDLINK else m.kind)
+        if self.holding is not None:
+            self.holding.add(where.parent)
         self.removed.discard(where)
         self.placed[m.name] = where
 
     def _empty_dir(self, where: Where) -> bool:
-        """No child in the real tree (less whiteouts) nor planned by the update."""
-        def inside(w: Where) -> bool:
-            return w.tree == where.tree and w.path.startswith(where.path + "/")
-
-        if any(inside(w) for w in self.planned):
+        """No child in the real tree (less whiteouts) nor planned by the update.
+        (An entry planned deeper inside has a planned or real directory on
+        its way, a child of this one: children are enough.)"""
+        if self.holding is None:  # the first time: then kept as the plan grows
+            self.holding = {w.parent for w in self.planned}
+        if where in self.holding:
             return False
         if self._real(where) is None:
             return True
@@ -392,17 +506,21 @@ class Planner:
     def _whiteout(self, m: Member, parent_parts: list[str], victim: str) -> None:
         if not victim or victim in (".", ".."):
             raise Refused("whiteout of nothing")
-        if not parent_parts:
-            self._check_top([], victim)
+        if victim.startswith(RESERVED_PREFIX):
+            raise Refused(f"whiteout of {victim!r}, {_RESERVED[0]}", _RESERVED[1])
         parent = self.resolve_dir(parent_parts, m.name, create=False)
         if parent is None:
             return  # its directory does not exist: nothing to remove
         where = parent.child(victim)
+        self._check_place(where, None)
         kind, by_update = self._kind_at(where)
         if by_update:
             raise Refused(f"whiteout of {victim!r}, which the update itself creates")
         if kind is None:
             return  # nothing to remove: already as the update wants it
+        self._check_mount(parent)
+        if kind is Kind.DIR:
+            self._check_mount(where)
         self._add(Action(Op.WHITEOUT, m.name, where, m, replaces=kind))
         self.removed.add(where)
         self.resolved.clear()

@@ -11,7 +11,9 @@ import ctypes
 import errno
 import os
 import stat
+import struct
 import sys
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 from dmoverlay.applyplan import Where, kind_of
@@ -22,6 +24,10 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
                             ctypes.c_uint)
 _libc.syncfs.argtypes = (ctypes.c_int,)
+_statx = getattr(_libc, "statx", None)  # glibc 2.28
+if _statx is not None:
+    _statx.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint,
+                       ctypes.c_void_p)
 _renameat2 = _libc.renameat2
 _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
@@ -33,6 +39,11 @@ RESOLVE_IN_ROOT = 0x10
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_EMPTY_PATH = 0x1000
+STATX_MNT_ID = 0x1000
+_STATX_SIZE = 256
+_STATX_MNT_ID_AT = 0x90  # offset of stx_mnt_id in struct statx
 LIST_AFTER = 24  # lookups in one directory, after which it is listed instead
 
 
@@ -85,6 +96,23 @@ def syncfs(fd: int) -> None:
         _raise_errno("syncfs")
 
 
+def mount_id(dir_fd: int, name: str = "") -> int | None:
+    """The id of the mount `name` (in `dir_fd`, not followed if a link; the
+    directory itself if "") is on, None if the kernel does not say (before
+    Linux 5.8).  Two mounts of one filesystem have one st_dev but two ids,
+    and a rename between them fails as between filesystems."""
+    if _statx is None:
+        return None
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    flags = AT_SYMLINK_NOFOLLOW | (0 if name else AT_EMPTY_PATH)
+    if _statx(dir_fd, raw_name(name), flags, STATX_MNT_ID, buf) != 0:
+        _raise_errno(f"statx {name}")
+    mask, = struct.unpack_from("<I", buf.raw)
+    if not mask & STATX_MNT_ID:
+        return None
+    return int(struct.unpack_from("<Q", buf.raw, _STATX_MNT_ID_AT)[0])
+
+
 @dataclass
 class Trees:
     """The root and the live /run, opened once; directories below them opened
@@ -98,6 +126,7 @@ class Trees:
     # a directory it asked about often (one listing instead of many lstats)
     asked: dict[Where, int] = field(default_factory=dict)
     listed: dict[Where, dict[str, Kind]] = field(default_factory=dict)
+    top_mounts: dict[str, tuple[int | None, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.fds["root"] = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -185,10 +214,13 @@ class Trees:
                 elif e.is_file(follow_symlinks=False):
                     found[e.name] = Kind.FILE
                 else:  # a device, fifo or socket: the listing does not say which
-                    found[e.name] = kind_of(e.stat(follow_symlinks=False).st_mode)
+                    with suppress(FileNotFoundError):  # gone since it was listed
+                        found[e.name] = kind_of(e.stat(follow_symlinks=False).st_mode)
         return found
 
     def readlink(self, where: Where) -> str:
+        """The link's text; OSError if it is no longer a link (EINVAL) or
+        gone (ENOENT): the tree changed since kind() was asked."""
         return os.readlink(where.name, dir_fd=self.dir_fd(where.parent))
 
     def listdir(self, where: Where) -> list[str]:
@@ -198,8 +230,21 @@ class Trees:
         finally:
             os.close(fd)
 
-    def same_filesystem(self, where: Where) -> bool:
-        """Renames cannot cross filesystems: a place must be on its tree's."""
-        st = self.lstat(where)
-        top = os.fstat(self.fds[where.tree])
-        return st is None or st.st_dev == top.st_dev or not stat.S_ISDIR(st.st_mode)
+    def same_mount(self, where: Where) -> bool:
+        """Whether a directory is on the mount of its tree's top: renames
+        cannot cross mounts (nor filesystems, which are on other mounts).
+        By mount id; by st_dev where the kernel gives no id.  A place that
+        is gone or no directory is judged where it would be made."""
+        top = self.fds[where.tree]
+        if where.tree not in self.top_mounts:
+            self.top_mounts[where.tree] = (mount_id(top), os.fstat(top).st_dev)
+        top_id, top_dev = self.top_mounts[where.tree]
+        try:
+            parent = self.dir_fd(where.parent)
+            st = os.lstat(where.name, dir_fd=parent)
+            if not stat.S_ISDIR(st.st_mode):
+                return True
+            ident = mount_id(parent, where.name) if top_id is not None else None
+        except (FileNotFoundError, NotADirectoryError, InRootError):
+            return True
+        return st.st_dev == top_dev and (ident is None or ident == top_id)

@@ -204,7 +204,6 @@ REFUSED = [
     ("temporary-name", [f("usr/.dmoverlay-000001-0")], "keeps for its journal"),
     ("own-symlink", [link("usr/mine", "/etc"), f("usr/mine/passwd")], "update itself creates"),
     ("own-symlink-dir", [link("usr/mine", "/etc"), d("usr/mine")], "update itself creates"),
-    ("escape-by-dotdot-link", [f("escape/x")], "above the root"),
     ("link-loop", [f("loop/x")], "too many levels"),
     ("hardlink-outside", [hard("usr/h", "/etc/shadow")], "not an earlier file"),
     ("hardlink-not-yet-seen", [hard("usr/h", "usr/later"), f("usr/later")], "not an earlier"),
@@ -228,7 +227,6 @@ REFUSED = [
 def test_refused_and_nothing_written(live: tuple[Path, Path, Path], case: str,
                                      entries: list[tuple[Member, bytes]], words: str) -> None:
     top, root, run = live
-    os.symlink("../../..", root / "escape")
     os.symlink("loop2", root / "loop")
     os.symlink("loop", root / "loop2")
     os.symlink("/proc", root / "kernel")

@@ -36,10 +36,12 @@ def plan_dict(plan: Plan) -> dict[str, object]:
     }
 
 
-def _options(root: Path, run_dir: str, *, allow_setuid: bool = False, dry_run: bool = False,
+def _options(root: Path, run_dir: str, *, allow_setuid: bool = False,
+             allow_xattrs: tuple[str, ...] = (), dry_run: bool = False,
              jobs: int = 0) -> ApplyOptions:
     return ApplyOptions(root=root, run_dir=None if run_dir == "none" else Path(run_dir),
-                        allow_setuid=allow_setuid, dry_run=dry_run, jobs=jobs)
+                        allow_setuid=allow_setuid, allow_xattrs=allow_xattrs,
+                        dry_run=dry_run, jobs=jobs)
 
 
 @click.command("apply")
@@ -49,7 +51,10 @@ def _options(root: Path, run_dir: str, *, allow_setuid: bool = False, dry_run: b
 @click.option("--run-dir", default="/run", show_default=True,
               help="Where run/ entries go: the live system's /run ('none': refuse them).")
 @click.option("--sha256", help="Checksum the UPDATES file (or download) must have.")
-@click.option("--allow-setuid", is_flag=True, help="Accept setuid/setgid files.")
+@click.option("--allow-setuid", is_flag=True,
+              help="Accept setuid/setgid files and file capabilities.")
+@click.option("--allow-xattr", "allow_xattrs", multiple=True, metavar="NAME",
+              help="Accept xattrs NAME and NAME.* the policy refuses (e.g. security.ima).")
 @click.option("-n", "--dry-run", is_flag=True, help="Print the plan; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="A machine-readable report on stdout.")
 @click.option("-j", "--jobs", type=click.IntRange(min=0), default=0, show_default=True,
@@ -59,11 +64,13 @@ def _options(root: Path, run_dir: str, *, allow_setuid: bool = False, dry_run: b
               help="Seconds a download may take in all (30 s without progress fail it "
                    "sooner).")
 def command(updates: str, root: Path, run_dir: str, sha256: str | None, allow_setuid: bool,
-            dry_run: bool, as_json: bool, jobs: int, timeout: float) -> None:
+            allow_xattrs: tuple[str, ...], dry_run: bool, as_json: bool, jobs: int,
+            timeout: float) -> None:
     """Apply UPDATES (a directory, cpio or tar archive, filesystem image, or
     http(s) URL) onto ROOT: links kept, nothing written outside ROOT, every
     file replaced atomically, all or nothing.  `dmoverlay rollback` undoes it."""
-    opts = _options(root, run_dir, allow_setuid=allow_setuid, dry_run=dry_run, jobs=jobs)
+    opts = _options(root, run_dir, allow_setuid=allow_setuid, allow_xattrs=allow_xattrs,
+                    dry_run=dry_run, jobs=jobs)
     with staging(opts) as place:
         spool = Spool(place)
         try:
