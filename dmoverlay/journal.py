@@ -37,7 +37,6 @@ from dmoverlay.errors import DmoverlayError
 JOURNALS = ".dmoverlay/journal"
 LOG = "log"
 MAX_LOG = 256 << 20  # bytes: ~1.5 million files; an apply that would write more is refused
-MAX_LINE = 64 << 10  # a put of two 4095-byte names, each byte escaped, is ~50 KiB
 TXN_DIGITS = 18  # a transaction's name: at most this many digits (an int64 holds them)
 DONE_LINE = b'{"step":"done"}\n'
 _encode = json.JSONEncoder(separators=(",", ":")).encode
@@ -70,7 +69,7 @@ def _bad_hint(txn: str) -> str:
             f"then move it aside (e.g. rename {txn} to {txn}.bad) to go on without it")
 
 
-@dataclass
+@dataclass(slots=True)
 class Record:
     step: str
     n: int = 0

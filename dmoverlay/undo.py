@@ -196,7 +196,8 @@ class _Undo:
     log: Log
     keep: frozenset[Where]
     jdirs: dict[str, int | None]
-    left: list[str] = field(default_factory=list)
+    left: list[str] = field(default_factory=list)  # not put back: the journal is kept
+    notes: list[str] = field(default_factory=list)  # worth a warning, but nothing is lost
 
     def saved(self, r: Record) -> tuple[int, str] | None:
         """Where the journal keeps change n's old entry, if it does."""
@@ -240,11 +241,15 @@ def undo(trees: Trees, txn: str, log: Log, *, keep: Iterable[Where] = ()) -> lis
         except (OSError, InRootError) as exc:
             why = exc.strerror if isinstance(exc, OSError) else exc.message
             u.left.append(f"{place(trees, where)}: could not be put back: {why}")
-    _finish(u)
-    _set_times(u)  # last: removing the journal changes the tops' times
-    for fd in trees.fds.values():
-        syncfs(fd)
-    for line in u.left:
+    try:
+        _finish(u)
+        _set_times(u)  # last: removing the journal changes the tops' times
+        for fd in trees.fds.values():
+            syncfs(fd)
+    except (OSError, DmoverlayError) as exc:
+        u.left.append(f"the journal of transaction {txn} could not be removed: "
+                      f"{exc.strerror if isinstance(exc, OSError) else exc.message}")
+    for line in [*u.notes, *u.left]:
         progress.warning(line)
     return u.left
 
@@ -294,6 +299,10 @@ def _undo_put(u: _Undo, r: Record, where: Where) -> None:
         os.unlink(r.tmp, dir_fd=parent)
     elif u.ours(target, r):  # created where there was nothing
         os.unlink(where.name, dir_fd=parent)
+    if tmp is not None and r.n not in u.log.taken and not u.our_tmp(tmp, r) \
+            and not u.ours(target, r):
+        u.notes.append(f"{place(u.trees, where.parent.child(r.tmp))}: left alone: named "
+                       "like a temporary file of this transaction, but not made by it")
 
 
 def _unlink_if(u: _Undo, r: Record, fd: int, name: str) -> None:
@@ -374,11 +383,15 @@ def _finish(u: _Undo) -> None:
 
 
 def _names(fd: int) -> list[str]:
-    listed = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
     try:
-        return os.listdir(listed)
-    finally:
-        os.close(listed)
+        listed = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+        try:
+            return os.listdir(listed)
+        finally:
+            os.close(listed)
+    except OSError as exc:
+        raise JournalError(f"cannot list a journal directory: {exc.strerror}",
+                           hint="nothing was changed") from None
 
 
 def _set_aside(jfd: int, txn: str) -> str:
