@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import gc
 import os
 import secrets
@@ -726,9 +727,16 @@ def _checked_path(dir_fd: int, name: str, path: Path) -> Path:
 
 @contextmanager
 def opened(opts: ApplyOptions) -> Iterator[Trees]:
+    """The trees, with the root locked: an apply or rollback that ran beside
+    another would take its journal for one a crash left, and undo it."""
     _check_dirs(opts)
     with Trees(os.fspath(opts.root), os.fspath(opts.run_dir) if opts.run_dir else None) as t:
-        yield t
+        try:
+            fcntl.flock(t.top("root"), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"{opts.root}: another dmoverlay apply or rollback is running on it",
+                             hint="wait for it to end; nothing was changed") from None
+        yield t  # the lock ends with the root's descriptor
 
 
 def recover(trees: Trees, *, dry_run: bool = False) -> list[str]:

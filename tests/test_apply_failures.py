@@ -4,13 +4,14 @@ directory is never reached through a link."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from dmoverlay.apply import ApplyOptions, WriteFailed, staging
+from dmoverlay.apply import ApplyOptions, WriteFailed, rollback, staging
 from dmoverlay.errors import UsageError
 from tests.applykit import apply, d, f, make_root, snapshot
 
@@ -84,3 +85,21 @@ def test_the_staging_directory_is_made_and_removed(tmp_path: Path) -> None:
     with staging(ApplyOptions(root, run)):
         pass
     assert list((run / "dmoverlay").iterdir()) == []
+
+
+def test_one_apply_at_a_time(tmp_path: Path) -> None:
+    """A second apply beside a running one took the first one's journal for
+    one a crash left, and undid it under its feet."""
+    root, run = make_root(tmp_path / "live")
+    before = snapshot(root)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a running apply holds it
+        for job in (lambda: apply(tmp_path, root, run, [f("etc/x")]),
+                    lambda: rollback(ApplyOptions(root, run))):
+            with pytest.raises(UsageError, match="another dmoverlay apply or rollback"):
+                job()
+    finally:
+        os.close(fd)
+    assert snapshot(root) == before
+    apply(tmp_path, root, run, [f("etc/x")])
