@@ -20,6 +20,7 @@ import stat
 from collections.abc import Iterable
 from contextlib import suppress
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from dmoverlay import log as progress
 from dmoverlay.applyplan import Where, kind_of
@@ -199,6 +200,10 @@ class _Undo:
     left: list[str] = field(default_factory=list)  # not put back: the journal is kept
     notes: list[str] = field(default_factory=list)  # worth a warning, but nothing is lost
 
+    @cached_property
+    def removes(self) -> dict[Where, Record]:
+        return {Where(r.tree, r.path): r for r in self.log.records if r.step == "remove"}
+
     def saved(self, r: Record) -> tuple[int, str] | None:
         """Where the journal keeps change n's old entry, if it does."""
         jfd = self.jdirs.get(r.tree)
@@ -330,6 +335,9 @@ def _undo_remove(u: _Undo, r: Record, where: Where) -> None:
 def _undo_mkdir(u: _Undo, r: Record, where: Where) -> None:
     if r.n in u.log.taken:
         return  # it was there before: not ours
+    whiteout = u.removes.get(where)
+    if whiteout is not None and u.saved(whiteout) is None:
+        return  # the entry it replaces never left: what is there is that one
     parent = _parent(u, where)
     if parent is None:
         return  # its parent never came to be
