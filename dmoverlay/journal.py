@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from json.encoder import encode_basestring_ascii
 
-from dmoverlay.applyplan import Refused, split_name
+from dmoverlay.applyplan import PATH_MAX, RESERVED_TOP
 from dmoverlay.errors import DmoverlayError
 
 JOURNALS = ".dmoverlay/journal"
@@ -212,10 +212,9 @@ def _wrong(r: Record, txn: str, trees: tuple[str, ...], numbered: dict[int, Reco
         if r.tree not in trees:
             return "it names the live /run, which was not given (--run-dir)"
         if r.path or r.step != "times":
-            try:
-                split_name(r.path)
-            except Refused as exc:
-                return f"path {r.path!r}: {exc.reason}"
+            why = _unplain(r.path)
+            if why:
+                return f"path {r.path!r}: {why}"
     if r.step in MADE:
         if r.n in numbered:
             return f"change {r.n} is numbered twice"
@@ -231,6 +230,28 @@ def _wrong(r: Record, txn: str, trees: tuple[str, ...], numbered: dict[int, Reco
             if r.n in seen_ready:
                 return f"change {r.n} is ready twice"
             seen_ready.add(r.n)
+    return None
+
+
+def _unplain(path: str) -> str | None:
+    """What keeps a logged path from being a plain relative one beneath its
+    tree, or None.  (The planner's rules for an update's names, less those
+    that guard the live system rather than the tree: a real path reached
+    through a link may hold any name the root holds.)"""
+    if not path:
+        return "empty"
+    if "\0" in path:
+        return "holds a NUL byte"
+    if path.startswith("/"):
+        return "absolute"
+    if len(path) > PATH_MAX and len(os.fsencode(path)) > PATH_MAX:
+        return f"longer than {PATH_MAX} bytes"
+    parts = path.split("/")
+    if parts[0] == RESERVED_TOP:
+        return "inside dmoverlay's own journal"
+    for part in parts:
+        if part in ("", ".", ".."):
+            return f"holds {repr(part) if part else 'an empty'} component"
     return None
 
 

@@ -76,11 +76,14 @@ def _put(n: int, path: str, tmp: str = "", tree: str = "root") -> str:
 
 BAD_RECORDS = [
     ([_put(1, "/etc/passwd")], "absolute"),
+    ([_put(1, ".dmoverlay/journal/000001/log")], "dmoverlay's own journal"),
+    ([_put(1, "etc/x\0y")], "NUL"),
+    ([_put(1, "/".join(["d" * 200] * 21))], "longer than 4095"),
     ([_put(1, "../../etc/passwd")], "'..'"),
     ([_put(1, "etc/../../x")], "'..'"),
-    ([_put(1, "etc//x")], "empty"),
-    ([_put(1, "")], "empty name"),
-    ([_put(1, "etc/./x")], "'.'"),
+    ([_put(1, "etc//x")], "an empty component"),
+    ([_put(1, "")], "empty"),
+    ([_put(1, "etc/./x")], "'.' component"),
     ([_put(1, "etc/x", tmp="../../../etc/shadow")], "temporary name"),
     ([_put(1, "etc/x", tmp="/etc/shadow")], "temporary name"),
     ([_put(1, "etc/x", tmp=".dmoverlay-000001-2")], "temporary name"),
@@ -106,6 +109,14 @@ def test_a_record_this_transaction_could_not_have_written_refuses_it(lines: list
     with pytest.raises(JournalError) as caught:
         log.check("j/000001", "000001", ("root",))
     assert words in caught.value.message, caught.value.message
+
+
+def test_a_real_path_may_hold_any_name_the_root_holds() -> None:
+    """Reached through a link, a path may hold a control character or a name
+    like a temporary's: the journal of such an apply stays good."""
+    lines = [_put(1, "srv/.dmoverlay-x/a"), _put(2, "srv/new\nline")]
+    log = Log.parse("".join(f"{line}\n" for line in lines))
+    log.check("j/000001/log", "000001", ("root",))
 
 
 def test_transaction_names() -> None:
