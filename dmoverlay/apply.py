@@ -4,11 +4,14 @@
    (under the live /run: never under /tmp, which a tmpfs hides at start-up).
 2. Plan against the root as the live system sees it; refuse before writing.
 3. Check space (blocks and inodes of each filesystem, and the COW store).
-4. Journal, then: make new directories (private), write every file to a
-   temporary name beside its target with owner, mode, xattrs and times set on
-   the open file, sync the filesystems once, and rename each into place
-   (exchanging with the old inode, which goes to the journal: no copies).
-5. Give new directories their final modes last.  Any failure undoes it all.
+4. Journal, then: move what a whiteout removes to the journal where the
+   update makes the name again (OCI's way to replace a directory), make new
+   directories (private), write every file to a temporary name beside its
+   target with owner, mode, xattrs and times set on the open file, sync the
+   filesystems once, and rename each into place (exchanging with the old
+   inode, which goes to the journal: no copies); the other whiteouts last.
+5. Give new directories their final modes last.  Any failure undoes it all
+   (undo.py), and a failed system call is one error line naming the member.
 """
 
 from __future__ import annotations
