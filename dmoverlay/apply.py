@@ -4,41 +4,55 @@
    (under the live /run: never under /tmp, which a tmpfs hides at start-up).
 2. Plan against the root as the live system sees it; refuse before writing.
 3. Check space (blocks and inodes of each filesystem, and the COW store).
-4. Journal, then: make new directories (private), write every file to a
-   temporary name beside its target with owner, mode, xattrs and times set on
-   the open file, sync the filesystems once, and rename each into place
-   (exchanging with the old inode, which goes to the journal: no copies).
-5. Give new directories their final modes last.  Any failure undoes it all.
+4. Journal, then: move what a whiteout removes to the journal where the
+   update makes the name again (OCI's way to replace a directory), make new
+   directories (private), write every file to a temporary name beside its
+   target with owner, mode, xattrs and times set on the open file, sync the
+   filesystems once, and rename each into place (exchanging with the old
+   inode, which goes to the journal: no copies); the other whiteouts last.
+5. Give new directories their final modes last.  Any failure undoes it all
+   (undo.py), and a failed system call is one error line naming the member.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import gc
 import os
+import secrets
 import shutil
 import signal
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dmoverlay import cow, journal
+from dmoverlay import cow, undo
 from dmoverlay.applyplan import Action, Op, Options, Plan, Where, make_plan
 from dmoverlay.compress import Readable
 from dmoverlay.errors import DmoverlayError, ImageError, UsageError
 from dmoverlay.inroot import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
-    InRootError,
     Trees,
     raw_name,
     renameat2,
     syncfs,
 )
-from dmoverlay.journal import JOURNALS, Log, Record, Writer, put_line, ready_line
+from dmoverlay.journal import (
+    JOURNALS,
+    MAX_LOG,
+    Record,
+    Writer,
+    next_txn,
+    put_line,
+    ready_line,
+    tmp_name,
+)
 from dmoverlay.members import InFile, Kind, Member, UpdateReader, file_identity
 from dmoverlay.sizes import KiB, MiB, format_size
 from dmoverlay.workers import chunks, jobs_for, run_pulled
@@ -310,6 +324,19 @@ class Result:
     txn: str
     plan: Plan
     written: int = 0
+    pending: list[str] = field(default_factory=list)  # dry run: unfinished ones to undo first
+
+
+class WriteFailed(DmoverlayError):
+    """A system call failed while the update was written; it was undone."""
+
+
+def _failed(exc: OSError, a: Action | None) -> WriteFailed:
+    """The one error line for a failed write: the member, where, and why."""
+    why = exc.strerror or str(exc)
+    what = f"{a.name} ({a.where})" if a is not None and a.name else \
+        str(a.where) if a is not None else "the journal"
+    return WriteFailed(f"cannot apply {what}: {why}", hint=_UNDONE)
 
 
 @dataclass
@@ -322,6 +349,15 @@ class _Txn:
 
     def saved(self, tree: str, n: int) -> tuple[int, str]:
         return self.trees.dir_fd(self.dirs[tree]), str(n)
+
+    def taken(self, n: int, where: Where) -> WriteFailed:
+        """Change n's name was there before us: logged (so that no undo
+        removes it), and the error that ends the apply."""
+        self.log.write_now(Record("taken", n).to_json() + "\n")
+        self.log.sync()
+        return WriteFailed(f"{where} is in the way: it was made after the update was planned, "
+                           "or bears a name dmoverlay keeps for its temporary files",
+                           hint="nothing was changed; move it away and apply again")
 
 
 def _journal_dir(trees: Trees, tree: str, txn: str) -> Where:
@@ -342,14 +378,26 @@ def _journal_dir(trees: Trees, tree: str, txn: str) -> Where:
     return Where(tree, path)
 
 
+def _since_ns() -> int:
+    """A moment before any entry this transaction makes: whole seconds (some
+    filesystems keep no more), with a second to spare for the kernel's
+    coarse clock."""
+    return max(0, (time.time_ns() // 10**9 - 1) * 10**9)
+
+
 def execute(trees: Trees, plan: Plan, spool: Spool, txn_name: str, jobs: int = 0) -> Result:
     """Carry out a plan, or undo every part of it and raise.  `jobs`: how
     many processes write files (0: one per CPU for a large update)."""
     used = {a.where.tree for a in plan.actions} | {"root"}
     # making the journal changes the tops' times: note them first
     tops = {t: os.fstat(trees.top(t)) for t in used}
-    dirs = {t: _journal_dir(trees, t, txn_name) for t in used}
-    log = Writer(Path(trees.root) / JOURNALS / txn_name / "log")
+    try:
+        dirs = {t: _journal_dir(trees, t, txn_name) for t in used}
+        log = Writer(trees.dir_fd(dirs["root"]))
+    except OSError as exc:
+        undo_failed(trees, txn_name)
+        raise _failed(exc, None) from None
+    log.add(Record("begin", time_ns=_since_ns()))
     for t, st in sorted(tops.items()):
         log.add(Record("times", tree=t, path="", atime_ns=st.st_atime_ns,
                        mtime_ns=st.st_mtime_ns))
@@ -357,15 +405,28 @@ def execute(trees: Trees, plan: Plan, spool: Spool, txn_name: str, jobs: int = 0
     umask = os.umask(0)  # modes are set exactly, at creation
     try:
         result = _execute(txn, plan, spool)
-    except BaseException:
+    except BaseException as exc:
         log.close()
-        undo(trees, txn_name)
+        undo_failed(trees, txn_name)
+        if isinstance(exc, OSError):  # the one place a system's error becomes ours
+            raise _failed(exc, getattr(exc, "action", None)) from None
         raise
     finally:
         os.umask(umask)
         spool.release_source()  # an image's mount must not stay busy
     log.close()
     return result
+
+
+def undo_failed(trees: Trees, txn: str) -> None:
+    """Undo a transaction this process was carrying out (its journal is ours)."""
+    undo.undo(trees, txn, undo.load(trees, txn))
+
+
+def _at(exc: OSError, a: Action) -> OSError:
+    """The error, with the action it came from (for the one error line)."""
+    exc.action = a  # type: ignore[attr-defined]
+    return exc
 
 
 def _execute(txn: _Txn, plan: Plan, spool: Spool) -> Result:
@@ -378,7 +439,12 @@ def _execute(txn: _Txn, plan: Plan, spool: Spool) -> Result:
     for n, a in enumerate(plan.actions):
         if a.op in by_op:
             by_op[a.op].append((n, a))
-    tmp = {n: f".dmoverlay-{txn.name}-{n}" for n, _ in puts}
+    # a whiteout of a place the update then makes again (OCI's way to replace
+    # a directory) is done first: the old entry must be out of the way
+    made = {a.where for _, a in mkdirs} | {a.where for _, a in puts}
+    first = [(n, a) for n, a in removes if a.where in made]
+    last = [(n, a) for n, a in removes if a.where not in made]
+    tmp = {n: tmp_name(txn.name, n) for n, _ in puts}
     parent = {n: a.where.parent for n, a in [*mkdirs, *puts, *removes]}
     # every existing directory we change, with its times: undo puts them back
     touched = set(parent.values()) - {a.where for _, a in mkdirs}
@@ -387,17 +453,29 @@ def _execute(txn: _Txn, plan: Plan, spool: Spool) -> Result:
         if st is not None:
             log.add(Record("times", tree=where.tree, path=where.path,
                            atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns))
+    # in the order they are done: an undo goes through them backwards
+    for n, a in first:
+        log.add(Record("remove", n, a.where.tree, a.where.path))
     for n, a in mkdirs:
         log.add(Record("mkdir", n, a.where.tree, a.where.path))
     log.add_lines("".join(f"{put_line(n, a.where.tree, a.where.path, tmp[n])}\n"
                           for n, a in puts))
-    for n, a in removes:
+    for n, a in last:
         log.add(Record("remove", n, a.where.tree, a.where.path))
+    if sum(map(len, log.pending)) + READY_LINE * len(puts) > MAX_LOG:
+        raise ImageError(f"the update has too many entries for one apply ({len(puts)})",
+                         hint="nothing was written; split the update in parts")
     log.sync()
     _change_point()
 
+    _remove_all(txn, first, parent)
     for n, a in mkdirs:
-        os.mkdir(a.where.name, 0o700, dir_fd=trees.dir_fd(parent[n]))
+        try:
+            os.mkdir(a.where.name, 0o700, dir_fd=trees.dir_fd(parent[n]))
+        except FileExistsError:
+            raise txn.taken(n, a.where) from None
+        except OSError as exc:
+            raise _at(exc, a) from None
         _change_point()
     links = [(n, a) for n, a in puts if a.op is Op.LINK]
     placed_tmp = {a.where: (parent[n], tmp[n]) for n, a in puts} if links else {}
@@ -405,24 +483,42 @@ def _execute(txn: _Txn, plan: Plan, spool: Spool) -> Result:
     files = [p for p in puts if p[1].op is not Op.LINK]
     jobs = jobs_for(len(files), txn.jobs, least=PARALLEL_FROM)
 
-    def prepare(chunk: list[tuple[int, Action]]) -> str:
-        """The chunk's files written; their "ready" journal lines."""
+    def prepare(chunk: list[tuple[int, Action]]) -> None:
+        """The chunk's files written, and their "ready" lines appended to the
+        log (unsynced; also those of a chunk cut short by a failure)."""
         lines = []
-        for n, a in chunk:
-            lines.append(ready_line(n, _prepare(trees, a, tmp[n], spool, placed_tmp)))
-            _change_point()
-        spool.check_sources()
-        return "".join(f"{line}\n" for line in lines)
+        try:
+            for n, a in chunk:
+                try:
+                    ino = _prepare(trees, a, tmp[n], spool, placed_tmp)
+                except FileExistsError:
+                    raise txn.taken(n, parent[n].child(tmp[n])) from None
+                except OSError as exc:
+                    # a temporary made before the failure is ours: its inode
+                    # tells the undo so
+                    with suppress(OSError):
+                        made = os.lstat(tmp[n], dir_fd=trees.dir_fd(parent[n]))
+                        lines.append(ready_line(n, made.st_ino))
+                    raise _at(exc, a) from None
+                lines.append(_ready(n, a, ino))
+                _change_point()
+            spool.check_sources()
+        finally:
+            if lines:
+                log.write_now("".join(f"{line}\n" for line in lines))
 
-    log.add_lines("".join(run_pulled(_chunks(files, parent, data=True), prepare, jobs)))
-    log.add_lines(prepare(links))
+    run_pulled(_chunks(files, parent, data=True), prepare, jobs)
+    prepare(links)
     for fd in trees.fds.values():
         syncfs(fd)
     log.sync()
 
     def commit(chunk: list[tuple[int, Action]]) -> None:
         for n, a in chunk:
-            _commit(txn, n, a, tmp[n])
+            try:
+                _commit(txn, n, a, tmp[n])
+            except OSError as exc:
+                raise _at(exc, a) from None
             _change_point()
 
     # a file over an (empty) directory closes that directory's descriptors
@@ -430,20 +526,45 @@ def _execute(txn: _Txn, plan: Plan, spool: Spool) -> Result:
     others = [p for p in puts if p[1].replaces != "dir"]
     run_pulled(_chunks(others, parent, data=False), commit, jobs)
     commit([p for p in puts if p[1].replaces == "dir"])
-    for n, a in removes:
-        parent_fd = trees.dir_fd(parent[n])
-        jfd, jname = txn.saved(a.where.tree, n)
-        trees.forget(a.where)
-        renameat2(parent_fd, a.where.name, jfd, jname, RENAME_NOREPLACE)
-        _change_point()
+    _remove_all(txn, last, parent)
     for _, a in reversed(mkdirs):  # children first: their parents' times stay
         assert a.member is not None
-        _set_dir_metadata(trees, a.where, a.member)
+        try:
+            _set_dir_metadata(trees, a.where, a.member)
+        except OSError as exc:
+            raise _at(exc, a) from None
     for fd in trees.fds.values():
         syncfs(fd)
     log.add(Record("done"))
     log.sync()
     return Result(txn.name, plan, written=len(puts))
+
+
+READY_LINE = 100  # bytes a "ready" line takes at most
+
+
+def _ready(n: int, a: Action, ino: int) -> str:
+    """The "ready" line of a prepared entry: its inode, and the size and time
+    it has unless changed since (a hardlink's are its first name's)."""
+    m = a.member
+    if a.op is Op.LINK or m is None:
+        return ready_line(n, ino)
+    size = m.size if m.kind is Kind.FILE else len(raw_name(m.target))
+    return ready_line(n, ino, size, m.mtime_ns)
+
+
+def _remove_all(txn: _Txn, removes: list[tuple[int, Action]], parent: dict[int, Where]) -> None:
+    """Whiteouts: each entry moved to the journal."""
+    trees = txn.trees
+    for n, a in removes:
+        try:
+            parent_fd = trees.dir_fd(parent[n])
+            jfd, jname = txn.saved(a.where.tree, n)
+            trees.forget(a.where)
+            renameat2(parent_fd, a.where.name, jfd, jname, RENAME_NOREPLACE)
+        except OSError as exc:
+            raise _at(exc, a) from None
+        _change_point()
 
 
 def _chunks(puts: list[tuple[int, Action]], parent: dict[int, Where], *,
@@ -523,97 +644,6 @@ def _set_dir_metadata(trees: Trees, where: Where, m: Member) -> None:
     os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
 
 
-# ------------------------------------------------------------------ undoing
-
-
-def undo(trees: Trees, txn: str) -> None:
-    """Put back what a transaction changed, whatever point it reached."""
-    root_j = Path(trees.root) / JOURNALS / txn
-    try:
-        log = Log.parse((root_j / "log").read_text())
-    except FileNotFoundError:
-        log = Log()
-    jdirs = {t: Where(t, f"{JOURNALS}/{txn}") for t in trees.fds}
-    for r in reversed(log.records):
-        if r.step == "put":
-            _undo_put(trees, r, log.inode_of(r.n), jdirs[r.tree])
-        elif r.step == "remove":
-            _undo_remove(trees, r, jdirs[r.tree])
-    for r in reversed(log.records):
-        if r.step == "mkdir":
-            _undo_mkdir(trees, r)
-    for tree in trees.fds:
-        top = Path(trees.root if tree == "root" else trees.run or "")
-        trees.forget(Where(tree, JOURNALS.split("/")[0]))
-        shutil.rmtree(top / JOURNALS / txn, ignore_errors=True)
-        for empty in (top / JOURNALS, top / JOURNALS.split("/")[0]):
-            with suppress(OSError):
-                empty.rmdir()
-    for r in log.records:
-        if r.step == "times":
-            where = Where(r.tree, r.path)
-            if trees.lstat(where) is not None:
-                os.utime(trees.dir_fd(where), ns=(r.atime_ns, r.mtime_ns))
-    for fd in trees.fds.values():
-        syncfs(fd)
-
-
-def _ino(fd: int, name: str) -> int:
-    try:
-        return os.lstat(name, dir_fd=fd).st_ino
-    except FileNotFoundError:
-        return 0
-
-
-def _remove(fd: int, name: str) -> None:
-    st = os.lstat(name, dir_fd=fd)
-    if stat.S_ISDIR(st.st_mode):
-        os.rmdir(name, dir_fd=fd)
-    else:
-        os.unlink(name, dir_fd=fd)
-
-
-def _undo_put(trees: Trees, r: Record, new_ino: int, jdir: Where) -> None:
-    where = Where(r.tree, r.path)
-    try:
-        parent = trees.dir_fd(where.parent)
-    except DmoverlayError:
-        return  # its directory never came to be
-    jfd = trees.dir_fd(jdir)
-    saved = str(r.n)
-    target_ino, tmp_ino = _ino(parent, where.name), _ino(parent, r.tmp)
-    trees.forget(where)
-    if _ino(jfd, saved):  # the old entry is in the journal, the new in place
-        renameat2(jfd, saved, parent, where.name, RENAME_EXCHANGE)
-        _remove(jfd, saved)
-    elif tmp_ino and new_ino and target_ino == new_ino:  # exchanged, not yet moved
-        renameat2(parent, r.tmp, parent, where.name, RENAME_EXCHANGE)
-        _remove(parent, r.tmp)
-    elif tmp_ino:  # prepared, never renamed
-        _remove(parent, r.tmp)
-    elif new_ino and target_ino == new_ino:  # created where there was nothing
-        _remove(parent, where.name)
-
-
-def _undo_remove(trees: Trees, r: Record, jdir: Where) -> None:
-    where = Where(r.tree, r.path)
-    jfd = trees.dir_fd(jdir)
-    if _ino(jfd, str(r.n)):
-        renameat2(jfd, str(r.n), trees.dir_fd(where.parent), where.name, RENAME_NOREPLACE)
-
-
-def _undo_mkdir(trees: Trees, r: Record) -> None:
-    where = Where(r.tree, r.path)
-    trees.forget(where)
-    try:
-        os.rmdir(where.name, dir_fd=trees.dir_fd(where.parent))
-    except (FileNotFoundError, InRootError):
-        pass  # never made, or its parent was not
-    except OSError as exc:
-        if exc.errno != errno.ENOTEMPTY:
-            raise
-
-
 # ------------------------------------------------------------------ the jobs
 
 
@@ -634,67 +664,128 @@ def _check_dirs(opts: ApplyOptions) -> None:
         raise UsageError(f"{opts.run_dir}: not a directory", hint="--run-dir is the live /run")
 
 
+STAGING = "dmoverlay"  # under the live /run: ours alone
+
+
 @contextmanager
 def staging(opts: ApplyOptions) -> Iterator[Path]:
     """A private directory for downloads and spooled data under the live /run
-    (never /tmp, which a tmpfs hides at start-up), removed afterwards."""
+    (never /tmp, which a tmpfs hides at start-up), removed afterwards.  Its
+    parent, RUNDIR/dmoverlay, must be a real directory of ours that nobody
+    else may write: never a link, which would move the staging elsewhere."""
     _check_dirs(opts)
-    base = (opts.run_dir if opts.run_dir is not None else Path("/run")) / "dmoverlay"
-    made = not base.exists()
-    base.mkdir(mode=0o700, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix="staging-", dir=base))
+    run = opts.run_dir if opts.run_dir is not None else Path("/run")
+    run_fd = os.open(run, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        yield path
+        try:
+            os.mkdir(STAGING, 0o700, dir_fd=run_fd)
+            made = True
+        except FileExistsError:
+            made = False
+        try:
+            with _private_dir(run_fd, run / STAGING) as base_fd:
+                name = f"staging-{secrets.token_hex(6)}"
+                os.mkdir(name, 0o700, dir_fd=base_fd)
+                try:
+                    yield _checked_path(base_fd, name, run / STAGING / name)
+                finally:
+                    shutil.rmtree(name, dir_fd=base_fd, ignore_errors=True)
+        finally:
+            if made:
+                with suppress(OSError):
+                    os.rmdir(STAGING, dir_fd=run_fd)
     finally:
-        shutil.rmtree(path, ignore_errors=True)
-        if made:
-            with suppress(OSError):
-                base.rmdir()
+        os.close(run_fd)
+
+
+@contextmanager
+def _private_dir(dir_fd: int, path: Path) -> Iterator[int]:
+    """The directory `path` (the entry STAGING of `dir_fd`), opened without
+    following a link; UsageError unless it is ours and private."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    hint = f"remove {path}: dmoverlay makes it again, for itself alone"
+    try:
+        fd = os.open(STAGING, flags, dir_fd=dir_fd)
+    except OSError as exc:
+        why = "a symlink" if exc.errno == errno.ELOOP else exc.strerror
+        raise UsageError(f"{path} is not a directory of dmoverlay: {why}", hint=hint) from None
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        os.close(fd)
+        raise UsageError(f"{path} is not a private directory of dmoverlay (owner {st.st_uid}, "
+                         f"mode {stat.S_IMODE(st.st_mode):o})", hint=hint)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _checked_path(dir_fd: int, name: str, path: Path) -> Path:
+    """`path`, once it is known to lead to the entry `name` of `dir_fd`."""
+    want = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    st = os.stat(path)
+    if (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino):
+        raise UsageError(f"{path} changed while it was made", hint="try again")
+    return path
 
 
 @contextmanager
 def opened(opts: ApplyOptions) -> Iterator[Trees]:
+    """The trees, with the root locked: an apply or rollback that ran beside
+    another would take its journal for one a crash left, and undo it."""
     _check_dirs(opts)
     with Trees(os.fspath(opts.root), os.fspath(opts.run_dir) if opts.run_dir else None) as t:
-        yield t
+        try:
+            fcntl.flock(t.top("root"), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"{opts.root}: another dmoverlay apply or rollback is running on it",
+                             hint="wait for it to end; nothing was changed") from None
+        yield t  # the lock ends with the root's descriptor
 
 
-def recover(trees: Trees) -> list[str]:
-    """Undo transactions a crash left unfinished; their names."""
-    undone = []
-    for name in journal.txn_names(Path(trees.root)):
-        log_path = Path(trees.root) / JOURNALS / name / "log"
-        text = log_path.read_text() if log_path.exists() else ""
-        if not Log.parse(text).done:
-            undo(trees, name)
-            undone.append(name)
-    return undone
+def recover(trees: Trees, *, dry_run: bool = False) -> list[str]:
+    """Undo the transactions a crash left unfinished, newest first (with
+    `dry_run`, only find them); their names.  Every one is checked before
+    any is undone."""
+    names = [n for n in undo.transactions(trees) if not undo.finished(trees, n)]
+    logs = {n: undo.load(trees, n) for n in names}
+    if not dry_run:
+        for name in reversed(names):
+            undo.undo(trees, name, logs[name])
+    return names
 
 
 def apply_members(opts: ApplyOptions, members: list[Member], spool: Spool,
                   cow_free: Callable[[str], int | None] = cow.free_bytes) -> Result:
     with opened(opts) as trees, _no_gc_passes():
-        recover(trees)
+        pending = recover(trees, dry_run=opts.dry_run)
         plan = make_plan(trees, members, Options(allow_setuid=opts.allow_setuid,
                                                  has_run=opts.run_dir is not None,
                                                  allow_xattrs=opts.allow_xattrs))
         if not plan.ok:
             raise ApplyRefused(plan)
         if opts.dry_run:
-            return Result("", plan)
+            return Result("", plan, pending=pending)
         check_space(trees, plan, cow_free)
-        tops = [Path(opts.root)] + ([Path(opts.run_dir)] if opts.run_dir else [])
-        return execute(trees, plan, spool, journal.next_txn(tops), opts.jobs)
+        names = [n for tree in trees.fds for n in undo.transactions(trees, tree)]
+        return execute(trees, plan, spool, next_txn(names), opts.jobs)
 
 
-def rollback(opts: ApplyOptions) -> str | None:
-    """Undo an unfinished transaction, or else the last finished one."""
+def rollback(opts: ApplyOptions, *, force: bool = False) -> str | None:
+    """Undo an unfinished transaction, or else the last finished one; its
+    name.  Entries changed since that apply refuse it (RollbackRefused),
+    unless `force`: then they are left as they are, and the rest undone."""
     with opened(opts) as trees:
         undone = recover(trees)
         if undone:
             return undone[-1]
-        names = journal.txn_names(Path(opts.root))
+        names = undo.transactions(trees)
         if not names:
             return None
-        undo(trees, names[-1])
-        return names[-1]
+        txn = names[-1]
+        log = undo.load(trees, txn)
+        changed = undo.changed_since(trees, log)
+        if changed and not force:
+            raise undo.refusal(trees, txn, changed)
+        undo.undo(trees, txn, log, keep=[w for w, why in changed if why != "deleted"])
+        return txn

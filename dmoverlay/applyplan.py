@@ -194,6 +194,7 @@ class Planner:
         self.followed: set[tuple[str, str]] = set()
         self.actions_at: dict[Where, int] = {}
         self.new_dirs: set[Where] = set()  # made by the plan where nothing was
+        self.cleared: set[Where] = set()  # whited out, then made again: empty when made
         # directories already resolved, by the update's spelling; forgotten
         # whenever the plan changes what a walk could meet (links, whiteouts)
         self.resolved: dict[tuple[str, ...], Where] = {}
@@ -377,7 +378,11 @@ class Planner:
             self.plan.actions.append(Action(Op.FOLLOW, "", link, detail=f"{link} -> {target}"))
 
     def _mkdir(self, where: Where, name: str, member: Member | None = None) -> None:
-        if self._real(where) is None:
+        if where in self.removed:  # OCI's way to replace a directory: it starts empty
+            self.kinds = {w: k for w, k in self.kinds.items()
+                          if w.tree != where.tree or not w.path.startswith(where.path + "/")}
+            self.new_dirs.add(where)
+        elif self._real(where) is None:
             self.new_dirs.add(where)
         self.planned[where] = _Planned(Kind.DIR)
         if self.holding is not None:
@@ -388,6 +393,10 @@ class Planner:
 
     def _add(self, action: Action) -> None:
         old = self.actions_at.get(action.where)
+        if old is not None and action.op is Op.MKDIR and self.plan.actions[old].op is Op.WHITEOUT:
+            # both stay: the old entry is removed, then the new directory made
+            self.cleared.add(action.where)
+            old = None
         if old is not None and action.op is not Op.FOLLOW:
             # a later entry of the same name wins, as when tar extracts
             self.plan.actions[old] = action
@@ -480,7 +489,7 @@ class Planner:
                               "of the update", "the update is malformed")
         # create or replace, judged against the real tree: a name the update
         # wrote twice, or removed and wrote again, still replaces what is there
-        replaces = self._real(where)
+        replaces = None if where in self.cleared else self._real(where)
         if m.kind is Kind.SYMLINK or kind not in (None, Kind.FILE):
             self.resolved.clear()  # a walk through here would now end elsewhere
         op = Op.LINK if link_to else (Op.CREATE if replaces is None else Op.REPLACE)
@@ -499,7 +508,7 @@ class Planner:
             self.holding = {w.parent for w in self.planned}
         if where in self.holding:
             return False
-        if self._real(where) is None:
+        if self._real(where) is None or where in self.cleared:
             return True
         return all(where.child(n) in self.removed for n in self.tree.listdir(where))
 

@@ -17,6 +17,11 @@ def info(message: str) -> None:
         print(f"{'  ' * _depth}{message}", file=sys.stderr)
 
 
+def warning(message: str) -> None:
+    """Something the user must know of (shown even with --quiet)."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 @contextmanager
 def step(title: str) -> Iterator[None]:
     """`==> title` ... `    title: 1.2 s`, indented by nesting."""

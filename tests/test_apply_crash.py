@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from dmoverlay.apply import ApplyOptions, rollback
-from tests.applykit import Item, make_root, snapshot, without_dir_times
+from tests.applykit import Item, fix_times, make_root, snapshot, without_dir_times
 
 DRIVER = """
 import sys
@@ -162,3 +162,60 @@ def _wait_for_workers(top: Path) -> None:
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+REPLACING_DRIVER = """
+import sys
+from pathlib import Path
+from tests.applykit import apply, f, other
+from dmoverlay.members import Kind
+top, jobs = Path(sys.argv[1]), int(sys.argv[2])
+apply(top, top / "live/root", top / "live/run", jobs=jobs, entries=[
+    other("srv/.wh.data", Kind.FILE), f("srv/data/new", b"new"), f("srv/data/old", b"again"),
+    other(".wh.lib", Kind.FILE), f("lib/libnew.so", b"n"),
+    other("srv/.wh.empty", Kind.FILE), f("srv/empty/x", b"x"),
+])
+"""
+# the journal's sync + 3 whiteouts + 3 directories made again + 4 entries
+# prepared + 4 renamed in
+REPLACING_POINTS = 1 + 3 + 3 + 4 + 4
+
+
+def _replacing_root(top: Path) -> tuple[Path, Path]:
+    root, run = make_root(top / "live")
+    (root / "srv/data/sub").mkdir(parents=True)
+    (root / "srv/data/old").write_bytes(b"old")
+    (root / "srv/data/sub/deep").write_bytes(b"deep")
+    (root / "srv/empty").mkdir()  # an undo that took it for its own removed it
+    fix_times(root)
+    return root, run
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+@pytest.mark.parametrize("point", range(1, REPLACING_POINTS + 2))
+def test_killed_while_whited_out_directories_are_made_again(point: int, jobs: int,
+                                                           tmp_path: Path) -> None:
+    """OCI's way to replace a directory (or a linked one): the old one goes
+    to the journal first, the new one is made empty; a kill at any point,
+    then rollback or the next apply, gives the old tree or the new."""
+    root, _ = _replacing_root(tmp_path / "reference")
+    subprocess.run([sys.executable, "-c", REPLACING_DRIVER, str(tmp_path / "reference"), "1"],
+                   check=True)
+    new = without_dir_times(snapshot(root))
+    root, run = _replacing_root(tmp_path)
+    old = snapshot(root)
+    env = {**os.environ, "DMOVERLAY_CRASH_AT": str(point)}
+    driver = [sys.executable, "-c", REPLACING_DRIVER, str(tmp_path), str(jobs)]
+    proc = subprocess.run(driver, env=env, capture_output=True, text=True, check=False)
+    _wait_for_workers(tmp_path)
+    crashed = proc.returncode in (86, -signal.SIGKILL)
+    assert crashed or (proc.returncode == 0 and (jobs > 1 or point > REPLACING_POINTS)), \
+        proc.stderr
+    if point % 2:
+        rollback(ApplyOptions(root, run))
+        assert snapshot(root) == old
+    else:
+        subprocess.run(driver, check=True)
+        assert without_dir_times(snapshot(root)) == new
+    assert not (root / ".dmoverlay/journal").exists() or \
+        not [p for p in (root / ".dmoverlay/journal").iterdir() if p.name.endswith(".failed")]

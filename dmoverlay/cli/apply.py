@@ -91,9 +91,12 @@ def command(updates: str, root: Path, run_dir: str, sha256: str | None, allow_se
             spool.close()
     if as_json:
         click.echo(json.dumps({"ok": True, "dry_run": dry_run, "transaction": result.txn,
-                               **plan_dict(result.plan)}, indent=2))
+                               "undo_first": result.pending, **plan_dict(result.plan)},
+                              indent=2))
     elif dry_run:
-        click.echo("\n".join(plan_lines(result.plan)))
+        click.echo("\n".join([*(f"{'undo':<12} unfinished transaction {txn} (first)"
+                                for txn in reversed(result.pending)),
+                               *plan_lines(result.plan)]))
     else:
         log.info(f"applied {result.written} entries (transaction {result.txn}; "
                  "undo with: dmoverlay rollback)")
@@ -102,7 +105,10 @@ def command(updates: str, root: Path, run_dir: str, sha256: str | None, allow_se
 @click.command("rollback")
 @click.option("--root", required=True, type=click.Path(path_type=Path))
 @click.option("--run-dir", default="/run", show_default=True)
-def rollback_command(root: Path, run_dir: str) -> None:
-    """Undo the last apply on ROOT (or finish undoing one a crash cut short)."""
-    txn = undo_last(_options(root, run_dir))
+@click.option("--force", is_flag=True,
+              help="Undo it even if entries changed since; those are left as they are.")
+def rollback_command(root: Path, run_dir: str, force: bool) -> None:
+    """Undo the last apply on ROOT (or finish undoing one a crash cut short).
+    Refused if entries it wrote were changed since, unless --force."""
+    txn = undo_last(_options(root, run_dir), force=force)
     click.echo(f"rolled back transaction {txn}" if txn else "nothing to roll back")
