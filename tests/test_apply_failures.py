@@ -4,6 +4,7 @@ directory is never reached through a link."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from dataclasses import replace
@@ -15,36 +16,49 @@ from dmoverlay.apply import ApplyOptions, WriteFailed, rollback, staging
 from dmoverlay.errors import UsageError
 from tests.applykit import apply, d, f, make_root, snapshot
 
-# a value longer than any xattr may be (E2BIG), and an ACL the kernel cannot parse
-# (EINVAL, or EOPNOTSUPP where the filesystem keeps no ACLs)
-BAD_XATTRS = {"too-big": ("user.big", bytes(70000), ("Argument list too long",)),
-              "bad-acl": ("system.posix_acl_access", b"not an acl",
-                          ("Invalid argument", "Operation not supported"))}
+# Write-time failures the planner cannot foresee (a filesystem without ACLs, an
+# xattr over what this filesystem keeps), injected where the kernel would give them:
+# planning refuses every value it knows to be bad (tests/test_plan_hostile.py).
+FAILURES = {"too-big": errno.E2BIG, "no-support": errno.EOPNOTSUPP, "invalid": errno.EINVAL}
+
+
+def _failing_setxattr(monkeypatch: pytest.MonkeyPatch, fail: dict[str, int]) -> None:
+    real = os.setxattr
+
+    def setxattr(target: object, key: str, value: bytes, *args: object,
+                 **kwargs: object) -> None:
+        if key in fail:
+            raise OSError(fail[key], os.strerror(fail[key]))
+        real(target, key, value, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "setxattr", setxattr)  # forked writers inherit it
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
-@pytest.mark.parametrize("case", sorted(BAD_XATTRS))
-def test_a_failed_write_is_undone_and_one_error(tmp_path: Path, case: str, jobs: int) -> None:
+@pytest.mark.parametrize("case", sorted(FAILURES))
+def test_a_failed_write_is_undone_and_one_error(tmp_path: Path, case: str, jobs: int,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     root, run = make_root(tmp_path / "live")
     before = snapshot(root), snapshot(run)
-    key, value, why = BAD_XATTRS[case]
+    _failing_setxattr(monkeypatch, {"user.fails": FAILURES[case]})
     files = [f(f"usr/lib/mod/f{i}", b"x") for i in range(20)]
-    files.insert(10, f("usr/lib/mod/bad", b"bad", xattrs=((key, value),)))
+    files.insert(10, f("usr/lib/mod/bad", b"bad", xattrs=(("user.fails", b"1"),)))
     with pytest.raises(WriteFailed) as caught:
         apply(tmp_path, root, run, [d("usr/lib/mod"), *files, f("etc/os-release", b"ID=new\n")],
               jobs=jobs)
-    assert caught.value.message.startswith("cannot apply usr/lib/mod/bad (/usr/lib/mod/bad): ")
-    assert caught.value.message.endswith(why), caught.value.message  # one of them
+    assert caught.value.message == \
+        f"cannot apply usr/lib/mod/bad (/usr/lib/mod/bad): {os.strerror(FAILURES[case])}"
     assert caught.value.hint is not None and "nothing was changed" in caught.value.hint
     assert (snapshot(root), snapshot(run)) == before
     assert not (root / ".dmoverlay").exists()
 
 
-def test_a_failed_directory_is_named(tmp_path: Path) -> None:
+def test_a_failed_directory_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root, run = make_root(tmp_path / "live")
     before = snapshot(root)
+    _failing_setxattr(monkeypatch, {"user.fails": errno.E2BIG})
     member, data = d("opt/app")
-    bad = replace(member, xattrs=(("user.big", bytes(70000)),))
+    bad = replace(member, xattrs=(("user.fails", b"1"),))
     with pytest.raises(WriteFailed, match=r"^cannot apply opt/app \(/opt/app\): Argument"):
         apply(tmp_path, root, run, [(bad, data), f("opt/app/x")])
     assert snapshot(root) == before
