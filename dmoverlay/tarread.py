@@ -492,7 +492,7 @@ def _mtime_ns(member: tarfile.TarInfo) -> int:
         seconds = Decimal(text)
         if not seconds.is_finite():
             raise ValueError(text)
-        if not abs(seconds) < 2**40:  # before int(): 1e999999999 has a billion digits
+        if not seconds.copy_abs() < 2**40:  # before int(): 1e999999999 has a billion digits
             raise SourceError(f"{member.name!r}: time {text[:40]!r} is outside what ext4 "
                               "holds (1901 to 2446)", hint=HOSTILE)
         return int(seconds * 1_000_000_000)
@@ -511,7 +511,7 @@ def tar_xattrs(member: tarfile.TarInfo) -> tuple[tuple[str, bytes], ...]:
 
 
 
-_PAX_NUMBER = re.compile(r"[0-9]{1,30}", re.ASCII)
+_PAX_NUMBER = re.compile(r"[0-9]{1,40}", re.ASCII)
 
 
 def _check_numbers(info: tarfile.TarInfo, label: str) -> None:
