@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -174,3 +175,90 @@ def test_a_negative_mtime_is_kept(tmp_path: Path, job: str) -> None:
     assert result.returncode == 0, result.stderr
     with mounted_rootfs(out, tmp_path) as image:
         assert os.lstat(image / "old").st_mtime_ns == want
+
+
+def sparse_tar(tmp_path: Path, fmt: str) -> tuple[Path, bytes]:
+    """A 64 MiB file with three 4 KiB pieces of data, by GNU tar --sparse."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = bytearray(64 << 20)
+    for at in (0, 5 << 20, (64 << 20) - 4096):
+        data[at:at + 4096] = os.urandom(4096)
+    with open(src / "disk.img", "wb") as f:
+        f.truncate(len(data))
+        for at in (0, 5 << 20, (64 << 20) - 4096):
+            f.seek(at)
+            f.write(data[at:at + 4096])
+    archive = tmp_path / f"sparse-{fmt}.tar"
+    subprocess.run(["tar", "--sparse", f"--format={fmt}", "-cf", archive, "-C", src, "disk.img"],
+                   check=True)
+    return archive, bytes(data)
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "pax"])
+def test_apply_keeps_the_holes_of_a_sparse_member(tmp_path: Path, fmt: str) -> None:
+    """Issue 8: apply wrote sparse members fully allocated."""
+    archive, data = sparse_tar(tmp_path, fmt)
+    root, run = tmp_path / "root", tmp_path / "run"
+    root.mkdir()
+    run.mkdir()
+    result = dmoverlay("-q", "apply", str(archive), "--root", str(root), "--run-dir", str(run))
+    assert result.returncode == 0, result.stderr
+    assert (root / "disk.img").read_bytes() == data
+    assert os.lstat(root / "disk.img").st_blocks * 512 <= 256 << 10
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("fmt", ["gnu", "pax"])
+def test_build_keeps_the_holes_of_a_sparse_member(tmp_path: Path, fmt: str) -> None:
+    from tests.treecheck import mounted_rootfs
+
+    archive, data = sparse_tar(tmp_path, fmt)
+    out = tmp_path / "out.img"
+    result = dmoverlay("-q", "build", str(archive), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    with mounted_rootfs(out, tmp_path) as image:
+        assert (image / "disk.img").read_bytes() == data
+        assert os.lstat(image / "disk.img").st_blocks * 512 <= 256 << 10
+
+
+def symlink_tar(tmp_path: Path, xattrs: dict[str, str]) -> Path:
+    info = tarfile.TarInfo("link")
+    info.type, info.linkname, info.mtime = tarfile.SYMTYPE, "target", 1_600_000_000
+    info.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in xattrs.items()}
+    archive = tmp_path / "link.tar"
+    archive.write_bytes(tar_bytes(member("target"), (info, b"")))
+    return archive
+
+
+def test_apply_keeps_the_xattrs_of_a_symlink(tmp_path: Path) -> None:
+    """Issue 8: apply set no xattr on a symlink.  The kernel keeps trusted.*
+    and security.* there (as root)."""
+    archive = symlink_tar(tmp_path, {"trusted.t": "1", "security.s": "2"})
+    root, run = tmp_path / "root", tmp_path / "run"
+    root.mkdir()
+    run.mkdir()
+    result = dmoverlay("-q", "apply", str(archive), "--root", str(root), "--run-dir", str(run))
+    assert result.returncode == 0, result.stderr
+    link = root / "link"
+    assert os.getxattr(link, "trusted.t", follow_symlinks=False) == b"1"
+    assert os.getxattr(link, "security.s", follow_symlinks=False) == b"2"
+    assert os.readlink(link) == "target"
+
+
+def test_apply_refuses_a_user_xattr_on_a_symlink_in_one_line(tmp_path: Path) -> None:
+    archive = symlink_tar(tmp_path, {"user.u": "1"})
+    assert "no user.u on a symlink" in refused(tmp_path, "apply", archive)
+
+
+@pytest.mark.root
+def test_build_keeps_the_xattrs_of_a_symlink(tmp_path: Path) -> None:
+    from tests.treecheck import mounted_rootfs
+
+    archive = symlink_tar(tmp_path, {"trusted.t": "1", "security.s": "2"})
+    out = tmp_path / "out.img"
+    result = dmoverlay("-q", "build", str(archive), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    with mounted_rootfs(out, tmp_path) as image:
+        assert os.getxattr(image / "link", "trusted.t", follow_symlinks=False) == b"1"
+        assert os.getxattr(image / "link", "security.s", follow_symlinks=False) == b"2"
