@@ -535,7 +535,7 @@ def _prepare(trees: Trees, a: Action, tmp: str, spool: Spool,
         os.symlink(m.target, tmp, dir_fd=parent)
         os.chown(tmp, m.uid, m.gid, dir_fd=parent, follow_symlinks=False)
         if m.xattrs:
-            _set_link_xattrs(m, f"/proc/self/fd/{parent}/{tmp}")
+            _set_xattrs(m, f"/proc/self/fd/{parent}/{tmp}")
         os.utime(tmp, ns=(m.mtime_ns, m.mtime_ns), dir_fd=parent, follow_symlinks=False)
         return os.lstat(tmp, dir_fd=parent).st_ino
     # created with its final permission bits (the umask is 0 meanwhile);
@@ -549,24 +549,30 @@ def _prepare(trees: Trees, a: Action, tmp: str, spool: Spool,
             os.fchown(fd, m.uid, m.gid)
         if m.mode & 0o7000:
             os.fchmod(fd, m.mode)
-        for key, value in m.xattrs:
-            os.setxattr(fd, key, value)
+        _set_xattrs(m, fd)
         os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
         return st.st_ino
     finally:
         os.close(fd)
 
 
-def _set_link_xattrs(m: Member, path: str) -> None:
-    """A symlink's xattrs, set on the link itself (`path` reaches it through
-    its directory's descriptor).  The kernel keeps trusted.* and security.*
-    on a symlink, and refuses user.* (EPERM): one clear line for that."""
+def _set_xattrs(m: Member, target: int | str) -> None:
+    """The member's xattrs on `target`, an open file, or a path that reaches
+    a symlink through its directory's descriptor (set on the link itself).
+    What the kernel refuses is one clear line: a malformed POSIX ACL, or
+    user.* on a symlink (it keeps trusted.* and security.* there)."""
     for key, value in m.xattrs:
         try:
-            os.setxattr(path, key, value, follow_symlinks=False)
-        except PermissionError:
-            raise ImageError(f"{m.name}: the kernel keeps no {key} on a symlink "
-                             "(user.* xattrs are for files and directories)",
+            if isinstance(target, int):
+                os.setxattr(target, key, value)
+            else:
+                os.setxattr(target, key, value, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in _TARGET_FULL:
+                raise
+            what = ("user.* xattrs are for files and directories"
+                    if m.kind is Kind.SYMLINK and exc.errno == errno.EPERM else exc.strerror)
+            raise ImageError(f"{m.name}: the kernel refuses its xattr {key} ({what})",
                              hint=f"drop it from the update; {_UNDONE}") from None
 
 
@@ -593,8 +599,7 @@ def _set_dir_metadata(trees: Trees, where: Where, m: Member) -> None:
     fd = trees.dir_fd(where)
     os.fchown(fd, m.uid, m.gid)
     os.fchmod(fd, m.mode & 0o7777)
-    for key, value in m.xattrs:
-        os.setxattr(fd, key, value)
+    _set_xattrs(m, fd)
     os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
 
 

@@ -20,6 +20,7 @@ from dmoverlay.members import Kind
 from dmoverlay.run import run
 from dmoverlay.sizes import MiB, format_size, round_up
 from dmoverlay.source import Entry, Tree
+from dmoverlay.tarread import check_xattr_name
 
 BLOCK = 4096
 INODE_SIZE = 256
@@ -197,7 +198,7 @@ def derived_uuid(tree: Tree, *, label: str, size: int, epoch: int) -> uuid.UUID:
                       f"{e.rdev}:{e.link_to}\0".encode("utf-8", "surrogateescape"))
         digest.update(os.fsencode(e.target) + b"\0")
         for name, value in e.xattrs:
-            digest.update(name.encode() + b"=" + value + b"\0")
+            digest.update(os.fsencode(name) + b"=" + value + b"\0")
     return uuid.uuid5(UUID_NAMESPACE, digest.hexdigest())
 
 
@@ -222,24 +223,13 @@ def mkfs_env(p: Ext4Plan) -> dict[str, str]:
 
 time_fields = debugfs.time_fields
 
-# ext4 keeps these namespaces (lib/ext2fs/ext_attr.c's prefixes); debugfs
-# would store any other name as it is, where the kernel never shows it.
-XATTR_PREFIXES = ("user.", "trusted.", "security.", "system.posix_acl_access",
-                  "system.posix_acl_default", "system.data", "system.richacl")
-XATTR_NAME_MAX = 255
-
-
 def check_xattr(path: str, name: str) -> None:
-    """An xattr name ext4 and debugfs can hold, or one clear error."""
-    if not name.startswith(XATTR_PREFIXES) or name in ("user.", "trusted.", "security."):
-        raise SourceError(f"{path!r}: xattr {name!r} is in no namespace ext4 holds",
-                          hint="ext4 keeps user.*, trusted.*, security.* and POSIX ACLs")
-    if len(os.fsencode(name)) > XATTR_NAME_MAX:
-        raise SourceError(f"{path!r}: xattr name {name[:40]!r}... is longer than "
-                          f"{XATTR_NAME_MAX} bytes", hint="ext4 cannot hold it")
+    """An xattr name ext4 can hold and debugfs can be given, or one clear
+    error."""
+    check_xattr_name(path, name)
     if not debugfs.scriptable(name):
         raise SourceError(f"{path!r}: xattr name {name!r} holds a control character "
-                          "(CR, LF or NUL)", hint="no filesystem tool can set it; remove it")
+                          "(CR or LF)", hint="debugfs cannot be given it; remove it")
 
 
 def fixup_script(tree: Tree, *, epoch: int, all_root: bool,

@@ -505,8 +505,29 @@ def tar_xattrs(member: tarfile.TarInfo) -> tuple[tuple[str, bytes], ...]:
     found: dict[str, bytes] = {}
     for key, value in member.pax_headers.items():
         if key.startswith("SCHILY.xattr."):
-            found[key.removeprefix("SCHILY.xattr.")] = value.encode("utf-8", "surrogateescape")
+            name = key.removeprefix("SCHILY.xattr.")
+            check_xattr_name(member.name, name)
+            found[name] = value.encode("utf-8", "surrogateescape")
     return tuple(sorted(found.items()))
+
+
+# The namespaces Linux filesystems keep (ext4's, tmpfs's): any other name
+# is refused by setxattr, and stored by debugfs where the kernel never shows it.
+XATTR_PREFIXES = ("user.", "trusted.", "security.")
+XATTR_SYSTEM = ("system.posix_acl_access", "system.posix_acl_default")
+XATTR_NAME_MAX = 255
+
+
+def check_xattr_name(path: str, name: str) -> None:
+    """An xattr name Linux can hold, or one clear error."""
+    if not ((name.startswith(XATTR_PREFIXES) and name not in XATTR_PREFIXES)
+            or name in XATTR_SYSTEM):
+        raise SourceError(f"{path!r}: xattr {name!r} is in no namespace Linux keeps",
+                          hint="files keep user.*, trusted.*, security.* and POSIX ACLs")
+    raw = os.fsencode(name)
+    if len(raw) > XATTR_NAME_MAX or b"\0" in raw:
+        raise SourceError(f"{path!r}: xattr name {name[:40]!r} is longer than "
+                          f"{XATTR_NAME_MAX} bytes or holds a NUL", hint=HOSTILE)
 
 
 
