@@ -24,7 +24,7 @@ from dmoverlay.compress import STREAM_ERRORS, Readable, open_decompressed
 from dmoverlay.errors import SourceError
 from dmoverlay.members import InFile, Kind, Member, file_identity
 from dmoverlay.sizes import KiB
-from dmoverlay.tarheader import plain_header
+from dmoverlay.tarheader import MAX_MAJOR, MAX_MINOR, plain_header
 
 CHUNK = 64 * KiB  # reads below glibc's mmap threshold: 1 MiB ones churn the heap
 DAMAGED = "the archive is damaged or truncated: download or re-create it"
@@ -41,7 +41,7 @@ _EXTENSIONS = frozenset({tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tar
 # What the filesystems we write hold: 32-bit owners (the last value means
 # "none"), ext4's times (1901 to 2446) and file size (16 TiB in 4 KiB blocks).
 MAX_ID = 0xFFFFFFFE
-MIN_TIME_NS, MAX_TIME_NS = -(2**31) * 10**9, (2**34 - 2**31) * 10**9 - 1
+MIN_TIME_NS, MAX_TIME_NS = -(2**31) * 10**9, (tarheader.MAX_SECONDS + 1) * 10**9 - 1
 MAX_SIZE = 16 << 40
 
 
@@ -549,6 +549,11 @@ def _check_numbers(info: tarfile.TarInfo, label: str) -> None:
     for what, value in (("uid", info.uid), ("gid", info.gid)):
         if not 0 <= value <= MAX_ID:
             raise SourceError(f"{where}: {what} {value} is not a 32-bit owner", hint=HOSTILE)
+    if info.type in (tarfile.CHRTYPE, tarfile.BLKTYPE) and not (
+            0 <= info.devmajor <= MAX_MAJOR and 0 <= info.devminor <= MAX_MINOR):
+        raise SourceError(f"{where}: device {info.devmajor}:{info.devminor} is not one Linux "
+                          f"numbers (majors up to {MAX_MAJOR}, minors up to {MAX_MINOR})",
+                          hint=HOSTILE)
     if not 0 <= info.size <= MAX_SIZE:
         raise SourceError(f"{where}: size {info.size} is more than a file can hold",
                           hint=HOSTILE)

@@ -305,3 +305,28 @@ def test_an_xattr_name_that_is_not_utf8_is_kept(tmp_path: Path) -> None:
     archive = raw_pax_tar(tmp_path, pax_record(b"SCHILY.xattr.user.\xff", b"v"))
     result = dmoverlay("-q", "build", str(archive), "-o", str(tmp_path / "out.img"))
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(("major", "minor"), [(2**40, 1), (4096, 1), (1, 2**20)])
+def test_a_device_number_linux_cannot_hold_is_refused(tmp_path: Path, major: int,
+                                                      minor: int) -> None:
+    """Before: build stored 4096:1 as something else, and ended in debugfs's
+    usage text for 2**40 (apply refuses every device node anyway)."""
+    info = tarfile.TarInfo("dev/x")
+    info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, major, minor
+    archive = tmp_path / "dev.tar"
+    archive.write_bytes(tar_bytes((info, b""), fmt=tarfile.GNU_FORMAT))
+    assert "is not one Linux numbers" in refused(tmp_path, "build", archive)
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_a_plain_header_time_past_2446_is_refused(tmp_path: Path, job: str) -> None:
+    """A plain header's 12 octal digits (no NUL) reach the year 6325: the
+    fast header reader leaves such a header to the checked one."""
+    block = bytearray(header(b"f", b"0", 2))
+    block[136:148] = b"%012o" % (2**34)
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    archive = tmp_path / "late.tar"
+    archive.write_bytes(bytes(block) + b"hi".ljust(512, b"\0") + bytes(1024))
+    assert "outside what ext4 holds" in refused(tmp_path, job, archive)
