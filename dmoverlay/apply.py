@@ -111,16 +111,20 @@ class Spool:
         self.dev = os.fstat(self.fd).st_dev
         self.size = 0
         self.unchecked = 0  # bytes added since the room was last checked
-        self.where: dict[str, tuple[int, int] | InFile] = {}
+        self.where: dict[str, tuple[int, int] | InFile | Sparse] = {}
         # the located file last copied from, open, and its identity when read
         self.source: tuple[str, int, tuple[int, ...]] | None = None
         self.kernel_copy: dict[tuple[int, int], bool] = {}  # by st_dev pair: copy_file_range works
 
-    def add(self, name: str, stream: Readable, size: int) -> None:
+    def add(self, name: str, stream: Readable, size: int,
+            sparse: tuple[tuple[int, int], ...] | None = None) -> None:
         located = getattr(stream, "located", None)
         place = located() if located is not None else None
         if place is not None:
             self.where[name] = place
+            return
+        if sparse is not None:
+            self._add_sparse(name, stream, size, sparse)
             return
         self.unchecked += size
         if self.unchecked > SPOOL_CHECK_EVERY or size > SPOOL_CHECK_EVERY:
@@ -137,6 +141,24 @@ class Spool:
         self.size += size
         self.where[name] = (start, size)
 
+    def _add_sparse(self, name: str, stream: Readable, size: int,
+                    pieces: tuple[tuple[int, int], ...]) -> None:
+        """A sparse member: only the pieces its map names are kept (the
+        stream reads its holes as zeros), to be written where they lie."""
+        data = sum(length for _, length in pieces)
+        self.unchecked += data
+        if self.unchecked > SPOOL_CHECK_EVERY or data > SPOOL_CHECK_EVERY:
+            self._check_room(name, data)
+        start = self.size
+        read = 0  # of the member's stream
+        for at, length in pieces:
+            _read_exactly(stream, at - read, name, None, 0)
+            _read_exactly(stream, length, name, self.fd, self.size)
+            self.size += length
+            read = at + length
+        _read_exactly(stream, size - read, name, None, 0)
+        self.where[name] = Sparse(start, size, pieces)
+
     def _check_room(self, name: str, size: int) -> None:
         st = os.fstatvfs(self.fd)
         if self.unchecked > st.f_bavail * st.f_frsize - SPOOL_RESERVE:
@@ -152,10 +174,24 @@ class Spool:
         if isinstance(place, InFile):
             self._copy_located(place, fd, dev)
             return
+        if isinstance(place, Sparse):
+            self._copy_sparse(name, place, fd, dev)
+            return
         offset, size = place
         if self._copy(self.fd, self.dev, offset, size, fd, dev) != size:
             raise ImageError(f"{name}: its staged data was cut short",
                              hint="leave the staging directory under the live /run alone")
+
+    def _copy_sparse(self, name: str, place: Sparse, fd: int, dev: int) -> None:
+        """Each piece where it lies in the file; what lies between stays a hole."""
+        offset = place.start
+        for at, length in place.pieces:
+            os.lseek(fd, at, os.SEEK_SET)
+            if self._copy(self.fd, self.dev, offset, length, fd, dev) != length:
+                raise ImageError(f"{name}: its staged data was cut short",
+                                 hint="leave the staging directory under the live /run alone")
+            offset += length
+        os.ftruncate(fd, place.size)
 
     def _copy_located(self, place: InFile, fd: int, dev: int) -> None:
         src = self._open_source(place)
@@ -229,6 +265,30 @@ class Spool:
         self.file.close()
 
 
+@dataclass(frozen=True)
+class Sparse:
+    """A sparse file's data in the spool: its pieces, one after the other
+    from `start`, and where each lies in a file of `size` bytes."""
+
+    start: int
+    size: int
+    pieces: tuple[tuple[int, int], ...]
+
+
+def _read_exactly(stream: Readable, length: int, name: str, fd: int | None,
+                  offset: int) -> None:
+    """Read `length` bytes of `stream`, written at `offset` of `fd` (or
+    dropped: a hole, which reads as zeros)."""
+    while length > 0:
+        chunk = stream.read(min(CHUNK, length))
+        if not chunk:
+            raise ImageError(f"{name}: update ended inside this file's data")
+        if fd is not None:
+            _pwrite_all(fd, chunk, offset)
+            offset += len(chunk)
+        length -= len(chunk)
+
+
 _NO_COPY_FILE_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 _TARGET_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _UNDONE = "nothing was changed: the files written so far were removed"
@@ -266,7 +326,7 @@ def read_all(reader: UpdateReader, spool: Spool) -> list[Member]:
         for member, stream in reader.members():
             if member.kind is Kind.FILE:
                 assert stream is not None
-                spool.add(member.name, stream, member.size)
+                spool.add(member.name, stream, member.size, member.sparse)
             members.append(member)
     return members
 
@@ -595,6 +655,8 @@ def _prepare(trees: Trees, a: Action, tmp: str, spool: Spool,
     if m.kind is Kind.SYMLINK:
         os.symlink(m.target, tmp, dir_fd=parent)
         os.chown(tmp, m.uid, m.gid, dir_fd=parent, follow_symlinks=False)
+        if m.xattrs:
+            _set_xattrs(m, f"/proc/self/fd/{parent}/{tmp}")
         os.utime(tmp, ns=(m.mtime_ns, m.mtime_ns), dir_fd=parent, follow_symlinks=False)
         return os.lstat(tmp, dir_fd=parent).st_ino
     # created with its final permission bits (the umask is 0 meanwhile);
@@ -608,12 +670,31 @@ def _prepare(trees: Trees, a: Action, tmp: str, spool: Spool,
             os.fchown(fd, m.uid, m.gid)
         if m.mode & 0o7000:
             os.fchmod(fd, m.mode)
-        for key, value in m.xattrs:
-            os.setxattr(fd, key, value)
+        _set_xattrs(m, fd)
         os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
         return st.st_ino
     finally:
         os.close(fd)
+
+
+def _set_xattrs(m: Member, target: int | str) -> None:
+    """The member's xattrs on `target`, an open file, or a path that reaches
+    a symlink through its directory's descriptor (set on the link itself).
+    What the kernel refuses is one clear line: a malformed POSIX ACL, or
+    user.* on a symlink (it keeps trusted.* and security.* there)."""
+    for key, value in m.xattrs:
+        try:
+            if isinstance(target, int):
+                os.setxattr(target, key, value)
+            else:
+                os.setxattr(target, key, value, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in _TARGET_FULL:
+                raise
+            what = ("user.* xattrs are for files and directories"
+                    if m.kind is Kind.SYMLINK and exc.errno == errno.EPERM else exc.strerror)
+            raise ImageError(f"{m.name}: the kernel refuses its xattr {key} ({what})",
+                             hint=f"drop it from the update; {_UNDONE}") from None
 
 
 def _commit(txn: _Txn, n: int, a: Action, tmp: str) -> None:
@@ -639,8 +720,7 @@ def _set_dir_metadata(trees: Trees, where: Where, m: Member) -> None:
     fd = trees.dir_fd(where)
     os.fchown(fd, m.uid, m.gid)
     os.fchmod(fd, m.mode & 0o7777)
-    for key, value in m.xattrs:
-        os.setxattr(fd, key, value)
+    _set_xattrs(m, fd)
     os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from dmoverlay import ext4
+from dmoverlay import debugfs, ext4
 from dmoverlay.errors import ImageError, UsageError
 from dmoverlay.log import info, step
 from dmoverlay.run import require_tools, run
@@ -358,26 +358,22 @@ def populate_script(live_dir: str, *, source: str, epoch: int) -> bytes:
     debugfs's `write` and not `mkfs -d`: -d copies the source's xattrs
     (user.*, SELinux labels of the build host), and removing them afterwards
     leaves an empty xattr header in the inode, so images would differ by host."""
-    lines = [b"mkdir %s" % ext4.quote(d) for d, mode in tree_modes(live_dir)[2:-1]]
+    def at(path: str) -> bytes:
+        return debugfs.argument("/" + path)
+
+    lines = [debugfs.command(b"mkdir", at(d)) for d, mode in tree_modes(live_dir)[2:-1]]
     # `write` links its second argument into the current directory as one name.
-    lines += [b"cd %s" % ext4.quote(live_dir), b"write %s %s" % (
-        source.encode(), SQUASHFS_IMG.encode()), b"cd /"]
-    low, extra = ext4.time_fields(epoch * 1_000_000_000)
+    lines += [debugfs.command(b"cd", at(live_dir)),
+              debugfs.command(b"write", debugfs.argument(source), debugfs.argument(SQUASHFS_IMG)),
+              debugfs.command(b"cd", at(""))]
     for path, mode in tree_modes(live_dir):
-        target = ext4.quote(path)
-        lines += [b"sif %s mode 0%o" % (target, mode), b"sif %s uid 0" % target,
-                  b"sif %s gid 0" % target]
-        for field in (b"mtime", b"atime", b"ctime", b"crtime"):
-            lines.append(b"sif %s %s_lo %d" % (target, field, low))
-            lines.append(b"sif %s %s_extra %d" % (target, field, extra))
-    return b"\n".join(lines) + b"\n"
-
-
-def debugfs_problems(stderr: str) -> list[str]:
-    """debugfs exits 0 whatever its commands do: failures are the lines of
-    stderr other than its banner."""
-    return [line for line in stderr.splitlines()
-            if line.strip() and not line.startswith("debugfs ")]
+        target = at(path)
+        lines += [debugfs.command(b"sif", target, b"mode", b"0%o" % mode),
+                  debugfs.command(b"sif", target, b"uid", b"0"),
+                  debugfs.command(b"sif", target, b"gid", b"0")]
+        lines += debugfs.set_times(target, dict.fromkeys(debugfs.TIME_FIELDS,
+                                                         epoch * 1_000_000_000))
+    return debugfs.script(lines)
 
 
 # ------------------------------------------------------------ doing it
@@ -578,11 +574,6 @@ def make_live_fs(disk: Path, layout: DiskLayout, *, squashfs: Path, epoch: int,
     # the real paths contain from counting.
     (work / "disk").symlink_to(disk.absolute())
     (work / "source").symlink_to(squashfs.absolute())
-    script = work / "populate.debugfs"
-    script.write_bytes(populate_script(layout.live_dir, source="source", epoch=epoch))
-    result = run(["debugfs", "-w", "-f", script, f"disk?offset={layout.live.start}"],
-                 cwd=work, env=env)
-    problems = debugfs_problems(result.stderr)
-    if problems:
-        raise ImageError(f"debugfs could not fill the live partition: {problems[0]}",
-                         hint=f"{len(problems)} debugfs command(s) failed")
+    debugfs.run_script(f"disk?offset={layout.live.start}",
+                       populate_script(layout.live_dir, source="source", epoch=epoch),
+                       scratch=work, name="populate.debugfs", write=True, env=env, cwd=work)

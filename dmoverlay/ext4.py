@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import uuid
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from dmoverlay.errors import ImageError, UsageError
+from dmoverlay import debugfs
+from dmoverlay.errors import SourceError, UsageError
 from dmoverlay.members import Kind
 from dmoverlay.run import run
 from dmoverlay.sizes import MiB, format_size, round_up
-from dmoverlay.source import SPECIAL, Entry, Tree
+from dmoverlay.source import Entry, Tree
+from dmoverlay.tarread import check_xattr_name
 
 BLOCK = 4096
 INODE_SIZE = 256
@@ -197,7 +198,7 @@ def derived_uuid(tree: Tree, *, label: str, size: int, epoch: int) -> uuid.UUID:
                       f"{e.rdev}:{e.link_to}\0".encode("utf-8", "surrogateescape"))
         digest.update(os.fsencode(e.target) + b"\0")
         for name, value in e.xattrs:
-            digest.update(name.encode() + b"=" + value + b"\0")
+            digest.update(os.fsencode(name) + b"=" + value + b"\0")
     return uuid.uuid5(UUID_NAMESPACE, digest.hexdigest())
 
 
@@ -220,103 +221,85 @@ def mkfs_env(p: Ext4Plan) -> dict[str, str]:
 
 # ------------------------------------------------------------------- debugfs
 
+time_fields = debugfs.time_fields
 
-def quote(path: str) -> bytes:
-    """An absolute image path as one debugfs argument."""
-    raw = b"/" + os.fsencode(path)
-    return b'"' + raw.replace(b'"', b'""') + b'"'
-
-
-def time_fields(ns: int) -> tuple[int, int]:
-    """ext4's (seconds low 32 bits, extra) for a time in nanoseconds: the extra
-    word holds the nanoseconds and two more epoch bits (years past 2038)."""
-    seconds, nanos = divmod(ns, 1_000_000_000)
-    low = seconds & 0xFFFFFFFF
-    signed_low = low - (1 << 32) if low & 0x80000000 else low
-    epoch_bits = ((seconds - signed_low) >> 32) & 3
-    return low, (nanos << 2) | epoch_bits
+def check_xattr(path: str, name: str) -> None:
+    """An xattr name ext4 can hold and debugfs can be given, or one clear
+    error."""
+    check_xattr_name(path, name)
+    if not debugfs.scriptable(name):
+        raise SourceError(f"{path!r}: xattr name {name!r} holds a control character "
+                          "(CR or LF)", hint="debugfs cannot be given it; remove it")
 
 
 def fixup_script(tree: Tree, *, epoch: int, all_root: bool,
-                 value_file: dict[bytes, Path]) -> bytes:
+                 value_file: dict[bytes, Path], inodes: dict[str, int]) -> bytes:
     """The debugfs commands that make each inode what the manifest says.
     `value_file` maps each xattr value to the file holding it (filled in by
-    the caller, which writes them: debugfs reads binary values from files).
+    the caller, which writes them: debugfs reads binary values from files);
+    `inodes` maps each path to its inode number (debugfs.inode_numbers).
 
-    Commands name inodes relative to their directory, entered once with
-    `cd`: debugfs looks a name up anew for every command, and a full path
-    made 360,000 commands take 10 s instead of under one."""
+    Commands name inodes by number: no name of the source reaches the script
+    (a name is any bytes), and debugfs looks nothing up.  Only a device node
+    is made by name, in its directory, since mkfs cannot make one from a
+    tree unpacked without privilege."""
     lines: list[bytes] = []
-    if tree.staged:
-        for e in tree.entries:
-            if e.kind in SPECIAL and not e.link_to:
-                lines += _mknod(e.path, e.kind, e.rdev)
-    by_dir: dict[str, list[Entry]] = {}
     for e in tree.entries:
-        if not e.link_to:
-            by_dir.setdefault(e.path.rpartition("/")[0] if e.path else "", []).append(e)
-    for directory, entries in by_dir.items():
-        lines.append(b"cd " + quote(directory))
-        for e in entries:
-            lines += _inode_fixes(e, tree, epoch=epoch, all_root=all_root,
-                                  value_file=value_file)
-    lines.append(b"cd /")
+        if e.link_to:
+            continue
+        if tree.staged and e.kind in (Kind.CHAR, Kind.BLOCK):
+            lines += _mknod(e, inodes)
+            lines += _inode_fixes(e, debugfs.argument("./" + _name(e)), tree, epoch=epoch,
+                                  all_root=all_root, value_file=value_file)
+            lines.append(debugfs.command(b"cd", debugfs.inode(debugfs.ROOT_INODE)))
+        else:
+            lines += _inode_fixes(e, debugfs.inode(inodes[e.path]), tree, epoch=epoch,
+                                  all_root=all_root, value_file=value_file)
     if not any(e.path == "lost+found" for e in tree.entries):
         # made by mkfs itself, with a time that overflows past 2038 in 1.47.0
-        low, extra = time_fields(epoch * 1_000_000_000)
-        for stamp in (b"mtime", b"atime", b"ctime", b"crtime"):
-            lines.append(b'sif "/lost+found" %s_lo %d' % (stamp, low))
-            lines.append(b'sif "/lost+found" %s_extra %d' % (stamp, extra))
-    return b"\n".join(lines) + b"\n"
+        ns = epoch * 1_000_000_000
+        lines += debugfs.set_times(debugfs.argument("/lost+found"),
+                                   dict.fromkeys(debugfs.TIME_FIELDS, ns))
+    return debugfs.script(lines)
 
 
-_INODE_SPEC = re.compile(r"<\d+>")
+def _name(e: Entry) -> str:
+    return e.path.rpartition("/")[2]
 
 
-def _here(e: Entry) -> bytes:
-    """The entry as a debugfs argument, from inside its directory.  A name
-    like `<12>` would be read as an inode number: those go by full path."""
-    name = e.path.rpartition("/")[2]
-    if not e.path or _INODE_SPEC.fullmatch(name):
-        return quote(e.path)
-    return b'"' + os.fsencode(name).replace(b'"', b'""') + b'"'
-
-
-def _inode_fixes(e: Entry, tree: Tree, *, epoch: int, all_root: bool,
+def _inode_fixes(e: Entry, target: bytes, tree: Tree, *, epoch: int, all_root: bool,
                  value_file: dict[bytes, Path]) -> list[bytes]:
-    target = _here(e)
     lines = []
     # mkfs makes the root directory itself (root_owner=0:0, mode 0755)
     exact = tree.staged or not e.path
     if exact:
-        lines.append(b"sif %s mode 0%o" % (target, e.st_mode))
+        lines.append(debugfs.command(b"sif", target, b"mode", b"0%o" % e.st_mode))
     if exact or all_root:
         uid, gid = (0, 0) if all_root else (e.uid, e.gid)
-        lines.append(b"sif %s uid %d" % (target, uid))
-        lines.append(b"sif %s gid %d" % (target, gid))
+        lines.append(debugfs.command(b"sif", target, b"uid", b"%d" % uid))
+        lines.append(debugfs.command(b"sif", target, b"gid", b"%d" % gid))
     mtime_ns = e.mtime_ns if e.mtime_ns or e.path else epoch * 1_000_000_000
     ctime_ns = max(mtime_ns, epoch * 1_000_000_000)
-    for field, ns in (("mtime", mtime_ns), ("atime", mtime_ns),
-                      ("ctime", ctime_ns), ("crtime", ctime_ns)):
-        low, extra = time_fields(ns)
-        lines.append(b"sif %s %s_lo %d" % (target, field.encode(), low))
-        lines.append(b"sif %s %s_extra %d" % (target, field.encode(), extra))
+    lines += debugfs.set_times(target, {b"mtime": mtime_ns, b"atime": mtime_ns,
+                                        b"ctime": ctime_ns, b"crtime": ctime_ns})
     if tree.staged:
         for name, value in e.xattrs:
-            lines.append(b"ea_set -f %s %s %s" % (
-                os.fsencode(value_file[value]), target, name.encode()))
+            check_xattr(e.path, name)
+            lines.append(debugfs.command(b"ea_set -f", debugfs.argument(value_file[value]),
+                                         target, debugfs.argument(name)))
     return lines
 
 
-def _mknod(path: str, kind: Kind, rdev: tuple[int, int]) -> list[bytes]:
-    parent, _, name = path.rpartition("/")
-    spec = {Kind.CHAR: b"c %d %d" % rdev, Kind.BLOCK: b"b %d %d" % rdev,
-            Kind.FIFO: b"p"}.get(kind)
-    if spec is None:
-        raise ImageError(f"{path}: cannot make a {kind} in the image")
-    quoted_name = b'"' + os.fsencode(name).replace(b'"', b'""') + b'"'
-    return [b"rm " + quote(path), b"cd " + quote(parent), b"mknod %s %s" % (quoted_name, spec),
-            b"cd /"]
+def _mknod(e: Entry, inodes: dict[str, int]) -> list[bytes]:
+    """Replace the placeholder of a device node by the node, from inside its
+    directory (entered by number).  mknod takes its name as it is; other
+    commands read "<12>", quoted or not, as an inode number, and are given
+    "./<12>" instead."""
+    spec = {Kind.CHAR: b"c %d %d" % e.rdev, Kind.BLOCK: b"b %d %d" % e.rdev}[e.kind]
+    parent = inodes[e.path.rpartition("/")[0]]
+    return [debugfs.command(b"cd", debugfs.inode(parent)),
+            debugfs.command(b"rm", debugfs.argument("./" + _name(e))),
+            debugfs.command(b"mknod", debugfs.argument(_name(e)), spec)]
 
 
 def make(tree: Tree, image: Path, p: Ext4Plan, *, all_root: bool, scratch: Path) -> None:
@@ -330,20 +313,11 @@ def make(tree: Tree, image: Path, p: Ext4Plan, *, all_root: bool, scratch: Path)
             if value not in values:
                 values[value] = scratch / f"xattr-{len(values)}"
                 values[value].write_bytes(value)
-    script = scratch / "fixup.debugfs"
-    script.write_bytes(fixup_script(tree, epoch=p.epoch, all_root=all_root, value_file=values))
+    inodes = debugfs.inode_numbers(
+        image, (e.path for e in tree.entries if not e.link_to),
+        {e.path for e in tree.entries if e.kind is Kind.DIR}, scratch=scratch)
+    script = fixup_script(tree, epoch=p.epoch, all_root=all_root, value_file=values,
+                          inodes=inodes)
     # debugfs stamps the superblock with "now" unless told the time too
-    result = run(["debugfs", "-w", "-f", script, image],
-                 env={"E2FSPROGS_FAKE_TIME": str(p.epoch)})
-    problems = _debugfs_errors(result.stderr)
-    if problems:
-        raise ImageError(f"debugfs could not finish {image.name}: {problems[0]}",
-                         hint=f"{len(problems)} command(s) failed; rerun with --debug")
-
-
-def _debugfs_errors(stderr: str) -> list[str]:
-    """debugfs exits 0 whatever its commands do: failures are lines on stderr
-    other than its banner and the echo of each command."""
-    return [line for line in stderr.splitlines()
-            if line.strip() and not line.startswith(("debugfs ", "debugfs: "))
-            and not line.startswith("Allocated inode")]
+    debugfs.run_script(image, script, scratch=scratch, name="fixup.debugfs", write=True,
+                       env={"E2FSPROGS_FAKE_TIME": str(p.epoch)})

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dmoverlay import log, run
+from dmoverlay import debugfs, log, run
 from dmoverlay.errors import CommandFailed, ImageError
 from dmoverlay.sizes import format_size
 from dmoverlay.superblock import (
@@ -224,11 +224,6 @@ def contiguous_start(s: Stat, *, block_size: int, fs_blocks: int) -> int | None:
     return first.physical
 
 
-def debugfs_quote(path: str) -> str:
-    """One argument of a debugfs request: in double quotes, quotes doubled."""
-    return '"' + path.replace('"', '""') + '"'
-
-
 # ------------------------------------------------------------------- reading
 
 
@@ -403,16 +398,15 @@ def _debugfs_device(region: Region) -> str:
     return f"{region.path}?offset={region.offset}" if region.offset else region.path
 
 
-_BANNER = re.compile(r"debugfs \d")
 _ABSENT = ("File not found by ext2_lookup", "Ext2 inode is not a directory")
 
 
-def _debugfs(region: Region, request: str) -> run.Result:
-    """Run one debugfs request; it exits 0 whatever happens, so failures are
-    found in its stderr (other than the version banner)."""
+def _debugfs(region: Region, *words: bytes) -> run.Result:
+    """Run one debugfs request of words encoded by debugfs.py; it exits 0
+    whatever happens, so failures are found in its stderr."""
+    request = os.fsdecode(debugfs.command(*words))
     result = run.run(["debugfs", "-R", request, _debugfs_device(region)])
-    problems = [line.strip() for line in result.stderr.splitlines()
-                if line.strip() and not _BANNER.match(line)]
+    problems = debugfs.problems(result.stderr)
     if problems and not any(text in problems[0] for text in _ABSENT):
         raise ImageError(f"{region.where}: debugfs cannot read it ({problems[0]})",
                          hint=_DAMAGED_HINT)
@@ -420,7 +414,7 @@ def _debugfs(region: Region, request: str) -> run.Result:
 
 
 def _debugfs_stat(region: Region, member: str) -> Stat | None:
-    result = _debugfs(region, f"stat {debugfs_quote('/' + member)}")
+    result = _debugfs(region, b"stat", debugfs.argument("/" + member))
     return parse_stat(result.stdout)
 
 
@@ -434,8 +428,8 @@ def _member_region(region: Region, info: Ext4Info, found: Stat, where: str,
                       size=found.size, where=where)
     copy = scratch.new("squashfs")
     with log.step(f"Copying {where} ({format_size(found.size)}, not contiguous on disk)"):
-        member = debugfs_quote("/" + SQUASHFS_NAME)
-        _debugfs(region, f"dump {member} {debugfs_quote(os.fspath(copy))}")
+        _debugfs(region, b"dump", debugfs.argument("/" + SQUASHFS_NAME),
+                 debugfs.argument(os.fspath(copy)))
     if not copy.exists() or copy.stat().st_size != found.size:
         raise ImageError(f"{where}: debugfs could not copy it out", hint=_DAMAGED_HINT)
     return Region(path=os.fspath(copy), offset=0, size=found.size, where=where)

@@ -54,6 +54,9 @@ class Member:
     target: str = ""  # SYMLINK: the link's text; HARDLINK: the earlier member's name
     rdev: tuple[int, int] = (0, 0)
     xattrs: tuple[tuple[str, bytes], ...] = ()
+    # FILE of a sparse archive member: where its data lies, (offset, length)
+    # pairs; the rest are holes (the stream reads them as zeros)
+    sparse: tuple[tuple[int, int], ...] | None = None
 
 
 def file_identity(st: os.stat_result) -> tuple[int, ...]:

@@ -139,7 +139,8 @@ class _Streamed:
     file, so a chatty tool cannot block on a full pipe meanwhile."""
 
     def __init__(self, argv: Sequence[str | os.PathLike[str]],
-                 env: Mapping[str, str] | None) -> None:
+                 env: Mapping[str, str] | None,
+                 cwd: str | os.PathLike[str] | None = None) -> None:
         self.args = _argv(argv)
         if debug:
             print(f"+ {_describe(self.args)}", file=sys.stderr)
@@ -147,7 +148,7 @@ class _Streamed:
         try:
             self.proc = subprocess.Popen(self.args, env=clean_env(env),
                                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=self.errfile)
+                                         stderr=self.errfile, cwd=cwd)
         except FileNotFoundError:
             self.errfile.close()
             raise ToolMissing(f"{self.args[0]} not found",
@@ -164,6 +165,15 @@ class _Streamed:
             err = self.errfile.read()
         return Result(tuple(self.args), code, out.decode(errors="surrogateescape"),
                       err.decode(errors="surrogateescape"))
+
+
+def run_exact(argv: Sequence[str | os.PathLike[str]], *, env: Mapping[str, str] | None = None,
+              cwd: str | os.PathLike[str] | None = None) -> Result:
+    """As run(check=False), with the output as its bytes were (decoded with
+    surrogateescape, no newline translation): for a tool that prints names,
+    which may hold a CR."""
+    cmd = _Streamed(argv, env, cwd=cwd)
+    return cmd.finish(cmd.stdout.read())
 
 
 def run_with_percent(

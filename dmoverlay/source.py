@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import os
 import stat
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
-from dmoverlay import tarheader
-from dmoverlay.compress import STREAM_ERRORS, CountingReader, open_decompressed
+from dmoverlay.compress import STREAM_ERRORS, Compression, Readable, open_decompressed
+from dmoverlay.compress import detect as detect_compression
 from dmoverlay.errors import SourceError
-from dmoverlay.members import FORMAT_BITS, Kind
+from dmoverlay.members import FORMAT_BITS, Kind, Member
+from dmoverlay.superblock import HEAD_SIZE
+from dmoverlay.tarread import TarReader, tar_header_checksum_ok
 
 NAME_MAX = 255
 CHUNK = 1 << 20
@@ -67,13 +67,12 @@ class Tree:
 
 
 def check_name(path: str, component: str) -> None:
-    """Names the image (and the tools that fill it) cannot carry."""
+    """Names the image cannot carry.  Any other byte is kept, control
+    characters too: mkfs.ext4 -d copies names as they are, and debugfs is
+    never given one (debugfs.py)."""
     if len(os.fsencode(component)) > NAME_MAX:
         raise SourceError(f"{path!r}: name longer than {NAME_MAX} bytes",
                           hint="ext4 cannot hold it; rename it in the source")
-    if any(ord(c) < 32 or ord(c) == 127 for c in component):
-        raise SourceError(f"{path!r}: name holds a control character",
-                          hint="rename it in the source: live roots refuse such names")
 
 
 # ---------------------------------------------------------------- directories
@@ -165,43 +164,19 @@ def is_tar(path: Path) -> bool:
     return tar_header_checksum_ok(head)
 
 
-def tar_header_checksum_ok(head: bytes) -> bool:
-    """Old v7 archives have no magic, only a header checksum: the byte sum of
-    the header with its own checksum field counted as spaces."""
-    try:
-        return len(head) >= tarheader.BLOCK and tarheader.octal(head[148:156]) == \
-            tarheader.checksum(head)
-    except ValueError:
-        return False
-
-
 def read_tar(archive: Path, staging: Path) -> Tree:
     """Unpack `archive` into `staging` (names and data only; no privilege
-    needed) and return the manifest of what each entry must become."""
+    needed) and return the manifest of what each entry must become.  The
+    archive is read by apply's reader (tarread), with all its checks."""
     unpacker = _Unpacker(staging)
-    try:
-        with open(archive, "rb") as raw, open_decompressed(os.fspath(archive), raw) as stream:
-            _unpack_all(archive, stream, unpacker)
-    except SourceError:
-        raise
-    except (tarfile.TarError, *STREAM_ERRORS) as exc:
-        raise SourceError(f"{archive}: corrupt or truncated archive ({exc})",
-                          hint="check the download or re-create the archive") from None
+    with open(archive, "rb") as raw:
+        plain = detect_compression(raw.read(HEAD_SIZE)) is Compression.NONE
+    reader = TarReader(archive, label=os.fspath(archive), description=f"archive {archive}",
+                       in_place=plain)
+    for member, data in reader.members():
+        unpacker.add(member, data)
     entries = list(unpacker.entries.values())
     return Tree(root=staging, entries=entries, staged=True, description=f"archive {archive}")
-
-
-def _unpack_all(archive: Path, stream: CountingReader, unpacker: _Unpacker) -> None:
-    with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
-        for member in tar:
-            unpacker.add(member, tar)
-        end = tar.offset
-    stream.drain()
-    # A plain archive cut at a member boundary reads as a shorter valid one:
-    # only the end-of-archive block tells the two apart.
-    if stream.count < end + tarfile.BLOCKSIZE:
-        raise SourceError(f"{archive}: truncated archive (no end-of-archive marker)",
-                          hint="check the download or re-create the archive")
 
 
 def tar_path(name: str) -> str:
@@ -216,28 +191,6 @@ def tar_path(name: str) -> str:
     return path
 
 
-def tar_mtime_ns(member: tarfile.TarInfo) -> int:
-    # pax keeps sub-second times as a decimal string; a float would round it.
-    text = member.pax_headers.get("mtime")
-    if text is None:
-        return int(member.mtime) * 1_000_000_000
-    from decimal import Decimal  # here: only pax archives keep sub-second times
-
-    try:
-        return int(Decimal(text) * 1_000_000_000)
-    except (ArithmeticError, ValueError):  # not a number, NaN, Infinity
-        raise SourceError(f"{member.name!r}: unreadable time {text!r} in its pax header",
-                          hint="the archive is damaged; re-create it") from None
-
-
-def tar_xattrs(member: tarfile.TarInfo) -> tuple[tuple[str, bytes], ...]:
-    found: dict[str, bytes] = {}
-    for key, value in member.pax_headers.items():
-        if key.startswith("SCHILY.xattr."):
-            found[key.removeprefix("SCHILY.xattr.")] = value.encode("utf-8", "surrogateescape")
-    return tuple(sorted(found.items()))
-
-
 class _Unpacker:
     """Creates each member under the staging root.  Every parent it writes
     into is a directory it made itself, so no name can lead outside."""
@@ -248,7 +201,7 @@ class _Unpacker:
         os.makedirs(staging, mode=0o700, exist_ok=False)
         self.entries[""] = Entry("", Kind.DIR, 0o755, 0, 0, 0)
 
-    def add(self, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+    def add(self, member: Member, data: Readable | None) -> None:
         path = tar_path(member.name)
         entry = self._entry(path, member)
         self._make_parents(path, member.name)
@@ -266,37 +219,36 @@ class _Unpacker:
         if not path:
             self.entries[""] = entry if entry.kind is Kind.DIR else self.entries[""]
             return
-        self._create(full, entry, member, tar)
+        self._create(full, entry, member, data)
         self.entries[path] = entry
 
-    def _entry(self, path: str, member: tarfile.TarInfo) -> Entry:
-        kind = _tar_kind(member)
+    def _entry(self, path: str, member: Member) -> Entry:
+        kind = member.kind
         link_to = ""
-        if member.islnk():
-            link_to = tar_path(member.linkname)
+        if kind is Kind.HARDLINK:
+            link_to = tar_path(member.target)
             first = self.entries.get(link_to)
             if first is None or first.kind is Kind.DIR:
-                raise SourceError(f"{member.name!r}: hardlink to {member.linkname!r}, "
+                raise SourceError(f"{member.name!r}: hardlink to {member.target!r}, "
                                   "which is not an earlier file of the archive",
                                   hint="the archive is malformed")
             link_to = first.link_to or link_to
             kind = first.kind
         size = 0
         if kind is Kind.FILE and not link_to:
-            sparse = getattr(member, "sparse", None)
-            size = sum(n for _, n in sparse) if sparse else member.size
+            size = sum(n for _, n in member.sparse) if member.sparse else member.size
         return Entry(
             path=path,
             kind=kind,
-            mode=stat.S_IMODE(member.mode),
+            mode=member.mode,
             uid=member.uid,
             gid=member.gid,
-            mtime_ns=tar_mtime_ns(member),
+            mtime_ns=member.mtime_ns,
             size=size,
-            target=member.linkname if member.issym() else "",
-            rdev=(member.devmajor, member.devminor) if kind in (Kind.CHAR, Kind.BLOCK) else (0, 0),
+            target=member.target if kind is Kind.SYMLINK else "",
+            rdev=member.rdev,
             link_to=link_to,
-            xattrs=tar_xattrs(member),
+            xattrs=member.xattrs,
         )
 
     def _make_parents(self, path: str, name: str) -> None:
@@ -311,52 +263,60 @@ class _Unpacker:
                 raise SourceError(f"{name!r}: goes through {parent!r}, which is a {known.kind}",
                                   hint="the archive is malformed or hostile")
 
-    def _create(self, full: str, entry: Entry, member: tarfile.TarInfo,
-                tar: tarfile.TarFile) -> None:
+    def _create(self, full: str, entry: Entry, member: Member, data: Readable | None) -> None:
         if entry.link_to:
             os.link(os.path.join(self.staging, entry.link_to), full, follow_symlinks=False)
         elif entry.kind is Kind.DIR:
             os.mkdir(full, 0o700)
         elif entry.kind is Kind.SYMLINK:
-            os.symlink(member.linkname, full)
+            os.symlink(member.target, full)
         elif entry.kind is Kind.FILE:
-            source = tar.extractfile(member)
-            assert source is not None
-            _write_sparse(full, source, member.size)
+            assert data is not None
+            write_data(full, data, member.size, member.sparse)
+        elif entry.kind is Kind.FIFO:
+            os.mkfifo(full, 0o600)  # mkfs copies it as a fifo
         else:
-            # Device nodes and fifos are made in the image itself; here they
-            # are only a name (creating them would need privilege).
+            # Device nodes are made in the image itself; here they are only
+            # a name (creating them would need privilege).
             os.close(os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
-def _tar_kind(member: tarfile.TarInfo) -> Kind:
-    if member.isreg() or member.islnk():
-        return Kind.FILE
-    kinds = {
-        tarfile.DIRTYPE: Kind.DIR,
-        tarfile.SYMTYPE: Kind.SYMLINK,
-        tarfile.CHRTYPE: Kind.CHAR,
-        tarfile.BLKTYPE: Kind.BLOCK,
-        tarfile.FIFOTYPE: Kind.FIFO,
-    }
-    kind = kinds.get(member.type)
-    if kind is None:
-        raise SourceError(f"{member.name!r}: unsupported tar entry type {member.type!r}")
-    return kind
-
-
-def _write_sparse(full: str, source: IO[bytes], size: int) -> None:
-    """Copy data, leaving holes where whole chunks are zero."""
-    zero = bytes(CHUNK)
+def write_data(full: str, source: Readable, size: int,
+               sparse: tuple[tuple[int, int], ...] | None) -> None:
+    """Copy a file's data to a new file: the pieces a sparse member's map
+    names (its holes stay holes), or all of it leaving holes where whole
+    chunks are zero."""
     fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         offset = 0
-        while chunk := source.read(CHUNK):
-            if chunk != zero[: len(chunk)]:
-                os.pwrite(fd, chunk, offset)
-            offset += len(chunk)
-        if offset != size:
-            raise SourceError(f"{full}: archive member shorter than its header says")
+        for start, length in sparse if sparse is not None else ((0, size),):
+            _skip(source, start - offset, full)
+            _copy_piece(fd, source, start, length, full, holes=sparse is None)
+            offset = start + length
+        _skip(source, size - offset, full)
+        if source.read(1):
+            raise SourceError(f"{full}: archive member longer than its header says")
         os.ftruncate(fd, size)
     finally:
         os.close(fd)
+
+
+def _skip(source: Readable, length: int, full: str) -> None:
+    while length > 0:
+        chunk = source.read(min(CHUNK, length))
+        if not chunk:
+            raise SourceError(f"{full}: archive member shorter than its header says")
+        length -= len(chunk)
+
+
+def _copy_piece(fd: int, source: Readable, offset: int, length: int, full: str, *,
+                holes: bool) -> None:
+    zero = bytes(CHUNK)
+    while length > 0:
+        chunk = source.read(min(CHUNK, length))
+        if not chunk:
+            raise SourceError(f"{full}: archive member shorter than its header says")
+        if not (holes and chunk == zero[: len(chunk)]):
+            os.pwrite(fd, chunk, offset)
+        offset += len(chunk)
+        length -= len(chunk)

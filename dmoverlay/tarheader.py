@@ -20,6 +20,8 @@ from dmoverlay.cpio import member_name
 from dmoverlay.members import Kind, Member
 
 BLOCK = 512
+MAX_MAJOR, MAX_MINOR = (1 << 12) - 1, (1 << 20) - 1  # Linux's dev_t
+MAX_SECONDS = 2**34 - 2**31 - 1  # ext4's last second (2446)
 _ENCODING, _ERRORS = sys.getfilesystemencoding(), "surrogateescape"  # as tarfile's
 _KINDS = {
     b"0"[0]: Kind.FILE, 0: Kind.FILE, b"7"[0]: Kind.FILE,  # contiguous: a file
@@ -82,6 +84,8 @@ def plain_header(buf: bytes) -> Member | None:
         rdev = (0, 0) if devs in _NO_DEVICE else (octal(devs[:8]), octal(devs[8:]))
     except ValueError:
         return None
+    if rdev[0] > MAX_MAJOR or rdev[1] > MAX_MINOR or mtime > MAX_SECONDS:
+        return None  # tarfile's reading refuses it, with the other checks
     if chksum != checksum(buf):
         return None
     name = _text(buf[:100])

@@ -12,7 +12,6 @@ import errno
 import os
 import re
 import stat
-import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,15 +20,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO
 
-from dmoverlay import cpio, log, superblock, tarheader
+from dmoverlay import cpio, log, superblock
 from dmoverlay.compress import STREAM_ERRORS, Compression, Readable, open_decompressed
 from dmoverlay.compress import detect as detect_compression
 from dmoverlay.errors import CommandFailed, SourceError, UsageError
 from dmoverlay.members import InFile, Kind, Member, UpdateReader, file_identity
 from dmoverlay.run import run
 from dmoverlay.sizes import KiB, format_size
-from dmoverlay.source import tar_header_checksum_ok, tar_mtime_ns, tar_xattrs
-from dmoverlay.tarheader import plain_header
+from dmoverlay.tarread import ArchiveFile, TarReader, tar_header_checksum_ok
 
 if TYPE_CHECKING:  # urllib and http.client are imported by a download only: they
     import urllib.request  # take about as long as the rest of an apply's imports
@@ -569,317 +567,16 @@ class _FileData:
 # ------------------------------------------------------------------- archives
 
 
-class _Guarded:
-    """Decompressor and tarfile errors, raised while anyone reads, become
-    one-line SourceErrors."""
-
-    def __init__(self, inner: Readable, label: str) -> None:
-        self.inner = inner
-        self.label = label
-
-    def read(self, size: int = -1, /) -> bytes:
-        try:
-            return self.inner.read(size)
-        except SourceError:
-            raise
-        except (tarfile.TarError, *STREAM_ERRORS) as exc:
-            raise _corrupt(self.label, exc) from None
-
-
-def _corrupt(label: str, exc: BaseException) -> SourceError:
-    return SourceError(f"{label}: corrupt or truncated ({exc})", hint=_DAMAGED)
-
-
-class _ArchiveFile:
-    """An archive file, opened afresh for each pass, which fails if the file
-    changed during the pass."""
-
-    def __init__(self, path: Path, label: str) -> None:
-        self.path = path
-        self.label = label
-
-    @contextmanager
-    def opened(self) -> Iterator[tuple[BinaryIO, tuple[int, ...]]]:
-        """The file as it is, and its identity (`file_identity`)."""
-        with _open_regular(self.path, self.label) as raw:
-            before = file_identity(os.fstat(raw.fileno()))
-            yield raw, before
-            if file_identity(os.fstat(raw.fileno())) != before:
-                raise SourceError(f"{self.label} changed while it was read",
-                                  hint="leave the update alone while it is applied")
-
-    @contextmanager
-    def stream(self) -> Iterator[Readable]:
-        """The file's content, decompressed, checked to its end."""
-        with self.opened() as (raw, _):
-            try:
-                with open_decompressed(self.label, raw) as stream:
-                    yield _Guarded(stream, self.label)
-                    stream.drain()
-            except (tarfile.TarError, *STREAM_ERRORS) as exc:
-                raise _corrupt(self.label, exc) from None
-
-
 class CpioReader:
     """A cpio archive (newc, crc, odc or binary), plain or compressed."""
 
     def __init__(self, path: Path, *, label: str, description: str) -> None:
-        self.file = _ArchiveFile(path, label)
+        self.file = ArchiveFile(path, label)
         self.description = description
 
     def members(self) -> Iterator[tuple[Member, Readable | None]]:
         with self.file.stream() as stream:
             yield from cpio.read_members(stream, where=self.file.label)
-
-
-class _ZeroWatch:
-    """Counts the bytes read and keeps the last two reads: only what follows
-    the end-of-archive marker must be zeros, and tarfile reads in records
-    (10 KiB) and less than one past the marker, so the data before it need
-    not be looked at."""
-
-    def __init__(self, inner: Readable) -> None:
-        self.inner = inner
-        self.count = 0
-        self.before = self.last = b""
-
-    def read(self, size: int = -1, /) -> bytes:
-        data = self.inner.read(size)
-        self.count += len(data)
-        self.before, self.last = self.last, data
-        return data
-
-    def zeros_after(self, end: int) -> bool:
-        """Read to the end of the stream: whether all after offset `end` is zero."""
-        start = self.count - len(self.before) - len(self.last)
-        if end < start:
-            return False  # read past unseen: tarfile never reads that far ahead
-        tail = (self.before + self.last)[end - start:]
-        clean = tail.count(0) == len(tail)
-        while data := self.inner.read(CHUNK):
-            self.count += len(data)
-            clean = clean and data.count(0) == len(data)
-        return clean
-
-
-class TarReader:
-    """A tar archive (ustar, pax, GNU, v7), plain or compressed.
-
-    With `in_place` (a plain archive that outlives the reader), the pass
-    reads the headers only, seeking over the data, which is `Located`."""
-
-    def __init__(self, path: Path, *, label: str, description: str,
-                 in_place: bool = False, fast: bool = True) -> None:
-        self.file = _ArchiveFile(path, label)
-        self.description = description
-        self.in_place = in_place
-        self.fast = fast  # plain headers read by tarheader (False: all by tarfile)
-
-    def members(self) -> Iterator[tuple[Member, Readable | None]]:
-        return self._members_in_place() if self.in_place else self._members_streamed()
-
-    def _members_in_place(self) -> Iterator[tuple[Member, Readable | None]]:
-        label = self.file.label
-        path = os.path.abspath(self.file.path)  # found again from any directory
-        with self.file.opened() as (raw, identity):
-            fd, size = raw.fileno(), identity[2]
-            headers = _Positioned(fd)
-            try:
-                with tarfile.open(fileobj=headers, mode="r:") as tar:  # type: ignore[call-overload]
-                    offset = 0
-                    while True:
-                        # plain headers read here; tarfile reads the rest, and
-                        # every header after a global pax one (it applies to all)
-                        buf = b"" if tar.pax_headers or not self.fast else headers.header_at(offset)
-                        member = plain_header(buf) if buf else None
-                        if member is not None:
-                            offset += tarheader.BLOCK
-                            if member.kind is Kind.FILE:
-                                place = InFile(path, offset, member.size, identity)
-                                offset += tarheader.data_blocks(member.size)
-                                if offset > size:
-                                    raise tarfile.ReadError("unexpected end of data")
-                                yield member, _InArchive(fd, place, label)
-                            else:
-                                yield member, None
-                            continue
-                        if offset:  # else the first member, which tarfile read at open
-                            tar.offset, tar.firstmember = offset, None
-                        info = tar.next()
-                        if info is None:
-                            break
-                        yield self._member(tar, info, InFile(path, info.offset_data, info.size,
-                                                             identity), fd)
-                        offset = tar.offset
-                    end = tar.offset
-            except (tarfile.TarError, OSError) as exc:  # tarfile checked the data is there
-                raise _corrupt(label, exc) from None
-            _check_tar_end(label, size, end, _zeros(fd, end, size, label))
-
-    def _member(self, tar: tarfile.TarFile, info: tarfile.TarInfo, place: InFile,
-                fd: int) -> tuple[Member, Readable | None]:
-        label = self.file.label
-        member = tar_member(info, label)
-        if member.kind is not Kind.FILE:
-            return member, None
-        if info.issparse():  # its data is not in one piece
-            return member, _Guarded(_extracted(tar, info), label)
-        return member, _InArchive(fd, place, label)
-
-    def _members_streamed(self) -> Iterator[tuple[Member, Readable | None]]:
-        label = self.file.label
-        with self.file.stream() as stream:
-            watch = _ZeroWatch(stream)
-            with tarfile.open(fileobj=watch, mode="r|") as tar:  # type: ignore[call-overload]
-                for info in tar:
-                    member = tar_member(info, label)
-                    data = tar.extractfile(info) if member.kind is Kind.FILE else None
-                    yield member, (None if data is None else _Guarded(data, label))
-                end = tar.offset
-            zeros = watch.zeros_after(end)
-            _check_tar_end(label, watch.count, end, zeros)
-
-
-class _Positioned:
-    """A file read at a position of our own, from a block read ahead: tarfile
-    asks for tell() three times a member, and BufferedReader makes an lseek
-    for each."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.pos = 0
-        self.block = b""
-        self.block_at = 0
-
-    def tell(self) -> int:
-        return self.pos
-
-    def header_at(self, offset: int) -> bytes:
-        """The 512 bytes at `offset` (fewer at the end), from the block read
-        ahead when they are in it; the position stays."""
-        start = offset - self.block_at
-        if not (start >= 0 and start + tarheader.BLOCK <= len(self.block)):
-            self.block, self.block_at, start = os.pread(self.fd, CHUNK, offset), offset, 0
-        return self.block[start:start + tarheader.BLOCK]
-
-    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
-        if whence == os.SEEK_CUR:
-            pos += self.pos
-        elif whence == os.SEEK_END:
-            pos += os.fstat(self.fd).st_size
-        self.pos = pos
-        return pos
-
-    def read(self, size: int = -1, /) -> bytes:
-        if size < 0:
-            size = max(0, os.fstat(self.fd).st_size - self.pos)
-        start = self.pos - self.block_at
-        if start >= 0 and start + size <= len(self.block):
-            data = self.block[start:start + size]
-        elif size >= CHUNK:
-            data = os.pread(self.fd, size, self.pos)
-        else:
-            self.block, self.block_at = os.pread(self.fd, CHUNK, self.pos), self.pos
-            data = self.block[:size]
-        self.pos += len(data)
-        return data
-
-
-def _extracted(tar: tarfile.TarFile, info: tarfile.TarInfo) -> Readable:
-    data = tar.extractfile(info)
-    assert data is not None  # a regular file's
-    return data
-
-
-class _InArchive:
-    """A member's data in a plain archive, read where it lies (with pread:
-    tarfile's place in the file stays), or `Located` there."""
-
-    def __init__(self, fd: int, place: InFile, label: str) -> None:
-        self.fd = fd
-        self.place = place
-        self.label = label
-        self.done = 0
-
-    def located(self) -> InFile:
-        return self.place
-
-    def read(self, size: int = -1, /) -> bytes:
-        left = self.place.size - self.done
-        want = left if size < 0 else min(size, left)
-        parts: list[bytes] = []
-        while want > 0:
-            try:
-                chunk = os.pread(self.fd, min(want, CHUNK), self.place.offset + self.done)
-            except OSError as exc:
-                raise SourceError(f"cannot read {self.label}: {exc.strerror}") from None
-            if not chunk:
-                raise _corrupt(self.label, EOFError("unexpected end of data"))
-            parts.append(chunk)
-            self.done += len(chunk)
-            want -= len(chunk)
-        return b"".join(parts)
-
-
-def _zeros(fd: int, offset: int, size: int, label: str) -> bool:
-    """Whether the file holds only zeros from `offset` to `size`."""
-    while offset < size:
-        try:
-            chunk = os.pread(fd, min(CHUNK, size - offset), offset)
-        except OSError as exc:
-            raise SourceError(f"cannot read {label}: {exc.strerror}") from None
-        if not chunk or chunk.count(0) != len(chunk):
-            return False
-        offset += len(chunk)
-    return True
-
-
-def _check_tar_end(label: str, size: int, end: int, zeros: bool) -> None:
-    """Python's tarfile stops without a word at a damaged header after the
-    first, and a plain archive cut at a member boundary reads as a shorter
-    valid one: only what follows the last member (from `end` to the archive's
-    `size`, `zeros` or not) tells these apart."""
-    if size < end + tarfile.BLOCKSIZE:
-        raise SourceError(f"{label}: truncated tar archive (no end-of-archive marker "
-                          f"at offset {end})", hint=_DAMAGED)
-    if not zeros:
-        raise SourceError(f"{label}: unreadable tar header at offset {end}, or data after "
-                          "the end-of-archive marker", hint=_DAMAGED)
-
-
-_TAR_KINDS = {
-    tarfile.DIRTYPE: Kind.DIR,
-    tarfile.SYMTYPE: Kind.SYMLINK,
-    tarfile.LNKTYPE: Kind.HARDLINK,
-    tarfile.CHRTYPE: Kind.CHAR,
-    tarfile.BLKTYPE: Kind.BLOCK,
-    tarfile.FIFOTYPE: Kind.FIFO,
-}
-
-
-def tar_member(info: tarfile.TarInfo, label: str) -> Member:
-    """A tar header as a Member; sparse files come out at their full size."""
-    kind = Kind.FILE if info.isreg() else _TAR_KINDS.get(info.type)
-    if kind is None:
-        raise SourceError(f"{label}: {info.name!r}: unsupported tar entry type {info.type!r}",
-                          hint="re-create the archive with GNU tar or bsdtar")
-    target = ""
-    if kind is Kind.SYMLINK:
-        target = info.linkname
-    elif kind is Kind.HARDLINK:
-        target = cpio.member_name(info.linkname)
-    return Member(
-        name=cpio.member_name(info.name),
-        kind=kind,
-        mode=stat.S_IMODE(info.mode),
-        uid=info.uid,
-        gid=info.gid,
-        mtime_ns=tar_mtime_ns(info),
-        size=info.size if kind is Kind.FILE else 0,
-        target=target,
-        rdev=(info.devmajor, info.devminor) if kind in (Kind.CHAR, Kind.BLOCK) else (0, 0),
-        xattrs=tar_xattrs(info),
-    )
 
 
 # --------------------------------------------------------------------- images

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dmoverlay import disk, ext4
+from dmoverlay import debugfs, disk, ext4
 from dmoverlay.errors import CommandFailed, ImageError, UsageError
 from dmoverlay.ext4 import mkfs_env
 from dmoverlay.sizes import GiB, KiB, MiB
@@ -265,7 +265,7 @@ def test_populate_script() -> None:
     script = disk.populate_script("boot/live", source="src", epoch=EPOCH).decode()
     lines = script.splitlines()
     assert lines[:5] == ['mkdir "/boot"', 'mkdir "/boot/live"', 'cd "/boot/live"',
-                         "write src squashfs.img", "cd /"]
+                         'write "src" "squashfs.img"', 'cd "/"']
     assert 'sif "/boot/live/squashfs.img" mode 0100644' in lines
     assert 'sif "/lost+found" mode 040700' in lines
     assert f'sif "/" crtime_lo {EPOCH}' in lines
@@ -278,8 +278,8 @@ def test_populate_script() -> None:
 def test_debugfs_problems() -> None:
     stderr = ("debugfs 1.47.0 (5-Feb-2023)\n"
               "write: Could not allocate block in ext2 filesystem \n\n")
-    assert disk.debugfs_problems(stderr) == ["write: Could not allocate block in ext2 filesystem "]
-    assert disk.debugfs_problems("debugfs 1.47.0 (5-Feb-2023)\n") == []
+    assert debugfs.problems(stderr) == ["write: Could not allocate block in ext2 filesystem"]
+    assert debugfs.problems("debugfs 1.47.0 (5-Feb-2023)\n") == []
 
 
 # ------------------------------------------------------------------ real images

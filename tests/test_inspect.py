@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 from click.testing import Result as ClickResult
 
+from dmoverlay import debugfs
 from dmoverlay.cli import Group
 from dmoverlay.cli.inspect import command
 from dmoverlay.errors import CommandFailed, ImageError
@@ -29,7 +30,6 @@ from dmoverlay.inspect import (
     SquashfsReport,
     Stat,
     contiguous_start,
-    debugfs_quote,
     format_report,
     inspect_image,
     parse_listing,
@@ -645,16 +645,12 @@ def test_parse_stat_without_an_inode() -> None:
     assert parse_stat("/LiveOS/squashfs.img: File not found by ext2_lookup\n") is None
 
 
-def test_debugfs_quote() -> None:
-    assert debugfs_quote("/LiveOS/squashfs.img") == '"/LiveOS/squashfs.img"'
-    assert debugfs_quote('/tmp/a "b" c') == '"/tmp/a ""b"" c"'
-
-
-def test_debugfs_quote_round_trips_through_debugfs(images: dict[str, Path],
-                                                   tmp_path: Path) -> None:
+def test_debugfs_argument_round_trips_through_debugfs(images: dict[str, Path],
+                                                      tmp_path: Path) -> None:
     out = tmp_path / 'a "quoted" name'
-    run(["debugfs", "-R", f"dump {debugfs_quote('/LiveOS/squashfs.img')} "
-         f"{debugfs_quote(str(out))}", str(images["media"])])
+    request = debugfs.command(b"dump", debugfs.argument("/LiveOS/squashfs.img"),
+                              debugfs.argument(str(out)))
+    run(["debugfs", "-R", os.fsdecode(request), str(images["media"])])
     assert out.read_bytes() == images["xz"].read_bytes()
 
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from dmoverlay import ext4
 from dmoverlay.compress import Compression, detect
-from dmoverlay.errors import SourceError, UsageError
+from dmoverlay.errors import ImageError, SourceError, UsageError
 from dmoverlay.members import Kind
 from dmoverlay.sizes import GiB, KiB, MiB, format_size, parse_size
 from dmoverlay.source import Entry, Tree, check_name, tar_path
@@ -81,13 +81,13 @@ def test_time_fields_round_trip(seconds: int, nanos: int) -> None:
 @pytest.mark.parametrize(("name", "path"), [
     ("./usr/bin/ls", "usr/bin/ls"), ("/etc/passwd", "etc/passwd"), ("a//b/./c/", "a/b/c"),
     ("./", ""), ("ünï cödé", "ünï cödé"),
+    ("bad\nname", "bad\nname"), ("tab\there", "tab\there"), ("del\x7f", "del\x7f"),
 ])
 def test_tar_path(name: str, path: str) -> None:
     assert tar_path(name) == path
 
 
-@pytest.mark.parametrize("name", ["../x", "a/../../x", "a/..", "bad\nname", "tab\there",
-                                  "x" * 256, "del\x7f"])
+@pytest.mark.parametrize("name", ["../x", "a/../../x", "a/..", "x" * 256])
 def test_tar_path_refuses(name: str) -> None:
     with pytest.raises(SourceError):
         tar_path(name)
@@ -168,34 +168,32 @@ def test_mkfs_command_pins_what_makes_images_reproducible(tmp_path: Path) -> Non
 
 # ------------------------------------------------------------------- debugfs
 
-def test_quote_doubles_quotes() -> None:
-    assert ext4.quote('a "b" c') == b'"/a ""b"" c"'
-    assert ext4.quote("") == b'"/"'
-
-
 def script(t: Tree, **kw: object) -> list[bytes]:
+    """The fixup script, with inode numbers 100, 101, ... in manifest order."""
+    inodes = {e.path: 100 + i for i, e in enumerate(t.entries)}
     return ext4.fixup_script(t, epoch=100, all_root=bool(kw.get("all_root")),
-                             value_file={b"v": Path("/x/v0")}).splitlines()
+                             value_file={b"v": Path("/x/v0")}, inodes=inodes).splitlines()
 
 
 def test_directory_tree_only_gets_times() -> None:
     lines = script(tree(file("f", 1)))
-    on_f = [line for line in lines if line.startswith(b'sif "f"')]
+    on_f = [line for line in lines if line.startswith(b"sif <101>")]
     assert {line.split()[2] for line in on_f} == {
         b"mtime_lo", b"mtime_extra", b"atime_lo", b"atime_extra", b"ctime_lo", b"ctime_extra",
         b"crtime_lo", b"crtime_extra"}
-    assert lines[lines.index(b'cd "/"') + 1].startswith(b'sif "/" ')  # the root, by path
-    assert b'sif "f" mtime_lo 10' in lines
-    assert b'sif "f" ctime_lo 100' in lines  # the build time, later than mtime
+    assert lines[0].startswith(b"sif <100> ")  # the root
+    assert b"sif <101> mtime_lo 10" in lines
+    assert b"sif <101> ctime_lo 100" in lines  # the build time, later than mtime
 
 
 def test_all_root_sets_owners() -> None:
     lines = script(tree(Entry("f", Kind.FILE, 0o644, 1000, 1000, 0)), all_root=True)
-    assert b'sif "f" uid 0' in lines and b'sif "f" gid 0' in lines
+    assert b"sif <101> uid 0" in lines and b"sif <101> gid 0" in lines
 
 
 def test_staged_tree_gets_modes_owners_devices_and_xattrs() -> None:
     t = tree(
+        Entry("dev", Kind.DIR, 0o755, 0, 0, 0),
         Entry("dev/null", Kind.CHAR, 0o666, 0, 0, 0, rdev=(1, 3)),
         Entry("run/fifo", Kind.FIFO, 0o600, 0, 0, 0),
         Entry("bin/ping", Kind.FILE, 0o4755, 0, 5, 0, xattrs=(("security.capability", b"v"),)),
@@ -203,23 +201,46 @@ def test_staged_tree_gets_modes_owners_devices_and_xattrs() -> None:
         staged=True,
     )
     lines = script(t)
-    assert lines[lines.index(b'rm "/dev/null"') + 2] == b'mknod "null" c 1 3'
-    assert b'mknod "fifo" p' in lines
-    assert b'sif "null" mode 020666' in lines
-    assert lines[lines.index(b'sif "ping" mode 0104755') - 1] == b'cd "/bin"'
-    assert b'sif "ping" gid 5' in lines
-    assert b'ea_set -f /x/v0 "ping" security.capability' in lines
-    assert not any(b"ping2" in line for line in lines), "a hardlink's inode is set once"
+    at = lines.index(b"cd <101>")  # into dev/, by number
+    assert lines[at + 1:at + 4] == [b'rm "./null"', b'mknod "null" c 1 3',
+                                    b'sif "./null" mode 020666']
+    assert b"sif <103> mode 010600" in lines  # the fifo: made by mkfs from the staged one
+    assert b"sif <104> mode 0104755" in lines
+    assert b"sif <104> gid 5" in lines
+    assert b'ea_set -f "/x/v0" <104> "security.capability"' in lines
+    assert not any(b"<105>" in line for line in lines), "a hardlink's inode is set once"
+
+
+def test_no_name_reaches_the_script_but_a_device_node_s() -> None:
+    hostile = 'x\nsif <2> uid 0 "'
+    t = tree(Entry(hostile, Kind.DIR, 0o755, 0, 0, 0),
+             Entry(f"{hostile}/f", Kind.FILE, 0o644, 0, 0, 0,
+                   xattrs=(("user.a b\"c", b"v"),)), staged=True)
+    text = b"\n".join(script(t))
+    assert b"<2>" not in text and b'0 "' not in text  # nothing of the name
+    assert b'ea_set -f "/x/v0" <102> "user.a b""c"' in text
+
+
+@pytest.mark.parametrize(("name", "words"), [
+    ("user.x\ndump <2> /tmp/out", "control character"),
+    ("nonamespace", "no namespace"),
+    ("user.", "no namespace"),
+    ("user." + "n" * 300, "longer than 255"),
+])
+def test_xattr_names_refused(name: str, words: str) -> None:
+    t = tree(file("f", xattrs=((name, b"v"),)), staged=True)
+    with pytest.raises(SourceError, match=words):
+        script(t)
+
+
+def test_device_node_named_with_a_newline_is_refused() -> None:
+    t = tree(Entry("a\nb", Kind.CHAR, 0o666, 0, 0, 0, rdev=(1, 3)), staged=True)
+    with pytest.raises(ImageError, match="newline"):
+        script(t)
 
 
 def test_lost_found_gets_the_build_time() -> None:
     assert b'sif "/lost+found" mtime_lo 100' in script(tree())
-
-
-def test_debugfs_errors_are_found() -> None:
-    stderr = ("debugfs 1.47.0 (5-Feb-2023)\n/nonexist: File not found by ext2_lookup \n")
-    assert ext4._debugfs_errors(stderr) == ["/nonexist: File not found by ext2_lookup "]
-    assert ext4._debugfs_errors("debugfs 1.47.0 (5-Feb-2023)\n") == []
 
 
 # ------------------------------------------------------------------- squashfs
@@ -261,10 +282,12 @@ def test_detect_compression(head: bytes, kind: Compression) -> None:
     assert detect(head) is kind
 
 
-def test_a_name_like_an_inode_number_goes_by_path() -> None:
-    lines = script(tree(file("<12>", 1), file("d/<7>x", 1)))
-    assert b'sif "/<12>" mtime_lo 10' in lines
-    assert b'sif "<7>x" mtime_lo 10' in lines
+def test_a_device_named_like_an_inode_number_goes_by_path() -> None:
+    """debugfs reads "<12>", quoted or not, as inode 12: after mknod, the
+    node is named "./<12>"."""
+    lines = script(tree(Entry("<12>", Kind.CHAR, 0o600, 0, 0, 0, rdev=(1, 3)), staged=True))
+    assert b'rm "./<12>"' in lines and b'mknod "<12>" c 1 3' in lines
+    assert b'sif "./<12>" mode 020600' in lines
 
 
 def test_empty_directories_take_a_block_each() -> None:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from dmoverlay.errors import SourceError
 from dmoverlay.members import Member
 from dmoverlay.tarheader import checksum, plain_header
-from dmoverlay.updates import TarReader
+from dmoverlay.tarread import TarReader
 
 KINDS = [tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE,
          tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE, tarfile.CONTTYPE]
