@@ -680,21 +680,13 @@ def _prepare(trees: Trees, a: Action, tmp: str, spool: Spool,
 def _set_xattrs(m: Member, target: int | str) -> None:
     """The member's xattrs on `target`, an open file, or a path that reaches
     a symlink through its directory's descriptor (set on the link itself).
-    What the kernel refuses is one clear line: a malformed POSIX ACL, or
-    user.* on a symlink (it keeps trusted.* and security.* there)."""
+    The planner let through only what the kernel takes (xattrpolicy); what a
+    filesystem still refuses fails the write, and execute() says which."""
     for key, value in m.xattrs:
-        try:
-            if isinstance(target, int):
-                os.setxattr(target, key, value)
-            else:
-                os.setxattr(target, key, value, follow_symlinks=False)
-        except OSError as exc:
-            if exc.errno in _TARGET_FULL:
-                raise
-            what = ("user.* xattrs are for files and directories"
-                    if m.kind is Kind.SYMLINK and exc.errno == errno.EPERM else exc.strerror)
-            raise ImageError(f"{m.name}: the kernel refuses its xattr {key} ({what})",
-                             hint=f"drop it from the update; {_UNDONE}") from None
+        if isinstance(target, int):
+            os.setxattr(target, key, value)
+        else:
+            os.setxattr(target, key, value, follow_symlinks=False)
 
 
 def _commit(txn: _Txn, n: int, a: Action, tmp: str) -> None:

@@ -10,7 +10,7 @@ write time, halfway through an apply).
 
 | name                        | by default                      | let through by       |
 | --------------------------- | ------------------------------- | -------------------- |
-| `user.*`                    | allowed                         |                      |
+| `user.*`                    | allowed (not on symlinks)       |                      |
 | `system.posix_acl_access`   | allowed if a valid POSIX ACL    |                      |
 | `system.posix_acl_default`  | the same, on directories only   |                      |
 | `security.selinux`          | allowed if it reads as a label  |                      |
@@ -64,6 +64,9 @@ def refusal(name: str, value: bytes, kind: Kind, *, allow_setuid: bool,
     bad = _malformed_name(name) or _malformed_value(name, value, kind)
     if bad is not None:
         return f"xattr {name!r}: {bad}", "the update is malformed or hostile"
+    if name.startswith("user.") and kind is Kind.SYMLINK:
+        return (f"xattr {name} on a symlink: the kernel keeps user.* xattrs on files and "
+                "directories only", "drop it from the update")
     if name.startswith("user.") or name in (ACL_ACCESS, ACL_DEFAULT, SELINUX):
         return None
     if name == CAPABILITY:
