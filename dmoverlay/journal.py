@@ -210,7 +210,8 @@ def _wrong(r: Record, txn: str, trees: tuple[str, ...], numbered: dict[int, Reco
         if r.tree not in TREES:
             return f"tree {r.tree!r} is neither root nor run"
         if r.tree not in trees:
-            return "it names the live /run, which was not given (--run-dir)"
+            return ("it names the live /run, where this transaction has no journal (not "
+                    "given with --run-dir, or the journal came with the root)")
         if r.path or r.step != "times":
             why = _unplain(r.path)
             if why:
@@ -244,7 +245,11 @@ def _unplain(path: str) -> str | None:
         return "holds a NUL byte"
     if path.startswith("/"):
         return "absolute"
-    if len(path) > PATH_MAX and len(os.fsencode(path)) > PATH_MAX:
+    try:
+        raw = os.fsencode(path)  # a lone surrogate names no file
+    except UnicodeEncodeError:
+        return "not a file name"
+    if len(raw) > PATH_MAX:
         return f"longer than {PATH_MAX} bytes"
     parts = path.split("/")
     if parts[0] == RESERVED_TOP:

@@ -707,7 +707,7 @@ def load_state(state_dir: Path, name: str) -> tuple[State, Path]:
             raise ValueError(f"over {STATE_MAX} bytes")
         state = State.from_json(text.decode())
         check_state(state, state_dir, name)
-    except (ValueError, TypeError, AttributeError) as exc:
+    except (ValueError, TypeError, AttributeError, RecursionError) as exc:
         raise OverlayError(f"{path}: unreadable state ({exc})",
                            hint="nothing was torn down: look at it, and undo by hand") from None
     return state, path
@@ -742,7 +742,8 @@ def check_state(state: State, state_dir: Path, name: str) -> None:
         "dm": lambda s: s.what in names,
         "loop": lambda s: (not s.what or bool(_LOOP.fullmatch(s.what)))
         and os.path.isabs(s.backing),
-        "file": lambda s: os.path.isabs(s.what) and os.path.basename(s.what) in files,
+        "file": lambda s: os.path.isabs(s.what) and os.path.normpath(s.what) == s.what
+        and os.path.basename(s.what) in files,
         # removed only while setup is unfinished, and only if it holds a store
         "newfile": lambda s: os.path.isabs(s.what),
     }

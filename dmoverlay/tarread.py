@@ -45,6 +45,10 @@ MIN_TIME_NS, MAX_TIME_NS = -(2**31) * 10**9, (tarheader.MAX_SECONDS + 1) * 10**9
 MAX_SIZE = 16 << 40
 
 
+class NotRegular(SourceError):
+    """A path that should name a regular file names something else."""
+
+
 def open_regular(path: Path, label: str) -> BinaryIO:
     """Open a file that must still be a regular file (non-blocking, so a
     fifo swapped in cannot hang us)."""
@@ -55,7 +59,7 @@ def open_regular(path: Path, label: str) -> BinaryIO:
     raw = os.fdopen(fd, "rb")
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         raw.close()
-        raise SourceError(f"{label}: not a regular file")
+        raise NotRegular(f"{label}: not a regular file")
     return raw
 
 
@@ -134,6 +138,8 @@ class CheckedInfo(tarfile.TarInfo):
         numbers: list[int] = []
         while len(numbers) < 2 * int(count_text):
             if b"\n" not in rest:
+                if len(rest) > 20:  # no number of a map has more digits: refused
+                    raise self._refused("a sparse map line over 20 digits")  # (not regrown)
                 block = fileobj.read(tarheader.BLOCK)
                 if len(block) < tarheader.BLOCK:
                     raise tarfile.ReadError("unexpected end of data")
@@ -528,8 +534,6 @@ def check_xattr_name(path: str, name: str) -> None:
     if len(raw) > XATTR_NAME_MAX or b"\0" in raw:
         raise SourceError(f"{path!r}: xattr name {name[:40]!r} is longer than "
                           f"{XATTR_NAME_MAX} bytes or holds a NUL", hint=HOSTILE)
-
-
 
 
 _PAX_NUMBER = re.compile(r"[0-9]{1,40}", re.ASCII)

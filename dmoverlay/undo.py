@@ -112,10 +112,13 @@ def load(trees: Trees, txn: str) -> Log:
     before it was written); JournalError if it cannot be trusted."""
     name = place(trees, Where("root", f"{JOURNALS}/{txn}"))
     fd = txn_dir(trees, "root", txn)
-    for tree in trees.fds:  # each tree's is a real directory, if it has one
-        txn_dir(trees, tree, txn)
+    # a record may name a tree only if this transaction's directory is there
+    # (each tree's a real one): execute makes it in every tree it changes
+    # before the log is written, and a journal that came with the root (an
+    # image's) has none in the live /run, which is not the image's to change
+    here = tuple(t for t in trees.fds if txn_dir(trees, t, txn) is not None)
     log = Log.parse(read_log(fd, name, txn), f"{name}/{LOG}", txn) if fd is not None else Log()
-    log.check(f"{name}/{LOG}", txn, tuple(trees.fds))
+    log.check(f"{name}/{LOG}", txn, here)
     return log
 
 

@@ -27,7 +27,13 @@ from dmoverlay.errors import CommandFailed, SourceError, UsageError
 from dmoverlay.members import InFile, Kind, Member, UpdateReader, file_identity
 from dmoverlay.run import run
 from dmoverlay.sizes import KiB, format_size
-from dmoverlay.tarread import ArchiveFile, TarReader, tar_header_checksum_ok
+from dmoverlay.tarread import (
+    ArchiveFile,
+    NotRegular,
+    TarReader,
+    open_regular,
+    tar_header_checksum_ok,
+)
 
 if TYPE_CHECKING:  # urllib and http.client are imported by a download only: they
     import urllib.request  # take about as long as the rest of an apply's imports
@@ -141,17 +147,11 @@ def _read_up_to(stream: Readable, size: int) -> bytes:
 
 
 def _open_regular(path: Path, label: str) -> BinaryIO:
-    """Open a file that must still be a regular file (non-blocking, so a
-    fifo swapped in cannot hang us)."""
+    """tarread.open_regular, its refusal worded for an update."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    except OSError as exc:
-        raise SourceError(f"cannot read {label}: {exc.strerror}") from None
-    raw = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        raw.close()
-        raise _not_an_update(label, "not a regular file or directory")
-    return raw
+        return open_regular(path, label)
+    except NotRegular:
+        raise _not_an_update(label, "not a regular file or directory") from None
 
 
 # ---------------------------------------------------------------- open_update

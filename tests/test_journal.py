@@ -98,7 +98,7 @@ BAD_RECORDS = [
     ([_put(1, "a"), Record("ready", 1, ino=1).to_json(), Record("ready", 1, ino=2).to_json()],
      "ready twice"),
     ([Record("done").to_json(), _put(1, "a")], "after \"done\""),
-    ([_put(1, "run/x", tree="run")], "was not given"),
+    ([_put(1, "run/x", tree="run")], "not given with --run-dir"),
 ]
 
 

@@ -380,7 +380,7 @@ def test_a_record_of_the_run_without_run_dir_is_one_error(
     top, root, run, _ = live
     apply(top, root, run, [f("run/flag", b"on\n")])
     before = snapshot(top)
-    with pytest.raises(JournalError, match="was not given"):
+    with pytest.raises(JournalError, match="not given with --run-dir"):
         rollback(ApplyOptions(root, None))
     assert snapshot(top) == before
 
@@ -398,3 +398,33 @@ def test_records_are_checked_before_anything_is_undone(
     with pytest.raises(JournalError):
         rollback(ApplyOptions(root, run))
     assert snapshot(top) == before
+
+
+@pytest.mark.parametrize("job", JOBS, ids=lambda j: j.__name__.strip("_"))
+def test_a_journal_that_came_with_the_root_cannot_touch_the_live_run(
+        live: tuple[Path, Path, Path, Path], job: Callable[[Path, Path, Path], None]) -> None:
+    """An image may carry a journal; the live /run is not the image's.  A
+    planted record naming the run tree (with the inode of a file there, and an
+    empty directory) had the recovery delete both without a word."""
+    top, root, run, _ = live
+    (run / "victim").write_bytes(b"live state\n")
+    (run / "emptydir").mkdir()
+    ino = os.lstat(run / "victim").st_ino
+    plant(root, [{"step": "begin", "time_ns": 0},
+                 {"step": "mkdir", "n": 1, "tree": "run", "path": "emptydir"},
+                 {"step": "put", "n": 2, "tree": "run", "path": "victim",
+                  "tmp": ".dmoverlay-000001-2"},
+                 {"step": "ready", "n": 2, "ino": ino}])
+    with pytest.raises(JournalError, match="where this transaction has no journal"):
+        job(root, run, top)
+    assert (run / "victim").read_bytes() == b"live state\n"
+    assert (run / "emptydir").is_dir()
+
+
+def test_a_path_that_is_no_file_name_is_one_error_line(
+        live: tuple[Path, Path, Path, Path]) -> None:
+    _, root, run, _ = live
+    plant(root, ['{"step":"begin","time_ns":0}',
+                 '{"step":"mkdir","n":1,"tree":"root","path":"a\\ud800/b"}'])
+    with pytest.raises(JournalError, match="not a file name"):
+        rollback(ApplyOptions(root, run))

@@ -114,6 +114,7 @@ def test_a_state_as_setup_records_it_passes(tmp_path: Path) -> None:
     Step("dir", "{work}/a/b"), Step("mount", "/etc"), Step("dm", "root"),
     Step("loop", "/dev/sda"), Step("loop", "", backing="relative"),
     Step("file", "/etc/shadow"), Step("file", "{work}/cow/other.cow"),
+    Step("file", "/etc/../srv/live.cow"),
     Step("newfile", "relative.img"), Step("exec", "rm -rf /"),
     Step(["dir"], "/"),  # type: ignore[arg-type]
     Step("dir", 7),  # type: ignore[arg-type]
@@ -180,7 +181,7 @@ def test_unfinished_setup_deletes_its_overlay_file_only_if_it_holds_a_store(
 
 
 @pytest.mark.parametrize("case", ["link", "dir link", "open dir", "fifo", "huge", "garbage",
-                                  "bad field", "name"])
+                                  "bad field", "name", "deep"])
 def test_state_files_that_are_not_setups_are_refused(tmp_path: Path, case: str) -> None:
     state_dir = tmp_path / "state"
     good = _state(tmp_path).to_json()
@@ -203,6 +204,8 @@ def test_state_files_that_are_not_setups_are_refused(tmp_path: Path, case: str) 
         _plant(state_dir, good[:-1] + " " * (2 << 20) + "}")
     elif case == "garbage":
         _plant(state_dir, "[1, 2")
+    elif case == "deep":  # under the size limit, past the parser's recursion limit
+        _plant(state_dir, "[" * 100_000 + "]" * 100_000)
     elif case == "bad field":
         assert '"complete": true' in good
         _plant(state_dir, good.replace('"complete": true', '"complete": "yes"'))

@@ -137,6 +137,9 @@ def test_absurd_pax_numbers(tmp_path: Path, job: str, pax: dict[str, str], words
      b"99999999999\n", "sparse map of"),
     ({"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.realsize": "10"},
      b"1\nx\n1\n", "unreadable"),
+    # a line that never ends was grown and searched again at every block: quadratic
+    ({"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.realsize": "10"},
+     b"1\n" + b"7" * 4000, "sparse map line over 20 digits"),
     ({"GNU.sparse.map": "0,1,x,1", "GNU.sparse.size": "10"}, b"", "unreadable"),
     ({"GNU.sparse.map": "5,2,0,2", "GNU.sparse.size": "10"}, b"", "sparse map out of order"),
     ({"GNU.sparse.map": "9,5", "GNU.sparse.size": "10"}, b"", "past the file's end"),
