@@ -59,11 +59,11 @@ from common import (
     unmount,
 )
 
-from dmoverlay import log
-from dmoverlay.apply import ApplyOptions, Spool, apply_members, read_all, staging
-from dmoverlay.journal import JOURNALS
-from dmoverlay.run import clean_env
-from dmoverlay.updates import open_update
+from dmoverlay.apply.execute import ApplyOptions, Spool, apply_members, read_all, staging
+from dmoverlay.apply.journal import JOURNALS
+from dmoverlay.apply.readers import open_update
+from dmoverlay.core import log
+from dmoverlay.core.run import clean_env
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -38,9 +38,9 @@ from common import (
     unmount,
 )
 
-from dmoverlay.build import DEFAULT_LABEL
-from dmoverlay.run import clean_env
-from dmoverlay.squashfs import Compressor, SquashOptions, mksquashfs_argv
+from dmoverlay.build.image import DEFAULT_LABEL
+from dmoverlay.build.squashfs import Compressor, SquashOptions, mksquashfs_argv
+from dmoverlay.core.run import clean_env
 
 T = TypeVar("T")
 MB = 1000 * 1000

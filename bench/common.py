@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from dmoverlay.run import clean_env
+from dmoverlay.core.run import clean_env
 
 # A merged /usr, as the roots the benchmarks write into have it.
 ROOT_LINKS = {"bin": "usr/bin", "sbin": "usr/sbin", "lib": "usr/lib", "lib64": "usr/lib64"}

@@ -45,9 +45,10 @@ from pathlib import Path
 
 from common import DRACUT_LOOP, Column, Failed, Table, stopwatch
 
-from dmoverlay import log, overlay
-from dmoverlay.errors import DmoverlayError
-from dmoverlay.run import clean_env
+from dmoverlay.core import log
+from dmoverlay.core.errors import DmoverlayError
+from dmoverlay.core.run import clean_env
+from dmoverlay.overlay import setup as overlay
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from dmoverlay import blockdev, run
+from dmoverlay.core import run
+from dmoverlay.overlay import blockdev
 
 
 class Status(StrEnum):

@@ -7,7 +7,7 @@ An ext filesystem is asked with `debugfs IMAGE?offset=N` whether it holds
 LiveOS/squashfs.img; when the file lies in one run of blocks it is read in
 place (`unsquashfs -o`), else copied out with debugfs `dump`.  A disk image's
 partitions come from pyparted.  Parsing of superblocks lives in
-`dmoverlay.superblock`; the parsers of tool output here are pure as well."""
+`dmoverlay.core.superblock`; the parsers of tool output here are pure as well."""
 
 from __future__ import annotations
 
@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dmoverlay import debugfs, log, run
-from dmoverlay.errors import CommandFailed, ImageError
-from dmoverlay.sizes import format_size
-from dmoverlay.superblock import (
+from dmoverlay.build import debugfs
+from dmoverlay.core import log, run
+from dmoverlay.core.errors import CommandFailed, ImageError
+from dmoverlay.core.sizes import format_size
+from dmoverlay.core.superblock import (
     EXT_SUPERBLOCK_OFFSET,
     EXT_SUPERBLOCK_SIZE,
     HEAD_SIZE,

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from dmoverlay.apply import ApplyOptions, Result, Spool, apply_members
-from dmoverlay.members import Kind, Member
+from dmoverlay.apply.execute import ApplyOptions, Result, Spool, apply_members
+from dmoverlay.core.entries import Kind, Member
 
 JOURNAL_TOP = ".dmoverlay"
 

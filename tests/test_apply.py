@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dmoverlay.apply import (
+from dmoverlay.apply.execute import (
     ApplyOptions,
     ApplyRefused,
     Spool,
@@ -20,11 +20,11 @@ from dmoverlay.apply import (
     read_all,
     rollback,
 )
-from dmoverlay.applyplan import Op, Options, make_plan
-from dmoverlay.errors import ImageError
-from dmoverlay.inroot import Trees
-from dmoverlay.members import Kind, Member
-from dmoverlay.updates import open_update
+from dmoverlay.apply.inroot import Trees
+from dmoverlay.apply.plan import Op, Options, make_plan
+from dmoverlay.apply.readers import open_update
+from dmoverlay.core.entries import Kind, Member
+from dmoverlay.core.errors import ImageError
 from tests.applykit import apply, d, f, hard, link, make_root, other, snapshot
 from tests.conftest import small_tmpfs
 
@@ -277,7 +277,7 @@ def test_an_update_larger_than_the_cow_left_is_refused(live: tuple[Path, Path, P
 
 @pytest.mark.root
 def test_data_larger_than_the_staging_room_is_refused(tmp_path: Path) -> None:
-    from dmoverlay.apply import Spool
+    from dmoverlay.apply.execute import Spool
 
     with small_tmpfs(tmp_path / "run", "size=20m") as small:
         spool = Spool(small)

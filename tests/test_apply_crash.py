@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from dmoverlay.apply import ApplyOptions, rollback
+from dmoverlay.apply.execute import ApplyOptions, rollback
 from tests.applykit import Item, fix_times, make_root, snapshot, without_dir_times
 
 DRIVER = """
 import sys
 from pathlib import Path
 from tests.applykit import apply, d, f, hard, link, other
-from dmoverlay.members import Kind
+from dmoverlay.core.entries import Kind
 top, jobs = Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 1
 apply(top, top / "live/root", top / "live/run", jobs=jobs, entries=[
     d("lib"), f("lib/libfoo.so", b"new libfoo" * 1000), f("lib/libnew.so", b"n"),
@@ -168,7 +168,7 @@ REPLACING_DRIVER = """
 import sys
 from pathlib import Path
 from tests.applykit import apply, f, other
-from dmoverlay.members import Kind
+from dmoverlay.core.entries import Kind
 top, jobs = Path(sys.argv[1]), int(sys.argv[2])
 apply(top, top / "live/root", top / "live/run", jobs=jobs, entries=[
     other("srv/.wh.data", Kind.FILE), f("srv/data/new", b"new"), f("srv/data/old", b"again"),

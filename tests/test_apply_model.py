@@ -12,8 +12,8 @@ from unittest.mock import patch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dmoverlay import inroot
-from dmoverlay.apply import ApplyRefused
+from dmoverlay.apply import inroot
+from dmoverlay.apply.execute import ApplyRefused
 from tests.applykit import apply, f, snapshot
 
 NAMES = ["a", "b", "c"]

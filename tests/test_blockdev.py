@@ -1,4 +1,4 @@
-"""libblockdev through dmoverlay.blockdev: the real library, real loop devices
+"""libblockdev through dmoverlay.overlay.blockdev: the real library, real loop devices
 (as root), and real failures: a missing namespace, a plugin not installed, a
 file that does not exist, a loop device with nothing attached."""
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from dmoverlay import blockdev
-from dmoverlay.blockdev import BlockDevError
-from dmoverlay.errors import UsageError
+from dmoverlay.core.errors import UsageError
+from dmoverlay.overlay import blockdev
+from dmoverlay.overlay.blockdev import BlockDevError
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loop devices need root")
 
@@ -210,7 +210,7 @@ def test_pyparted_survives_the_fs_plugin(tmp_path: Path) -> None:
     os.truncate(disk, 4 << 20)  # the backup table is gone: libparted raises
     probe = (
         "import sys, parted\n"
-        "from dmoverlay import blockdev\n"
+        "from dmoverlay.overlay import blockdev\n"
         "blockdev.load('fs')\n"
         f"try:\n    parted.newDisk(parted.getDevice({str(disk)!r}))\n"
         "except Exception as exc:\n    print('raised', type(exc).__name__)\n"

@@ -230,7 +230,7 @@ def test_missing_tool_is_named(plain_tree: Path, tmp_path: Path) -> None:
     bin_dir.mkdir()
     for tool in ("mkfs.ext4", "debugfs"):
         os.symlink(f"/usr/sbin/{tool}", bin_dir / tool)
-    probe = ("import dmoverlay.run as r; r.SYSTEM_PATH = ''; "
+    probe = ("import dmoverlay.core.run as r; r.SYSTEM_PATH = ''; "
              "from dmoverlay.cli import main; main()")
     result = subprocess.run(
         [sys.executable, "-c", probe, "build", str(plain_tree), "-o", str(tmp_path / "out.img")],

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from dmoverlay import cpio
-from dmoverlay.cpio import Format, member_name, read_members
-from dmoverlay.errors import SourceError
-from dmoverlay.members import Kind, Member
+from dmoverlay.apply import cpio
+from dmoverlay.apply.cpio import Format, member_name, read_members
+from dmoverlay.core.entries import Kind, Member
+from dmoverlay.core.errors import SourceError
 
 REG = stat.S_IFREG
 

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dmoverlay import debugfs
-from dmoverlay.errors import ImageError
+from dmoverlay.build import debugfs
+from dmoverlay.core.errors import ImageError
 
 FILE_INODE = 12  # the first inode mkfs gives: the only file of the template
 

@@ -22,10 +22,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dmoverlay import debugfs, disk, ext4
-from dmoverlay.errors import CommandFailed, ImageError, UsageError
-from dmoverlay.ext4 import mkfs_env
-from dmoverlay.sizes import GiB, KiB, MiB
+from dmoverlay.build import debugfs, disk, ext4
+from dmoverlay.build.ext4 import mkfs_env
+from dmoverlay.core.errors import CommandFailed, ImageError, UsageError
+from dmoverlay.core.sizes import GiB, KiB, MiB
 
 EPOCH = 1_700_000_000
 SEED = "0" * 64
@@ -574,7 +574,8 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 NOBODY_SCRIPT = """
 import json, sys
 from pathlib import Path
-from dmoverlay import disk, log
+from dmoverlay.build import disk
+from dmoverlay.core import log
 log.quiet = True
 layout = disk.make_disk(Path("squashfs.img"), Path("disk.img"), overlay_size=1 << 20,
                         epoch=int(sys.argv[1]), scratch=Path("scratch"))

@@ -10,8 +10,11 @@ from typing import Any
 
 import pytest
 
-from dmoverlay import devspec, overlay, persistent
-from dmoverlay.dmtable import (
+from dmoverlay.core.errors import DmoverlayError, ImageError, UsageError
+from dmoverlay.core.sizes import GiB, MiB
+from dmoverlay.overlay import devspec, persistent
+from dmoverlay.overlay import setup as overlay
+from dmoverlay.overlay.dmtable import (
     Mode,
     Names,
     PoolStatus,
@@ -25,8 +28,6 @@ from dmoverlay.dmtable import (
     snapshot_table,
     thin_sizes,
 )
-from dmoverlay.errors import DmoverlayError, ImageError, UsageError
-from dmoverlay.sizes import GiB, MiB
 
 
 def test_names_follow_dracut() -> None:

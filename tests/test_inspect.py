@@ -19,10 +19,12 @@ import pytest
 from click.testing import CliRunner
 from click.testing import Result as ClickResult
 
-from dmoverlay import debugfs
+from dmoverlay.build import debugfs
 from dmoverlay.cli import Group
 from dmoverlay.cli.inspect import command
-from dmoverlay.errors import CommandFailed, ImageError
+from dmoverlay.core.errors import CommandFailed, ImageError
+from dmoverlay.core.run import run, run_head
+from dmoverlay.core.superblock import parse_ext4
 from dmoverlay.inspect import (
     BlockRun,
     Ext4Report,
@@ -35,8 +37,6 @@ from dmoverlay.inspect import (
     parse_listing,
     parse_stat,
 )
-from dmoverlay.run import run, run_head
-from dmoverlay.superblock import parse_ext4
 
 EPOCH = 1_700_000_000  # 2023-11-14T22:13:20Z
 EPOCH_ISO = "2023-11-14T22:13:20Z"

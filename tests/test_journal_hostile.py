@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from dmoverlay.apply import ApplyOptions, rollback
-from dmoverlay.errors import DmoverlayError
-from dmoverlay.journal import MAX_LOG, JournalError, Record
-from dmoverlay.members import Kind
+from dmoverlay.apply.execute import ApplyOptions, rollback
+from dmoverlay.apply.journal import MAX_LOG, JournalError, Record
+from dmoverlay.core.entries import Kind
+from dmoverlay.core.errors import DmoverlayError
 from tests.applykit import apply, d, f, make_root, other, snapshot
 from tests.conftest import dmoverlay
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from dmoverlay.dmtable import State, Step
-from dmoverlay.errors import DmoverlayError
-from dmoverlay.overlay import (
+from dmoverlay.core.errors import DmoverlayError
+from dmoverlay.overlay.dmtable import State, Step
+from dmoverlay.overlay.setup import (
     OverlayError,
     _dm_exists,
     _module_present,
@@ -76,9 +76,9 @@ def test_missing_filesystem_is_one_line(tmp_path: Path) -> None:
 
 def test_missing_loop_control_is_one_line(tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("dmoverlay.overlay._modprobe", lambda module: None)
-    monkeypatch.setattr("dmoverlay.overlay.time.sleep", lambda seconds: None)
-    monkeypatch.setattr("dmoverlay.overlay._ready", set())
+    monkeypatch.setattr("dmoverlay.overlay.setup._modprobe", lambda module: None)
+    monkeypatch.setattr("dmoverlay.overlay.setup.time.sleep", lambda seconds: None)
+    monkeypatch.setattr("dmoverlay.overlay.setup._ready", set())
     with pytest.raises(OverlayError, match="no loop devices"):
         require_loop(tmp_path / "loop-control")
     (tmp_path / "loop-control").touch()

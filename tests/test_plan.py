@@ -10,13 +10,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dmoverlay import ext4
-from dmoverlay.compress import Compression, detect
-from dmoverlay.errors import ImageError, SourceError, UsageError
-from dmoverlay.members import Kind
-from dmoverlay.sizes import GiB, KiB, MiB, format_size, parse_size
-from dmoverlay.source import Entry, Tree, check_name, tar_path
-from dmoverlay.squashfs import Compressor, SquashOptions, mksquashfs_argv
+from dmoverlay.build import ext4
+from dmoverlay.build.source import Entry, Tree, check_name, tar_path
+from dmoverlay.build.squashfs import Compressor, SquashOptions, mksquashfs_argv
+from dmoverlay.core.compress import Compression, detect
+from dmoverlay.core.entries import Kind
+from dmoverlay.core.errors import ImageError, SourceError, UsageError
+from dmoverlay.core.sizes import GiB, KiB, MiB, format_size, parse_size
 
 NS = 1_000_000_000
 

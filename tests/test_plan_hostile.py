@@ -17,10 +17,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dmoverlay.apply import ApplyRefused
-from dmoverlay.applyplan import Op, Options, Planner, Where, make_plan
-from dmoverlay.inroot import Trees
-from dmoverlay.members import Kind, Member
+from dmoverlay.apply.execute import ApplyRefused
+from dmoverlay.apply.inroot import Trees
+from dmoverlay.apply.plan import Op, Options, Planner, Where, make_plan
+from dmoverlay.core.entries import Kind, Member
 from tests.applykit import apply, d, f, hard, link, make_root, other, snapshot
 from tests.conftest import dmoverlay, small_tmpfs
 
@@ -480,7 +480,7 @@ def test_a_hardlink_to_an_existing_file_of_the_root_is_refused(
 @given(st.binary(max_size=80))
 def test_the_acl_parser_never_raises(value: bytes) -> None:
     """Any value is judged: accepted, or refused with a reason."""
-    from dmoverlay import xattrpolicy
+    from dmoverlay.apply import xattrpolicy
 
     verdict = xattrpolicy.refusal("system.posix_acl_access", value, Kind.FILE,
                                   allow_setuid=False, allowed=())
@@ -511,7 +511,7 @@ def test_an_acl_the_policy_accepts_the_kernel_accepts(
         tmp_path_factory: pytest.TempPathFactory, entries: list[tuple[int, int, int]]) -> None:
     """The other way round may differ (the policy is stricter): what matters
     is that no accepted ACL fails when it is written."""
-    from dmoverlay import xattrpolicy
+    from dmoverlay.apply import xattrpolicy
 
     value = acl(*entries)
     target = tmp_path_factory.getbasetemp() / "acl-target"
@@ -526,7 +526,7 @@ def test_an_acl_the_policy_accepts_the_kernel_accepts(
        st.sampled_from([8, 16, 20]), st.sampled_from([b"", b"\0\0\0\0", b"\xff" * 4]))
 def test_capabilities_the_policy_accepts_the_kernel_accepts(
         tmp_path_factory: pytest.TempPathFactory, magic: int, size: int, tail: bytes) -> None:
-    from dmoverlay import xattrpolicy
+    from dmoverlay.apply import xattrpolicy
 
     value = struct.pack("<I", magic) + bytes(size - 4) + tail
     target = tmp_path_factory.getbasetemp() / "cap-target"
@@ -538,7 +538,7 @@ def test_capabilities_the_policy_accepts_the_kernel_accepts(
 
 def test_capabilities_as_setcap_writes_them(tmp_path: Path) -> None:
     """Judged as privilege: refused by default, accepted with --allow-setuid."""
-    from dmoverlay import xattrpolicy
+    from dmoverlay.apply import xattrpolicy
 
     if shutil.which("setcap") is None:
         pytest.skip("setcap (libcap2-bin) is not installed")

@@ -8,8 +8,8 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from dmoverlay.members import Kind
-from dmoverlay.source import is_tar, read_directory, read_tar
+from dmoverlay.build.source import is_tar, read_directory, read_tar
+from dmoverlay.core.entries import Kind
 from tests import samples
 
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dmoverlay.errors import ImageError
-from dmoverlay.superblock import (
+from dmoverlay.core.errors import ImageError
+from dmoverlay.core.superblock import (
     COMPRESSORS,
     Kind,
     crc32c,

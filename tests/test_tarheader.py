@@ -1,4 +1,4 @@
-"""Plain tar headers read by dmoverlay.tarheader agree with Python's tarfile,
+"""Plain tar headers read by dmoverlay.core.tarheader agree with Python's tarfile,
 the reference: on generated archives of every format, and on damaged ones."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dmoverlay.errors import SourceError
-from dmoverlay.members import Member
-from dmoverlay.tarheader import checksum, plain_header
-from dmoverlay.tarread import TarReader
+from dmoverlay.core.entries import Member
+from dmoverlay.core.errors import SourceError
+from dmoverlay.core.tarheader import checksum, plain_header
+from dmoverlay.core.tarread import TarReader
 
 KINDS = [tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE,
          tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE, tarfile.CONTTYPE]

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from dmoverlay import log, updates
-from dmoverlay.errors import SourceError, UsageError
-from dmoverlay.members import InFile, Kind, Member, UpdateReader, file_identity
-from dmoverlay.updates import Format, identify, open_update
+from dmoverlay.apply import readers as updates
+from dmoverlay.apply.readers import Format, identify, open_update
+from dmoverlay.core import log
+from dmoverlay.core.entries import InFile, Kind, Member, UpdateReader, file_identity
+from dmoverlay.core.errors import SourceError, UsageError
 from tests import samples
 
 COMPRESSORS: dict[str, list[str]] = {

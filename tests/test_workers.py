@@ -1,4 +1,4 @@
-"""Work split over forked processes (dmoverlay.workers): the parts, and what
+"""Work split over forked processes (dmoverlay.apply.workers): the parts, and what
 comes back from the children, their failures included."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dmoverlay.errors import ImageError
-from dmoverlay.workers import WorkerDied, chunks, jobs_for, run_pulled, run_split
+from dmoverlay.apply.workers import WorkerDied, chunks, jobs_for, run_pulled, run_split
+from dmoverlay.core.errors import ImageError
 
 
 def test_jobs_for() -> None:

@@ -17,8 +17,9 @@ from typing import Any, NamedTuple
 
 import click
 
-from dmoverlay import __version__, log
-from dmoverlay.errors import DmoverlayError
+from dmoverlay import __version__
+from dmoverlay.core import log
+from dmoverlay.core.errors import DmoverlayError
 
 
 class LazyCommand(NamedTuple):
@@ -125,7 +126,7 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except DmoverlayError as exc:
-            from dmoverlay import run
+            from dmoverlay.core import run
 
             if run.debug:
                 import traceback
@@ -149,7 +150,7 @@ class Group(click.Group):
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 def cli(debug: bool, quiet: bool) -> None:
     """Build, set up and update ext4-in-squashfs live runtimes."""
-    from dmoverlay import run  # subprocess and friends: not for --version or --help
+    from dmoverlay.core import run  # subprocess and friends: not for --version or --help
 
     run.debug = run.debug or debug
     log.quiet = quiet

@@ -7,11 +7,18 @@ from pathlib import Path
 
 import click
 
-from dmoverlay import log
-from dmoverlay.apply import ApplyOptions, ApplyRefused, Spool, apply_members, read_all, staging
-from dmoverlay.apply import rollback as undo_last
-from dmoverlay.applyplan import Op, Plan
-from dmoverlay.updates import DOWNLOAD_DEADLINE, open_update
+from dmoverlay.apply.execute import (
+    ApplyOptions,
+    ApplyRefused,
+    Spool,
+    apply_members,
+    read_all,
+    staging,
+)
+from dmoverlay.apply.execute import rollback as undo_last
+from dmoverlay.apply.plan import Op, Plan
+from dmoverlay.apply.readers import DOWNLOAD_DEADLINE, open_update
+from dmoverlay.core import log
 
 
 def plan_lines(plan: Plan) -> list[str]:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from dmoverlay import build as builder
+from dmoverlay.build import image as builder
+from dmoverlay.build.squashfs import Compressor, SquashOptions
 from dmoverlay.cli.options import SIZE, epoch_from_env
-from dmoverlay.squashfs import Compressor, SquashOptions
 
 
 @click.command("build")

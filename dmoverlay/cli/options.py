@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from dmoverlay.errors import UsageError
-from dmoverlay.sizes import parse_size
+from dmoverlay.core.errors import UsageError
+from dmoverlay.core.sizes import parse_size
 
 if TYPE_CHECKING:  # generic from click 8.2 on; Debian 12's 8.1 is not
     _IntParam = click.ParamType[int]

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import click
 
-from dmoverlay import overlay
 from dmoverlay.cli.options import SIZE
-from dmoverlay.dmtable import Mode, State
-from dmoverlay.sizes import format_size
+from dmoverlay.core.sizes import format_size
+from dmoverlay.overlay import setup as overlay
+from dmoverlay.overlay.dmtable import Mode, State
 
 STATE_DIR = click.option("--state-dir", type=click.Path(path_type=Path),
                          default=overlay.STATE_DIR, show_default=True,

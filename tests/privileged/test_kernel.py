@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dmoverlay.cow import State
+from dmoverlay.overlay.cow import State
 from tests.privileged.kernel import (
     SECTOR,
     MiB,

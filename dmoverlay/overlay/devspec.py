@@ -1,0 +1,47 @@
+"""dracut's names for boot media: LABEL=, UUID=, PARTUUID=, PARTLABEL=,
+CDLABEL= (an ISO 9660 label), optionally after `live:` as in root=live:..."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dmoverlay.core.errors import UsageError
+from dmoverlay.core.run import run
+
+KEYS = {"LABEL": "LABEL", "UUID": "UUID", "PARTUUID": "PARTUUID", "PARTLABEL": "PARTLABEL",
+        "CDLABEL": "LABEL"}
+
+
+@dataclass(frozen=True)
+class Spec:
+    key: str  # as blkid names it
+    value: str
+    text: str  # as the user wrote it
+
+
+def parse(text: str) -> Spec | None:
+    """A device spec, or None when `text` is a path."""
+    body = text.removeprefix("live:")
+    key, sep, value = body.partition("=")
+    if not sep or key.upper() not in KEYS:
+        if sep and key.isupper():
+            raise UsageError(f"unknown device spec {key}=",
+                             hint=f"use one of {', '.join(k + '=' for k in KEYS)}")
+        return None
+    if not value:
+        raise UsageError(f"empty device spec {text!r}")
+    return Spec(KEYS[key.upper()], value.replace("\\x20", " "), text)
+
+
+def resolve(spec: Spec) -> str:
+    """The one block device that matches, by blkid (no cache: it may be stale)."""
+    result = run(["blkid", "-c", "/dev/null", "-o", "device", "-t", f"{spec.key}={spec.value}"],
+                 check=False)
+    devices = sorted(set(result.stdout.split()))
+    if not devices:
+        raise UsageError(f"no device matches {spec.text}",
+                         hint="blkid lists the labels and UUIDs of this machine's devices")
+    if len(devices) > 1:
+        raise UsageError(f"{spec.text} matches {len(devices)} devices: {', '.join(devices)}",
+                         hint="use a UUID= or PARTUUID=, which are unique")
+    return devices[0]
