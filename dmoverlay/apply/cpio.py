@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from dmoverlay.core.compress import Readable
-from dmoverlay.core.entries import FORMAT_BITS, Kind, Member
+from dmoverlay.core.entries import Kind, Member, kind_of, member_name
 from dmoverlay.core.errors import SourceError
 from dmoverlay.core.sizes import KiB
 
@@ -66,14 +66,6 @@ def detect(head: bytes) -> Format | None:
     if head[:2] in _BINARY:
         return Format.BINARY
     return None
-
-
-def member_name(spelled: str) -> str:
-    """An entry's name as the update spells it, with only a leading "./"
-    removed: "." and "./" are the update's root, ""."""
-    if spelled in (".", "./"):
-        return ""
-    return spelled.removeprefix("./")
 
 
 @dataclass(frozen=True)
@@ -321,14 +313,6 @@ def _with_name(source: _Input, fmt: Format, offset: int, fields: dict[str, int],
 
 
 # -------------------------------------------------------------------- members
-
-_KINDS = {bits: kind for kind, bits in FORMAT_BITS.items()}
-
-
-def kind_of(mode: int) -> Kind | None:
-    """The member kind of a st_mode-style mode, None for an unknown type."""
-    return _KINDS.get(stat.S_IFMT(mode))
-
 
 def _member(header: Header, where: str) -> Member:
     kind = kind_of(header.mode)

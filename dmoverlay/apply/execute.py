@@ -52,11 +52,11 @@ from dmoverlay.apply.journal import (
 )
 from dmoverlay.apply.plan import Action, Op, Options, Plan, Where, make_plan
 from dmoverlay.apply.workers import chunks, jobs_for, run_pulled
+from dmoverlay.core import cow
 from dmoverlay.core.compress import Readable
 from dmoverlay.core.entries import InFile, Kind, Member, UpdateReader, file_identity
 from dmoverlay.core.errors import DmoverlayError, ImageError, UsageError
 from dmoverlay.core.sizes import KiB, MiB, format_size
-from dmoverlay.overlay import cow
 
 CHUNK = 64 * KiB  # reads below glibc's mmap threshold: 1 MiB ones churn the heap
 BLOCK = 4096

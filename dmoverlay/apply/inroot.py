@@ -16,8 +16,8 @@ import sys
 from contextlib import suppress
 from dataclasses import dataclass, field
 
-from dmoverlay.apply.plan import Where, kind_of
-from dmoverlay.core.entries import Kind
+from dmoverlay.apply.plan import Where
+from dmoverlay.core.entries import Kind, kind_on_disk
 from dmoverlay.core.errors import DmoverlayError
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -197,7 +197,7 @@ class Trees:
         if listing is not None:
             return listing.get(where.name)
         st = self.lstat(where)
-        return None if st is None else kind_of(st.st_mode)
+        return None if st is None else kind_on_disk(st.st_mode)
 
     def _list(self, where: Where) -> dict[str, Kind]:
         try:
@@ -215,7 +215,7 @@ class Trees:
                     found[e.name] = Kind.FILE
                 else:  # a device, fifo or socket: the listing does not say which
                     with suppress(FileNotFoundError):  # gone since it was listed
-                        found[e.name] = kind_of(e.stat(follow_symlinks=False).st_mode)
+                        found[e.name] = kind_on_disk(e.stat(follow_symlinks=False).st_mode)
         return found
 
     def readlink(self, where: Where) -> str:

@@ -535,14 +535,6 @@ class Planner:
         self.resolved.clear()
 
 
-_KINDS = {stat.S_IFDIR: Kind.DIR, stat.S_IFLNK: Kind.SYMLINK, stat.S_IFREG: Kind.FILE,
-          stat.S_IFCHR: Kind.CHAR, stat.S_IFBLK: Kind.BLOCK, stat.S_IFIFO: Kind.FIFO}
-
-
-def kind_of(mode: int) -> Kind:
-    return _KINDS.get(stat.S_IFMT(mode), Kind.SOCKET)
-
-
 def make_plan(tree: Tree, members: Iterable[Member], options: Options) -> Plan:
     planner = Planner(tree, options)
     for member in members:

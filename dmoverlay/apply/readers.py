@@ -24,7 +24,7 @@ from dmoverlay.apply import cpio
 from dmoverlay.core import log, superblock
 from dmoverlay.core.compress import STREAM_ERRORS, Compression, Readable, open_decompressed
 from dmoverlay.core.compress import detect as detect_compression
-from dmoverlay.core.entries import InFile, Kind, Member, UpdateReader, file_identity
+from dmoverlay.core.entries import InFile, Kind, Member, UpdateReader, file_identity, kind_of
 from dmoverlay.core.errors import CommandFailed, SourceError, UsageError
 from dmoverlay.core.run import run
 from dmoverlay.core.sizes import KiB, format_size
@@ -448,7 +448,7 @@ def _lstat(full: str) -> os.stat_result:
 
 def _dir_member(name: str, full: str, st: os.stat_result,
                 inodes: dict[tuple[int, int], str]) -> Member:
-    kind = cpio.kind_of(st.st_mode)
+    kind = kind_of(st.st_mode)
     if kind is None:
         raise SourceError(f"{full}: unknown file type {stat.S_IFMT(st.st_mode):#o}")
     target = ""

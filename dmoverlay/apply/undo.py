@@ -40,8 +40,9 @@ from dmoverlay.apply.journal import (
     read_log,
     txn_names,
 )
-from dmoverlay.apply.plan import Where, kind_of
+from dmoverlay.apply.plan import Where
 from dmoverlay.core import log as progress
+from dmoverlay.core.entries import kind_on_disk
 from dmoverlay.core.errors import DmoverlayError
 
 SET_ASIDE = ".failed"
@@ -74,7 +75,7 @@ def _dir(trees: Trees, where: Where) -> int | None:
         raise JournalError(f"{place(trees, where)}: {exc.strerror}",
                            hint="nothing was changed") from None
     if not stat.S_ISDIR(st.st_mode):
-        raise JournalError(f"{place(trees, where)} is a {kind_of(st.st_mode)}, not a journal "
+        raise JournalError(f"{place(trees, where)} is a {kind_on_disk(st.st_mode)}, not a journal "
                            "directory of dmoverlay",
                            hint="nothing was changed; move it out of the way") from None
     return trees.dir_fd(where)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dmoverlay.core.compress import STREAM_ERRORS, Compression, Readable, open_decompressed
 from dmoverlay.core.compress import detect as detect_compression
-from dmoverlay.core.entries import FORMAT_BITS, Kind, Member
+from dmoverlay.core.entries import FORMAT_BITS, Kind, Member, kind_of
 from dmoverlay.core.errors import SourceError
 from dmoverlay.core.superblock import HEAD_SIZE
 from dmoverlay.core.tarread import TarReader, tar_header_checksum_ok
@@ -22,7 +22,6 @@ CHUNK = 1 << 20
 
 
 SPECIAL = frozenset({Kind.CHAR, Kind.BLOCK, Kind.FIFO, Kind.SOCKET})
-_KIND_BITS = FORMAT_BITS
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class Entry:
 
     @property
     def st_mode(self) -> int:
-        return _KIND_BITS[self.kind] | self.mode
+        return FORMAT_BITS[self.kind] | self.mode
 
 
 @dataclass
@@ -84,7 +83,7 @@ def read_directory(root: Path) -> Tree:
     inodes: dict[tuple[int, int], str] = {}
     as_root = os.geteuid() == 0
     for path, full, st in _walk(root):
-        kind = _kind_of(st.st_mode)
+        kind = kind_of(st.st_mode)
         if kind is None:
             raise SourceError(f"{full}: unsupported file type")
         if not as_root:
@@ -131,13 +130,6 @@ def _walk(root: Path) -> Iterator[tuple[str, str, os.stat_result]]:
             yield path, child.path, st
             if stat.S_ISDIR(st.st_mode):
                 stack.append(path)
-
-
-def _kind_of(mode: int) -> Kind | None:
-    for kind, bits in _KIND_BITS.items():
-        if stat.S_IFMT(mode) == bits:
-            return kind
-    return None
 
 
 def _check_readable(full: str, kind: Kind) -> None:

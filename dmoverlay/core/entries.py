@@ -34,6 +34,29 @@ FORMAT_BITS = {
     Kind.SOCKET: stat.S_IFSOCK,
 }
 
+_BY_FORMAT = {bits: kind for kind, bits in FORMAT_BITS.items()}
+
+
+def kind_of(mode: int) -> Kind | None:
+    """The kind of an st_mode-style mode; None for a type Linux does not have
+    (an archive's header can say anything)."""
+    return _BY_FORMAT.get(stat.S_IFMT(mode))
+
+
+def kind_on_disk(mode: int) -> Kind:
+    """The kind of an entry lstat found.  Linux has no type outside
+    FORMAT_BITS; were one to come, it is taken for a socket, a kind apply
+    neither writes nor replaces."""
+    return _BY_FORMAT.get(stat.S_IFMT(mode), Kind.SOCKET)
+
+
+def member_name(spelled: str) -> str:
+    """An entry's name as an archive spells it, with only a leading "./"
+    removed: "." and "./" are the update's root, ""."""
+    if spelled in (".", "./"):
+        return ""
+    return spelled.removeprefix("./")
+
 
 @dataclass(frozen=True)
 class Member:

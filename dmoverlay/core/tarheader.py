@@ -16,17 +16,16 @@ import stat
 import sys
 import zlib
 
-from dmoverlay.apply.cpio import member_name
-from dmoverlay.core.entries import Kind, Member
+from dmoverlay.core.entries import Kind, Member, member_name
 
 BLOCK = 512
 MAX_MAJOR, MAX_MINOR = (1 << 12) - 1, (1 << 20) - 1  # Linux's dev_t
 MAX_SECONDS = 2**34 - 2**31 - 1  # ext4's last second (2446)
 _ENCODING, _ERRORS = sys.getfilesystemencoding(), "surrogateescape"  # as tarfile's
-_KINDS = {
-    b"0"[0]: Kind.FILE, 0: Kind.FILE, b"7"[0]: Kind.FILE,  # contiguous: a file
-    b"1"[0]: Kind.HARDLINK, b"2"[0]: Kind.SYMLINK, b"3"[0]: Kind.CHAR,
-    b"4"[0]: Kind.BLOCK, b"5"[0]: Kind.DIR, b"6"[0]: Kind.FIFO,
+TYPEFLAGS = {  # a tar header's type flag: the one table of both tar readers
+    b"0": Kind.FILE, b"\0": Kind.FILE, b"7": Kind.FILE,  # 7, contiguous: a file
+    b"1": Kind.HARDLINK, b"2": Kind.SYMLINK, b"3": Kind.CHAR,
+    b"4": Kind.BLOCK, b"5": Kind.DIR, b"6": Kind.FIFO,
 }
 
 
@@ -75,7 +74,7 @@ def plain_header(buf: bytes) -> Member | None:
     number, a bad or signed checksum, an end-of-archive block, ...)."""
     if len(buf) < BLOCK or buf[257:262] != b"ustar" or buf[345]:
         return None
-    kind = _KINDS.get(buf[156])
+    kind = TYPEFLAGS.get(buf[156:157])
     if kind is None:
         return None
     try:

@@ -19,13 +19,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from dmoverlay.apply import cpio
 from dmoverlay.core import tarheader
 from dmoverlay.core.compress import STREAM_ERRORS, Readable, open_decompressed
-from dmoverlay.core.entries import InFile, Kind, Member, file_identity
+from dmoverlay.core.entries import InFile, Kind, Member, file_identity, member_name
 from dmoverlay.core.errors import SourceError
 from dmoverlay.core.sizes import KiB
-from dmoverlay.core.tarheader import MAX_MAJOR, MAX_MINOR, plain_header
+from dmoverlay.core.tarheader import MAX_MAJOR, MAX_MINOR, TYPEFLAGS, plain_header
 
 CHUNK = 64 * KiB  # reads below glibc's mmap threshold: 1 MiB ones churn the heap
 DAMAGED = "the archive is damaged or truncated: download or re-create it"
@@ -425,22 +424,12 @@ def check_tar_end(label: str, size: int, end: int, zeros: bool) -> None:
                           "the end-of-archive marker", hint=DAMAGED)
 
 
-_TAR_KINDS = {
-    tarfile.DIRTYPE: Kind.DIR,
-    tarfile.SYMTYPE: Kind.SYMLINK,
-    tarfile.LNKTYPE: Kind.HARDLINK,
-    tarfile.CHRTYPE: Kind.CHAR,
-    tarfile.BLKTYPE: Kind.BLOCK,
-    tarfile.FIFOTYPE: Kind.FIFO,
-}
-
-
 def tar_member(info: tarfile.TarInfo, label: str) -> Member:
     """A tar header as a Member, its numbers checked against what the
     filesystems we write hold; sparse files come out at their full size,
     with their map."""
     _check_numbers(info, label)
-    kind = Kind.FILE if info.isreg() else _TAR_KINDS.get(info.type)
+    kind = Kind.FILE if info.isreg() else TYPEFLAGS.get(info.type)
     if kind is None:
         raise SourceError(f"{label}: {info.name!r}: unsupported tar entry type {info.type!r}",
                           hint="re-create the archive with GNU tar or bsdtar")
@@ -448,9 +437,9 @@ def tar_member(info: tarfile.TarInfo, label: str) -> Member:
     if kind is Kind.SYMLINK:
         target = info.linkname
     elif kind is Kind.HARDLINK:
-        target = cpio.member_name(info.linkname)
+        target = member_name(info.linkname)
     return Member(
-        name=cpio.member_name(info.name),
+        name=member_name(info.name),
         kind=kind,
         mode=stat.S_IMODE(info.mode),
         uid=info.uid,

@@ -42,6 +42,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from dmoverlay.core.cow import THIN_BLOCK_SECTORS
 from dmoverlay.core.errors import UsageError
 from dmoverlay.core.sizes import MiB
 
@@ -92,7 +93,6 @@ def linear_table(*, sectors: int, device: str) -> str:
     return f"0 {sectors} linear {device} 0"
 
 
-THIN_BLOCK_SECTORS = 128  # 64 KiB: dm-thin's smallest block
 
 
 class Mode(StrEnum):
@@ -168,30 +168,6 @@ def thin_sizes(overlay_size: int) -> tuple[int, int]:
     data = max(16 * block, overlay_size // block * block)
     meta = max(4 * MiB, data // 64 // 4096 * 4096)
     return meta, data
-
-
-@dataclass(frozen=True)
-class PoolStatus:
-    """`<start> <len> thin-pool <transaction> <meta used>/<total> <data used>/<total>
-    <held root> ro|rw|out_of_data_space ...`, or `Fail`; data in pool blocks."""
-
-    state: str  # active | full | failed | read-only
-    used: int = 0  # bytes
-    total: int = 0
-
-
-def parse_pool_status(line: str, block_sectors: int = THIN_BLOCK_SECTORS) -> PoolStatus:
-    """`block_sectors`: the pool's data block, from its table (ours by default)."""
-    fields = line.split()
-    if len(fields) < 4 or fields[2] != "thin-pool":
-        raise ValueError(f"not a thin-pool status line: {line.strip()!r}")
-    if len(fields) < 8 or "/" not in fields[5]:
-        return PoolStatus("failed")
-    used, _, total = fields[5].partition("/")
-    block = block_sectors * SECTOR
-    mode = fields[7]
-    state = {"rw": "active", "out_of_data_space": "full", "ro": "read-only"}.get(mode, "failed")
-    return PoolStatus(state, int(used) * block, int(total) * block)
 
 
 def cow_file_size(overlay_size: int) -> int:

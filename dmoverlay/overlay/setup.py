@@ -16,12 +16,13 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from dmoverlay.core import log
+from dmoverlay.core import cow, log
+from dmoverlay.core.cow import parse_pool_status
 from dmoverlay.core.errors import DmoverlayError, ImageError, UsageError
 from dmoverlay.core.run import find_tool, run
 from dmoverlay.core.sizes import MiB, format_size
 from dmoverlay.core.superblock import Kind, detect, parse_ext4, parse_squashfs
-from dmoverlay.overlay import blockdev, cow, devspec, persistent
+from dmoverlay.overlay import blockdev, devspec, persistent
 from dmoverlay.overlay.dmtable import (
     SECTOR,
     Device,
@@ -32,7 +33,6 @@ from dmoverlay.overlay.dmtable import (
     ThinPool,
     cow_file_size,
     layout,
-    parse_pool_status,
     thin_sizes,
 )
 

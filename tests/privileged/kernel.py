@@ -1,7 +1,7 @@
 """Loop devices, tmpfs, device-mapper tables and mounts for the privileged tests.
 
 Independent of dmoverlay's own code, so that they prove the harness and the kernel,
-but for one piece: `dmsetup status` is read with dmoverlay.overlay.cow.parse_status, which
+but for one piece: `dmsetup status` is read with dmoverlay.core.cow.parse_status, which
 these tests thereby check against what a real kernel prints.  Each attach has
 its detach in a finally block; a teardown that fails raises (it is never swallowed),
 and every command has a time limit, so a wedged device fails a test instead of
@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from dmoverlay.overlay.cow import SnapshotStatus, parse_status
+from dmoverlay.core.cow import SnapshotStatus, parse_status
 
 MiB = 1024 * 1024
 SECTOR = 512

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dmoverlay.overlay.cow import State
+from dmoverlay.core.cow import State
 from tests.privileged.kernel import (
     SECTOR,
     MiB,

@@ -12,7 +12,7 @@ import pytest
 
 from dmoverlay.cli import COMMANDS
 
-TOP = Path(__file__).resolve().parent.parent
+TOP = Path(__file__).resolve().parents[2]
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 

@@ -18,7 +18,7 @@ from tests.applykit import apply, d, f, make_root, snapshot
 
 # Write-time failures the planner cannot foresee (a filesystem without ACLs, an
 # xattr over what this filesystem keeps), injected where the kernel would give them:
-# planning refuses every value it knows to be bad (tests/test_plan_hostile.py).
+# planning refuses every value it knows to be bad (tests/apply/test_plan_hostile.py).
 FAILURES = {"too-big": errno.E2BIG, "no-support": errno.EOPNOTSUPP, "invalid": errno.EINVAL}
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from dmoverlay.core.cow import SnapshotStatus, State, dm_name, parse_status
 from dmoverlay.core.errors import DmoverlayError
-from dmoverlay.overlay.cow import SnapshotStatus, State, dm_name, parse_status
 
 
 def test_active_snapshot() -> None:
@@ -42,6 +42,6 @@ def test_dm_name_reads_sysfs(tmp_path: Path) -> None:
 
 
 def test_a_plain_directory_is_not_on_a_snapshot(tmp_path: Path) -> None:
-    from dmoverlay.overlay.cow import free_bytes
+    from dmoverlay.core.cow import free_bytes
 
     assert free_bytes(str(tmp_path)) is None

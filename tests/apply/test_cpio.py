@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from dmoverlay.apply import cpio
-from dmoverlay.apply.cpio import Format, member_name, read_members
-from dmoverlay.core.entries import Kind, Member
+from dmoverlay.apply.cpio import Format, read_members
+from dmoverlay.core.entries import Kind, Member, member_name
 from dmoverlay.core.errors import SourceError
 
 REG = stat.S_IFREG

@@ -2,7 +2,10 @@
 
 The snapshot's own count (`dmsetup status`) is one limit; a COW file on a
 tmpfs is another, often smaller one: the file is sparse, and RAM runs out
-long before its nominal size.  The free space is the smaller of the two."""
+long before its nominal size.  The free space is the smaller of the two.
+
+Both jobs on a live system read it: `status` shows the fill, and `apply`
+checks that an update fits before it writes."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from dmoverlay.core.errors import DmoverlayError
 from dmoverlay.core.run import find_tool, run
 
 SECTOR = 512
+THIN_BLOCK_SECTORS = 128  # 64 KiB: dm-thin's smallest block
 
 
 class State(StrEnum):
@@ -68,6 +72,30 @@ def parse_status(line: str) -> SnapshotStatus:
     metadata = int(fields[4]) if len(fields) > 4 and fields[4].isdigit() else 0
     return SnapshotStatus(State.ACTIVE, int(allocated), int(total), metadata)
 
+@dataclass(frozen=True)
+class PoolStatus:
+    """`<start> <len> thin-pool <transaction> <meta used>/<total> <data used>/<total>
+    <held root> ro|rw|out_of_data_space ...`, or `Fail`; data in pool blocks."""
+
+    state: str  # active | full | failed | read-only
+    used: int = 0  # bytes
+    total: int = 0
+
+
+def parse_pool_status(line: str, block_sectors: int = THIN_BLOCK_SECTORS) -> PoolStatus:
+    """`block_sectors`: the pool's data block, from its table (ours by default)."""
+    fields = line.split()
+    if len(fields) < 4 or fields[2] != "thin-pool":
+        raise ValueError(f"not a thin-pool status line: {line.strip()!r}")
+    if len(fields) < 8 or "/" not in fields[5]:
+        return PoolStatus("failed")
+    used, _, total = fields[5].partition("/")
+    block = block_sectors * SECTOR
+    mode = fields[7]
+    state = {"rw": "active", "out_of_data_space": "full", "ro": "read-only"}.get(mode, "failed")
+    return PoolStatus(state, int(used) * block, int(total) * block)
+
+
 
 def dm_name(dev: int | str, *, sysfs: Path = Path("/sys")) -> str | None:
     """The device-mapper name of a block device (a number, or "major:minor"),
@@ -107,10 +135,6 @@ def free_bytes(path: str) -> int | None:
 
 
 def _pool_free(pool_devno: str) -> int | None:
-    from dmoverlay.overlay.dmtable import (
-        parse_pool_status,  # here: an apply on a snapshot needs none
-    )
-
     pool = dm_name(pool_devno)
     if pool is None:
         return None

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.build.test_errors import fails
 from tests.conftest import dmoverlay
-from tests.test_build_errors import fails
 from tests.treecheck import mounted_rootfs
 
 

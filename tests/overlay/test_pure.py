@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from dmoverlay.core.cow import PoolStatus, parse_pool_status
 from dmoverlay.core.errors import DmoverlayError, ImageError, UsageError
 from dmoverlay.core.sizes import GiB, MiB
 from dmoverlay.overlay import devspec, persistent
@@ -17,14 +18,12 @@ from dmoverlay.overlay import setup as overlay
 from dmoverlay.overlay.dmtable import (
     Mode,
     Names,
-    PoolStatus,
     State,
     Step,
     ThinPool,
     cow_file_size,
     layout,
     linear_table,
-    parse_pool_status,
     snapshot_table,
     thin_sizes,
 )
