@@ -20,6 +20,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from dmoverlay.core import run
+from dmoverlay.core.errors import install_hint
 from dmoverlay.overlay import blockdev
 
 
@@ -122,7 +123,7 @@ def tool_checks(*, search_path: str | None = None) -> list[Check]:
             checks.append(Check(tool, Category.TOOLS, Status.OK, found, None, needed_for))
         else:
             checks.append(Check(tool, Category.TOOLS, Status.MISSING, "not found",
-                                run.install_hint([tool]), needed_for))
+                                install_hint([tool]), needed_for))
     return checks
 
 

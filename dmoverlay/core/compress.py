@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from enum import StrEnum
 from typing import BinaryIO, Protocol
 
-from dmoverlay.core.errors import SourceError
-from dmoverlay.core.run import clean_env, find_tool, install_hint
+from dmoverlay.core.errors import SourceError, install_hint
+from dmoverlay.core.run import clean_env, find_tool
 
 
 class Compression(StrEnum):

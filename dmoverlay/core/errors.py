@@ -1,6 +1,52 @@
-"""One error hierarchy: every expected failure carries a message and a hint."""
+"""One error hierarchy: every expected failure carries a message and a hint;
+and one table of where what a job needs is installed from, for those hints."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+PROVISION = "or run scripts/provision"
+
+# What a job may find missing -> (Debian packages, Fedora packages).  Tools by
+# name; Python modules as "python:<module>".
+PACKAGES: Mapping[str, tuple[str, str]] = {
+    "mkfs.ext4": ("e2fsprogs", "e2fsprogs"),
+    "mke2fs": ("e2fsprogs", "e2fsprogs"),
+    "debugfs": ("e2fsprogs", "e2fsprogs"),
+    "dumpe2fs": ("e2fsprogs", "e2fsprogs"),
+    "e2fsck": ("e2fsprogs", "e2fsprogs"),
+    "mksquashfs": ("squashfs-tools", "squashfs-tools"),
+    "unsquashfs": ("squashfs-tools", "squashfs-tools"),
+    "dmsetup": ("dmsetup", "device-mapper"),
+    "losetup": ("mount", "util-linux"),
+    "mount": ("mount", "util-linux"),
+    "umount": ("mount", "util-linux"),
+    "blkid": ("util-linux", "util-linux"),
+    "modprobe": ("kmod", "kmod"),
+    "zstd": ("zstd", "zstd"),
+    "python:click": ("python3-click", "python3-click"),
+    "python:parted": ("python3-parted", "python3-pyparted"),
+    "python:gi.repository.BlockDev": ("python3-gi gir1.2-blockdev-2.0 python3-blockdev",
+                                      "python3-blockdev"),
+}
+# A Python module from the distribution reaches a virtualenv only through this.
+VENV_NOTE = "a virtualenv needs --system-site-packages to see it"
+
+
+def packages_hint(debian: Iterable[str], fedora: Iterable[str], *, note: str = "") -> str:
+    """`install it: apt-get install ... (Debian), dnf install ... (Fedora), ...`"""
+    extra = f"; {note}" if note else ""
+    return (f"install it: apt-get install {' '.join(sorted(set(debian)))} (Debian), "
+            f"dnf install {' '.join(sorted(set(fedora)))} (Fedora), {PROVISION}{extra}")
+
+
+def install_hint(needs: Iterable[str]) -> str:
+    """The hint for missing tools or "python:" modules, by PACKAGES (a name
+    it does not know is taken for its own package)."""
+    found = [PACKAGES.get(n, (n, n)) for n in needs]
+    python = any(n.startswith("python:") for n in needs)
+    return packages_hint([d for d, _ in found], [f for _, f in found],
+                         note=VENV_NOTE if python else "")
 
 
 class DmoverlayError(Exception):

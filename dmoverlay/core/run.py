@@ -10,28 +10,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from dmoverlay.core.errors import CommandFailed, ToolMissing
-
-# Where each tool comes from, so a missing one is named with its package.
-TOOL_PACKAGES: Mapping[str, tuple[str, str]] = {
-    # tool: (Debian package, Fedora package)
-    "mkfs.ext4": ("e2fsprogs", "e2fsprogs"),
-    "mke2fs": ("e2fsprogs", "e2fsprogs"),
-    "debugfs": ("e2fsprogs", "e2fsprogs"),
-    "dumpe2fs": ("e2fsprogs", "e2fsprogs"),
-    "e2fsck": ("e2fsprogs", "e2fsprogs"),
-    "mksquashfs": ("squashfs-tools", "squashfs-tools"),
-    "unsquashfs": ("squashfs-tools", "squashfs-tools"),
-    "dmsetup": ("dmsetup", "device-mapper"),
-    "losetup": ("mount", "util-linux"),
-    "mount": ("mount", "util-linux"),
-    "umount": ("mount", "util-linux"),
-    "blkid": ("util-linux", "util-linux"),
-    "modprobe": ("kmod", "kmod"),
-}
+from dmoverlay.core.errors import CommandFailed, ToolMissing, install_hint
 
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -47,15 +29,6 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     if extra:
         env.update(extra)
     return env
-
-
-def install_hint(tools: Iterable[str]) -> str:
-    debian = sorted({TOOL_PACKAGES.get(t, (t, t))[0] for t in tools})
-    fedora = sorted({TOOL_PACKAGES.get(t, (t, t))[1] for t in tools})
-    return (
-        f"install it: apt-get install {' '.join(debian)} (Debian), "
-        f"dnf install {' '.join(fedora)} (Fedora), or run scripts/provision"
-    )
 
 
 def find_tool(name: str) -> str | None:
