@@ -368,11 +368,8 @@ def populate_script(live_dir: str, *, source: str, epoch: int) -> bytes:
               debugfs.command(b"cd", at(""))]
     for path, mode in tree_modes(live_dir):
         target = at(path)
-        lines += [debugfs.command(b"sif", target, b"mode", b"0%o" % mode),
-                  debugfs.command(b"sif", target, b"uid", b"0"),
-                  debugfs.command(b"sif", target, b"gid", b"0")]
-        lines += debugfs.set_times(target, dict.fromkeys(debugfs.TIME_FIELDS,
-                                                         epoch * 1_000_000_000))
+        lines += [debugfs.set_mode(target, mode), *debugfs.set_owner(target, 0, 0),
+                  *debugfs.set_all_times(target, epoch * 1_000_000_000)]
     return debugfs.script(lines)
 
 
@@ -569,11 +566,9 @@ def make_live_fs(disk: Path, layout: DiskLayout, *, squashfs: Path, epoch: int,
     fs = live_fs(layout, epoch=epoch)
     env = ext4.mkfs_env(fs)
     run(mkfs_argv(fs, offset=layout.live.start, disk=disk), env=env)
-    # debugfs takes "NAME?offset=N" for an io option and parses its commands'
-    # arguments: links of known names in a private directory keep whatever
-    # the real paths contain from counting.
-    (work / "disk").symlink_to(disk.absolute())
+    # A link of a known name in the private directory debugfs runs in: no
+    # byte of the real path (a newline) reaches the script.
     (work / "source").symlink_to(squashfs.absolute())
-    debugfs.run_script(f"disk?offset={layout.live.start}",
-                       populate_script(layout.live_dir, source="source", epoch=epoch),
-                       scratch=work, name="populate.debugfs", write=True, env=env, cwd=work)
+    debugfs.run_script(disk, populate_script(layout.live_dir, source="source", epoch=epoch),
+                       scratch=work, name="populate.debugfs", write=True,
+                       offset=layout.live.start, epoch=epoch)

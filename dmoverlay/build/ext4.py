@@ -221,8 +221,6 @@ def mkfs_env(p: Ext4Plan) -> dict[str, str]:
 
 # ------------------------------------------------------------------- debugfs
 
-time_fields = debugfs.time_fields
-
 def check_xattr(path: str, name: str) -> None:
     """An xattr name ext4 can hold and debugfs can be given, or one clear
     error."""
@@ -257,9 +255,7 @@ def fixup_script(tree: Tree, *, epoch: int, all_root: bool,
                                   all_root=all_root, value_file=value_file)
     if not any(e.path == "lost+found" for e in tree.entries):
         # made by mkfs itself, with a time that overflows past 2038 in 1.47.0
-        ns = epoch * 1_000_000_000
-        lines += debugfs.set_times(debugfs.argument("/lost+found"),
-                                   dict.fromkeys(debugfs.TIME_FIELDS, ns))
+        lines += debugfs.set_all_times(debugfs.argument("/lost+found"), epoch * 1_000_000_000)
     return debugfs.script(lines)
 
 
@@ -273,11 +269,9 @@ def _inode_fixes(e: Entry, target: bytes, tree: Tree, *, epoch: int, all_root: b
     # mkfs makes the root directory itself (root_owner=0:0, mode 0755)
     exact = tree.staged or not e.path
     if exact:
-        lines.append(debugfs.command(b"sif", target, b"mode", b"0%o" % e.st_mode))
+        lines.append(debugfs.set_mode(target, e.st_mode))
     if exact or all_root:
-        uid, gid = (0, 0) if all_root else (e.uid, e.gid)
-        lines.append(debugfs.command(b"sif", target, b"uid", b"%d" % uid))
-        lines.append(debugfs.command(b"sif", target, b"gid", b"%d" % gid))
+        lines += debugfs.set_owner(target, *((0, 0) if all_root else (e.uid, e.gid)))
     mtime_ns = e.mtime_ns if e.mtime_ns or e.path else epoch * 1_000_000_000
     ctime_ns = max(mtime_ns, epoch * 1_000_000_000)
     lines += debugfs.set_times(target, {b"mtime": mtime_ns, b"atime": mtime_ns,
@@ -318,6 +312,5 @@ def make(tree: Tree, image: Path, p: Ext4Plan, *, all_root: bool, scratch: Path)
         {e.path for e in tree.entries if e.kind is Kind.DIR}, scratch=scratch)
     script = fixup_script(tree, epoch=p.epoch, all_root=all_root, value_file=values,
                           inodes=inodes)
-    # debugfs stamps the superblock with "now" unless told the time too
     debugfs.run_script(image, script, scratch=scratch, name="fixup.debugfs", write=True,
-                       env={"E2FSPROGS_FAKE_TIME": str(p.epoch)})
+                       epoch=p.epoch)

@@ -154,3 +154,32 @@ def test_inode_numbers_of_a_tree(tmp_path: Path) -> None:
 def test_times_ext4_cannot_hold(ns: int, words: str) -> None:
     with pytest.raises(ImageError, match=words):
         debugfs.time_fields(ns)
+
+
+def test_an_image_whose_path_reads_as_options(template: Path, tmp_path: Path) -> None:
+    """A "?" in the image's path would start debugfs's options: scripts
+    reach the image through a link of their own, requests refuse it."""
+    where = tmp_path / "x?offset=1024"
+    where.mkdir()
+    image = fresh(template, where)
+    debugfs.run_script(image, debugfs.script([debugfs.command(
+        b"sif", debugfs.inode(FILE_INODE), b"uid", b"7")]), scratch=tmp_path, name="s",
+        write=True)
+    out = subprocess.run(["debugfs", "-R", f"stat <{FILE_INODE}>", "img"], cwd=where,
+                         capture_output=True, text=True, check=True).stdout
+    assert "User:     7" in out
+    with pytest.raises(debugfs.Unscriptable, match="'\\?'"):
+        debugfs.request(image, b"stat", debugfs.inode(FILE_INODE))
+
+
+def test_a_request_answers_or_names_what_failed(template: Path, tmp_path: Path) -> None:
+    image = fresh(template, tmp_path)
+    assert "Type: regular" in debugfs.request(image, b"stat", debugfs.argument("/f"))
+    assert "Inode:" not in debugfs.request(image, b"stat", debugfs.argument("/gone"))
+    with pytest.raises(debugfs.Failed, match="Command not found"):
+        debugfs.request(image, b"bogus")
+
+
+def test_device_names_an_offset() -> None:
+    assert debugfs.device("disk", 1 << 20) == "disk?offset=1048576"
+    assert debugfs.device("disk") == "disk"

@@ -149,3 +149,19 @@ def test_label_size_and_uuid_options(plain_tree: Path, tmp_path: Path) -> None:
     assert f"Filesystem UUID:          {fs_uuid}" in sb
     fsck = subprocess.run(["e2fsck", "-fn", str(rootfs)], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout
+
+
+def test_output_directory_named_like_debugfs_options(plain_tree: Path, tmp_path: Path) -> None:
+    """debugfs reads "?" in a device name as its options: an output
+    directory named "o?offset=4096" is written all the same, the squashfs
+    and the disk image alike, and both are what the same build writes
+    elsewhere."""
+    odd = tmp_path / "o?offset=4096"
+    odd.mkdir()
+    plain = tmp_path / "elsewhere"
+    plain.mkdir()
+    for where in (odd, plain):
+        build_ok(str(plain_tree), "-o", str(where / "sq.img"), "--disk", str(where / "d.img"),
+                 "--free", "8M", env={"SOURCE_DATE_EPOCH": "1700000000"})
+    assert (odd / "sq.img").read_bytes() == (plain / "sq.img").read_bytes()
+    assert (odd / "d.img").read_bytes() == (plain / "d.img").read_bytes()

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dmoverlay.build import ext4
+from dmoverlay.build import debugfs, ext4
 from dmoverlay.build.source import Entry, Tree, check_name, tar_path
 from dmoverlay.build.squashfs import Compressor, SquashOptions, mksquashfs_argv
 from dmoverlay.core.compress import Compression, detect
@@ -63,14 +63,14 @@ def test_format_size() -> None:
     ((2**32 + 5) * NS + 7, 5, (7 << 2) | 1),
 ])
 def test_time_fields(ns: int, low: int, extra: int) -> None:
-    assert ext4.time_fields(ns) == (low & 0xFFFFFFFF, extra)
+    assert debugfs.time_fields(ns) == (low & 0xFFFFFFFF, extra)
 
 
 @given(st.integers(min_value=-(2**31), max_value=2**34 - 2**31 - 1),
        st.integers(min_value=0, max_value=NS - 1))
 def test_time_fields_round_trip(seconds: int, nanos: int) -> None:
     """Decoding as the kernel does gives back the time we encoded."""
-    low, extra = ext4.time_fields(seconds * NS + nanos)
+    low, extra = debugfs.time_fields(seconds * NS + nanos)
     signed = low - 2**32 if low & 0x80000000 else low
     assert signed + ((extra & 3) << 32) == seconds
     assert extra >> 2 == nanos
