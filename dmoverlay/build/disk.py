@@ -546,26 +546,11 @@ def zero_overlay_header(disk: Path, layout: DiskLayout) -> None:
         f.write(bytes(OVERLAY_ZEROED))
 
 
-def mkfs_argv(fs: ext4.Ext4Plan, *, offset: int, disk: Path) -> list[str]:
-    return [
-        # -T default: the pinned profile defines no "small" or "floppy" types,
-        # and mke2fs warns about each one missing.
-        "mkfs.ext4", "-q", "-F", "-t", "ext4", "-T", "default", "-b", str(BLOCK),
-        "-I", str(ext4.INODE_SIZE), "-N", str(fs.inodes), "-m", "0", "-L", fs.label,
-        "-U", fs.uuid,
-        # nodiscard: the new file holds nothing to discard.
-        "-E", f"offset={offset},nodiscard,hash_seed={fs.hash_seed},lazy_itable_init=0,"
-              "lazy_journal_init=0,root_owner=0:0",
-        os.fspath(disk), str(fs.blocks),
-    ]
-
-
 def make_live_fs(disk: Path, layout: DiskLayout, *, squashfs: Path, epoch: int,
                  work: Path) -> None:
     """The ext4 of the live partition, in place, holding the squashfs."""
     fs = live_fs(layout, epoch=epoch)
-    env = ext4.mkfs_env(fs)
-    run(mkfs_argv(fs, offset=layout.live.start, disk=disk), env=env)
+    run(ext4.mkfs_argv(fs, disk, offset=layout.live.start), env=ext4.mkfs_env(fs))
     # A link of a known name in the private directory debugfs runs in: no
     # byte of the real path (a newline) reaches the script.
     (work / "source").symlink_to(squashfs.absolute())

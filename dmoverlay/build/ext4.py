@@ -202,15 +202,27 @@ def derived_uuid(tree: Tree, *, label: str, size: int, epoch: int) -> uuid.UUID:
     return uuid.uuid5(UUID_NAMESPACE, digest.hexdigest())
 
 
-def mkfs_argv(p: Ext4Plan, image: Path, root: Path) -> list[str]:
-    return [
-        "mkfs.ext4", "-q", "-F", "-t", "ext4", "-b", str(BLOCK), "-I", str(INODE_SIZE),
-        "-N", str(p.inodes), "-m", "0", "-L", p.label, "-U", p.uuid,
+def mkfs_argv(p: Ext4Plan, image: Path, root: Path | None = None, *,
+              offset: int = 0) -> list[str]:
+    """The one mkfs.ext4 command line, for rootfs.img and for a disk's live
+    partition alike: a filesystem as `p` plans it at byte `offset` of the new
+    file `image`, filled from the tree at `root` if one is given."""
+    extended = [
+        *([f"offset={offset}"] if offset else []),
+        # A new file holds nothing to discard.
+        "nodiscard", f"hash_seed={p.hash_seed}",
         # Zero inode tables and journal now (as holes: free in the squashfs),
         # or the kernel's lazy init would write them into the COW at boot.
-        "-E", f"hash_seed={p.hash_seed},lazy_itable_init=0,lazy_journal_init=0,"
-              "root_owner=0:0",
-        "-d", os.fspath(root), os.fspath(image), str(p.blocks),
+        "lazy_itable_init=0", "lazy_journal_init=0", "root_owner=0:0",
+    ]
+    return [
+        # -T default: the pinned profile defines no "small" or "floppy" types,
+        # and mke2fs warns about each one missing.
+        "mkfs.ext4", "-q", "-F", "-t", "ext4", "-T", "default", "-b", str(BLOCK),
+        "-I", str(INODE_SIZE), "-N", str(p.inodes), "-m", "0", "-L", p.label, "-U", p.uuid,
+        "-E", ",".join(extended),
+        *(["-d", os.fspath(root)] if root is not None else []),
+        os.fspath(image), str(p.blocks),
     ]
 
 
