@@ -242,7 +242,7 @@ def live_fs(layout: DiskLayout, *, epoch: int) -> ext4.Ext4Plan:
     return ext4.Ext4Plan(
         size=live.size, inodes=live_inodes(live.size // BLOCK), label=live.fs_label,
         uuid=live.fs_uuid, epoch=epoch,
-        hash_seed=str(uuid.uuid5(GUID_NAMESPACE, "hash_seed:" + live.fs_uuid)))
+        hash_seed=ext4.hash_seed(live.fs_uuid, GUID_NAMESPACE))
 
 
 def check_squashfs_header(head: bytes, *, size: int, name: str) -> None:

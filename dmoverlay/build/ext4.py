@@ -182,9 +182,14 @@ def plan(tree: Tree, *, size: int | None, free: int | None, label: str,
                              hint="leave out --size, or use --free")
     size = blocks * BLOCK
     fs_uuid = fs_uuid or str(derived_uuid(tree, label=label, size=size, epoch=epoch))
-    seed = str(uuid.uuid5(UUID_NAMESPACE, "hash_seed:" + fs_uuid))
     return Ext4Plan(size=size, inodes=inodes_for(use, blocks), label=label, uuid=fs_uuid,
-                    hash_seed=seed, epoch=epoch)
+                    hash_seed=hash_seed(fs_uuid, UUID_NAMESPACE), epoch=epoch)
+
+
+def hash_seed(fs_uuid: str, namespace: uuid.UUID) -> str:
+    """The seed of the directory hashes, derived from the filesystem's UUID
+    (mke2fs would choose one at random, and directories would differ)."""
+    return str(uuid.uuid5(namespace, "hash_seed:" + fs_uuid))
 
 
 def derived_uuid(tree: Tree, *, label: str, size: int, epoch: int) -> uuid.UUID:
