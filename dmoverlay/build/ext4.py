@@ -251,7 +251,8 @@ def fixup_script(tree: Tree, *, epoch: int, all_root: bool,
                  value_file: dict[bytes, Path], inodes: dict[str, int]) -> bytes:
     """The debugfs commands that make each inode what the manifest says.
     `value_file` maps each xattr value to the file holding it (filled in by
-    the caller, which writes them: debugfs reads binary values from files);
+    the caller, which writes them: debugfs reads binary values from files;
+    a relative name is found in the directory debugfs runs in);
     `inodes` maps each path to its inode number (debugfs.inode_numbers).
 
     Commands name inodes by number: no name of the source reaches the script
@@ -322,8 +323,10 @@ def make(tree: Tree, image: Path, p: Ext4Plan, *, all_root: bool, scratch: Path)
     for e in tree.entries:
         for _, value in e.xattrs:
             if value not in values:
-                values[value] = scratch / f"xattr-{len(values)}"
-                values[value].write_bytes(value)
+                # named from scratch, where debugfs runs: no byte of the
+                # output's path (a newline) goes into the script
+                values[value] = Path(f"xattr-{len(values)}")
+                (scratch / values[value]).write_bytes(value)
     inodes = debugfs.inode_numbers(
         image, (e.path for e in tree.entries if not e.link_to),
         {e.path for e in tree.entries if e.kind is Kind.DIR}, scratch=scratch)
