@@ -59,7 +59,7 @@ class Check:
     def ok(self) -> bool:
         return self.status is Status.OK
 
-    def as_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, object]:
         return {"name": self.name, "category": self.category.value,
                 "status": self.status.value, "detail": self.detail, "hint": self.hint,
                 "needed_for": list(self.needed_for)}
@@ -86,10 +86,10 @@ class Report:
                 return check
         raise KeyError(name)
 
-    def as_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, object]:
         return {
             "kernel": self.kernel,
-            "checks": [c.as_dict() for c in self.checks],
+            "checks": [c.to_dict() for c in self.checks],
             "summary": {
                 **{s.value: self.count(s) for s in Status},
                 "ready": {p: self.ready(p) for p in PURPOSES},

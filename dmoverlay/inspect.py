@@ -394,29 +394,18 @@ def _ext(region: Region, head: bytes, scratch: _Scratch) -> Ext4Report:
     return Ext4Report(size=region.size, info=info, searched=True, squashfs=squashfs)
 
 
-def _debugfs_device(region: Region) -> str:
-    # e2fsprogs' unix I/O manager takes the offset as an option of the name.
-    return f"{region.path}?offset={region.offset}" if region.offset else region.path
-
-
-_ABSENT = ("File not found by ext2_lookup", "Ext2 inode is not a directory")
-
-
-def _debugfs(region: Region, *words: bytes) -> run.Result:
-    """Run one debugfs request of words encoded by debugfs.py; it exits 0
-    whatever happens, so failures are found in its stderr."""
-    request = os.fsdecode(debugfs.command(*words))
-    result = run.run(["debugfs", "-R", request, _debugfs_device(region)])
-    problems = debugfs.problems(result.stderr)
-    if problems and not any(text in problems[0] for text in _ABSENT):
-        raise ImageError(f"{region.where}: debugfs cannot read it ({problems[0]})",
-                         hint=_DAMAGED_HINT)
-    return result
+def _debugfs(region: Region, *words: bytes) -> str:
+    """One debugfs request on the region; a complaint of debugfs's other
+    than "not found" is the image's damage."""
+    try:
+        return debugfs.request(region.path, *words, offset=region.offset)
+    except debugfs.Failed as exc:
+        raise ImageError(f"{region.where}: debugfs cannot read it ({exc.problem})",
+                         hint=_DAMAGED_HINT) from None
 
 
 def _debugfs_stat(region: Region, member: str) -> Stat | None:
-    result = _debugfs(region, b"stat", debugfs.argument("/" + member))
-    return parse_stat(result.stdout)
+    return parse_stat(_debugfs(region, b"stat", debugfs.argument("/" + member)))
 
 
 def _member_region(region: Region, info: Ext4Info, found: Stat, where: str,

@@ -303,7 +303,7 @@ def test_real_machine() -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
 def test_runs_as_a_normal_user_without_hanging() -> None:
     code = ("import json; from dmoverlay import doctor; "
-            "print(json.dumps(doctor.diagnose().as_dict()))")
+            "print(json.dumps(doctor.diagnose().to_dict()))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, user=65534, group=65534, extra_groups=[],
                           cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": "/",

@@ -3,7 +3,7 @@ scripts we give it, how every string in them is encoded, and how its answers
 are read.  Nothing else writes a debugfs command.
 
 Its request parser (e2fsprogs 1.47.0, lib/ss, found by experiment and pinned
-by tests/test_debugfs.py against the real program):
+by tests/build/test_debugfs.py against the real program):
 
 - `debugfs -f` reads its script with fgets into 8 KiB: a longer line is cut
   there and its rest read as a new command; a NUL or a carriage return ends
@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from dmoverlay.core.errors import ImageError
-from dmoverlay.core.run import run_exact
+from dmoverlay.core.run import Result, run, run_exact
 
 # fgets(buf, BUFSIZ): a line and its newline in 8191 bytes
 MAX_LINE = 8190
@@ -104,9 +104,37 @@ def set_times(target: bytes, times: Mapping[bytes, int]) -> list[bytes]:
     return lines
 
 
+def set_all_times(target: bytes, ns: int) -> list[bytes]:
+    """Commands giving one inode the same time in each of its four fields."""
+    return set_times(target, dict.fromkeys(TIME_FIELDS, ns))
+
+
+# ----------------------------------------------------------- modes and owners
+
+
+def set_mode(target: bytes, mode: int) -> bytes:
+    """The command setting an inode's whole mode (type bits included)."""
+    return command(b"sif", target, b"mode", b"0%o" % mode)
+
+
+def set_owner(target: bytes, uid: int, gid: int) -> list[bytes]:
+    return [command(b"sif", target, b"uid", b"%d" % uid),
+            command(b"sif", target, b"gid", b"%d" % gid)]
+
+
 # ---------------------------------------------------------------- its answers
 
 _BANNER = re.compile(r"debugfs \d+\.\d+")
+# What it says of a path that is not there: an answer to "is it there?"
+_ABSENT = ("File not found by ext2_lookup", "Ext2 inode is not a directory")
+
+
+class Failed(ImageError):
+    """debugfs said it could not do what it was asked; `problem` is what it said."""
+
+    def __init__(self, message: str, *, problem: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.problem = problem
 
 
 def problems(stderr: str) -> list[str]:
@@ -117,21 +145,58 @@ def problems(stderr: str) -> list[str]:
             if line.strip() and not _BANNER.match(line)]
 
 
+def device(path: str | os.PathLike[str], offset: int = 0) -> str:
+    """How debugfs is told of a filesystem at byte `offset` of `path`: its
+    unix I/O manager reads "NAME?offset=N", so a path holding a "?" cannot
+    be given at all (callers link it under a name of their own)."""
+    name = os.fspath(path)
+    if "?" in name:
+        raise Unscriptable(f"{name!r} holds a '?', which debugfs reads as the start of "
+                           "its options", hint="report this as a bug")
+    return f"{name}?offset={offset}" if offset else name
+
+
+def request(image: str | os.PathLike[str], *words: bytes, offset: int = 0) -> str:
+    """Run one read-only request (`debugfs -R`, words encoded here) on the
+    filesystem at `offset` of `image`; its stdout.  A path that is not there
+    is no failure (the answer is empty); anything else debugfs complains of
+    is Failed."""
+    result = run(["debugfs", "-R", os.fsdecode(command(*words)), device(image, offset)],
+                 check=False)
+    found = _failures(result)
+    if found and not any(text in found[0] for text in _ABSENT):
+        raise Failed(f"debugfs cannot read {os.path.basename(image)}: {found[0]}",
+                     problem=found[0])
+    return result.stdout
+
+
+def _failures(result: Result) -> list[str]:
+    """What went wrong, from its stderr; its exit code is only the last
+    command's, so it counts when stderr says nothing."""
+    return problems(result.stderr) or ([f"exit {result.returncode}"] if result.returncode
+                                       else [])
+
+
 def run_script(image: str | os.PathLike[str], text: bytes, *, scratch: Path, name: str,
-               write: bool, env: Mapping[str, str] | None = None,
-               cwd: Path | None = None) -> bytes:
-    """Run a script on `image` (relative to `cwd`, if given); its stdout, or
-    ImageError naming the first failure."""
-    path = scratch / name
-    path.write_bytes(text)
-    argv: list[str | os.PathLike[str]] = ["debugfs", *(["-w"] if write else []), "-f",
-                                          path.absolute(), image]
-    result = run_exact(argv, env=env, cwd=cwd)  # its exit code: the last command's
-    found = problems(result.stderr) or ([f"exit {result.returncode}"] if result.returncode
-                                        else [])
+               write: bool, offset: int = 0, epoch: int | None = None) -> bytes:
+    """Run a script on the filesystem at `offset` of `image`; its stdout, or
+    ImageError naming the first failure.  debugfs runs in `scratch` (which
+    must be private to us): the script is `name` there, `image` is reached by
+    a link of a name of ours, whatever its path holds, and any file the
+    script names by a relative path is found there.  `epoch` (seconds) is
+    the time debugfs stamps on the superblock, else it writes "now"."""
+    (scratch / name).write_bytes(text)
+    link = scratch / f"{name}.image"
+    link.unlink(missing_ok=True)
+    link.symlink_to(Path(image).absolute())
+    argv = ["debugfs", *(["-w"] if write else []), "-f", name, device(link.name, offset)]
+    env = None if epoch is None else {"E2FSPROGS_FAKE_TIME": str(epoch)}
+    result = run_exact(argv, env=env, cwd=scratch)
+    found = _failures(result)
     if found:
-        raise ImageError(f"debugfs could not finish {os.path.basename(image)}: {found[0]}",
-                         hint=f"{len(found)} debugfs message(s); rerun with --debug")
+        raise Failed(f"debugfs could not finish {os.path.basename(image)}: {found[0]}",
+                     problem=found[0],
+                     hint=f"{len(found)} debugfs message(s); rerun with --debug")
     return result.stdout.encode(errors="surrogateescape")  # as run() decoded it
 
 

@@ -242,7 +242,7 @@ def live_fs(layout: DiskLayout, *, epoch: int) -> ext4.Ext4Plan:
     return ext4.Ext4Plan(
         size=live.size, inodes=live_inodes(live.size // BLOCK), label=live.fs_label,
         uuid=live.fs_uuid, epoch=epoch,
-        hash_seed=str(uuid.uuid5(GUID_NAMESPACE, "hash_seed:" + live.fs_uuid)))
+        hash_seed=ext4.hash_seed(live.fs_uuid, GUID_NAMESPACE))
 
 
 def check_squashfs_header(head: bytes, *, size: int, name: str) -> None:
@@ -368,11 +368,8 @@ def populate_script(live_dir: str, *, source: str, epoch: int) -> bytes:
               debugfs.command(b"cd", at(""))]
     for path, mode in tree_modes(live_dir):
         target = at(path)
-        lines += [debugfs.command(b"sif", target, b"mode", b"0%o" % mode),
-                  debugfs.command(b"sif", target, b"uid", b"0"),
-                  debugfs.command(b"sif", target, b"gid", b"0")]
-        lines += debugfs.set_times(target, dict.fromkeys(debugfs.TIME_FIELDS,
-                                                         epoch * 1_000_000_000))
+        lines += [debugfs.set_mode(target, mode), *debugfs.set_owner(target, 0, 0),
+                  *debugfs.set_all_times(target, epoch * 1_000_000_000)]
     return debugfs.script(lines)
 
 
@@ -549,31 +546,14 @@ def zero_overlay_header(disk: Path, layout: DiskLayout) -> None:
         f.write(bytes(OVERLAY_ZEROED))
 
 
-def mkfs_argv(fs: ext4.Ext4Plan, *, offset: int, disk: Path) -> list[str]:
-    return [
-        # -T default: the pinned profile defines no "small" or "floppy" types,
-        # and mke2fs warns about each one missing.
-        "mkfs.ext4", "-q", "-F", "-t", "ext4", "-T", "default", "-b", str(BLOCK),
-        "-I", str(ext4.INODE_SIZE), "-N", str(fs.inodes), "-m", "0", "-L", fs.label,
-        "-U", fs.uuid,
-        # nodiscard: the new file holds nothing to discard.
-        "-E", f"offset={offset},nodiscard,hash_seed={fs.hash_seed},lazy_itable_init=0,"
-              "lazy_journal_init=0,root_owner=0:0",
-        os.fspath(disk), str(fs.blocks),
-    ]
-
-
 def make_live_fs(disk: Path, layout: DiskLayout, *, squashfs: Path, epoch: int,
                  work: Path) -> None:
     """The ext4 of the live partition, in place, holding the squashfs."""
     fs = live_fs(layout, epoch=epoch)
-    env = ext4.mkfs_env(fs)
-    run(mkfs_argv(fs, offset=layout.live.start, disk=disk), env=env)
-    # debugfs takes "NAME?offset=N" for an io option and parses its commands'
-    # arguments: links of known names in a private directory keep whatever
-    # the real paths contain from counting.
-    (work / "disk").symlink_to(disk.absolute())
+    run(ext4.mkfs_argv(fs, disk, offset=layout.live.start), env=ext4.mkfs_env(fs))
+    # A link of a known name in the private directory debugfs runs in: no
+    # byte of the real path (a newline) reaches the script.
     (work / "source").symlink_to(squashfs.absolute())
-    debugfs.run_script(f"disk?offset={layout.live.start}",
-                       populate_script(layout.live_dir, source="source", epoch=epoch),
-                       scratch=work, name="populate.debugfs", write=True, env=env, cwd=work)
+    debugfs.run_script(disk, populate_script(layout.live_dir, source="source", epoch=epoch),
+                       scratch=work, name="populate.debugfs", write=True,
+                       offset=layout.live.start, epoch=epoch)

@@ -182,9 +182,14 @@ def plan(tree: Tree, *, size: int | None, free: int | None, label: str,
                              hint="leave out --size, or use --free")
     size = blocks * BLOCK
     fs_uuid = fs_uuid or str(derived_uuid(tree, label=label, size=size, epoch=epoch))
-    seed = str(uuid.uuid5(UUID_NAMESPACE, "hash_seed:" + fs_uuid))
     return Ext4Plan(size=size, inodes=inodes_for(use, blocks), label=label, uuid=fs_uuid,
-                    hash_seed=seed, epoch=epoch)
+                    hash_seed=hash_seed(fs_uuid, UUID_NAMESPACE), epoch=epoch)
+
+
+def hash_seed(fs_uuid: str, namespace: uuid.UUID) -> str:
+    """The seed of the directory hashes, derived from the filesystem's UUID
+    (mke2fs would choose one at random, and directories would differ)."""
+    return str(uuid.uuid5(namespace, "hash_seed:" + fs_uuid))
 
 
 def derived_uuid(tree: Tree, *, label: str, size: int, epoch: int) -> uuid.UUID:
@@ -202,15 +207,27 @@ def derived_uuid(tree: Tree, *, label: str, size: int, epoch: int) -> uuid.UUID:
     return uuid.uuid5(UUID_NAMESPACE, digest.hexdigest())
 
 
-def mkfs_argv(p: Ext4Plan, image: Path, root: Path) -> list[str]:
-    return [
-        "mkfs.ext4", "-q", "-F", "-t", "ext4", "-b", str(BLOCK), "-I", str(INODE_SIZE),
-        "-N", str(p.inodes), "-m", "0", "-L", p.label, "-U", p.uuid,
+def mkfs_argv(p: Ext4Plan, image: Path, root: Path | None = None, *,
+              offset: int = 0) -> list[str]:
+    """The one mkfs.ext4 command line, for rootfs.img and for a disk's live
+    partition alike: a filesystem as `p` plans it at byte `offset` of the new
+    file `image`, filled from the tree at `root` if one is given."""
+    extended = [
+        *([f"offset={offset}"] if offset else []),
+        # A new file holds nothing to discard.
+        "nodiscard", f"hash_seed={p.hash_seed}",
         # Zero inode tables and journal now (as holes: free in the squashfs),
         # or the kernel's lazy init would write them into the COW at boot.
-        "-E", f"hash_seed={p.hash_seed},lazy_itable_init=0,lazy_journal_init=0,"
-              "root_owner=0:0",
-        "-d", os.fspath(root), os.fspath(image), str(p.blocks),
+        "lazy_itable_init=0", "lazy_journal_init=0", "root_owner=0:0",
+    ]
+    return [
+        # -T default: the pinned profile defines no "small" or "floppy" types,
+        # and mke2fs warns about each one missing.
+        "mkfs.ext4", "-q", "-F", "-t", "ext4", "-T", "default", "-b", str(BLOCK),
+        "-I", str(INODE_SIZE), "-N", str(p.inodes), "-m", "0", "-L", p.label, "-U", p.uuid,
+        "-E", ",".join(extended),
+        *(["-d", os.fspath(root)] if root is not None else []),
+        os.fspath(image), str(p.blocks),
     ]
 
 
@@ -220,8 +237,6 @@ def mkfs_env(p: Ext4Plan) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------- debugfs
-
-time_fields = debugfs.time_fields
 
 def check_xattr(path: str, name: str) -> None:
     """An xattr name ext4 can hold and debugfs can be given, or one clear
@@ -236,7 +251,8 @@ def fixup_script(tree: Tree, *, epoch: int, all_root: bool,
                  value_file: dict[bytes, Path], inodes: dict[str, int]) -> bytes:
     """The debugfs commands that make each inode what the manifest says.
     `value_file` maps each xattr value to the file holding it (filled in by
-    the caller, which writes them: debugfs reads binary values from files);
+    the caller, which writes them: debugfs reads binary values from files;
+    a relative name is found in the directory debugfs runs in);
     `inodes` maps each path to its inode number (debugfs.inode_numbers).
 
     Commands name inodes by number: no name of the source reaches the script
@@ -257,9 +273,7 @@ def fixup_script(tree: Tree, *, epoch: int, all_root: bool,
                                   all_root=all_root, value_file=value_file)
     if not any(e.path == "lost+found" for e in tree.entries):
         # made by mkfs itself, with a time that overflows past 2038 in 1.47.0
-        ns = epoch * 1_000_000_000
-        lines += debugfs.set_times(debugfs.argument("/lost+found"),
-                                   dict.fromkeys(debugfs.TIME_FIELDS, ns))
+        lines += debugfs.set_all_times(debugfs.argument("/lost+found"), epoch * 1_000_000_000)
     return debugfs.script(lines)
 
 
@@ -273,11 +287,9 @@ def _inode_fixes(e: Entry, target: bytes, tree: Tree, *, epoch: int, all_root: b
     # mkfs makes the root directory itself (root_owner=0:0, mode 0755)
     exact = tree.staged or not e.path
     if exact:
-        lines.append(debugfs.command(b"sif", target, b"mode", b"0%o" % e.st_mode))
+        lines.append(debugfs.set_mode(target, e.st_mode))
     if exact or all_root:
-        uid, gid = (0, 0) if all_root else (e.uid, e.gid)
-        lines.append(debugfs.command(b"sif", target, b"uid", b"%d" % uid))
-        lines.append(debugfs.command(b"sif", target, b"gid", b"%d" % gid))
+        lines += debugfs.set_owner(target, *((0, 0) if all_root else (e.uid, e.gid)))
     mtime_ns = e.mtime_ns if e.mtime_ns or e.path else epoch * 1_000_000_000
     ctime_ns = max(mtime_ns, epoch * 1_000_000_000)
     lines += debugfs.set_times(target, {b"mtime": mtime_ns, b"atime": mtime_ns,
@@ -311,13 +323,14 @@ def make(tree: Tree, image: Path, p: Ext4Plan, *, all_root: bool, scratch: Path)
     for e in tree.entries:
         for _, value in e.xattrs:
             if value not in values:
-                values[value] = scratch / f"xattr-{len(values)}"
-                values[value].write_bytes(value)
+                # named from scratch, where debugfs runs: no byte of the
+                # output's path (a newline) goes into the script
+                values[value] = Path(f"xattr-{len(values)}")
+                (scratch / values[value]).write_bytes(value)
     inodes = debugfs.inode_numbers(
         image, (e.path for e in tree.entries if not e.link_to),
         {e.path for e in tree.entries if e.kind is Kind.DIR}, scratch=scratch)
     script = fixup_script(tree, epoch=p.epoch, all_root=all_root, value_file=values,
                           inodes=inodes)
-    # debugfs stamps the superblock with "now" unless told the time too
     debugfs.run_script(image, script, scratch=scratch, name="fixup.debugfs", write=True,
-                       env={"E2FSPROGS_FAKE_TIME": str(p.epoch)})
+                       epoch=p.epoch)

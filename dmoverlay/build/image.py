@@ -53,6 +53,19 @@ class BuildResult:
     squashfs_bytes: int
     disk: Path | None
 
+    def to_dict(self) -> dict[str, object]:
+        """The summary `build --json` prints."""
+        return {
+            "output": str(self.output),
+            "squashfs_bytes": self.squashfs_bytes,
+            "entries": self.entries,
+            "data_bytes": self.data_bytes,
+            "rootfs": {"size": self.rootfs.size, "inodes": self.rootfs.inodes,
+                       "label": self.rootfs.label, "uuid": self.rootfs.uuid,
+                       "epoch": self.rootfs.epoch},
+            "disk": str(self.disk) if self.disk else None,
+        }
+
 
 def build(opts: BuildOptions) -> BuildResult:
     require_tools("mkfs.ext4", "debugfs", "mksquashfs")

@@ -14,11 +14,12 @@ from dmoverlay.core.compress import STREAM_ERRORS, Compression, Readable, open_d
 from dmoverlay.core.compress import detect as detect_compression
 from dmoverlay.core.entries import FORMAT_BITS, Kind, Member, kind_of
 from dmoverlay.core.errors import SourceError
-from dmoverlay.core.superblock import HEAD_SIZE
 from dmoverlay.core.tarread import TarReader, tar_header_checksum_ok
 
 NAME_MAX = 255
 CHUNK = 1 << 20
+# A tar header: what tells a tar archive, and more than any compressor's magic.
+TAR_BLOCK = 512
 
 
 SPECIAL = frozenset({Kind.CHAR, Kind.BLOCK, Kind.FIFO, Kind.SOCKET})
@@ -146,10 +147,10 @@ def is_tar(path: Path) -> bool:
     """True for a tar archive, plain or compressed, judged by content."""
     try:
         with open(path, "rb") as raw, open_decompressed(os.fspath(path), raw) as stream:
-            head = stream.read(512)
+            head = stream.read(TAR_BLOCK)
     except (SourceError, *STREAM_ERRORS):
         return False
-    if len(head) < 512:
+    if len(head) < TAR_BLOCK:
         return False
     if head[257:262] == b"ustar":
         return True
@@ -162,7 +163,7 @@ def read_tar(archive: Path, staging: Path) -> Tree:
     archive is read by apply's reader (tarread), with all its checks."""
     unpacker = _Unpacker(staging)
     with open(archive, "rb") as raw:
-        plain = detect_compression(raw.read(HEAD_SIZE)) is Compression.NONE
+        plain = detect_compression(raw.read(TAR_BLOCK)) is Compression.NONE
     reader = TarReader(archive, label=os.fspath(archive), description=f"archive {archive}",
                        in_place=plain)
     for member, data in reader.members():
@@ -293,22 +294,26 @@ def write_data(full: str, source: Readable, size: int,
         os.close(fd)
 
 
-def _skip(source: Readable, length: int, full: str) -> None:
+def _chunks(source: Readable, length: int, full: str) -> Iterator[bytes]:
+    """The next `length` bytes of a member's data, a chunk at a time; an
+    archive that ends before them is one error."""
     while length > 0:
         chunk = source.read(min(CHUNK, length))
         if not chunk:
             raise SourceError(f"{full}: archive member shorter than its header says")
         length -= len(chunk)
+        yield chunk
+
+
+def _skip(source: Readable, length: int, full: str) -> None:
+    for _ in _chunks(source, length, full):
+        pass
 
 
 def _copy_piece(fd: int, source: Readable, offset: int, length: int, full: str, *,
                 holes: bool) -> None:
     zero = bytes(CHUNK)
-    while length > 0:
-        chunk = source.read(min(CHUNK, length))
-        if not chunk:
-            raise SourceError(f"{full}: archive member shorter than its header says")
+    for chunk in _chunks(source, length, full):
         if not (holes and chunk == zero[: len(chunk)]):
             os.pwrite(fd, chunk, offset)
         offset += len(chunk)
-        length -= len(chunk)

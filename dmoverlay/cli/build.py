@@ -57,16 +57,4 @@ def command(source: Path, output: Path, label: str, size: int | None, free: int 
     )
     result = builder.build(opts)
     if as_json:
-        click.echo(json.dumps({
-            "output": str(result.output),
-            "squashfs_bytes": result.squashfs_bytes,
-            "entries": result.entries,
-            "data_bytes": result.data_bytes,
-            "rootfs": {"size": result.rootfs.size, "inodes": result.rootfs.inodes,
-                       "label": result.rootfs.label, "uuid": result.rootfs.uuid,
-                       "epoch": result.rootfs.epoch},
-            "disk": str(result.disk) if result.disk else None,
-        }, indent=2))
-
-
-
+        click.echo(json.dumps(result.to_dict(), indent=2))

@@ -32,7 +32,7 @@ def command(as_json: bool) -> None:
     """
     report = doctor.diagnose()
     if as_json:
-        click.echo(json.dumps(report.as_dict(), indent=2))
+        click.echo(json.dumps(report.to_dict(), indent=2))
     else:
         click.echo(doctor.format_text(report))
     code = exit_code(report)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from dmoverlay.build import debugfs
 from dmoverlay.core.errors import ImageError
 
+NS = 1_000_000_000
 FILE_INODE = 12  # the first inode mkfs gives: the only file of the template
 
 
@@ -154,3 +155,55 @@ def test_inode_numbers_of_a_tree(tmp_path: Path) -> None:
 def test_times_ext4_cannot_hold(ns: int, words: str) -> None:
     with pytest.raises(ImageError, match=words):
         debugfs.time_fields(ns)
+
+
+def test_an_image_whose_path_reads_as_options(template: Path, tmp_path: Path) -> None:
+    """A "?" in the image's path would start debugfs's options: scripts
+    reach the image through a link of their own, requests refuse it."""
+    where = tmp_path / "x?offset=1024"
+    where.mkdir()
+    image = fresh(template, where)
+    debugfs.run_script(image, debugfs.script([debugfs.command(
+        b"sif", debugfs.inode(FILE_INODE), b"uid", b"7")]), scratch=tmp_path, name="s",
+        write=True)
+    out = subprocess.run(["debugfs", "-R", f"stat <{FILE_INODE}>", "img"], cwd=where,
+                         capture_output=True, text=True, check=True).stdout
+    assert "User:     7" in out
+    with pytest.raises(debugfs.Unscriptable, match="'\\?'"):
+        debugfs.request(image, b"stat", debugfs.inode(FILE_INODE))
+
+
+def test_a_request_answers_or_names_what_failed(template: Path, tmp_path: Path) -> None:
+    image = fresh(template, tmp_path)
+    assert "Type: regular" in debugfs.request(image, b"stat", debugfs.argument("/f"))
+    assert "Inode:" not in debugfs.request(image, b"stat", debugfs.argument("/gone"))
+    with pytest.raises(debugfs.Failed, match="Command not found"):
+        debugfs.request(image, b"bogus")
+
+
+def test_device_names_an_offset() -> None:
+    assert debugfs.device("disk", 1 << 20) == "disk?offset=1048576"
+    assert debugfs.device("disk") == "disk"
+
+
+@pytest.mark.parametrize(("ns", "low", "extra"), [
+    (0, 0, 0),
+    (1_600_000_000 * NS + 123_456_789, 1_600_000_000, 123_456_789 << 2),
+    (-1 * NS, 0xFFFFFFFF, 0),  # 1969: a negative 32-bit value, epoch bits 0
+    (-(2**31) * NS, 0x80000000, 0),
+    (2**31 * NS, 0x80000000, 1),  # 2038: past the signed 32-bit line
+    (4_102_444_800 * NS, 4_102_444_800 - 2**32, 1),  # 2100
+    ((2**32 + 5) * NS + 7, 5, (7 << 2) | 1),
+])
+def test_time_fields(ns: int, low: int, extra: int) -> None:
+    assert debugfs.time_fields(ns) == (low & 0xFFFFFFFF, extra)
+
+
+@given(st.integers(min_value=-(2**31), max_value=2**34 - 2**31 - 1),
+       st.integers(min_value=0, max_value=NS - 1))
+def test_time_fields_round_trip(seconds: int, nanos: int) -> None:
+    """Decoding as the kernel does gives back the time we encoded."""
+    low, extra = debugfs.time_fields(seconds * NS + nanos)
+    signed = low - 2**32 if low & 0x80000000 else low
+    assert signed + ((extra & 3) << 32) == seconds
+    assert extra >> 2 == nanos

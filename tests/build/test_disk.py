@@ -146,7 +146,7 @@ def test_overhead_model_matches_mke2fs(tmp_path: Path, squashfs_size: int) -> No
     image = tmp_path / "disk.img"
     image.write_bytes(b"")
     os.truncate(image, layout.size)
-    subprocess.run(disk.mkfs_argv(fs, offset=layout.live.start, disk=image), check=True,
+    subprocess.run(ext4.mkfs_argv(fs, image, offset=layout.live.start), check=True,
                    capture_output=True, env={"PATH": PATH, "LC_ALL": "C", **mkfs_env(fs)})
     header = dumpe2fs(image, layout.live.start)
     blocks, free = int(header["Block count"]), int(header["Free blocks"])
@@ -675,3 +675,18 @@ def test_kernel_finds_the_gpt_partitions(tmp_path: Path, squashfs: Path) -> None
         partlabel = tool("blkid", "-p", "-o", "value", "-s", "PART_ENTRY_NAME", second)
         assert partlabel.stdout.strip() == "LIVE-overlay"
         check_live_filesystem(first, tmp_path / "mnt", squashfs)
+
+
+def test_one_mkfs_command_line_for_rootfs_and_disk() -> None:
+    """The live partition's mkfs line is rootfs.img's, but for its offset
+    and the tree it is not filled from."""
+    layout = make_plan(100 * MiB)
+    fs = disk.live_fs(layout, epoch=EPOCH)
+    at = ext4.mkfs_argv(fs, Path("d.img"), offset=layout.live.start)
+    filled = ext4.mkfs_argv(fs, Path("d.img"), Path("tree"))
+    assert "-d" not in at and filled[-4:-2] == ["-d", "tree"]
+    extended = at[at.index("-E") + 1].split(",")
+    assert extended[0] == f"offset={layout.live.start}"
+    assert extended[1:] == filled[filled.index("-E") + 1].split(",")
+    assert [a for a in at if a != at[at.index("-E") + 1]] == [
+        a for a in filled if a not in ("-d", "tree", filled[filled.index("-E") + 1])]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -78,3 +79,24 @@ def test_a_device_node_named_with_a_newline_is_refused(tmp_path: Path) -> None:
     archive = write_tar(tmp_path / "dev.tar", [(entry("tty\nx", tarfile.CHRTYPE), b"")])
     line = fails(tmp_path, str(archive), "-o", str(tmp_path / "out.img"))
     assert "newline" in line
+
+
+def test_an_output_directory_named_with_a_newline(tmp_path: Path) -> None:
+    """The build works beside its output: no byte of that path goes into a
+    debugfs script (the xattr values' files are named from where debugfs
+    runs), so a newline in it is no reason to fail."""
+    archive = write_tar(tmp_path / "x.tar", [
+        (entry("f", pax={"SCHILY.xattr.user.k": "val"}), b"data")])
+    where = tmp_path / "out\nput"
+    where.mkdir()
+    out = where / "sq.img"
+    result = dmoverlay("-q", "build", str(archive), "-o", str(out), "--free", "8M",
+                       "--disk", str(where / "d.img"))
+    assert result.returncode == 0, result.stderr
+    rootfs = tmp_path / "rootfs.img"
+    with open(rootfs, "wb") as f:
+        subprocess.run(["unsquashfs", "-cat", str(out), "LiveOS/rootfs.img"], stdout=f,
+                       check=True)
+    listed = subprocess.run(["debugfs", "-R", "ea_list /f", str(rootfs)], capture_output=True,
+                            text=True, check=True).stdout
+    assert 'user.k (3) = "val"' in listed

@@ -3,6 +3,7 @@ result is loop-mounted (as root) and compared with the source entry by entry."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from dmoverlay.build import ext4
+from dmoverlay.build.source import read_directory
 from tests import samples
 from tests.conftest import dmoverlay
 from tests.treecheck import describe, differences, hardlink_groups, mounted_rootfs
@@ -149,3 +152,46 @@ def test_label_size_and_uuid_options(plain_tree: Path, tmp_path: Path) -> None:
     assert f"Filesystem UUID:          {fs_uuid}" in sb
     fsck = subprocess.run(["e2fsck", "-fn", str(rootfs)], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout
+
+
+def test_output_directory_named_like_debugfs_options(plain_tree: Path, tmp_path: Path) -> None:
+    """debugfs reads "?" in a device name as its options: an output
+    directory named "o?offset=4096" is written all the same, the squashfs
+    and the disk image alike, and both are what the same build writes
+    elsewhere."""
+    odd = tmp_path / "o?offset=4096"
+    odd.mkdir()
+    plain = tmp_path / "elsewhere"
+    plain.mkdir()
+    for where in (odd, plain):
+        build_ok(str(plain_tree), "-o", str(where / "sq.img"), "--disk", str(where / "d.img"),
+                 "--free", "8M", env={"SOURCE_DATE_EPOCH": "1700000000"})
+    assert (odd / "sq.img").read_bytes() == (plain / "sq.img").read_bytes()
+    assert (odd / "d.img").read_bytes() == (plain / "d.img").read_bytes()
+
+
+def test_json_summary_is_what_it_was(plain_tree: Path, tmp_path: Path) -> None:
+    """`build --json` prints, key for key and in this order, the summary it
+    printed before BuildResult had a to_dict()."""
+    out, disk_img = tmp_path / "sq.img", tmp_path / "disk.img"
+    fs_uuid = "0b9d3c2a-5e1f-4a57-8c0d-2f1e3d4c5b6a"
+    result = dmoverlay("-q", "build", str(plain_tree), "-o", str(out), "--free", "8M",
+                       "--uuid", fs_uuid, "-L", "json", "--disk", str(disk_img), "--json",
+                       env={"SOURCE_DATE_EPOCH": "1700000000"})
+    assert result.returncode == 0, result.stderr
+    tree = read_directory(plain_tree)
+    plan = ext4.plan(tree, size=None, free=8 * 1024 * 1024, label="json", fs_uuid=fs_uuid,
+                     epoch=1700000000)
+    expected = {
+        "output": str(out),
+        "squashfs_bytes": out.stat().st_size,
+        "entries": len(tree.entries),
+        "data_bytes": tree.data_bytes(),
+        "rootfs": {"size": plan.size, "inodes": plan.inodes, "label": "json",
+                   "uuid": fs_uuid, "epoch": 1700000000},
+        "disk": str(disk_img),
+    }
+    assert result.stdout == json.dumps(expected, indent=2) + "\n"
+    no_disk = dmoverlay("-q", "build", str(plain_tree), "-o", str(tmp_path / "b.img"),
+                        "--json")
+    assert json.loads(no_disk.stdout)["disk"] is None

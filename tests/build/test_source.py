@@ -8,8 +8,11 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from dmoverlay.build.source import is_tar, read_directory, read_tar
+import pytest
+
+from dmoverlay.build.source import check_name, is_tar, read_directory, read_tar, tar_path
 from dmoverlay.core.entries import Kind
+from dmoverlay.core.errors import SourceError
 from tests import samples
 
 
@@ -84,3 +87,24 @@ def test_directory_manifest(tmp_path: Path) -> None:
     assert by_path["var/sparse.img"].size < 1 << 20
     assert t.newest_mtime() >= 4_102_444_800
     assert os.fspath(t.root) == os.fspath(root)
+
+
+@pytest.mark.parametrize(("name", "path"), [
+    ("./usr/bin/ls", "usr/bin/ls"), ("/etc/passwd", "etc/passwd"), ("a//b/./c/", "a/b/c"),
+    ("./", ""), ("ünï cödé", "ünï cödé"),
+    ("bad\nname", "bad\nname"), ("tab\there", "tab\there"), ("del\x7f", "del\x7f"),
+])
+def test_tar_path(name: str, path: str) -> None:
+    assert tar_path(name) == path
+
+
+@pytest.mark.parametrize("name", ["../x", "a/../../x", "a/..", "x" * 256])
+def test_tar_path_refuses(name: str) -> None:
+    with pytest.raises(SourceError):
+        tar_path(name)
+
+
+def test_name_length_counts_bytes() -> None:
+    check_name("ok", "é" * 127)  # 254 bytes
+    with pytest.raises(SourceError, match="255 bytes"):
+        check_name("long", "é" * 128)

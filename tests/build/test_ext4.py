@@ -1,22 +1,17 @@
-"""The pure parts of a build: sizes, names, times, the debugfs script and the
-mksquashfs command line.  No tools run here."""
+"""rootfs.img's plan (size, inodes, UUID), its mkfs command line and the
+debugfs script that fixes its inodes.  No tools run here."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from dmoverlay.build import ext4
-from dmoverlay.build.source import Entry, Tree, check_name, tar_path
-from dmoverlay.build.squashfs import Compressor, SquashOptions, mksquashfs_argv
-from dmoverlay.core.compress import Compression, detect
+from dmoverlay.build.source import Entry, Tree
 from dmoverlay.core.entries import Kind
 from dmoverlay.core.errors import ImageError, SourceError, UsageError
-from dmoverlay.core.sizes import GiB, KiB, MiB, format_size, parse_size
+from dmoverlay.core.sizes import GiB, MiB
 
 NS = 1_000_000_000
 
@@ -29,77 +24,6 @@ def tree(*entries: Entry, staged: bool = False) -> Tree:
 def file(path: str, size: int = 0, **kw: object) -> Entry:
     return Entry(path, Kind.FILE, 0o644, 0, 0, 10 * NS, size=size, **kw)  # type: ignore[arg-type]
 
-
-# ------------------------------------------------------------------- sizes
-
-@pytest.mark.parametrize(("text", "value"), [
-    ("4096", 4096), ("4K", 4 * KiB), ("512m", 512 * MiB), ("2G", 2 * GiB), ("1.5GiB", 3 * GiB // 2),
-    ("1 T", 1024 * GiB), ("8MB", 8 * MiB),
-])
-def test_parse_size(text: str, value: int) -> None:
-    assert parse_size(text) == value
-
-
-@pytest.mark.parametrize("text", ["", "G", "-1G", "2X", "1e9", "lots"])
-def test_parse_size_rejects(text: str) -> None:
-    with pytest.raises(UsageError):
-        parse_size(text)
-
-
-def test_format_size() -> None:
-    assert [format_size(n) for n in (0, 1023, 1024, 3 * MiB // 2, 5 * GiB, 2048 * GiB)] == [
-        "0 B", "1023 B", "1.0 KiB", "1.5 MiB", "5.0 GiB", "2.0 TiB"]
-
-
-# ------------------------------------------------------------------- times
-
-@pytest.mark.parametrize(("ns", "low", "extra"), [
-    (0, 0, 0),
-    (1_600_000_000 * NS + 123_456_789, 1_600_000_000, 123_456_789 << 2),
-    (-1 * NS, 0xFFFFFFFF, 0),  # 1969: a negative 32-bit value, epoch bits 0
-    (-(2**31) * NS, 0x80000000, 0),
-    (2**31 * NS, 0x80000000, 1),  # 2038: past the signed 32-bit line
-    (4_102_444_800 * NS, 4_102_444_800 - 2**32, 1),  # 2100
-    ((2**32 + 5) * NS + 7, 5, (7 << 2) | 1),
-])
-def test_time_fields(ns: int, low: int, extra: int) -> None:
-    assert ext4.time_fields(ns) == (low & 0xFFFFFFFF, extra)
-
-
-@given(st.integers(min_value=-(2**31), max_value=2**34 - 2**31 - 1),
-       st.integers(min_value=0, max_value=NS - 1))
-def test_time_fields_round_trip(seconds: int, nanos: int) -> None:
-    """Decoding as the kernel does gives back the time we encoded."""
-    low, extra = ext4.time_fields(seconds * NS + nanos)
-    signed = low - 2**32 if low & 0x80000000 else low
-    assert signed + ((extra & 3) << 32) == seconds
-    assert extra >> 2 == nanos
-
-
-# ------------------------------------------------------------------- names
-
-@pytest.mark.parametrize(("name", "path"), [
-    ("./usr/bin/ls", "usr/bin/ls"), ("/etc/passwd", "etc/passwd"), ("a//b/./c/", "a/b/c"),
-    ("./", ""), ("ünï cödé", "ünï cödé"),
-    ("bad\nname", "bad\nname"), ("tab\there", "tab\there"), ("del\x7f", "del\x7f"),
-])
-def test_tar_path(name: str, path: str) -> None:
-    assert tar_path(name) == path
-
-
-@pytest.mark.parametrize("name", ["../x", "a/../../x", "a/..", "x" * 256])
-def test_tar_path_refuses(name: str) -> None:
-    with pytest.raises(SourceError):
-        tar_path(name)
-
-
-def test_name_length_counts_bytes() -> None:
-    check_name("ok", "é" * 127)  # 254 bytes
-    with pytest.raises(SourceError, match="255 bytes"):
-        check_name("long", "é" * 128)
-
-
-# ------------------------------------------------------------------- plan
 
 def test_default_plan_leaves_two_gib_free() -> None:
     t = tree(file("big", 100 * MiB))
@@ -166,7 +90,10 @@ def test_mkfs_command_pins_what_makes_images_reproducible(tmp_path: Path) -> Non
     assert Path(env["MKE2FS_CONFIG"]).is_file()
 
 
-# ------------------------------------------------------------------- debugfs
+def test_empty_directories_take_a_block_each() -> None:
+    dirs = [Entry(f"d{i}", Kind.DIR, 0o755, 0, 0, 0) for i in range(3000)]
+    assert ext4.usage(tree(*dirs)).blocks >= 3000
+
 
 def script(t: Tree, **kw: object) -> list[bytes]:
     """The fixup script, with inode numbers 100, 101, ... in manifest order."""
@@ -243,53 +170,9 @@ def test_lost_found_gets_the_build_time() -> None:
     assert b'sif "/lost+found" mtime_lo 100' in script(tree())
 
 
-# ------------------------------------------------------------------- squashfs
-
-def test_mksquashfs_command() -> None:
-    argv = mksquashfs_argv(Path("/w/sq"), Path("/w/o.img"), SquashOptions(), epoch=7,
-                           machine="x86_64")
-    assert argv[:3] == ["mksquashfs", "/w/sq", "/w/o.img"]
-    joined = " ".join(argv)
-    assert "-mkfs-time 7 -all-time 7" in joined
-    assert "-comp xz" in joined and "-Xbcj x86" in joined and "-b 131072" in joined
-    arm = mksquashfs_argv(Path("s"), Path("o"), SquashOptions(), epoch=7, machine="aarch64")
-    assert "-Xbcj" not in arm
-    zstd = mksquashfs_argv(Path("s"), Path("o"), SquashOptions(Compressor.ZSTD, 19), epoch=7)
-    assert re.search(r"-comp zstd .*-Xcompression-level 19", " ".join(zstd))
-
-
-@pytest.mark.parametrize(("kw", "words"), [
-    ({"compressor": Compressor.XZ, "level": 3}, "no compression level"),
-    ({"compressor": Compressor.LZ4, "level": 3}, "no compression level"),
-    ({"compressor": Compressor.GZIP, "level": 10}, "1 to 9"),
-    ({"block_size": 2 * MiB}, "power of two"),
-    ({"block_size": 3 * KiB}, "power of two"),
-    ({"block_size": 96 * KiB}, "power of two"),
-])
-def test_squash_options_refused(kw: dict[str, object], words: str) -> None:
-    with pytest.raises(UsageError, match=words):
-        SquashOptions(**kw)  # type: ignore[arg-type]
-
-
-# ------------------------------------------------------------------- compression
-
-@pytest.mark.parametrize(("head", "kind"), [
-    (b"\x1f\x8b\x08\x00", Compression.GZIP), (b"\xfd7zXZ\x00\x00", Compression.XZ),
-    (b"BZh91AY", Compression.BZIP2), (b"\x28\xb5\x2f\xfd\x00", Compression.ZSTD),
-    (b"usr/\x00\x00", Compression.NONE), (b"", Compression.NONE),
-])
-def test_detect_compression(head: bytes, kind: Compression) -> None:
-    assert detect(head) is kind
-
-
 def test_a_device_named_like_an_inode_number_goes_by_path() -> None:
     """debugfs reads "<12>", quoted or not, as inode 12: after mknod, the
     node is named "./<12>"."""
     lines = script(tree(Entry("<12>", Kind.CHAR, 0o600, 0, 0, 0, rdev=(1, 3)), staged=True))
     assert b'rm "./<12>"' in lines and b'mknod "<12>" c 1 3' in lines
     assert b'sif "./<12>" mode 020600' in lines
-
-
-def test_empty_directories_take_a_block_each() -> None:
-    dirs = [Entry(f"d{i}", Kind.DIR, 0o755, 0, 0, 0) for i in range(3000)]
-    assert ext4.usage(tree(*dirs)).blocks >= 3000
