@@ -14,12 +14,9 @@ from dmoverlay.core.cow import PoolStatus, parse_pool_status
 from dmoverlay.core.errors import DmoverlayError, ImageError, UsageError
 from dmoverlay.core.sizes import GiB, MiB
 from dmoverlay.overlay import devspec, persistent
-from dmoverlay.overlay import setup as overlay
 from dmoverlay.overlay.dmtable import (
     Mode,
     Names,
-    State,
-    Step,
     ThinPool,
     cow_file_size,
     layout,
@@ -27,6 +24,11 @@ from dmoverlay.overlay.dmtable import (
     snapshot_table,
     thin_sizes,
 )
+from dmoverlay.overlay.kernel import loops_backed_by
+from dmoverlay.overlay.options import SetupOptions, check_options, overlay_size, ram_bytes
+from dmoverlay.overlay.setup import setup
+from dmoverlay.overlay.state import State, Step
+from dmoverlay.overlay.status import Status
 
 
 def test_names_follow_dracut() -> None:
@@ -87,28 +89,28 @@ def test_spec_matching_nothing() -> None:
 
 def test_overlay_size_defaults_to_half_the_ram_and_warns_past_it(
         capsys: pytest.CaptureFixture[str]) -> None:
-    assert overlay.ram_bytes("MemTotal:       24000000 kB\nMemFree: 1 kB\n") == 24000000 * 1024
-    opts = overlay.SetupOptions(image="x", target=Path("/t"))
-    assert overlay.overlay_size(opts, 8 * GiB) == 4 * GiB
-    big = overlay.SetupOptions(image="x", target=Path("/t"), overlay_size=16 * GiB)
-    assert overlay.overlay_size(big, 8 * GiB) == 16 * GiB
+    assert ram_bytes("MemTotal:       24000000 kB\nMemFree: 1 kB\n") == 24000000 * 1024
+    opts = SetupOptions(image="x", target=Path("/t"))
+    assert overlay_size(opts, 8 * GiB) == 4 * GiB
+    big = SetupOptions(image="x", target=Path("/t"), overlay_size=16 * GiB)
+    assert overlay_size(big, 8 * GiB) == 16 * GiB
     assert "more than this machine's RAM" in capsys.readouterr().err
     with pytest.raises(UsageError):
-        overlay.overlay_size(overlay.SetupOptions("x", Path("/t"), overlay_size=10), GiB)
+        overlay_size(SetupOptions("x", Path("/t"), overlay_size=10), GiB)
 
 
 def test_status_free_is_the_smaller_limit() -> None:
-    s = overlay.Status("live", "/sysroot", "active", used=GiB, total=4 * GiB, ram_free=512 * MiB)
+    s = Status("live", "/sysroot", "active", used=GiB, total=4 * GiB, ram_free=512 * MiB)
     assert s.free == 512 * MiB and s.percent == 25.0
-    full = overlay.Status("live", "/sysroot", "overflow", used=0, total=0, ram_free=GiB)
+    full = Status("live", "/sysroot", "overflow", used=0, total=0, ram_free=GiB)
     assert full.free == 0
 
 
 def test_setup_refuses_without_root_or_snapshot(tmp_path: Path) -> None:
-    opts = overlay.SetupOptions(image=str(tmp_path / "x.img"), target=tmp_path,
+    opts = SetupOptions(image=str(tmp_path / "x.img"), target=tmp_path,
                                 state_dir=tmp_path / "state")
     with pytest.raises(DmoverlayError):
-        overlay.setup(opts)  # here: root, but no device-mapper (or not root elsewhere)
+        setup(opts)  # here: root, but no device-mapper (or not root elsewhere)
     assert not (tmp_path / "state").exists()
 
 
@@ -117,9 +119,9 @@ def test_loops_backed_by_reads_sysfs(tmp_path: Path) -> None:
         d = tmp_path / f"block/loop{n}/loop"
         d.mkdir(parents=True)
         (d / "backing_file").write_text(backing + "\n")
-    assert overlay.loops_backed_by("/a/rootfs.img", sysfs=tmp_path) == ["/dev/loop0",
+    assert loops_backed_by("/a/rootfs.img", sysfs=tmp_path) == ["/dev/loop0",
                                                                       "/dev/loop7"]
-    assert overlay.loops_backed_by("/c", sysfs=tmp_path) == []
+    assert loops_backed_by("/c", sysfs=tmp_path) == []
 
 
 # ------------------------------------------------------------------ persistent overlays
@@ -265,19 +267,19 @@ def test_store_sizes() -> None:
 ])
 def test_option_combinations_refused(kwargs: dict[str, Any], words: str) -> None:
     with pytest.raises(UsageError, match=words):
-        overlay.check_options(overlay.SetupOptions("x", Path("/t"), **kwargs))
+        check_options(SetupOptions("x", Path("/t"), **kwargs))
 
 
 def test_modes_and_accepted_combinations() -> None:
-    def opts(**kwargs: Any) -> overlay.SetupOptions:
-        return overlay.SetupOptions("x", Path("/t"), **kwargs)
+    def opts(**kwargs: Any) -> SetupOptions:
+        return SetupOptions("x", Path("/t"), **kwargs)
     assert opts().mode is Mode.RAM
     assert opts(overlay="/o").mode is Mode.PERSISTENT
     assert opts(overlay="/o", overlay_readonly=True).mode is Mode.READONLY
     for ok in (opts(overlay_thin=True), opts(overlay="/o", overlay_readonly=True,
                                              overlay_thin=True),
                opts(overlay="/o", overlay_reset=True), opts(overlay="LABEL=A:/o")):
-        overlay.check_options(ok)
+        check_options(ok)
 
 
 def test_old_state_files_still_load() -> None:

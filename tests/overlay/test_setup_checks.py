@@ -9,19 +9,17 @@ from pathlib import Path
 import pytest
 
 from dmoverlay.core.errors import DmoverlayError
-from dmoverlay.overlay.dmtable import State, Step
-from dmoverlay.overlay.setup import (
-    OverlayError,
-    _dm_exists,
+from dmoverlay.overlay.errors import OverlayError
+from dmoverlay.overlay.kernel import (
     _module_present,
-    check_state,
+    dm_exists,
     fs_module,
     has_filesystem,
-    load_state,
     require_filesystem,
     require_loop,
-    teardown,
 )
+from dmoverlay.overlay.state import State, Step, check_state, load_state
+from dmoverlay.overlay.teardown import teardown
 
 
 def _dm(sysfs: Path, index: int, name: str) -> None:
@@ -33,10 +31,10 @@ def test_dm_exists_by_name(tmp_path: Path) -> None:
     _dm(tmp_path, 0, "live-rw")
     _dm(tmp_path, 3, "live-base")
     (tmp_path / "block/loop0").mkdir()
-    assert _dm_exists("live-rw", tmp_path)
-    assert _dm_exists("live-base", tmp_path)
-    assert not _dm_exists("live", tmp_path)  # a prefix is not the name
-    assert not _dm_exists("live-ro", tmp_path)
+    assert dm_exists("live-rw", tmp_path)
+    assert dm_exists("live-base", tmp_path)
+    assert not dm_exists("live", tmp_path)  # a prefix is not the name
+    assert not dm_exists("live-ro", tmp_path)
 
 
 def test_module_present(tmp_path: Path) -> None:
@@ -76,9 +74,9 @@ def test_missing_filesystem_is_one_line(tmp_path: Path) -> None:
 
 def test_missing_loop_control_is_one_line(tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("dmoverlay.overlay.setup._modprobe", lambda module: None)
-    monkeypatch.setattr("dmoverlay.overlay.setup.time.sleep", lambda seconds: None)
-    monkeypatch.setattr("dmoverlay.overlay.setup._ready", set())
+    monkeypatch.setattr("dmoverlay.overlay.kernel._modprobe", lambda module: None)
+    monkeypatch.setattr("dmoverlay.overlay.kernel.time.sleep", lambda seconds: None)
+    monkeypatch.setattr("dmoverlay.overlay.kernel._ready", set())
     with pytest.raises(OverlayError, match="no loop devices"):
         require_loop(tmp_path / "loop-control")
     (tmp_path / "loop-control").touch()
