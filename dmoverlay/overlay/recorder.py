@@ -12,7 +12,7 @@ from dmoverlay.overlay import blockdev
 from dmoverlay.overlay.dmtable import Device
 from dmoverlay.overlay.errors import OverlayError
 from dmoverlay.overlay.kernel import require_filesystem, require_loop
-from dmoverlay.overlay.state import State, Step
+from dmoverlay.overlay.state import State, Step, StepKind
 
 
 class Recorder:
@@ -37,26 +37,26 @@ class Recorder:
             raise OverlayError(f"{path} exists already", hint="a setup under this name "
                                "died before it noted it, or something planted it: look at "
                                "it, remove it, try again") from None
-        self.add(Step("dir", os.fspath(path)))
+        self.add(Step(StepKind.DIR, os.fspath(path)))
         return path
 
     def loop(self, file: str, *, read_only: bool, offset: int = 0, size: int = 0) -> str:
         # the device is known only once attached: until then its backing file
         # is what teardown looks for
         require_loop()
-        step = self.add(Step("loop", "", backing=os.path.realpath(file)))
+        step = self.add(Step(StepKind.LOOP, "", backing=os.path.realpath(file)))
         step.what = blockdev.loop_setup(file, read_only=read_only, offset=offset, size=size)
         self.state.save(self.path)
         return step.what
 
     def mount(self, device: str, where: Path, *, fstype: str, options: str) -> Path:
         require_filesystem(fstype)
-        self.add(Step("mount", os.fspath(where)))
+        self.add(Step(StepKind.MOUNT, os.fspath(where)))
         blockdev.mount(device, where, fstype=fstype, options=options)
         return where
 
     def dm(self, device: Device) -> str:
-        self.add(Step("dm", device.name))
+        self.add(Step(StepKind.DM, device.name))
         argv = ["dmsetup", "create", device.name, "--table", device.table]
         run([*argv, "--readonly"] if device.read_only else argv)
         node = Path("/dev/mapper") / device.name
@@ -75,7 +75,7 @@ class Recorder:
         kept by a teardown after it succeeded."""
         try:
             with open(path, "xb") as f:  # never someone else's file
-                self.add(Step("newfile", os.fspath(path)))
+                self.add(Step(StepKind.NEWFILE, os.fspath(path)))
                 # allocated now: a store that finds its disk full halfway is
                 # marked invalid by the kernel, and everything in it is lost
                 os.posix_fallocate(f.fileno(), 0, size)

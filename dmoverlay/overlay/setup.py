@@ -29,7 +29,7 @@ from dmoverlay.overlay.kernel import device_sectors, dm_exists, require_root, re
 from dmoverlay.overlay.media import find_rootfs, read_head
 from dmoverlay.overlay.options import SetupOptions, check_options, overlay_size, ram_bytes
 from dmoverlay.overlay.recorder import Recorder
-from dmoverlay.overlay.state import State, Step, check_state_dir, state_path
+from dmoverlay.overlay.state import State, Step, StepKind, check_state_dir, state_path
 from dmoverlay.overlay.store import persistent_store
 from dmoverlay.overlay.teardown import unwind
 
@@ -130,7 +130,7 @@ def _ram_place(rec: Recorder, opts: SetupOptions, work: Path, need: int, size: i
 def _sparse_file(rec: Recorder, path: Path, size: int) -> Path:
     with open(path, "xb") as f:  # never someone else's file
         f.truncate(size)  # sparse: RAM is taken only as the overlay fills
-    rec.add(Step("file", os.fspath(path)))
+    rec.add(Step(StepKind.FILE, os.fspath(path)))
     return path
 
 

@@ -11,6 +11,7 @@ import stat
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,36 @@ from dmoverlay.overlay.dmtable import Mode, Names
 from dmoverlay.overlay.errors import NoOverlay, OverlayError
 
 
+class StepKind(StrEnum):
+    """What a step attached, and so how teardown undoes it (the values are
+    what state files hold)."""
+
+    DIR = "dir"  # a directory setup made: removed once empty
+    MOUNT = "mount"
+    LOOP = "loop"
+    DM = "dm"
+    FILE = "file"  # a sparse COW or thin-pool file in RAM
+    NEWFILE = "newfile"  # a persistent overlay file this setup made
+
+
 @dataclass
 class Step:
     """One thing setup attached, and what undoes it."""
 
-    kind: str  # mount | loop | dm | dir | file
+    kind: StepKind
     what: str  # mount point, loop device, dm name, path
     backing: str = ""  # loop: its file
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Step:
+        """A step as a state file holds it: ValueError for a kind no setup
+        records (a state file is input like any other)."""
+        step = cls(**record)
+        try:
+            step.kind = StepKind(step.kind)
+        except ValueError:
+            raise ValueError(f"a step of unknown kind {step.kind!r}") from None
+        return step
 
 
 @dataclass
@@ -49,7 +73,7 @@ class State:
     @classmethod
     def from_json(cls, text: str) -> State:
         data: dict[str, Any] = json.loads(text)
-        steps = [Step(**s) for s in data.pop("steps", [])]
+        steps = [Step.from_record(s) for s in data.pop("steps", [])]
         return cls(**data, steps=steps)
 
     def save(self, path: Path) -> None:
@@ -128,24 +152,23 @@ def check_state(state: State, state_dir: Path, name: str) -> None:
     dirs = {work}  # mount points are directories setup made (or the target)
     names = Names(name).all()
     files = (f"{name}.cow", f"{name}.thin-meta", f"{name}.thin-data")
-    allowed: dict[str, Callable[[Step], bool]] = {
-        "dir": lambda s: s.what == work or (os.path.dirname(s.what) == work
-                                            and os.path.basename(s.what) not in ("", ".", "..")),
-        "mount": lambda s: s.what in dirs or s.what == state.target,
-        "dm": lambda s: s.what in names,
-        "loop": lambda s: (not s.what or bool(_LOOP.fullmatch(s.what)))
+    allowed: dict[StepKind, Callable[[Step], bool]] = {
+        StepKind.DIR: lambda s: s.what == work or (
+            os.path.dirname(s.what) == work and os.path.basename(s.what) not in ("", ".", "..")),
+        StepKind.MOUNT: lambda s: s.what in dirs or s.what == state.target,
+        StepKind.DM: lambda s: s.what in names,
+        StepKind.LOOP: lambda s: (not s.what or bool(_LOOP.fullmatch(s.what)))
         and os.path.isabs(s.backing),
-        "file": lambda s: os.path.isabs(s.what) and os.path.normpath(s.what) == s.what
+        StepKind.FILE: lambda s: os.path.isabs(s.what) and os.path.normpath(s.what) == s.what
         and os.path.basename(s.what) in files,
         # removed only while setup is unfinished, and only if it holds a store
-        "newfile": lambda s: os.path.isabs(s.what),
+        StepKind.NEWFILE: lambda s: os.path.isabs(s.what),
     }
     for step in state.steps:
         if not isinstance(step.what, str) or not isinstance(step.backing, str) \
-                or not isinstance(step.kind, str):
+                or not isinstance(step.kind, StepKind):
             raise ValueError(f"a step of unknown form: {step!r}")
-        ok = allowed.get(step.kind)
-        if ok is None or not ok(step):
+        if not allowed[step.kind](step):
             raise ValueError(f"a {step.kind} step setup would not record: {step.what!r}")
-        if step.kind == "dir":
+        if step.kind is StepKind.DIR:
             dirs.add(step.what)

@@ -15,6 +15,7 @@ from dmoverlay.overlay.kernel import device_sectors, is_block, loops_backed_by, 
 from dmoverlay.overlay.media import fs_type, label_uuid, read_head
 from dmoverlay.overlay.options import SetupOptions
 from dmoverlay.overlay.recorder import Recorder
+from dmoverlay.overlay.state import StepKind
 
 
 def persistent_store(rec: Recorder, opts: SetupOptions, work: Path, medium: str) -> str:
@@ -67,7 +68,7 @@ def _overlay_device(rec: Recorder, text: str, *, read_only: bool) -> str:
 def _our_mount(rec: Recorder, dev: str) -> Path | None:
     """Where this setup mounted `dev` already, if it did."""
     where = mounted_at(os.stat(dev).st_rdev) if is_block(dev) else ""
-    ours = {step.what for step in rec.state.steps if step.kind == "mount"}
+    ours = {step.what for step in rec.state.steps if step.kind is StepKind.MOUNT}
     return Path(where) if where in ours else None
 
 

@@ -16,7 +16,7 @@ from dmoverlay.core.run import run
 from dmoverlay.overlay import blockdev, persistent
 from dmoverlay.overlay.errors import NoOverlay, OverlayError
 from dmoverlay.overlay.kernel import dm_exists, loops_backed_by, require_root
-from dmoverlay.overlay.state import State, Step, load_state
+from dmoverlay.overlay.state import State, Step, StepKind, load_state
 
 
 def teardown(state_dir: Path, name: str) -> State | None:
@@ -42,18 +42,18 @@ def unwind(state: State, path: Path) -> None:
 
 
 def _undo(step: Step, *, complete: bool) -> None:
-    if step.kind == "mount":
+    if step.kind is StepKind.MOUNT:
         if os.path.ismount(step.what):
             _retry(lambda: blockdev.unmount(step.what), what=step.what)
-    elif step.kind == "dm":
+    elif step.kind is StepKind.DM:
         if dm_exists(step.what):
             _retry(lambda: run(["dmsetup", "remove", step.what]), what=f"/dev/mapper/{step.what}")
-    elif step.kind == "loop":
+    elif step.kind is StepKind.LOOP:
         for dev in [step.what] if step.what else loops_backed_by(step.backing):
             blockdev.loop_teardown(dev, backing=step.backing)
-    elif step.kind == "file" or (step.kind == "newfile" and not complete):
-        _remove_ours(step.what, store=step.kind == "newfile")
-    elif step.kind == "dir" and not os.path.ismount(step.what):
+    elif step.kind is StepKind.FILE or (step.kind is StepKind.NEWFILE and not complete):
+        _remove_ours(step.what, store=step.kind is StepKind.NEWFILE)
+    elif step.kind is StepKind.DIR and not os.path.ismount(step.what):
         # a mount point or the directory holding them: empty once unmounted;
         # anything else in it is not ours to delete
         with suppress(FileNotFoundError, NotADirectoryError):

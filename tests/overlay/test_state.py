@@ -3,6 +3,7 @@ that leaves the state directory, a link, a fifo, steps setup would not record)."
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -10,12 +11,14 @@ import pytest
 
 from dmoverlay.core.errors import DmoverlayError
 from dmoverlay.core.sizes import GiB
-from dmoverlay.overlay.state import State, Step, check_state, load_state
+from dmoverlay.overlay.errors import OverlayError
+from dmoverlay.overlay.state import State, Step, StepKind, check_state, load_state
 from tests.overlay.statefiles import make_state, plant
 
 
 def test_state_round_trip(tmp_path: Path) -> None:
-    state = State("live", "/sysroot", "LABEL=x", GiB, steps=[Step("loop", "/dev/loop3", "/a")])
+    state = State("live", "/sysroot", "LABEL=x", GiB,
+                  steps=[Step(StepKind.LOOP, "/dev/loop3", "/a")])
     state.save(tmp_path / "live.json")
     assert State.from_json((tmp_path / "live.json").read_text()) == state
 
@@ -29,13 +32,14 @@ def test_old_state_files_still_load() -> None:
 def _setup_like(top: Path) -> State:
     """The steps a RAM-overlay setup records."""
     work = top / "state/live"
-    return make_state(top, Step("dir", f"{work}"), Step("dir", f"{work}/squashfs"),
-                       Step("loop", "/dev/loop0", backing="/media/LiveOS/squashfs.img"),
-                       Step("mount", f"{work}/squashfs"), Step("loop", "", backing="/x/rootfs.img"),
-                       Step("dir", f"{work}/cow"), Step("mount", f"{work}/cow"),
-                       Step("file", f"{work}/cow/live.cow"), Step("dm", "live-base"),
-                       Step("dm", "live-rw"), Step("mount", f"{top}/sysroot"),
-                       Step("newfile", "/media/overlay.img"))
+    return make_state(top, Step(StepKind.DIR, f"{work}"), Step(StepKind.DIR, f"{work}/squashfs"),
+                       Step(StepKind.LOOP, "/dev/loop0", backing="/media/LiveOS/squashfs.img"),
+                       Step(StepKind.MOUNT, f"{work}/squashfs"),
+                       Step(StepKind.LOOP, "", backing="/x/rootfs.img"),
+                       Step(StepKind.DIR, f"{work}/cow"), Step(StepKind.MOUNT, f"{work}/cow"),
+                       Step(StepKind.FILE, f"{work}/cow/live.cow"), Step(StepKind.DM, "live-base"),
+                       Step(StepKind.DM, "live-rw"), Step(StepKind.MOUNT, f"{top}/sysroot"),
+                       Step(StepKind.NEWFILE, "/media/overlay.img"))
 
 
 def test_a_state_as_setup_records_it_passes(tmp_path: Path) -> None:
@@ -43,14 +47,14 @@ def test_a_state_as_setup_records_it_passes(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("step", [
-    Step("dir", "/"), Step("dir", "{work}/../.."), Step("dir", "{work}/.."),
-    Step("dir", "{work}/a/b"), Step("mount", "/etc"), Step("dm", "root"),
-    Step("loop", "/dev/sda"), Step("loop", "", backing="relative"),
-    Step("file", "/etc/shadow"), Step("file", "{work}/cow/other.cow"),
-    Step("file", "/etc/../srv/live.cow"),
-    Step("newfile", "relative.img"), Step("exec", "rm -rf /"),
+    Step(StepKind.DIR, "/"), Step(StepKind.DIR, "{work}/../.."), Step(StepKind.DIR, "{work}/.."),
+    Step(StepKind.DIR, "{work}/a/b"), Step(StepKind.MOUNT, "/etc"), Step(StepKind.DM, "root"),
+    Step(StepKind.LOOP, "/dev/sda"), Step(StepKind.LOOP, "", backing="relative"),
+    Step(StepKind.FILE, "/etc/shadow"), Step(StepKind.FILE, "{work}/cow/other.cow"),
+    Step(StepKind.FILE, "/etc/../srv/live.cow"),
+    Step(StepKind.NEWFILE, "relative.img"), Step("exec", "rm -rf /"),  # type: ignore[arg-type]
     Step(["dir"], "/"),  # type: ignore[arg-type]
-    Step("dir", 7),  # type: ignore[arg-type]
+    Step(StepKind.DIR, 7),  # type: ignore[arg-type]
 ])
 def test_a_step_setup_would_not_record_is_refused(tmp_path: Path, step: Step) -> None:
     step.what = step.what.replace("{work}", f"{tmp_path}/state/live") \
@@ -108,3 +112,25 @@ def test_state_saved_over_a_planted_link_does_not_write_through(tmp_path: Path) 
     make_state(tmp_path).save(tmp_path / "live.json")
     assert victim.read_text() == "keep me\n"
     assert State.from_json((tmp_path / "live.json").read_text()) == make_state(tmp_path)
+
+
+def test_step_kinds_of_a_state_file_load_as_kinds(tmp_path: Path) -> None:
+    """State files hold the kinds as the words they always held ("dir",
+    "loop"...): those written before StepKind load, as members."""
+    text = _setup_like(tmp_path).to_json()
+    words = [step["kind"] for step in json.loads(text)["steps"]]
+    assert words[:5] == ["dir", "dir", "loop", "mount", "loop"]
+    plant(tmp_path / "state", text)
+    state, _ = load_state(tmp_path / "state", "live")
+    assert [step.kind for step in state.steps] == words
+    assert all(isinstance(step.kind, StepKind) for step in state.steps)
+
+
+@pytest.mark.parametrize("kind", ['"exec"', '["dir"]', "7", "null", '"DIR"'])
+def test_a_step_of_unknown_kind_in_a_state_file_is_one_line(tmp_path: Path, kind: str) -> None:
+    good = make_state(tmp_path, Step(StepKind.DM, "live-rw")).to_json()
+    assert '"kind": "dm"' in good
+    plant(tmp_path / "state", good.replace('"kind": "dm"', f'"kind": {kind}'))
+    with pytest.raises(OverlayError, match="unknown kind") as exc:
+        load_state(tmp_path / "state", "live")
+    assert "\n" not in exc.value.message and exc.value.hint
