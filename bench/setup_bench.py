@@ -49,7 +49,7 @@ from dmoverlay.core import log
 from dmoverlay.core.errors import DmoverlayError
 from dmoverlay.core.run import clean_env
 from dmoverlay.overlay import setup as overlay
-from dmoverlay.overlay.options import SetupOptions
+from dmoverlay.overlay.options import SetupOptions, parse_image
 from dmoverlay.overlay.state import load_state
 from dmoverlay.overlay.status import status
 from dmoverlay.overlay.teardown import teardown
@@ -228,7 +228,7 @@ class Place:
     size: int
 
     def options(self) -> SetupOptions:
-        return SetupOptions(image=os.fspath(self.image), target=self.target,
+        return SetupOptions(image=parse_image(os.fspath(self.image)), target=self.target,
                             name=self.name, overlay_size=self.size, state_dir=self.work)
 
 

@@ -12,7 +12,7 @@ from dmoverlay.cli.options import SIZE
 from dmoverlay.core.sizes import format_size
 from dmoverlay.overlay.dmtable import Mode
 from dmoverlay.overlay.options import STATE_DIR as DEFAULT_STATE_DIR
-from dmoverlay.overlay.options import SetupOptions
+from dmoverlay.overlay.options import SetupOptions, parse_image, parse_overlay
 from dmoverlay.overlay.setup import setup
 from dmoverlay.overlay.state import State
 from dmoverlay.overlay.status import status
@@ -64,11 +64,12 @@ def setup_command(image: str, target: Path, name: str, overlay_size: int | None,
     """Make IMAGE writable at TARGET: IMAGE is a squashfs.img, a rootfs.img, a disk
     image or device holding LiveOS/squashfs.img, or LABEL=, UUID=, PARTUUID=,
     PARTLABEL=, CDLABEL=."""
+    # the texts are parsed here, once: setup's steps get the parsed values
     state = setup(SetupOptions(
-        image=image, target=target, name=name, overlay_size=overlay_size, live_dir=live_dir,
-        squashfs_name=squashfs_name, tmpfs_dir=tmpfs_dir, state_dir=state_dir,
-        overlay=overlay_spec, overlay_reset=overlay_reset, overlay_readonly=overlay_readonly,
-        overlay_thin=overlay_thin))
+        image=parse_image(image), target=target, name=name, overlay_size=overlay_size,
+        live_dir=live_dir, squashfs_name=squashfs_name, tmpfs_dir=tmpfs_dir, state_dir=state_dir,
+        overlay=parse_overlay(overlay_spec), overlay_reset=overlay_reset,
+        overlay_readonly=overlay_readonly, overlay_thin=overlay_thin))
     click.echo(f"{name}: {image} writable at {state.target} ({_where_writes_go(state)})")
 
 

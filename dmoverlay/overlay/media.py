@@ -13,7 +13,7 @@ from pathlib import Path
 from dmoverlay.core.errors import DmoverlayError, ImageError, UsageError
 from dmoverlay.core.run import run
 from dmoverlay.core.superblock import Kind, detect, parse_squashfs
-from dmoverlay.overlay import devspec, persistent
+from dmoverlay.overlay import devspec
 from dmoverlay.overlay.dmtable import SECTOR, Mode
 from dmoverlay.overlay.kernel import is_block
 from dmoverlay.overlay.options import SetupOptions
@@ -25,8 +25,7 @@ ROOTFS_NAMES = ("rootfs.img", "ext3fs.img")  # dracut's order
 def find_rootfs(rec: Recorder, opts: SetupOptions, work: Path) -> tuple[Path, str]:
     """Follow the image down to LiveOS/rootfs.img, mounting what is on the way;
     also the live medium (dracut's livedev, which names the auto overlay)."""
-    spec = devspec.parse(opts.image)
-    source = devspec.resolve(spec) if spec else opts.image
+    source = devspec.find(opts.image)
     if not os.path.exists(source):
         raise UsageError(f"{source}: no such file or device")
     kind = _kind_of(source)
@@ -41,7 +40,7 @@ def find_rootfs(rec: Recorder, opts: SetupOptions, work: Path) -> tuple[Path, st
     for name in ROOTFS_NAMES:
         if (media / opts.live_dir / name).is_file():
             return media / opts.live_dir / name, medium
-    raise ImageError(f"{opts.image}: no {opts.live_dir}/{opts.squashfs_name} nor "
+    raise ImageError(f"{opts.image.text}: no {opts.live_dir}/{opts.squashfs_name} nor "
                      f"{opts.live_dir}/rootfs.img on it",
                      hint="check --live-dir and --squashfs-name (rd.live.dir, rd.live.squashimg)")
 
@@ -81,21 +80,17 @@ def _media(rec: Recorder, opts: SetupOptions, work: Path, source: str,
         rec.mount(dev, where, fstype=fstype, options="rw" if _holds_overlay(opts, dev) else "ro")
         if (where / opts.live_dir).is_dir():
             return where, dev
-    raise ImageError(f"{opts.image}: no filesystem on it holds {opts.live_dir}/",
+    raise ImageError(f"{opts.image.text}: no filesystem on it holds {opts.live_dir}/",
                      hint="check --live-dir (rd.live.dir)")
 
 
 def _holds_overlay(opts: SetupOptions, dev: str) -> bool:
     """Is this block device the one a read-write persistent overlay is on?"""
-    if opts.mode is not Mode.PERSISTENT or not is_block(dev):
+    where = opts.overlay.where if opts.overlay and opts.mode is Mode.PERSISTENT else None
+    if where is None or not is_block(dev):
         return False
-    assert opts.overlay is not None
-    device = persistent.parse_spec(opts.overlay).device
-    if device is None:
-        return False
-    spec = devspec.parse(device)
     with suppress(DmoverlayError, OSError):
-        named = devspec.resolve(spec) if spec else device
+        named = devspec.find(where)
         return is_block(named) and os.stat(named).st_rdev == os.stat(dev).st_rdev
     return False
 

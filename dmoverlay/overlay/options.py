@@ -1,5 +1,8 @@
 """What one setup is asked for, decided without touching the system: the
-options, the combinations that mean nothing, and the RAM layer's size."""
+options, the combinations that mean nothing, and the RAM layer's size.
+
+The texts (IMAGE, --overlay) are parsed once, where the options are made
+(`parse_image`, `parse_overlay`): setup's steps get the parsed values."""
 
 from __future__ import annotations
 
@@ -9,16 +12,17 @@ from pathlib import Path
 from dmoverlay.core import log
 from dmoverlay.core.errors import UsageError
 from dmoverlay.core.sizes import MiB, format_size
-from dmoverlay.overlay import persistent
+from dmoverlay.overlay import devspec, persistent
 from dmoverlay.overlay.dmtable import Mode
 from dmoverlay.overlay.errors import OverlayError
+from dmoverlay.overlay.persistent import OverlaySpec
 
 STATE_DIR = Path("/run/dmoverlay")
 
 
 @dataclass(frozen=True)
 class SetupOptions:
-    image: str
+    image: devspec.Location  # a squashfs.img, rootfs.img, disk or medium; file or device
     target: Path
     name: str = "live"
     overlay_size: int | None = None  # RAM layer (None: half the RAM); or a new overlay file
@@ -26,7 +30,7 @@ class SetupOptions:
     squashfs_name: str = "squashfs.img"
     tmpfs_dir: Path | None = None  # an existing tmpfs for the COW file; else our own
     state_dir: Path = STATE_DIR
-    overlay: str | None = None  # persistent overlay: DEVICE:PATH, DEVICE or FILE
+    overlay: OverlaySpec | None = None  # persistent overlay: DEVICE:PATH, DEVICE or FILE
     overlay_reset: bool = False  # start the persistent overlay afresh
     overlay_readonly: bool = False  # show it, keep new writes in RAM
     overlay_thin: bool = False  # RAM layer as a thin volume: fstrim gives RAM back
@@ -38,6 +42,19 @@ class SetupOptions:
         return Mode.READONLY if self.overlay_readonly else Mode.PERSISTENT
 
 
+def parse_image(text: str) -> devspec.Location:
+    """IMAGE: a path, or a device spec (LABEL=, UUID=...) that blkid resolves."""
+    try:
+        return devspec.location(text)
+    except UsageError as exc:
+        raise UsageError(f"IMAGE {text}: {exc.message}", hint=exc.hint) from None
+
+
+def parse_overlay(text: str | None) -> OverlaySpec | None:
+    """--overlay: where the persistent overlay is (None: no persistent overlay)."""
+    return None if text is None else persistent.parse_spec(text)
+
+
 def check_options(opts: SetupOptions) -> None:
     """Combinations that mean nothing, refused before anything is touched."""
     if opts.overlay is None:
@@ -47,7 +64,6 @@ def check_options(opts: SetupOptions) -> None:
                 raise UsageError(f"{flag} needs --overlay",
                                  hint="name the persistent overlay: --overlay DEVICE:PATH")
         return
-    persistent.parse_spec(opts.overlay)
     if opts.overlay_reset and opts.overlay_readonly:
         raise UsageError("--overlay-reset and --overlay-readonly contradict each other",
                          hint="a read-only overlay is never written")

@@ -51,7 +51,7 @@ def setup(opts: SetupOptions) -> State:
     if path.exists() or any(dm_exists(n) for n in names.all()):
         raise UsageError(f"an overlay named {opts.name!r} exists already",
                          hint="tear it down first, or give --name")
-    state = State(opts.name, os.fspath(opts.target), opts.image, size,
+    state = State(opts.name, os.fspath(opts.target), opts.image.text, size,
                   mode=opts.mode.value, thin=opts.overlay_thin)
     rec = Recorder(state, path)
     try:
@@ -66,7 +66,7 @@ def setup(opts: SetupOptions) -> State:
 
 def _setup(rec: Recorder, opts: SetupOptions, names: Names, size: int) -> None:
     work = rec.mkdir(opts.state_dir / opts.name)
-    with log.step(f"finding the root filesystem in {opts.image}"):
+    with log.step(f"finding the root filesystem in {opts.image.text}"):
         rootfs, medium = find_rootfs(rec, opts, work)
     with log.step("attaching rootfs.img read-only"):
         base = rec.loop(os.fspath(rootfs), read_only=True)
@@ -74,8 +74,8 @@ def _setup(rec: Recorder, opts: SetupOptions, names: Names, size: int) -> None:
         sectors = device_sectors(base)
     store = ""
     if opts.overlay is not None:
-        with log.step(f"opening the persistent overlay {opts.overlay}"):
-            store = persistent_store(rec, opts, work, medium)
+        with log.step(f"opening the persistent overlay {opts.overlay.text}"):
+            store = persistent_store(rec, opts, opts.overlay, work, medium)
     cow_dev, thin = "", None
     if opts.mode is not Mode.PERSISTENT and opts.overlay_thin:
         with log.step(f"making a {format_size(size)} thin pool in RAM"):

@@ -14,43 +14,42 @@ from dmoverlay.overlay.errors import OverlayError
 from dmoverlay.overlay.kernel import device_sectors, is_block, loops_backed_by, mounted_at
 from dmoverlay.overlay.media import fs_type, label_uuid, read_head
 from dmoverlay.overlay.options import SetupOptions
+from dmoverlay.overlay.persistent import OverlaySpec
 from dmoverlay.overlay.recorder import Recorder
 from dmoverlay.overlay.state import StepKind
 
 
-def persistent_store(rec: Recorder, opts: SetupOptions, work: Path, medium: str) -> str:
-    """The device the persistent store is on: the overlay file on a loop, or a
-    raw partition itself."""
-    assert opts.overlay is not None
-    spec = persistent.parse_spec(opts.overlay)
+def persistent_store(rec: Recorder, opts: SetupOptions, spec: OverlaySpec, work: Path,
+                     medium: str) -> str:
+    """The device the persistent store `spec` is on: the overlay file on a
+    loop, or a raw partition itself."""
     read_only = opts.overlay_readonly
-    if spec.device is None:
+    if spec.where is None:
         assert spec.path is not None
         return _store_device(rec, opts, os.path.abspath(spec.path), raw=False)
-    dev = _overlay_device(rec, spec.device, read_only=read_only)
+    device, dev = spec.where.text, _overlay_device(rec, spec.where, read_only=read_only)
     fstype = fs_type(dev)
     if spec.path is None and fstype in ("", "DM_snapshot_cow"):
         return _store_device(rec, opts, dev, raw=True)
     if not fstype:
-        raise ImageError(f"{spec.device}: holds no filesystem to keep {spec.path} in",
-                         hint=f"give --overlay {spec.device} alone to use the device itself")
+        raise ImageError(f"{device}: holds no filesystem to keep {spec.path} in",
+                         hint=f"give --overlay {device} alone to use the device itself")
     where = _our_mount(rec, dev)  # the live medium itself
     if where is None:
-        _check_not_mounted(dev, spec.device)
+        _check_not_mounted(dev, device)
         where = rec.mkdir(work / "overlay-fs")
         rec.mount(dev, where, fstype=fstype, options="ro" if read_only else "rw")
     if not read_only and os.statvfs(where).f_flag & os.ST_RDONLY:
-        raise OverlayError(f"{spec.device} was mounted read-only",
+        raise OverlayError(f"{device} was mounted read-only",
                            hint="a persistent overlay is written; or give --overlay-readonly")
     inner = spec.path or persistent.auto_path(opts.live_dir, *label_uuid(medium))
     return _store_device(rec, opts, os.fspath(where / inner.lstrip("/")), raw=False,
-                         shown=f"{spec.device}:{inner}")
+                         shown=f"{device}:{inner}")
 
 
-def _overlay_device(rec: Recorder, text: str, *, read_only: bool) -> str:
+def _overlay_device(rec: Recorder, where: devspec.Location, *, read_only: bool) -> str:
     """The block device named by a spec or path; a filesystem image on a loop."""
-    spec = devspec.parse(text)
-    dev = devspec.resolve(spec) if spec else text
+    text, dev = where.text, devspec.find(where)
     if not os.path.exists(dev):
         raise UsageError(f"--overlay {text}: no such file or device")
     if not is_block(dev):
