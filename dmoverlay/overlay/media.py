@@ -96,10 +96,25 @@ def _holds_overlay(opts: SetupOptions, dev: str) -> bool:
 
 
 def _partitions(source: str) -> list[tuple[int, int]]:
-    table = json.loads(run(["sfdisk", "--json", source]).stdout)["partitiontable"]
-    sector = int(table.get("sectorsize", SECTOR))
-    return [(int(p["start"]) * sector, int(p["size"]) * sector)
-            for p in table.get("partitions", [])]
+    # sfdisk, not pyparted as inspect uses: an initramfs has util-linux, seldom
+    # libparted's Python binding, and a file and a device read alike
+    return parse_partitions(run(["sfdisk", "--json", source]).stdout, where=source)
+
+
+def parse_partitions(text: str, *, where: str) -> list[tuple[int, int]]:
+    """(offset, size) in bytes of each partition `sfdisk --json` lists; what
+    it says of a hostile table is input too."""
+    try:
+        table = json.loads(text)["partitiontable"]
+        sector = int(table.get("sectorsize", SECTOR))
+        found = [(int(p["start"]) * sector, int(p["size"]) * sector)
+                 for p in table.get("partitions", [])]
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        sector, found = 0, []
+    if sector <= 0 or any(offset < 0 or size < 0 for offset, size in found):
+        raise ImageError(f"{where}: sfdisk reads no usable partition table",
+                         hint="the disk image is damaged")
+    return found
 
 
 def fs_type(dev: str) -> str:
