@@ -35,22 +35,12 @@ from dmoverlay.overlay.teardown import unwind
 
 
 def setup(opts: SetupOptions) -> State:
-    require_root()
-    names = Names(opts.name)
-    check_options(opts)
-    check_target(opts.target)
-    require_target()
-    if opts.overlay_thin:
-        require_target("thin-pool", "dm-thin-pool", "CONFIG_DM_THIN_PROVISIONING")
+    """Make the overlay `opts` asks for; whatever fails, what was made is undone."""
+    names = _check(opts)
     size = 0  # a persistent overlay's size is its file's
     if opts.mode is not Mode.PERSISTENT:
         size = overlay_size(opts, ram_bytes(Path("/proc/meminfo").read_text()))
-    opts.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    check_state_dir(opts.state_dir)
-    path = state_path(opts.state_dir, opts.name)
-    if path.exists() or any(dm_exists(n) for n in names.all()):
-        raise UsageError(f"an overlay named {opts.name!r} exists already",
-                         hint="tear it down first, or give --name")
+    path = _new_state_path(opts, names)
     state = State(opts.name, os.fspath(opts.target), opts.image.text, size,
                   mode=opts.mode.value, thin=opts.overlay_thin)
     rec = Recorder(state, path)
@@ -62,6 +52,28 @@ def setup(opts: SetupOptions) -> State:
     rec.state.complete = True
     rec.state.save(path)
     return rec.state
+
+
+def _check(opts: SetupOptions) -> Names:
+    """What can be refused before anything is made."""
+    require_root()
+    names = Names(opts.name)
+    check_options(opts)
+    check_target(opts.target)
+    require_target()
+    if opts.overlay_thin:
+        require_target("thin-pool", "dm-thin-pool", "CONFIG_DM_THIN_PROVISIONING")
+    return names
+
+
+def _new_state_path(opts: SetupOptions, names: Names) -> Path:
+    opts.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    check_state_dir(opts.state_dir)
+    path = state_path(opts.state_dir, opts.name)
+    if path.exists() or any(dm_exists(n) for n in names.all()):
+        raise UsageError(f"an overlay named {opts.name!r} exists already",
+                         hint="tear it down first, or give --name")
+    return path
 
 
 def _setup(rec: Recorder, opts: SetupOptions, names: Names, size: int) -> None:
@@ -76,14 +88,7 @@ def _setup(rec: Recorder, opts: SetupOptions, names: Names, size: int) -> None:
     if opts.overlay is not None:
         with log.step(f"opening the persistent overlay {opts.overlay.text}"):
             store = persistent_store(rec, opts, opts.overlay, work, medium)
-    cow_dev, thin = "", None
-    if opts.mode is not Mode.PERSISTENT and opts.overlay_thin:
-        with log.step(f"making a {format_size(size)} thin pool in RAM"):
-            thin = _thin_pool(rec, opts, work, size)
-    elif opts.mode is not Mode.PERSISTENT:
-        with log.step(f"making a {format_size(size)} COW store in RAM"):
-            cow_file = _cow_file(rec, opts, work, size)
-            cow_dev = rec.loop(os.fspath(cow_file), read_only=False)
+    cow_dev, thin = _ram_layer(rec, opts, work, size)
     devices = layout(names, sectors=sectors, base=base, mode=opts.mode, cow=cow_dev,
                      persistent=store, thin=thin)
     rw = ""
@@ -93,6 +98,19 @@ def _setup(rec: Recorder, opts: SetupOptions, names: Names, size: int) -> None:
             rw = node if device.name == names.rw else rw
     with log.step(f"mounting {names.rw} on {opts.target}"):
         rec.mount(rw, opts.target, fstype="ext4", options="")
+
+
+def _ram_layer(rec: Recorder, opts: SetupOptions, work: Path,
+               size: int) -> tuple[str, ThinPool | None]:
+    """The RAM layer's COW device, or its thin pool; neither for a persistent overlay."""
+    if opts.mode is Mode.PERSISTENT:
+        return "", None
+    if opts.overlay_thin:
+        with log.step(f"making a {format_size(size)} thin pool in RAM"):
+            return "", _thin_pool(rec, opts, work, size)
+    with log.step(f"making a {format_size(size)} COW store in RAM"):
+        cow_file = _cow_file(rec, opts, work, size)
+        return rec.loop(os.fspath(cow_file), read_only=False), None
 
 
 def check_target(target: Path) -> None:
