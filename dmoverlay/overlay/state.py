@@ -168,7 +168,8 @@ def check_state(state: State, state_dir: Path, name: str) -> None:
         if not isinstance(step.what, str) or not isinstance(step.backing, str) \
                 or not isinstance(step.kind, StepKind):
             raise ValueError(f"a step of unknown form: {step!r}")
-        if not allowed[step.kind](step):
+        ok = allowed.get(step.kind)
+        if ok is None or not ok(step):
             raise ValueError(f"a {step.kind} step setup would not record: {step.what!r}")
         if step.kind is StepKind.DIR:
             dirs.add(step.what)
