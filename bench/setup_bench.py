@@ -49,6 +49,10 @@ from dmoverlay.core import log
 from dmoverlay.core.errors import DmoverlayError
 from dmoverlay.core.run import clean_env
 from dmoverlay.overlay import setup as overlay
+from dmoverlay.overlay.options import SetupOptions, parse_image
+from dmoverlay.overlay.state import load_state
+from dmoverlay.overlay.status import status
+from dmoverlay.overlay.teardown import teardown
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -223,9 +227,9 @@ class Place:
     name: str
     size: int
 
-    def options(self) -> overlay.SetupOptions:
-        return overlay.SetupOptions(image=os.fspath(self.image), target=self.target,
-                                    name=self.name, overlay_size=self.size, state_dir=self.work)
+    def options(self) -> SetupOptions:
+        return SetupOptions(image=parse_image(os.fspath(self.image)), target=self.target,
+                            name=self.name, overlay_size=self.size, state_dir=self.work)
 
 
 def cli_setup(p: Place) -> None:
@@ -238,7 +242,7 @@ def lib_setup(p: Place) -> None:
 
 
 def lib_teardown(p: Place) -> None:
-    overlay.teardown(p.work, p.name)
+    teardown(p.work, p.name)
 
 
 def shell_setup(p: Place) -> None:
@@ -391,7 +395,7 @@ def cow_used(p: Place) -> int:
 
 
 def cow_ram(p: Place) -> int:
-    state, _ = overlay.load_state(p.work, p.name)
+    state, _ = load_state(p.work, p.name)
     return os.stat(state.cow_file).st_blocks * 512
 
 
@@ -419,7 +423,7 @@ def measure_cow(top: Path, image: Path, update: Update, size: int) -> list[CowRo
             check_written(target, update)
             # what is still to come from the journal's checkpoint and the unmount
             run(["umount", target])
-            row.used_after_umount = overlay.status(place.work, place.name).used
+            row.used_after_umount = status(place.work, place.name).used
         say(f"COW: {method}: {row.delta / MiB:.2f} MiB for {update.data_bytes / MiB:.2f} MiB")
         rows.append(row)
     return rows

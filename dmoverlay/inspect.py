@@ -429,6 +429,7 @@ def _member_region(region: Region, info: Ext4Info, found: Stat, where: str,
 
 
 def _disk(region: Region, scratch: _Scratch) -> DiskReport:
+    # pyparted, not sfdisk as setup uses: the report names each partition's name and type
     import parted  # only disk images need libparted
 
     errors = (parted.DiskException, parted.DiskLabelException, parted.IOException,

@@ -339,7 +339,7 @@ def test_cli_json() -> None:
     for status in Status:
         assert data["summary"][status.value] == sum(c["status"] == status for c in checks)
     assert data["summary"]["ready"]["build"] is True
-    assert {c["name"] for c in checks} >= {"mkfs.ext4", "dm-snapshot", "plugin dm", "root"}
+    assert {c["name"] for c in checks} >= {"mkfs.ext4", "dm-snapshot", "plugin fs", "root"}
 
 
 def test_cli_exit_code_says_whether_build_can_run(tmp_path: Path) -> None:

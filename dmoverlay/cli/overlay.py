@@ -10,11 +10,16 @@ import click
 
 from dmoverlay.cli.options import SIZE
 from dmoverlay.core.sizes import format_size
-from dmoverlay.overlay import setup as overlay
-from dmoverlay.overlay.dmtable import Mode, State
+from dmoverlay.overlay.dmtable import Mode
+from dmoverlay.overlay.options import STATE_DIR as DEFAULT_STATE_DIR
+from dmoverlay.overlay.options import SetupOptions, parse_image, parse_overlay
+from dmoverlay.overlay.setup import setup
+from dmoverlay.overlay.state import State
+from dmoverlay.overlay.status import status
+from dmoverlay.overlay.teardown import teardown
 
 STATE_DIR = click.option("--state-dir", type=click.Path(path_type=Path),
-                         default=overlay.STATE_DIR, show_default=True,
+                         default=DEFAULT_STATE_DIR, show_default=True,
                          help="Where overlays are recorded (and their work directories).")
 NAME = click.option("--name", default="live", show_default=True,
                     help="Overlay name: devices NAME-rw and NAME-base (and NAME-ro, "
@@ -59,11 +64,12 @@ def setup_command(image: str, target: Path, name: str, overlay_size: int | None,
     """Make IMAGE writable at TARGET: IMAGE is a squashfs.img, a rootfs.img, a disk
     image or device holding LiveOS/squashfs.img, or LABEL=, UUID=, PARTUUID=,
     PARTLABEL=, CDLABEL=."""
-    state = overlay.setup(overlay.SetupOptions(
-        image=image, target=target, name=name, overlay_size=overlay_size, live_dir=live_dir,
-        squashfs_name=squashfs_name, tmpfs_dir=tmpfs_dir, state_dir=state_dir,
-        overlay=overlay_spec, overlay_reset=overlay_reset, overlay_readonly=overlay_readonly,
-        overlay_thin=overlay_thin))
+    # the texts are parsed here, once: setup's steps get the parsed values
+    state = setup(SetupOptions(
+        image=parse_image(image), target=target, name=name, overlay_size=overlay_size,
+        live_dir=live_dir, squashfs_name=squashfs_name, tmpfs_dir=tmpfs_dir, state_dir=state_dir,
+        overlay=parse_overlay(overlay_spec), overlay_reset=overlay_reset,
+        overlay_readonly=overlay_readonly, overlay_thin=overlay_thin))
     click.echo(f"{name}: {image} writable at {state.target} ({_where_writes_go(state)})")
 
 
@@ -85,7 +91,7 @@ def _where_writes_go(state: State) -> str:
 def status_command(name: str, state_dir: Path, threshold: float | None, as_json: bool) -> None:
     """How full the overlay's COW store is.  Exit 0; 3 above --threshold;
     4 when the snapshot is full (overflow: writes fail) or invalid."""
-    st = overlay.status(state_dir, name)
+    st = status(state_dir, name)
     if as_json:
         click.echo(json.dumps(st.to_dict(), indent=2))
     else:
@@ -110,7 +116,7 @@ def status_command(name: str, state_dir: Path, threshold: float | None, as_json:
 @STATE_DIR
 def teardown_command(name: str, state_dir: Path) -> None:
     """Unmount and remove the overlay, in reverse order; safe to repeat."""
-    state = overlay.teardown(state_dir, name)
+    state = teardown(state_dir, name)
     click.echo(f"{name}: torn down" if state else f"{name}: nothing to tear down")
 
 

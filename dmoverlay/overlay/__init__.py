@@ -1,6 +1,10 @@
 """`dmoverlay setup / status / teardown`: the boot-time overlay on loop
 devices and device-mapper.
 
-`dmtable` lays out the tables (pure), `persistent` and `devspec` read the
-overlay and device options, `blockdev` is the libblockdev layer, and `setup`
-records each step, unwinds and reports."""
+Decided without touching the system: `options` (what a setup is asked for),
+`dmtable` (names, tables, sizes), `persistent` and `devspec` (the overlay
+and device options).  Touching it: `kernel` (modules, sysfs probes),
+`blockdev` (the libblockdev layer), `recorder` (each attach recorded in the
+`state` before it is made), `setup` with `media` (finding the root
+filesystem) and `store` (the persistent overlay's store), `teardown`
+(undoing the recorded steps) and `status` (how full the COW is)."""

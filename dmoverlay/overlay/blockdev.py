@@ -20,8 +20,10 @@ from typing import Any
 
 from dmoverlay.core.errors import DmoverlayError, UsageError
 
-# The plugins dmoverlay uses, in the order doctor reports them.
-PLUGINS = ("loop", "fs", "dm")
+# The plugins dmoverlay uses, in the order doctor reports them.  Not dm:
+# device-mapper tables go through dmsetup, as libblockdev's dm plugin cannot
+# create snapshot (or thin) targets.
+PLUGINS = ("loop", "fs")
 
 # Newest first: a machine with both typelibs gets the current API.
 API_VERSIONS = ("3.0", "2.0")

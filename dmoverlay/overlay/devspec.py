@@ -29,8 +29,27 @@ def parse(text: str) -> Spec | None:
                              hint=f"use one of {', '.join(k + '=' for k in KEYS)}")
         return None
     if not value:
-        raise UsageError(f"empty device spec {text!r}")
+        raise UsageError(f"empty device spec {text!r}",
+                         hint=f"name the device: {key.upper()}=VALUE")
     return Spec(KEYS[key.upper()], value.replace("\\x20", " "), text)
+
+
+@dataclass(frozen=True)
+class Location:
+    """A device or file as the user named it, parsed once: a spec that blkid
+    resolves when setup needs the device, or a path."""
+
+    text: str  # as written: what messages show
+    spec: Spec | None  # None: `text` is a path
+
+
+def location(text: str) -> Location:
+    return Location(text, parse(text))
+
+
+def find(where: Location) -> str:
+    """The path: the one device a spec matches, or the path as written."""
+    return resolve(where.spec) if where.spec else where.text
 
 
 def resolve(spec: Spec) -> str:

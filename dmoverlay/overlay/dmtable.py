@@ -1,5 +1,6 @@
 """What an overlay is made of, decided without touching the kernel: names,
-device-mapper tables, sizes, and the record that lets teardown undo it.
+device-mapper tables and sizes (the record that lets teardown undo it is
+`state`).
 
 The snapshot store is `PO` (persistent, overflow-aware) with 4 KiB chunks,
 as dracut's dmsquash-live uses for its tmpfs COW:
@@ -33,14 +34,9 @@ scattered write), and it errors when full instead of queueing writes
 
 from __future__ import annotations
 
-import json
-import os
 import re
-from contextlib import suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
-from typing import Any
 
 from dmoverlay.core.cow import THIN_BLOCK_SECTORS
 from dmoverlay.core.errors import UsageError
@@ -174,51 +170,3 @@ def cow_file_size(overlay_size: int) -> int:
     """The sparse COW file: the overlay size, in whole chunks."""
     chunk = CHUNK_SECTORS * SECTOR
     return max(chunk * 16, overlay_size // chunk * chunk)
-
-
-@dataclass
-class Step:
-    """One thing setup attached, and what undoes it."""
-
-    kind: str  # mount | loop | dm | dir | file
-    what: str  # mount point, loop device, dm name, path
-    backing: str = ""  # loop: its file
-
-
-@dataclass
-class State:
-    """What an overlay consists of, written after every step of setup, so
-    that teardown can undo even a setup that died half-way."""
-
-    name: str
-    target: str
-    image: str
-    overlay_size: int
-    cow_file: str = ""
-    mode: str = Mode.RAM.value
-    overlay: str = ""  # the persistent overlay: file or device
-    thin: bool = False
-    steps: list[Step] = field(default_factory=list)
-    complete: bool = False
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> State:
-        data: dict[str, Any] = json.loads(text)
-        steps = [Step(**s) for s in data.pop("steps", [])]
-        return cls(**data, steps=steps)
-
-    def save(self, path: Path) -> None:
-        """Write the state whole, then rename it into place: never through a
-        name someone planted (a link at the temporary name is replaced, not
-        followed)."""
-        tmp = path.with_suffix(".tmp")
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)

@@ -32,18 +32,23 @@ AUTO = "auto"
 
 @dataclass(frozen=True)
 class OverlaySpec:
-    """Where the persistent overlay is.
+    """Where the persistent overlay is, parsed from --overlay's text once.
 
-    device None: `path` is the overlay file itself, on a filesystem that is
-    mounted already.  Otherwise `device` (a LABEL=/UUID=/... spec, a /dev
+    where None: `path` is the overlay file itself, on a filesystem that is
+    mounted already.  Otherwise `where` (a LABEL=/UUID=/... spec, a /dev
     node, or a filesystem image file) is mounted and `path` is the file in
     it; path None is dracut's `auto`: the device itself when it holds no
     filesystem (a raw overlay partition), else /<live dir>/overlay-<label>-<uuid>
     of the live medium."""
 
-    device: str | None
+    where: devspec.Location | None
     path: str | None
     text: str
+
+    @property
+    def device(self) -> str | None:
+        """The device as written: what messages name."""
+        return self.where.text if self.where else None
 
 
 def parse_spec(text: str) -> OverlaySpec:
@@ -54,16 +59,28 @@ def parse_spec(text: str) -> OverlaySpec:
     last ':' followed by '/' or `auto`.  Anything else is a plain file."""
     if not text.strip():
         raise UsageError("empty --overlay", hint="give DEVICE:PATH, DEVICE or FILE")
+    device, path = _split(text)
+    return OverlaySpec(None if device is None else _device(device, text), path, text)
+
+
+def _split(text: str) -> tuple[str | None, str | None]:
+    """(device, path in it; None: auto) as written, or (None, file)."""
     if "=" in text and text.partition("=")[0] in devspec.KEYS:
         device, _, path = text.partition(":")
-        devspec.parse(device)  # an empty value is refused
-        return OverlaySpec(device, _inner_path(path, text), text)
+        return device, _inner_path(path, text)
     head, sep, tail = text.rpartition(":")
     if sep and head and (tail in ("", AUTO) or tail.startswith("/")):
-        return OverlaySpec(head, _inner_path(tail, text), text)
+        return head, _inner_path(tail, text)
     if text.startswith("/dev/"):
-        return OverlaySpec(text, None, text)
-    return OverlaySpec(None, text, text)
+        return text, None
+    return None, text
+
+
+def _device(device: str, text: str) -> devspec.Location:
+    try:
+        return devspec.location(device)
+    except UsageError as exc:
+        raise UsageError(f"--overlay {text}: {exc.message}", hint=exc.hint) from None
 
 
 def _inner_path(path: str, text: str) -> str | None:

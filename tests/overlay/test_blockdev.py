@@ -4,6 +4,7 @@ file that does not exist, a loop device with nothing attached."""
 
 from __future__ import annotations
 
+import ast
 import ctypes
 import os
 import subprocess
@@ -55,6 +56,19 @@ def test_every_plugin_dmoverlay_uses_loads() -> None:
     # fs is the one libblockdev 2.x refuses without xfs, vfat and ntfs tools,
     # unless its init checks are switched off.
     assert blockdev.plugin_status() == dict.fromkeys(blockdev.PLUGINS, True)
+
+
+def test_the_plugins_checked_are_those_the_code_loads() -> None:
+    """doctor checks PLUGINS: every plugin some call loads, and no other (the
+    dm plugin was checked, and a blocker when missing, but never called)."""
+    loaded = set()
+    for path in Path(blockdev.__file__).parents[1].rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(
+                    node.func, "attr", "")) == "load" and node.args \
+                    and isinstance(node.args[0], ast.Constant):  # not doctor's loop over PLUGINS
+                loaded.add(node.args[0].value)
+    assert loaded == set(blockdev.PLUGINS) == {"loop", "fs"}
 
 
 @pytest.mark.parametrize("name", ["nope", "", "loop;rm"])

@@ -1,0 +1,93 @@
+"""What one setup is asked for, decided without touching the system: the
+options, the combinations that mean nothing, and the RAM layer's size.
+
+The texts (IMAGE, --overlay) are parsed once, where the options are made
+(`parse_image`, `parse_overlay`): setup's steps get the parsed values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dmoverlay.core import log
+from dmoverlay.core.errors import UsageError
+from dmoverlay.core.sizes import MiB, format_size
+from dmoverlay.overlay import devspec, persistent
+from dmoverlay.overlay.dmtable import Mode
+from dmoverlay.overlay.errors import OverlayError
+from dmoverlay.overlay.persistent import OverlaySpec
+
+STATE_DIR = Path("/run/dmoverlay")
+
+
+@dataclass(frozen=True)
+class SetupOptions:
+    image: devspec.Location  # a squashfs.img, rootfs.img, disk or medium; file or device
+    target: Path
+    name: str = "live"
+    overlay_size: int | None = None  # RAM layer (None: half the RAM); or a new overlay file
+    live_dir: str = "LiveOS"
+    squashfs_name: str = "squashfs.img"
+    tmpfs_dir: Path | None = None  # an existing tmpfs for the COW file; else our own
+    state_dir: Path = STATE_DIR
+    overlay: OverlaySpec | None = None  # persistent overlay: DEVICE:PATH, DEVICE or FILE
+    overlay_reset: bool = False  # start the persistent overlay afresh
+    overlay_readonly: bool = False  # show it, keep new writes in RAM
+    overlay_thin: bool = False  # RAM layer as a thin volume: fstrim gives RAM back
+
+    @property
+    def mode(self) -> Mode:
+        if self.overlay is None:
+            return Mode.RAM
+        return Mode.READONLY if self.overlay_readonly else Mode.PERSISTENT
+
+
+def parse_image(text: str) -> devspec.Location:
+    """IMAGE: a path, or a device spec (LABEL=, UUID=...) that blkid resolves."""
+    try:
+        return devspec.location(text)
+    except UsageError as exc:
+        raise UsageError(f"IMAGE {text}: {exc.message}", hint=exc.hint) from None
+
+
+def parse_overlay(text: str | None) -> OverlaySpec | None:
+    """--overlay: where the persistent overlay is (None: no persistent overlay)."""
+    return None if text is None else persistent.parse_spec(text)
+
+
+def check_options(opts: SetupOptions) -> None:
+    """Combinations that mean nothing, refused before anything is touched."""
+    if opts.overlay is None:
+        for flag, given in (("--overlay-reset", opts.overlay_reset),
+                            ("--overlay-readonly", opts.overlay_readonly)):
+            if given:
+                raise UsageError(f"{flag} needs --overlay",
+                                 hint="name the persistent overlay: --overlay DEVICE:PATH")
+        return
+    if opts.overlay_reset and opts.overlay_readonly:
+        raise UsageError("--overlay-reset and --overlay-readonly contradict each other",
+                         hint="a read-only overlay is never written")
+    if opts.overlay_thin and not opts.overlay_readonly:
+        raise UsageError("--overlay-thin with --overlay needs --overlay-readonly",
+                         hint="writes go to a persistent overlay itself; only a read-only "
+                              "one has a RAM layer to make thin")
+    if opts.tmpfs_dir is not None and opts.mode is Mode.PERSISTENT:
+        raise UsageError("--tmpfs-dir means nothing with a persistent overlay",
+                         hint="its COW is the overlay file, not RAM")
+
+
+def ram_bytes(meminfo: str) -> int:
+    for line in meminfo.splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    raise OverlayError("cannot read MemTotal from /proc/meminfo")
+
+
+def overlay_size(opts: SetupOptions, ram: int) -> int:
+    size = opts.overlay_size if opts.overlay_size is not None else ram // 2
+    if size < MiB:
+        raise UsageError(f"overlay size {format_size(size)} is too small", hint="give 1M or more")
+    if size > ram:
+        log.info(f"warning: overlay of {format_size(size)} is more than this machine's RAM "
+                 f"({format_size(ram)}): writes fail once RAM runs out, before the COW is full")
+    return size

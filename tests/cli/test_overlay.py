@@ -1,0 +1,48 @@
+"""`dmoverlay setup` and `status` at the command line's edge: the texts parsed
+there (their faults one error line naming the option, before anything is
+made), and `status --json` printing the library's own record."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from dmoverlay.cli import cli
+from dmoverlay.core.sizes import GiB, MiB
+from dmoverlay.overlay.status import Status
+
+
+@pytest.mark.parametrize(("args", "lines"), [
+    (["--overlay", "LABEL=:/x"], ["error: --overlay LABEL=:/x: empty device spec 'LABEL='",
+                                  "hint: name the device: LABEL=VALUE"]),
+    (["--overlay", "SERIAL=1:/o"], ["error: --overlay SERIAL=1:/o: unknown device spec SERIAL=",
+                                    "hint: use one of LABEL=, UUID=, PARTUUID=, PARTLABEL=, "
+                                    "CDLABEL="]),
+])
+def test_bad_overlay_text_is_one_error_line(tmp_path: Path, args: list[str],
+                                            lines: list[str]) -> None:
+    (tmp_path / "target").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "dmoverlay", "setup", str(tmp_path / "x.img"), "--target",
+         str(tmp_path / "target"), "--state-dir", str(tmp_path / "state"), *args],
+        capture_output=True, text=True, check=False)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == lines
+    assert not (tmp_path / "state").exists()
+
+
+def test_status_json_is_the_librarys_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A monitor reads the same keys as Status.to_dict() gives a caller of the
+    library (device-mapper's status is not on this host: the library's answer
+    stands in for it)."""
+    st = Status("live", "/sysroot", "active", used=GiB, total=4 * GiB, ram_free=512 * MiB,
+                mode="readonly", overlay="LABEL=LIVE:/o", kept_used=MiB, kept_total=GiB)
+    monkeypatch.setattr("dmoverlay.cli.overlay.status", lambda state_dir, name: st)
+    result = CliRunner().invoke(cli, ["status", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == st.to_dict()

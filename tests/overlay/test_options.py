@@ -1,0 +1,104 @@
+"""Setup's options: combinations refused before anything is touched, the
+mode they ask for, the RAM layer's size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dmoverlay.core.errors import UsageError
+from dmoverlay.core.sizes import GiB
+from dmoverlay.overlay import devspec, persistent
+from dmoverlay.overlay.dmtable import Mode
+from dmoverlay.overlay.options import (
+    SetupOptions,
+    check_options,
+    overlay_size,
+    parse_image,
+    parse_overlay,
+    ram_bytes,
+)
+
+
+def options(image: str = "x", *, overlay: str | None = None, **kwargs: Any) -> SetupOptions:
+    """Options as the command line makes them: IMAGE and --overlay parsed."""
+    return SetupOptions(parse_image(image), Path("/t"), overlay=parse_overlay(overlay), **kwargs)
+
+
+def test_overlay_size_defaults_to_half_the_ram_and_warns_past_it(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert ram_bytes("MemTotal:       24000000 kB\nMemFree: 1 kB\n") == 24000000 * 1024
+    opts = options()
+    assert overlay_size(opts, 8 * GiB) == 4 * GiB
+    big = options(overlay_size=16 * GiB)
+    assert overlay_size(big, 8 * GiB) == 16 * GiB
+    assert "more than this machine's RAM" in capsys.readouterr().err
+    with pytest.raises(UsageError):
+        overlay_size(options(overlay_size=10), GiB)
+
+
+@pytest.mark.parametrize(("kwargs", "words"), [
+    ({"overlay_reset": True}, "--overlay-reset needs --overlay"),
+    ({"overlay_readonly": True}, "--overlay-readonly needs --overlay"),
+    ({"overlay": "/o", "overlay_reset": True, "overlay_readonly": True}, "contradict"),
+    ({"overlay": "/o", "overlay_thin": True}, "--overlay-thin with --overlay needs"),
+    ({"overlay": "/o", "tmpfs_dir": Path("/t")}, "--tmpfs-dir means nothing"),
+    ({"overlay": "LABEL=:/x"}, "empty device spec"),
+])
+def test_option_combinations_refused(kwargs: dict[str, Any], words: str) -> None:
+    with pytest.raises(UsageError, match=words):
+        check_options(options(**kwargs))
+
+
+def test_modes_and_accepted_combinations() -> None:
+    def opts(**kwargs: Any) -> SetupOptions:
+        return options(**kwargs)
+    assert opts().mode is Mode.RAM
+    assert opts(overlay="/o").mode is Mode.PERSISTENT
+    assert opts(overlay="/o", overlay_readonly=True).mode is Mode.READONLY
+    for ok in (opts(overlay_thin=True), opts(overlay="/o", overlay_readonly=True,
+                                             overlay_thin=True),
+               opts(overlay="/o", overlay_reset=True), opts(overlay="LABEL=A:/o")):
+        check_options(ok)
+
+
+def test_the_overlay_text_is_parsed_once_per_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """IMAGE and --overlay are parsed where the options are made; what checks
+    and uses them gets the parsed values (parse_spec ran three times, and the
+    overlay's device spec twice more, along one setup)."""
+    calls: list[str] = []
+
+    def counted(text: str) -> persistent.OverlaySpec:
+        calls.append(text)
+        return real(text)
+    real = persistent.parse_spec
+    monkeypatch.setattr(persistent, "parse_spec", counted)
+    opts = options("CDLABEL=Fedora-Live", overlay="LABEL=LIVE:/LiveOS/overlay-LIVE",
+                   overlay_readonly=True, overlay_thin=True)
+    check_options(opts)
+    assert calls == ["LABEL=LIVE:/LiveOS/overlay-LIVE"]
+    assert opts.image == devspec.Location("CDLABEL=Fedora-Live", devspec.Spec(
+        "LABEL", "Fedora-Live", "CDLABEL=Fedora-Live"))
+    assert opts.overlay is not None and opts.overlay.where is not None
+    assert opts.overlay.where.spec == devspec.Spec("LABEL", "LIVE", "LABEL=LIVE")
+    assert (opts.overlay.device, opts.overlay.path) == ("LABEL=LIVE", "/LiveOS/overlay-LIVE")
+    assert opts.mode is Mode.READONLY
+
+
+@pytest.mark.parametrize(("image", "overlay", "words"), [
+    ("LABEL=", None, "IMAGE LABEL=: empty device spec 'LABEL='"),
+    ("SERIAL=12", None, "IMAGE SERIAL=12: unknown device spec SERIAL="),
+    ("x", "LABEL=:/x", "--overlay LABEL=:/x: empty device spec 'LABEL='"),
+    ("x", "UUID=", "--overlay UUID=: empty device spec 'UUID='"),
+    ("x", "SERIAL=12:/o", "--overlay SERIAL=12:/o: unknown device spec SERIAL="),
+    ("x", "LABEL=LIVE:o", "--overlay LABEL=LIVE:o: the path inside the device must be"),
+    ("x", " ", "empty --overlay"),
+])
+def test_bad_text_is_one_line_naming_the_option(image: str, overlay: str | None,
+                                                words: str) -> None:
+    with pytest.raises(UsageError) as exc:
+        options(image, overlay=overlay)
+    assert exc.value.message.startswith(words)
+    assert "\n" not in exc.value.message and exc.value.hint
