@@ -91,6 +91,10 @@ class ApplyRefused(DmoverlayError):
                          hint=first.hint or "nothing was written")
         self.plan = plan
 
+    def to_dict(self) -> dict[str, object]:
+        """The refusal as JSON reports it: the whole plan, refusals and all."""
+        return {"ok": False, **self.plan.to_dict()}
+
 
 # ------------------------------------------------------------------ reading
 
@@ -386,6 +390,12 @@ class Result:
     plan: Plan
     written: int = 0
     pending: list[str] = field(default_factory=list)  # dry run: unfinished ones to undo first
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, object]:
+        """What was done (or, in a dry run, would be) as JSON reports it."""
+        return {"ok": True, "dry_run": self.dry_run, "transaction": self.txn,
+                "undo_first": self.pending, **self.plan.to_dict()}
 
 
 class WriteFailed(DmoverlayError):
@@ -838,7 +848,7 @@ def apply_members(opts: ApplyOptions, members: list[Member], spool: Spool,
         if not plan.ok:
             raise ApplyRefused(plan)
         if opts.dry_run:
-            return Result("", plan, pending=pending)
+            return Result("", plan, pending=pending, dry_run=True)
         check_space(trees, plan, cow_free)
         names = [n for tree in trees.fds for n in undo.transactions(trees, tree)]
         return execute(trees, plan, spool, next_txn(names), opts.jobs)
