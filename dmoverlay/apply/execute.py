@@ -91,6 +91,10 @@ class ApplyRefused(DmoverlayError):
                          hint=first.hint or "nothing was written")
         self.plan = plan
 
+    def to_dict(self) -> dict[str, object]:
+        """The refusal as JSON reports it: the whole plan, refusals and all."""
+        return {"ok": False, **self.plan.to_dict()}
+
 
 # ------------------------------------------------------------------ reading
 
@@ -386,6 +390,12 @@ class Result:
     plan: Plan
     written: int = 0
     pending: list[str] = field(default_factory=list)  # dry run: unfinished ones to undo first
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, object]:
+        """What was done (or, in a dry run, would be) as JSON reports it."""
+        return {"ok": True, "dry_run": self.dry_run, "transaction": self.txn,
+                "undo_first": self.pending, **self.plan.to_dict()}
 
 
 class WriteFailed(DmoverlayError):
@@ -491,60 +501,103 @@ def _at(exc: OSError, a: Action) -> OSError:
 
 
 def _execute(txn: _Txn, plan: Plan, spool: Spool) -> Result:
+    """The plan's changes, each step complete and on disk before the next:
+    an undo after a crash finds the journal ahead of every change."""
+    steps = _Steps.of(txn.name, plan)
+    _journal_all(txn, steps)
+    _remove_all(txn, steps.first, steps.parent)
+    _make_dirs(txn, steps)
+    jobs = jobs_for(len(steps.files), txn.jobs, least=PARALLEL_FROM)
+    _write_temporaries(txn, steps, spool, jobs)
+    _sync_barrier(txn)
+    _rename_into_place(txn, steps, jobs)
+    _finish(txn, steps)
+    return Result(txn.name, plan, written=len(steps.puts))
+
+
+Numbered = list[tuple[int, Action]]  # actions with their number in the plan
+
+
+@dataclass(frozen=True)
+class _Steps:
+    """A plan's actions sorted by the step that carries them out."""
+
+    mkdirs: Numbered
+    puts: Numbered  # creates, replaces and hardlinks
+    files: Numbered  # the puts of files and symlinks
+    links: Numbered  # the puts of hardlinks
+    first: Numbered  # whiteouts of places the update then makes again
+    last: Numbered  # the other whiteouts
+    tmp: dict[int, str]  # put n -> its temporary's name, beside its target
+    parent: dict[int, Where]  # action n -> the directory it changes
+
+    @classmethod
+    def of(cls, txn_name: str, plan: Plan) -> _Steps:
+        mkdirs: Numbered = []
+        puts: Numbered = []
+        removes: Numbered = []
+        by_op = {Op.MKDIR: mkdirs, Op.CREATE: puts, Op.REPLACE: puts, Op.LINK: puts,
+                 Op.WHITEOUT: removes}
+        for n, a in enumerate(plan.actions):
+            if a.op in by_op:
+                by_op[a.op].append((n, a))
+        # a whiteout of a place the update then makes again (OCI's way to replace
+        # a directory) is done first: the old entry must be out of the way
+        made = {a.where for _, a in mkdirs} | {a.where for _, a in puts}
+        return cls(mkdirs, puts,
+                   files=[p for p in puts if p[1].op is not Op.LINK],
+                   links=[p for p in puts if p[1].op is Op.LINK],
+                   first=[(n, a) for n, a in removes if a.where in made],
+                   last=[(n, a) for n, a in removes if a.where not in made],
+                   tmp={n: tmp_name(txn_name, n) for n, _ in puts},
+                   parent={n: a.where.parent for n, a in [*mkdirs, *puts, *removes]})
+
+
+def _journal_all(txn: _Txn, steps: _Steps) -> None:
+    """Every change logged and synced before the first is made: the times of
+    each existing directory changed, then the changes in the order they are
+    done (an undo goes through them backwards)."""
     trees, log = txn.trees, txn.log
-    mkdirs: list[tuple[int, Action]] = []
-    puts: list[tuple[int, Action]] = []
-    removes: list[tuple[int, Action]] = []
-    by_op = {Op.MKDIR: mkdirs, Op.CREATE: puts, Op.REPLACE: puts, Op.LINK: puts,
-             Op.WHITEOUT: removes}
-    for n, a in enumerate(plan.actions):
-        if a.op in by_op:
-            by_op[a.op].append((n, a))
-    # a whiteout of a place the update then makes again (OCI's way to replace
-    # a directory) is done first: the old entry must be out of the way
-    made = {a.where for _, a in mkdirs} | {a.where for _, a in puts}
-    first = [(n, a) for n, a in removes if a.where in made]
-    last = [(n, a) for n, a in removes if a.where not in made]
-    tmp = {n: tmp_name(txn.name, n) for n, _ in puts}
-    parent = {n: a.where.parent for n, a in [*mkdirs, *puts, *removes]}
-    # every existing directory we change, with its times: undo puts them back
-    touched = set(parent.values()) - {a.where for _, a in mkdirs}
+    touched = set(steps.parent.values()) - {a.where for _, a in steps.mkdirs}
     for where in sorted((w for w in touched if w.path), key=str):  # tops are noted already
         st = trees.lstat(where)
         if st is not None:
             log.add(Record("times", tree=where.tree, path=where.path,
                            atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns))
-    # in the order they are done: an undo goes through them backwards
-    for n, a in first:
+    for n, a in steps.first:
         log.add(Record("remove", n, a.where.tree, a.where.path))
-    for n, a in mkdirs:
+    for n, a in steps.mkdirs:
         log.add(Record("mkdir", n, a.where.tree, a.where.path))
-    log.add_lines("".join(f"{put_line(n, a.where.tree, a.where.path, tmp[n])}\n"
-                          for n, a in puts))
-    for n, a in last:
+    log.add_lines("".join(f"{put_line(n, a.where.tree, a.where.path, steps.tmp[n])}\n"
+                          for n, a in steps.puts))
+    for n, a in steps.last:
         log.add(Record("remove", n, a.where.tree, a.where.path))
-    if sum(map(len, log.pending)) + READY_LINE * len(puts) > MAX_LOG:
-        raise ImageError(f"the update has too many entries for one apply ({len(puts)})",
+    if sum(map(len, log.pending)) + READY_LINE * len(steps.puts) > MAX_LOG:
+        raise ImageError(f"the update has too many entries for one apply ({len(steps.puts)})",
                          hint="nothing was written; split the update in parts")
     log.sync()
     _change_point()
 
-    _remove_all(txn, first, parent)
-    for n, a in mkdirs:
+
+def _make_dirs(txn: _Txn, steps: _Steps) -> None:
+    """New directories, private (0700) until their metadata is set at the end."""
+    for n, a in steps.mkdirs:
         try:
-            os.mkdir(a.where.name, 0o700, dir_fd=trees.dir_fd(parent[n]))
+            os.mkdir(a.where.name, 0o700, dir_fd=txn.trees.dir_fd(steps.parent[n]))
         except FileExistsError:
             raise txn.taken(n, a.where) from None
         except OSError as exc:
             raise _at(exc, a) from None
         _change_point()
-    links = [(n, a) for n, a in puts if a.op is Op.LINK]
-    placed_tmp = {a.where: (parent[n], tmp[n]) for n, a in puts} if links else {}
-    # files and symlinks by several processes; hardlinks after, beside their source
-    files = [p for p in puts if p[1].op is not Op.LINK]
-    jobs = jobs_for(len(files), txn.jobs, least=PARALLEL_FROM)
 
-    def prepare(chunk: list[tuple[int, Action]]) -> None:
+
+def _write_temporaries(txn: _Txn, steps: _Steps, spool: Spool, jobs: int) -> None:
+    """Each new file and symlink written at its temporary name, by several
+    processes; hardlinks after, beside their source's temporary."""
+    trees, tmp, parent = txn.trees, steps.tmp, steps.parent
+    placed_tmp = {a.where: (parent[n], tmp[n]) for n, a in steps.puts} if steps.links else {}
+
+    def prepare(chunk: Numbered) -> None:
         """The chunk's files written, and their "ready" lines appended to the
         log (unsynced; also those of a chunk cut short by a failure)."""
         lines = []
@@ -566,15 +619,26 @@ def _execute(txn: _Txn, plan: Plan, spool: Spool) -> Result:
             spool.check_sources()
         finally:
             if lines:
-                log.write_now("".join(f"{line}\n" for line in lines))
+                txn.log.write_now("".join(f"{line}\n" for line in lines))
 
-    run_pulled(_chunks(files, parent, data=True), prepare, jobs)
-    prepare(links)
-    for fd in trees.fds.values():
+    run_pulled(_chunks(steps.files, parent, data=True), prepare, jobs)
+    prepare(steps.links)
+
+
+def _sync_barrier(txn: _Txn) -> None:
+    """The temporaries and their "ready" lines on disk before any rename:
+    after a crash, the undo finds every temporary it must remove."""
+    for fd in txn.trees.fds.values():
         syncfs(fd)
-    log.sync()
+    txn.log.sync()
 
-    def commit(chunk: list[tuple[int, Action]]) -> None:
+
+def _rename_into_place(txn: _Txn, steps: _Steps, jobs: int) -> None:
+    """Each temporary renamed over its target, by several processes; an old
+    entry moves to the journal."""
+    tmp = steps.tmp
+
+    def commit(chunk: Numbered) -> None:
         for n, a in chunk:
             try:
                 _commit(txn, n, a, tmp[n])
@@ -584,21 +648,25 @@ def _execute(txn: _Txn, plan: Plan, spool: Spool) -> Result:
 
     # a file over an (empty) directory closes that directory's descriptors
     # (Trees.forget), which only this process would know of: it goes last, here
-    others = [p for p in puts if p[1].replaces != "dir"]
-    run_pulled(_chunks(others, parent, data=False), commit, jobs)
-    commit([p for p in puts if p[1].replaces == "dir"])
-    _remove_all(txn, last, parent)
-    for _, a in reversed(mkdirs):  # children first: their parents' times stay
+    others = [p for p in steps.puts if p[1].replaces != "dir"]
+    run_pulled(_chunks(others, steps.parent, data=False), commit, jobs)
+    commit([p for p in steps.puts if p[1].replaces == "dir"])
+
+
+def _finish(txn: _Txn, steps: _Steps) -> None:
+    """The remaining whiteouts, the new directories' metadata (children
+    first: their parents' times stay), everything synced and logged done."""
+    _remove_all(txn, steps.last, steps.parent)
+    for _, a in reversed(steps.mkdirs):
         assert a.member is not None
         try:
-            _set_dir_metadata(trees, a.where, a.member)
+            _set_dir_metadata(txn.trees, a.where, a.member)
         except OSError as exc:
             raise _at(exc, a) from None
-    for fd in trees.fds.values():
+    for fd in txn.trees.fds.values():
         syncfs(fd)
-    log.add(Record("done"))
-    log.sync()
-    return Result(txn.name, plan, written=len(puts))
+    txn.log.add(Record("done"))
+    txn.log.sync()
 
 
 READY_LINE = 100  # bytes a "ready" line takes at most
@@ -614,7 +682,7 @@ def _ready(n: int, a: Action, ino: int) -> str:
     return ready_line(n, ino, size, m.mtime_ns)
 
 
-def _remove_all(txn: _Txn, removes: list[tuple[int, Action]], parent: dict[int, Where]) -> None:
+def _remove_all(txn: _Txn, removes: Numbered, parent: dict[int, Where]) -> None:
     """Whiteouts: each entry moved to the journal."""
     trees = txn.trees
     for n, a in removes:
@@ -838,7 +906,7 @@ def apply_members(opts: ApplyOptions, members: list[Member], spool: Spool,
         if not plan.ok:
             raise ApplyRefused(plan)
         if opts.dry_run:
-            return Result("", plan, pending=pending)
+            return Result("", plan, pending=pending, dry_run=True)
         check_space(trees, plan, cow_free)
         names = [n for tree in trees.fds for n in undo.transactions(trees, tree)]
         return execute(trees, plan, spool, next_txn(names), opts.jobs)

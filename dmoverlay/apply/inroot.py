@@ -224,11 +224,7 @@ class Trees:
         return os.readlink(where.name, dir_fd=self.dir_fd(where.parent))
 
     def listdir(self, where: Where) -> list[str]:
-        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=self.dir_fd(where))
-        try:
-            return os.listdir(fd)
-        finally:
-            os.close(fd)
+        return list_dir(self.dir_fd(where))
 
     def same_mount(self, where: Where) -> bool:
         """Whether a directory is on the mount of its tree's top: renames
@@ -248,3 +244,13 @@ class Trees:
         except (FileNotFoundError, NotADirectoryError, InRootError):
             return True
         return st.st_dev == top_dev and (ident is None or ident == top_id)
+
+
+def list_dir(dir_fd: int) -> list[str]:
+    """The names in the directory open at `dir_fd`, listed through a
+    descriptor of their own, opened for reading."""
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        return os.listdir(fd)
+    finally:
+        os.close(fd)

@@ -260,13 +260,16 @@ def _unplain(path: str) -> str | None:
     return None
 
 
+# a log is never followed through a link, never waited on (a fifo)
+_READ_LOG = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
 def read_log(dir_fd: int, name: str, txn: str) -> str:
     """The text of the log in the journal directory `dir_fd` ("" if there is
     none): a regular file, never followed through a link, never waited on
     (a fifo), never larger than a log dmoverlay writes."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
-        fd = os.open(LOG, flags, dir_fd=dir_fd)
+        fd = os.open(LOG, _READ_LOG, dir_fd=dir_fd)
     except FileNotFoundError:
         return ""
     except OSError as exc:
@@ -295,9 +298,8 @@ def ends_done(dir_fd: int) -> bool:
     """Whether the log in `dir_fd` ends in "done" (read from its tail only:
     an apply asks this of every journal kept).  A log damaged before its end
     is found when it is rolled back."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
-        fd = os.open(LOG, flags, dir_fd=dir_fd)
+        fd = os.open(LOG, _READ_LOG, dir_fd=dir_fd)
     except OSError:
         return False
     try:

@@ -86,12 +86,19 @@ class Action:
     replaces: str = ""  # REPLACE: the kind of entry replaced
     link_to: Where | None = None
 
+    def to_dict(self) -> dict[str, object]:
+        return {"op": str(self.op), "name": self.name, "tree": self.where.tree,
+                "path": self.where.path, "replaces": self.replaces, "detail": self.detail}
+
 
 @dataclass(frozen=True)
 class Refusal:
     name: str
     reason: str
     hint: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "reason": self.reason, "hint": self.hint}
 
 
 @dataclass
@@ -105,6 +112,11 @@ class Plan:
 
     def count(self, op: Op) -> int:
         return sum(1 for a in self.actions if a.op is op)
+
+    def to_dict(self) -> dict[str, object]:
+        """The plan as JSON reports it."""
+        return {"actions": [a.to_dict() for a in self.actions],
+                "refusals": [r.to_dict() for r in self.refusals]}
 
 
 class Tree(Protocol):

@@ -27,6 +27,7 @@ from dmoverlay.apply.inroot import (
     RENAME_NOREPLACE,
     InRootError,
     Trees,
+    list_dir,
     renameat2,
     syncfs,
 )
@@ -396,11 +397,7 @@ def _finish(u: _Undo) -> None:
 
 def _names(fd: int) -> list[str]:
     try:
-        listed = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
-        try:
-            return os.listdir(listed)
-        finally:
-            os.close(listed)
+        return list_dir(fd)
     except OSError as exc:
         raise JournalError(f"cannot list a journal directory: {exc.strerror}",
                            hint="nothing was changed") from None

@@ -31,18 +31,15 @@ enforces SELinux still judges each label itself when it is written."""
 
 from __future__ import annotations
 
-import os
 import struct
 
-from dmoverlay.core.entries import Kind
+from dmoverlay.core.entries import Kind, xattr_name_problem
 
-NAME_MAX = 255  # XATTR_NAME_MAX
 SIZE_MAX = 65536  # XATTR_SIZE_MAX
 CAPABILITY = "security.capability"
 ACL_ACCESS = "system.posix_acl_access"
 ACL_DEFAULT = "system.posix_acl_default"
 SELINUX = "security.selinux"
-NAMESPACES = ("user.", "system.", "security.", "trusted.")
 
 _PRIVILEGED_HINT = "pass --allow-xattr {name} if it is meant to be"
 _WHY = {  # by name, else by the longest prefix first
@@ -61,7 +58,7 @@ def refusal(name: str, value: bytes, kind: Kind, *, allow_setuid: bool,
             allowed: tuple[str, ...]) -> Verdict | None:
     """Why the xattr `name` = `value` may not be set on a new entry of
     `kind`, or None when it may."""
-    bad = _malformed_name(name) or _malformed_value(name, value, kind)
+    bad = xattr_name_problem(name) or _malformed_value(name, value, kind)
     if bad is not None:
         return f"xattr {name!r}: {bad}", "the update is malformed or hostile"
     if name.startswith("user.") and kind is Kind.SYMLINK:
@@ -84,19 +81,6 @@ def refusal(name: str, value: bytes, kind: Kind, *, allow_setuid: bool,
 def _let_through(name: str, allowed: tuple[str, ...]) -> bool:
     return any(name == p or name.startswith(p + ".")
                for p in (a.rstrip(".") for a in allowed))
-
-
-def _malformed_name(name: str) -> str | None:
-    if "\0" in name:
-        return "the name holds a NUL byte"
-    if len(os.fsencode(name)) > NAME_MAX:
-        return f"the name is longer than {NAME_MAX} bytes"
-    space = next((ns for ns in NAMESPACES if name.startswith(ns)), None)
-    if space is None:
-        return "no namespace Linux knows (user., system., security., trusted.)"
-    if name == space:
-        return "nothing after the namespace"
-    return None
 
 
 def _malformed_value(name: str, value: bytes, kind: Kind) -> str | None:

@@ -7,17 +7,14 @@ from pathlib import Path
 
 import click
 
-from dmoverlay.apply.execute import (
+from dmoverlay.apply.plan import Op, Plan
+from dmoverlay.apply.update import (
+    DOWNLOAD_DEADLINE,
     ApplyOptions,
     ApplyRefused,
-    Spool,
-    apply_members,
-    read_all,
-    staging,
+    apply_update,
 )
-from dmoverlay.apply.execute import rollback as undo_last
-from dmoverlay.apply.plan import Op, Plan
-from dmoverlay.apply.readers import DOWNLOAD_DEADLINE, open_update
+from dmoverlay.apply.update import rollback as undo_last
 from dmoverlay.core import log
 
 
@@ -31,16 +28,6 @@ def plan_lines(plan: Plan) -> list[str]:
             lines.append(f"{a.op:<12} {a.where}{extra}   <- {a.name}")
     lines += [f"{'refuse':<12} {r.name}: {r.reason}" for r in plan.refusals]
     return lines
-
-
-def plan_dict(plan: Plan) -> dict[str, object]:
-    return {
-        "actions": [{"op": str(a.op), "name": a.name, "tree": a.where.tree,
-                     "path": a.where.path, "replaces": a.replaces, "detail": a.detail}
-                    for a in plan.actions],
-        "refusals": [{"name": r.name, "reason": r.reason, "hint": r.hint}
-                     for r in plan.refusals],
-    }
 
 
 def _options(root: Path, run_dir: str, *, allow_setuid: bool = False,
@@ -78,28 +65,16 @@ def command(updates: str, root: Path, run_dir: str, sha256: str | None, allow_se
     file replaced atomically, all or nothing.  `dmoverlay rollback` undoes it."""
     opts = _options(root, run_dir, allow_setuid=allow_setuid, allow_xattrs=allow_xattrs,
                     dry_run=dry_run, jobs=jobs)
-    with staging(opts) as place:
-        spool = Spool(place)
-        try:
-            # applied inside: an image stays mounted, a download kept, while
-            # their files are copied from where they lie
-            with open_update(updates, staging=place, sha256=sha256,
-                             deadline=timeout) as reader:
-                with log.step(f"reading {updates}"):
-                    members = read_all(reader, spool)
-                result = apply_members(opts, members, spool)
-        except ApplyRefused as exc:
-            if as_json:
-                click.echo(json.dumps({"ok": False, **plan_dict(exc.plan)}, indent=2))
-            elif dry_run:
-                click.echo("\n".join(plan_lines(exc.plan)))
-            raise
-        finally:
-            spool.close()
+    try:
+        result = apply_update(updates, opts, sha256=sha256, deadline=timeout)
+    except ApplyRefused as exc:
+        if as_json:
+            click.echo(json.dumps(exc.to_dict(), indent=2))
+        elif dry_run:
+            click.echo("\n".join(plan_lines(exc.plan)))
+        raise
     if as_json:
-        click.echo(json.dumps({"ok": True, "dry_run": dry_run, "transaction": result.txn,
-                               "undo_first": result.pending, **plan_dict(result.plan)},
-                              indent=2))
+        click.echo(json.dumps(result.to_dict(), indent=2))
     elif dry_run:
         click.echo("\n".join([*(f"{'undo':<12} unfinished transaction {txn} (first)"
                                 for txn in reversed(result.pending)),

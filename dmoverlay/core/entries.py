@@ -82,6 +82,25 @@ class Member:
     sparse: tuple[tuple[int, int], ...] | None = None
 
 
+# The kernel's rule for an xattr name (fs/xattr.c): at most XATTR_NAME_MAX
+# bytes, no NUL, and a name after one of its namespaces.  Readers, the
+# image builder and the apply's policy all judge names by it.
+XATTR_NAME_MAX = 255
+XATTR_NAMESPACES = ("user.", "system.", "security.", "trusted.")
+
+
+def xattr_name_problem(name: str) -> str | None:
+    """Why Linux can hold no xattr named `name`, or None if it can."""
+    if "\0" in name:
+        return "the name holds a NUL byte"
+    if len(os.fsencode(name)) > XATTR_NAME_MAX:
+        return f"the name is longer than {XATTR_NAME_MAX} bytes"
+    if not any(name.startswith(ns) and name != ns for ns in XATTR_NAMESPACES):
+        return "no namespace Linux knows, with a name after it (user., system., security., " \
+               "trusted.)"
+    return None
+
+
 def file_identity(st: os.stat_result) -> tuple[int, ...]:
     """What tells a file changed: the same inode, size and times (writing
     data or metadata moves the ctime, which no one can set back)."""

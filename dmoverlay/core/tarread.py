@@ -21,7 +21,14 @@ from typing import BinaryIO
 
 from dmoverlay.core import tarheader
 from dmoverlay.core.compress import STREAM_ERRORS, Readable, open_decompressed
-from dmoverlay.core.entries import InFile, Kind, Member, file_identity, member_name
+from dmoverlay.core.entries import (
+    InFile,
+    Kind,
+    Member,
+    file_identity,
+    member_name,
+    xattr_name_problem,
+)
 from dmoverlay.core.errors import SourceError
 from dmoverlay.core.sizes import KiB
 from dmoverlay.core.tarheader import MAX_MAJOR, MAX_MINOR, TYPEFLAGS, plain_header
@@ -507,23 +514,21 @@ def tar_xattrs(member: tarfile.TarInfo) -> tuple[tuple[str, bytes], ...]:
     return tuple(sorted(found.items()))
 
 
-# The namespaces Linux filesystems keep (ext4's, tmpfs's): any other name
-# is refused by setxattr, and stored by debugfs where the kernel never shows it.
-XATTR_PREFIXES = ("user.", "trusted.", "security.")
+# Of system.*, the filesystems we write (ext4, tmpfs) keep the POSIX ACLs
+# only: setxattr refuses any other, and debugfs stores it where the kernel
+# never shows it.
 XATTR_SYSTEM = ("system.posix_acl_access", "system.posix_acl_default")
-XATTR_NAME_MAX = 255
 
 
 def check_xattr_name(path: str, name: str) -> None:
-    """An xattr name Linux can hold, or one clear error."""
-    if not ((name.startswith(XATTR_PREFIXES) and name not in XATTR_PREFIXES)
-            or name in XATTR_SYSTEM):
-        raise SourceError(f"{path!r}: xattr {name!r} is in no namespace Linux keeps",
+    """An xattr name Linux can hold (entries.xattr_name_problem) in a file
+    of ext4 or tmpfs, or one clear error."""
+    problem = xattr_name_problem(name)
+    if problem is None and name.startswith("system.") and name not in XATTR_SYSTEM:
+        problem = "no namespace ext4 and tmpfs keep (of system.*, only POSIX ACLs)"
+    if problem is not None:
+        raise SourceError(f"{path!r}: xattr {name[:40]!r}: {problem}",
                           hint="files keep user.*, trusted.*, security.* and POSIX ACLs")
-    raw = os.fsencode(name)
-    if len(raw) > XATTR_NAME_MAX or b"\0" in raw:
-        raise SourceError(f"{path!r}: xattr name {name[:40]!r} is longer than "
-                          f"{XATTR_NAME_MAX} bytes or holds a NUL", hint=HOSTILE)
 
 
 _PAX_NUMBER = re.compile(r"[0-9]{1,40}", re.ASCII)

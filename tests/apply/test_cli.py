@@ -209,3 +209,47 @@ def test_jobs_must_not_be_negative(live: tuple[Path, Path, Path]) -> None:
     top, root, run = live
     result = apply_cli(updates_img(top, {"etc/x": b"x"}), root, run, "--jobs", "-1")
     assert result.returncode == 2 and "--jobs" in result.stderr
+
+
+def _update_tree(top: Path, files: dict[str, bytes]) -> Path:
+    tree = top / "tree"
+    for name, data in files.items():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_bytes(data)
+    return tree
+
+
+def _action(op: str, name: str, path: str, *, tree: str = "root", replaces: str = "",
+            detail: str = "") -> dict[str, object]:
+    return {"op": op, "name": name, "tree": tree, "path": path, "replaces": replaces,
+            "detail": detail}
+
+
+def test_json_reports_keep_their_keys_and_values(live: tuple[Path, Path, Path]) -> None:
+    """--json of a dry run, an apply and a refusal, key by key (their order
+    too): scripts read them."""
+    top, root, run = live
+    tree = _update_tree(top, {"lib/libfoo.so": b"fixed\n", "opt/new": b"x"})
+    actions = [_action("follow link", "", "lib", detail="/lib -> usr/lib"),
+               _action("replace", "lib/libfoo.so", "usr/lib/libfoo.so", replaces="file"),
+               _action("create dir", "opt", "opt"),
+               _action("create", "opt/new", "opt/new")]
+    dry = apply_cli(tree, root, run, "--json", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert list(json.loads(dry.stdout).items()) == [
+        ("ok", True), ("dry_run", True), ("transaction", ""), ("undo_first", []),
+        ("actions", actions), ("refusals", [])]
+    done = apply_cli(tree, root, run, "--json")
+    assert done.returncode == 0, done.stderr
+    assert list(json.loads(done.stdout).items()) == [
+        ("ok", True), ("dry_run", False), ("transaction", "000001"), ("undo_first", []),
+        ("actions", actions), ("refusals", [])]
+    bad = _update_tree(top / "bad", {"tmp/x": b"x", "usr/fine": b"y"})
+    refused = apply_cli(bad, root, run, "--json")
+    assert refused.returncode == 1
+    why = "writes under /tmp: a tmpfs is mounted on /tmp at start-up and hides it"
+    hint = "put it elsewhere, e.g. under var/tmp or run"
+    assert list(json.loads(refused.stdout).items()) == [
+        ("ok", False), ("actions", [_action("create", "usr/fine", "usr/fine")]),
+        ("refusals", [{"name": "tmp", "reason": why, "hint": hint},
+                      {"name": "tmp/x", "reason": why, "hint": hint}])]

@@ -6,7 +6,8 @@ the format lets us check (magic, digits, sizes, alignment, the crc sum, the
 trailer).  `read_members` turns entries into `Member`s, which for hardlinks
 means reordering: GNU cpio writes a hardlinked file in newc/crc as size-0
 entries followed by one entry that carries the data, and a HARDLINK member
-must come after the FILE it names."""
+must come after the FILE it names.  `CpioReader` reads an archive file,
+plain or compressed, that way."""
 
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from pathlib import Path
 
 from dmoverlay.core.compress import Readable
 from dmoverlay.core.entries import Kind, Member, kind_of, member_name
 from dmoverlay.core.errors import SourceError
 from dmoverlay.core.sizes import KiB
+from dmoverlay.core.tarread import ArchiveFile
 
 TRAILER = "TRAILER!!!"
 NAME_SIZE_MAX = 4096 + 1  # PATH_MAX and the NUL that ends the name
@@ -405,3 +408,18 @@ def _symlink_target(header: Header, data: EntryData, where: str) -> str:
         raise SourceError(f"{where}: {header.where}: symlink target of "
                           f"{header.filesize} bytes", hint=_CORRUPT_HINT)
     return os.fsdecode(data.read())
+
+
+# --------------------------------------------------------------------- reader
+
+
+class CpioReader:
+    """A cpio archive (newc, crc, odc or binary), plain or compressed."""
+
+    def __init__(self, path: Path, *, label: str, description: str) -> None:
+        self.file = ArchiveFile(path, label)
+        self.description = description
+
+    def members(self) -> Iterator[tuple[Member, Readable | None]]:
+        with self.file.stream() as stream:
+            yield from read_members(stream, where=self.file.label)

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from dmoverlay.apply import cpio
-from dmoverlay.apply.cpio import Format, read_members
+from dmoverlay.apply.readers import cpio
+from dmoverlay.apply.readers.cpio import Format, read_members
 from dmoverlay.core.entries import Kind, Member, member_name
 from dmoverlay.core.errors import SourceError
 
