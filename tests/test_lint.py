@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,11 @@ def test_mypy_strict() -> None:
 def is_shell_script(path: Path) -> bool:
     """A file named *.sh, or whose #! line runs sh, bash or dash (directly
     or through env)."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False  # a fifo (a demo's tree has one) would hang the open
+    except OSError:
+        return False
     if path.suffix == ".sh":
         return True
     try:
@@ -50,7 +56,12 @@ def is_shell_script(path: Path) -> bool:
 
 
 def shell_scripts() -> list[str]:
-    """Every shell script of the repository, as a path from its top."""
+    """Every shell script of the repository, as a path from its top: those
+    git tracks, or in a copy without git, those the walk finds."""
+    tracked = subprocess.run(["git", "-C", str(TOP), "ls-files", "-z"], capture_output=True)
+    if tracked.returncode == 0 and tracked.stdout:
+        names = os.fsdecode(tracked.stdout).split("\0")
+        return sorted(n for n in names if n and is_shell_script(TOP / n))
     found = []
     for dirpath, dirnames, filenames in os.walk(TOP):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIPPED_DIRS
