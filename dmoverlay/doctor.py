@@ -20,7 +20,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from dmoverlay.core import run
-from dmoverlay.core.errors import install_hint
+from dmoverlay.core.errors import BlockDevError, install_hint
 from dmoverlay.overlay import blockdev
 
 
@@ -176,7 +176,7 @@ def blockdev_checks() -> list[Check]:
         name = f"plugin {plugin}"
         try:
             blockdev.load(plugin)
-        except blockdev.BlockDevError as exc:
+        except BlockDevError as exc:
             checks.append(Check(name, Category.BLOCKDEV, Status.MISSING, exc.message,
                                 exc.hint, (OVERLAY,)))
         else:

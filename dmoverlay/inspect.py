@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dmoverlay.build import debugfs
-from dmoverlay.core import log, run
-from dmoverlay.core.errors import CommandFailed, ImageError
+from dmoverlay.core import debugfs, log, run
+from dmoverlay.core.errors import CommandFailed, DebugfsFailed, ImageError
 from dmoverlay.core.sizes import format_size
 from dmoverlay.core.superblock import (
     EXT_SUPERBLOCK_OFFSET,
@@ -399,7 +398,7 @@ def _debugfs(region: Region, *words: bytes) -> str:
     than "not found" is the image's damage."""
     try:
         return debugfs.request(region.path, *words, offset=region.offset)
-    except debugfs.Failed as exc:
+    except DebugfsFailed as exc:
         raise ImageError(f"{region.where}: debugfs cannot read it ({exc.problem})",
                          hint=_DAMAGED_HINT) from None
 

@@ -19,9 +19,9 @@ import pytest
 from click.testing import CliRunner
 from click.testing import Result as ClickResult
 
-from dmoverlay.build import debugfs
 from dmoverlay.cli import Group
 from dmoverlay.cli.inspect import command
+from dmoverlay.core import debugfs
 from dmoverlay.core.errors import CommandFailed, ImageError
 from dmoverlay.core.run import run, run_head
 from dmoverlay.core.superblock import parse_ext4

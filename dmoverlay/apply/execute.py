@@ -23,7 +23,6 @@ import os
 import secrets
 import shutil
 import signal
-import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -52,10 +51,10 @@ from dmoverlay.apply.journal import (
 )
 from dmoverlay.apply.plan import Action, Op, Options, Plan, Where, make_plan
 from dmoverlay.apply.workers import chunks, jobs_for, run_pulled
-from dmoverlay.core import cow
+from dmoverlay.core import cow, rundir
 from dmoverlay.core.compress import Readable
 from dmoverlay.core.entries import InFile, Kind, Member, UpdateReader, file_identity
-from dmoverlay.core.errors import DmoverlayError, ImageError, UsageError
+from dmoverlay.core.errors import DmoverlayError, ImageError, UsageError, WriteFailed
 from dmoverlay.core.sizes import KiB, MiB, format_size
 
 CHUNK = 64 * KiB  # reads below glibc's mmap threshold: 1 MiB ones churn the heap
@@ -397,9 +396,6 @@ class Result:
         return {"ok": True, "dry_run": self.dry_run, "transaction": self.txn,
                 "undo_first": self.pending, **self.plan.to_dict()}
 
-
-class WriteFailed(DmoverlayError):
-    """A system call failed while the update was written; it was undone."""
 
 
 def _failed(exc: OSError, a: Action | None) -> WriteFailed:
@@ -805,7 +801,7 @@ def _check_dirs(opts: ApplyOptions) -> None:
         raise UsageError(f"{opts.run_dir}: not a directory", hint="--run-dir is the live /run")
 
 
-STAGING = "dmoverlay"  # under the live /run: ours alone
+STAGING = rundir.NAME  # under the live /run: ours alone, shared with setup's state
 
 
 @contextmanager
@@ -843,18 +839,10 @@ def staging(opts: ApplyOptions) -> Iterator[Path]:
 def _private_dir(dir_fd: int, path: Path) -> Iterator[int]:
     """The directory `path` (the entry STAGING of `dir_fd`), opened without
     following a link; UsageError unless it is ours and private."""
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    hint = f"remove {path}: dmoverlay makes it again, for itself alone"
-    try:
-        fd = os.open(STAGING, flags, dir_fd=dir_fd)
-    except OSError as exc:
-        why = "a symlink" if exc.errno == errno.ELOOP else exc.strerror
-        raise UsageError(f"{path} is not a directory of dmoverlay: {why}", hint=hint) from None
-    st = os.fstat(fd)
-    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        os.close(fd)
-        raise UsageError(f"{path} is not a private directory of dmoverlay (owner {st.st_uid}, "
-                         f"mode {stat.S_IMODE(st.st_mode):o})", hint=hint)
+    fd, why = rundir.open_private(STAGING, dir_fd=dir_fd)
+    if why is not None:
+        raise UsageError(f"{path} is not a private directory of dmoverlay: {why}",
+                         hint=f"remove {path}: dmoverlay makes it again, for itself alone")
     try:
         yield fd
     finally:

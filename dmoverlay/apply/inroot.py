@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from dmoverlay.apply.plan import Where
 from dmoverlay.core.entries import Kind, kind_on_disk
-from dmoverlay.core.errors import DmoverlayError
+from dmoverlay.core.errors import InRootError
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
@@ -51,9 +51,6 @@ class _OpenHow(ctypes.Structure):
     _fields_ = (("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
                 ("resolve", ctypes.c_uint64))
 
-
-class InRootError(DmoverlayError):
-    """A place inside the root could not be reached or changed."""
 
 
 def _raise_errno(what: str) -> None:

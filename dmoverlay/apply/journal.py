@@ -32,7 +32,7 @@ from functools import cached_property
 from json.encoder import encode_basestring_ascii
 
 from dmoverlay.apply.plan import PATH_MAX, RESERVED_TOP
-from dmoverlay.core.errors import DmoverlayError
+from dmoverlay.core.errors import JournalError
 
 JOURNALS = ".dmoverlay/journal"
 LOG = "log"
@@ -59,9 +59,6 @@ _NATURAL = frozenset({"n", "ino", "size", "time_ns"})  # times may be before 197
 TREES = ("root", "run")
 MADE = frozenset({"mkdir", "put", "remove"})  # steps that number a change: n unique
 
-
-class JournalError(DmoverlayError):
-    """A journal that cannot be trusted: nothing of it is undone."""
 
 
 def _bad_hint(txn: str) -> str:

@@ -25,33 +25,20 @@ from functools import cached_property
 from dmoverlay.apply.inroot import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
-    InRootError,
     Trees,
     list_dir,
     renameat2,
     syncfs,
 )
-from dmoverlay.apply.journal import (
-    JOURNALS,
-    LOG,
-    JournalError,
-    Log,
-    Record,
-    ends_done,
-    read_log,
-    txn_names,
-)
+from dmoverlay.apply.journal import JOURNALS, LOG, Log, Record, ends_done, read_log, txn_names
 from dmoverlay.apply.plan import Where
 from dmoverlay.core import log as progress
 from dmoverlay.core.entries import kind_on_disk
-from dmoverlay.core.errors import DmoverlayError
+from dmoverlay.core.errors import DmoverlayError, InRootError, JournalError, RollbackRefused
 
 SET_ASIDE = ".failed"
 SHOWN = 3  # changed entries named in a refusal; the rest counted
 
-
-class RollbackRefused(DmoverlayError):
-    """Entries changed since the apply: undoing it would lose those changes."""
 
 
 def place(trees: Trees, where: Where) -> str:

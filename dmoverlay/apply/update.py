@@ -16,7 +16,6 @@ from dmoverlay.apply.execute import (
     ApplyRefused,
     Result,
     Spool,
-    WriteFailed,
     apply_members,
     read_all,
     rollback,
@@ -24,6 +23,7 @@ from dmoverlay.apply.execute import (
 )
 from dmoverlay.apply.readers import DOWNLOAD_DEADLINE, open_update
 from dmoverlay.core import cow, log
+from dmoverlay.core.errors import WriteFailed
 
 __all__ = ["DOWNLOAD_DEADLINE", "ApplyOptions", "ApplyRefused", "Result", "WriteFailed",
            "apply_update", "rollback"]

@@ -24,7 +24,7 @@ from collections.abc import Callable, Hashable, Sequence
 from contextlib import suppress
 from typing import TypeVar
 
-from dmoverlay.core.errors import DmoverlayError
+from dmoverlay.core.errors import WorkerDied
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -34,9 +34,6 @@ PR_SET_PDEATHSIG = 1
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
 _libc = ctypes.CDLL(None, use_errno=True)
 
-
-class WorkerDied(DmoverlayError):
-    """A worker process ended without reporting."""
 
 
 def available_cpus() -> int:

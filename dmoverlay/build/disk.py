@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from dmoverlay.build import debugfs, ext4
+from dmoverlay.build import ext4
+from dmoverlay.core import debugfs
 from dmoverlay.core.errors import ImageError, UsageError
 from dmoverlay.core.log import info, step
 from dmoverlay.core.run import require_tools, run

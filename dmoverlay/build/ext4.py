@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from dmoverlay.build import debugfs
 from dmoverlay.build.source import Entry, Tree
+from dmoverlay.core import debugfs
 from dmoverlay.core.entries import Kind
 from dmoverlay.core.errors import SourceError, UsageError
 from dmoverlay.core.run import run

@@ -1,5 +1,10 @@
 """One error hierarchy: every expected failure carries a message and a hint;
-and one table of where what a job needs is installed from, for those hints."""
+and one table of where what a job needs is installed from, for those hints.
+
+Every exception class of the package is declared here, so that what a
+caller may catch is read in one place, but two: ApplyRefused, which carries
+the refused plan (apply's type) and is declared beside it, and the
+planner's Refused, which never leaves the planner."""
 
 from __future__ import annotations
 
@@ -80,3 +85,68 @@ class ImageError(DmoverlayError):
 
 class UsageError(DmoverlayError):
     """Options that contradict each other or cannot be honoured."""
+
+
+# ---------------------------------------------------------------- images and archives
+
+
+class Unscriptable(ImageError):
+    """A string that no debugfs argument can carry."""
+
+
+class DebugfsFailed(ImageError):
+    """debugfs said it could not do what it was asked; `problem` is what it said."""
+
+    def __init__(self, message: str, *, problem: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.problem = problem
+
+
+class NotRegular(SourceError):
+    """A path that should name a regular file names something else."""
+
+
+class HeaderRefused(SourceError):
+    """A header we do not let tarfile read; the reader names the archive."""
+
+
+# ---------------------------------------------------------------- setting up an overlay
+
+
+class OverlayError(DmoverlayError):
+    """Setup, status or teardown could not be done."""
+
+
+class NoOverlay(OverlayError):
+    """Nothing is recorded under that name."""
+
+
+class NotLive(UsageError):
+    """The command line does not ask for a live boot at all (no root=live:)."""
+
+
+class BlockDevError(DmoverlayError):
+    """libblockdev is missing, a plugin cannot be loaded, or a call failed."""
+
+
+# ---------------------------------------------------------------- applying an update
+
+
+class JournalError(DmoverlayError):
+    """A journal that cannot be trusted: nothing of it is undone."""
+
+
+class InRootError(DmoverlayError):
+    """A place inside the root could not be reached or changed."""
+
+
+class WriteFailed(DmoverlayError):
+    """A system call failed while the update was written; it was undone."""
+
+
+class WorkerDied(DmoverlayError):
+    """A worker process ended without reporting."""
+
+
+class RollbackRefused(DmoverlayError):
+    """Entries changed since the apply: undoing it would lose those changes."""

@@ -29,7 +29,7 @@ from dmoverlay.core.entries import (
     member_name,
     xattr_name_problem,
 )
-from dmoverlay.core.errors import SourceError
+from dmoverlay.core.errors import HeaderRefused, NotRegular, SourceError
 from dmoverlay.core.sizes import KiB
 from dmoverlay.core.tarheader import MAX_MAJOR, MAX_MINOR, TYPEFLAGS, plain_header
 
@@ -52,9 +52,6 @@ MIN_TIME_NS, MAX_TIME_NS = -(2**31) * 10**9, (tarheader.MAX_SECONDS + 1) * 10**9
 MAX_SIZE = 16 << 40
 
 
-class NotRegular(SourceError):
-    """A path that should name a regular file names something else."""
-
 
 def open_regular(path: Path, label: str) -> BinaryIO:
     """Open a file that must still be a regular file (non-blocking, so a
@@ -75,9 +72,6 @@ def open_regular(path: Path, label: str) -> BinaryIO:
 
 _number = tarfile.nti  # type: ignore[attr-defined]  # a header's number, octal or base-256
 
-
-class HeaderRefused(SourceError):
-    """A header we do not let tarfile read; the reader names the archive."""
 
 
 class CheckedInfo(tarfile.TarInfo):

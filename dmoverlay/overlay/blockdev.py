@@ -18,7 +18,7 @@ from functools import cache
 from types import ModuleType
 from typing import Any
 
-from dmoverlay.core.errors import DmoverlayError, UsageError
+from dmoverlay.core.errors import BlockDevError, UsageError
 
 # The plugins dmoverlay uses, in the order doctor reports them.  Not dm:
 # device-mapper tables go through dmsetup, as libblockdev's dm plugin cannot
@@ -34,9 +34,6 @@ _LOOP_ERROR_DEVICE = 2
 
 PROVISION = "or run scripts/provision"
 
-
-class BlockDevError(DmoverlayError):
-    """libblockdev is missing, a plugin cannot be loaded, or a call failed."""
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
-from dmoverlay.core.errors import UsageError
+from dmoverlay.core.errors import NotLive, UsageError
 from dmoverlay.core.sizes import MiB
 
 CMDLINE = "/proc/cmdline"
@@ -98,9 +98,6 @@ class LiveBoot:
         """The device or file holding the live image, as setup takes it."""
         return self.root
 
-
-class NotLive(UsageError):
-    """The command line does not ask for a live boot at all (no root=live:)."""
 
 
 def split_cmdline(text: str) -> Iterator[tuple[str, str | None]]:

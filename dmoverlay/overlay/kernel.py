@@ -11,8 +11,8 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
+from dmoverlay.core.errors import OverlayError
 from dmoverlay.core.run import find_tool, run
-from dmoverlay.overlay.errors import OverlayError
 
 
 def require_root() -> None:

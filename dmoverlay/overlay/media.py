@@ -10,7 +10,8 @@ import os
 from contextlib import suppress
 from pathlib import Path
 
-from dmoverlay.core.errors import DmoverlayError, ImageError, UsageError
+from dmoverlay.core import debugfs
+from dmoverlay.core.errors import DebugfsFailed, DmoverlayError, ImageError, UsageError
 from dmoverlay.core.run import run
 from dmoverlay.core.superblock import Kind, detect, parse_squashfs
 from dmoverlay.overlay import devspec
@@ -59,8 +60,11 @@ def _kind_of(source: str) -> Kind | str:
 
 def _holds(source: str, opts: SetupOptions) -> bool:
     """Does an ext filesystem (not mounted) hold the live directory?"""
-    result = run(["debugfs", "-R", f"stat /{opts.live_dir}", source], check=False)
-    return result.returncode == 0 and "Inode:" in result.stdout
+    try:
+        answer = debugfs.request(source, b"stat", debugfs.argument(f"/{opts.live_dir}"))
+    except DebugfsFailed:
+        return False  # not an ext filesystem debugfs can read
+    return "Inode:" in answer
 
 
 def _media(rec: Recorder, opts: SetupOptions, work: Path, source: str,

@@ -9,15 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dmoverlay.core import log
-from dmoverlay.core.errors import UsageError
+from dmoverlay.core import log, rundir
+from dmoverlay.core.errors import OverlayError, UsageError
 from dmoverlay.core.sizes import MiB, format_size
 from dmoverlay.overlay import devspec, persistent
 from dmoverlay.overlay.dmtable import Mode
-from dmoverlay.overlay.errors import OverlayError
 from dmoverlay.overlay.persistent import OverlaySpec
 
-STATE_DIR = Path("/run/dmoverlay")
+STATE_DIR = Path("/run") / rundir.NAME  # shared with apply's staging
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,10 @@ import os
 import time
 from pathlib import Path
 
+from dmoverlay.core.errors import OverlayError
 from dmoverlay.core.run import run
 from dmoverlay.overlay import blockdev
 from dmoverlay.overlay.dmtable import Device
-from dmoverlay.overlay.errors import OverlayError
 from dmoverlay.overlay.kernel import require_filesystem, require_loop
 from dmoverlay.overlay.state import State, Step, StepKind
 

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from dmoverlay.core import log
-from dmoverlay.core.errors import DmoverlayError, ImageError, UsageError
+from dmoverlay.core.errors import DmoverlayError, ImageError, OverlayError, UsageError
 from dmoverlay.core.sizes import MiB, format_size
 from dmoverlay.core.superblock import parse_ext4
 from dmoverlay.overlay.dmtable import (
@@ -24,7 +24,6 @@ from dmoverlay.overlay.dmtable import (
     layout,
     thin_sizes,
 )
-from dmoverlay.overlay.errors import OverlayError
 from dmoverlay.overlay.kernel import device_sectors, dm_exists, require_root, require_target
 from dmoverlay.overlay.media import find_rootfs, read_head
 from dmoverlay.overlay.options import SetupOptions, check_options, overlay_size, ram_bytes

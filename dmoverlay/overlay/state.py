@@ -15,8 +15,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from dmoverlay.core import rundir
+from dmoverlay.core.errors import NoOverlay, OverlayError
 from dmoverlay.overlay.dmtable import Mode, Names
-from dmoverlay.overlay.errors import NoOverlay, OverlayError
 
 
 class StepKind(StrEnum):
@@ -134,12 +135,11 @@ def check_state_dir(state_dir: Path) -> None:
     """The state directory is setup's own: a real directory (not a link to
     elsewhere), of this user, that nobody else may write in."""
     try:
-        st = os.lstat(state_dir)
+        why = rundir.why_not_private(os.lstat(state_dir))
     except FileNotFoundError:
         return  # nothing recorded, or setup makes it
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise OverlayError(f"{state_dir}: not a private directory of this user (a link, "
-                           "another owner's, or writable by others)",
+    if why is not None:
+        raise OverlayError(f"{state_dir}: not a private directory of this user: {why}",
                            hint="something planted it: look at it, remove it, try again")
 
 

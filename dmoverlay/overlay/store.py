@@ -7,10 +7,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dmoverlay.core.errors import ImageError, UsageError
+from dmoverlay.core.errors import ImageError, OverlayError, UsageError
 from dmoverlay.overlay import devspec, persistent
 from dmoverlay.overlay.dmtable import SECTOR, Mode
-from dmoverlay.overlay.errors import OverlayError
 from dmoverlay.overlay.kernel import device_sectors, is_block, loops_backed_by, mounted_at
 from dmoverlay.overlay.media import fs_type, label_uuid, read_head
 from dmoverlay.overlay.options import SetupOptions

@@ -11,10 +11,9 @@ from contextlib import suppress
 from pathlib import Path
 
 from dmoverlay.core import log
-from dmoverlay.core.errors import DmoverlayError
+from dmoverlay.core.errors import DmoverlayError, NoOverlay, OverlayError
 from dmoverlay.core.run import run
 from dmoverlay.overlay import blockdev, persistent
-from dmoverlay.overlay.errors import NoOverlay, OverlayError
 from dmoverlay.overlay.kernel import dm_exists, loops_backed_by, require_root
 from dmoverlay.overlay.state import State, Step, StepKind, load_state
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from dmoverlay.apply.execute import ApplyOptions, WriteFailed, rollback, staging
-from dmoverlay.core.errors import UsageError
+from dmoverlay.apply.execute import ApplyOptions, rollback, staging
+from dmoverlay.core.errors import UsageError, WriteFailed
 from tests.applykit import apply, d, f, make_root, snapshot
 
 # Write-time failures the planner cannot foresee (a filesystem without ACLs, an

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dmoverlay.apply.journal import _FIELDS, JournalError, Log, Record, next_txn, txn_names
+from dmoverlay.apply.journal import _FIELDS, Log, Record, next_txn, txn_names
+from dmoverlay.core.errors import JournalError
 
 names = st.text(st.characters(codec="utf-8") | st.sampled_from(["\udcff", "\udc80", '"', "\\"]))
 

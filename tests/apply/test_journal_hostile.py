@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from dmoverlay.apply.execute import ApplyOptions, rollback
-from dmoverlay.apply.journal import MAX_LOG, JournalError, Record
+from dmoverlay.apply.journal import MAX_LOG, Record
 from dmoverlay.core.entries import Kind
-from dmoverlay.core.errors import DmoverlayError
+from dmoverlay.core.errors import DmoverlayError, JournalError
 from tests.applykit import apply, d, f, make_root, other, snapshot
 from tests.conftest import dmoverlay
 

@@ -12,14 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from dmoverlay.apply.update import (
-    ApplyOptions,
-    ApplyRefused,
-    WriteFailed,
-    apply_update,
-    rollback,
-)
-from dmoverlay.core.errors import DmoverlayError, ImageError, SourceError
+from dmoverlay.apply.update import ApplyOptions, ApplyRefused, apply_update, rollback
+from dmoverlay.core.errors import DmoverlayError, ImageError, SourceError, WriteFailed
 from tests.applykit import make_root, snapshot
 
 

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dmoverlay.apply.workers import WorkerDied, chunks, jobs_for, run_pulled, run_split
-from dmoverlay.core.errors import ImageError
+from dmoverlay.apply.workers import chunks, jobs_for, run_pulled, run_split
+from dmoverlay.core.errors import ImageError, WorkerDied
 
 
 def test_jobs_for() -> None:

@@ -22,8 +22,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dmoverlay.build import debugfs, disk, ext4
+from dmoverlay.build import disk, ext4
 from dmoverlay.build.ext4 import mkfs_env
+from dmoverlay.core import debugfs
 from dmoverlay.core.errors import CommandFailed, ImageError, UsageError
 from dmoverlay.core.sizes import GiB, KiB, MiB
 

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from dmoverlay.core.cow import SnapshotStatus, State, dm_name, parse_status
+from dmoverlay.core.cow import (
+    PoolStatus,
+    SnapshotStatus,
+    State,
+    dm_name,
+    parse_pool_status,
+    parse_status,
+)
 from dmoverlay.core.errors import DmoverlayError
 
 
@@ -45,3 +52,15 @@ def test_a_plain_directory_is_not_on_a_snapshot(tmp_path: Path) -> None:
     from dmoverlay.core.cow import free_bytes
 
     assert free_bytes(str(tmp_path)) is None
+
+
+def test_pool_status() -> None:
+    line = "0 2048 thin-pool 1 11/1024 3/16 - rw discard_passdown error_if_no_space - 1024\n"
+    assert parse_pool_status(line) == PoolStatus("active", 3 * 65536, 16 * 65536)
+    # dracut's pools have 512 KiB blocks: the size comes from the pool's table
+    assert parse_pool_status(line, 1024) == PoolStatus("active", 3 * 524288, 16 * 524288)
+    full = "0 2048 thin-pool 1 11/1024 16/16 - out_of_data_space discard_passdown error"
+    assert parse_pool_status(full).state == "full"
+    assert parse_pool_status("0 2048 thin-pool Fail").state == "failed"
+    with pytest.raises(ValueError):
+        parse_pool_status("0 2048 linear 7:1 0")

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from dmoverlay.core.errors import UsageError
+from dmoverlay.core.errors import BlockDevError, UsageError
 from dmoverlay.overlay import blockdev
-from dmoverlay.overlay.blockdev import BlockDevError
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loop devices need root")
 

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dmoverlay.core.errors import UsageError
+from dmoverlay.core.errors import NotLive, UsageError
 from dmoverlay.core.sizes import MiB
-from dmoverlay.overlay.cmdline import KEYS, LiveBoot, NotLive, parse, split_cmdline
+from dmoverlay.overlay.cmdline import KEYS, LiveBoot, parse, split_cmdline
 
 FEDORA = ("BOOT_IMAGE=/images/pxeboot/vmlinuz root=live:CDLABEL=Fedora-WS-Live-41-1-4 "
           "rd.live.image quiet rhgb")

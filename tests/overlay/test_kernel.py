@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dmoverlay.overlay.errors import OverlayError
+from dmoverlay.core.errors import OverlayError
 from dmoverlay.overlay.kernel import (
     _module_present,
     dm_exists,

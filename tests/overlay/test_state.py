@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dmoverlay.core.errors import DmoverlayError
+from dmoverlay.core.errors import DmoverlayError, OverlayError
 from dmoverlay.core.sizes import GiB
-from dmoverlay.overlay.errors import OverlayError
 from dmoverlay.overlay.state import State, Step, StepKind, check_state, load_state
 from tests.overlay.statefiles import make_state, plant
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dmoverlay.overlay.errors import OverlayError
+from dmoverlay.core.errors import OverlayError
 from dmoverlay.overlay.state import Step, StepKind
 from dmoverlay.overlay.teardown import teardown
 from tests.overlay.statefiles import make_state, plant

@@ -13,8 +13,8 @@ from dmoverlay.apply.readers import cpio
 from dmoverlay.core import superblock
 from dmoverlay.core.compress import STREAM_ERRORS, Compression, Readable, open_decompressed
 from dmoverlay.core.compress import detect as detect_compression
-from dmoverlay.core.errors import SourceError
-from dmoverlay.core.tarread import NotRegular, open_regular, tar_header_checksum_ok
+from dmoverlay.core.errors import NotRegular, SourceError
+from dmoverlay.core.tarread import open_regular, tar_header_checksum_ok
 
 HEAD_SIZE = superblock.HEAD_SIZE
 

@@ -26,7 +26,7 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from dmoverlay.core.errors import ImageError
+from dmoverlay.core.errors import DebugfsFailed, ImageError, Unscriptable
 from dmoverlay.core.run import Result, run, run_exact
 
 # fgets(buf, BUFSIZ): a line and its newline in 8191 bytes
@@ -35,9 +35,6 @@ _UNSCRIPTABLE = re.compile(rb"[\0\r\n]")
 ROOT_INODE = 2
 TIME_FIELDS = (b"mtime", b"atime", b"ctime", b"crtime")
 
-
-class Unscriptable(ImageError):
-    """A string that no debugfs argument can carry."""
 
 
 def argument(text: str | bytes | os.PathLike[str]) -> bytes:
@@ -129,13 +126,6 @@ _BANNER = re.compile(r"debugfs \d+\.\d+")
 _ABSENT = ("File not found by ext2_lookup", "Ext2 inode is not a directory")
 
 
-class Failed(ImageError):
-    """debugfs said it could not do what it was asked; `problem` is what it said."""
-
-    def __init__(self, message: str, *, problem: str, hint: str | None = None) -> None:
-        super().__init__(message, hint=hint)
-        self.problem = problem
-
 
 def problems(stderr: str) -> list[str]:
     """debugfs exits 0 whatever its commands do: every line of its stderr
@@ -160,12 +150,12 @@ def request(image: str | os.PathLike[str], *words: bytes, offset: int = 0) -> st
     """Run one read-only request (`debugfs -R`, words encoded here) on the
     filesystem at `offset` of `image`; its stdout.  A path that is not there
     is no failure (the answer is empty); anything else debugfs complains of
-    is Failed."""
+    is DebugfsFailed."""
     result = run(["debugfs", "-R", os.fsdecode(command(*words)), device(image, offset)],
                  check=False)
     found = _failures(result)
     if found and not any(text in found[0] for text in _ABSENT):
-        raise Failed(f"debugfs cannot read {os.path.basename(image)}: {found[0]}",
+        raise DebugfsFailed(f"debugfs cannot read {os.path.basename(image)}: {found[0]}",
                      problem=found[0])
     return result.stdout
 
@@ -194,7 +184,7 @@ def run_script(image: str | os.PathLike[str], text: bytes, *, scratch: Path, nam
     result = run_exact(argv, env=env, cwd=scratch)
     found = _failures(result)
     if found:
-        raise Failed(f"debugfs could not finish {os.path.basename(image)}: {found[0]}",
+        raise DebugfsFailed(f"debugfs could not finish {os.path.basename(image)}: {found[0]}",
                      problem=found[0],
                      hint=f"{len(found)} debugfs message(s); rerun with --debug")
     return result.stdout.encode(errors="surrogateescape")  # as run() decoded it

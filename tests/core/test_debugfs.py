@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dmoverlay.build import debugfs
-from dmoverlay.core.errors import ImageError
+from dmoverlay.core import debugfs
+from dmoverlay.core.errors import DebugfsFailed, ImageError, Unscriptable
 
 NS = 1_000_000_000
 FILE_INODE = 12  # the first inode mkfs gives: the only file of the template
@@ -62,7 +62,7 @@ def test_names_reach_debugfs_exactly(template: Path, tmp_path: Path,
     for name in names:
         try:
             encoded = debugfs.argument(name)
-        except debugfs.Unscriptable:
+        except Unscriptable:
             assert b"\r" in name or b"\n" in name
             continue
         kept.append(name)
@@ -78,7 +78,7 @@ def test_names_reach_debugfs_exactly(template: Path, tmp_path: Path,
 @given(st.binary(max_size=40))
 def test_argument_refuses_exactly_what_ends_a_line(raw: bytes) -> None:
     if any(b in raw for b in b"\0\r\n"):
-        with pytest.raises(debugfs.Unscriptable):
+        with pytest.raises(Unscriptable):
             debugfs.argument(raw)
     else:
         encoded = debugfs.argument(raw)
@@ -90,7 +90,7 @@ def test_an_injected_command_is_refused_not_run(template: Path, tmp_path: Path) 
     """The attack of issue 8: a newline in a name ends the command and
     starts one of the attacker's (here: copy a host file out of reach)."""
     victim = tmp_path / "victim"
-    with pytest.raises(debugfs.Unscriptable, match="newline"):
+    with pytest.raises(Unscriptable, match="newline"):
         debugfs.argument(f'user.x\ndump <12> "{victim}"')
     assert not victim.exists()
 
@@ -107,7 +107,7 @@ def test_a_line_longer_than_debugfs_reads_is_refused(template: Path, tmp_path: P
     out = subprocess.run(["debugfs", "-R", "stat <12>", image], capture_output=True,
                          text=True, check=True).stdout
     assert "User:     7" in out
-    with pytest.raises(debugfs.Unscriptable, match="too long"):
+    with pytest.raises(Unscriptable, match="too long"):
         debugfs.command(b"ln", debugfs.inode(FILE_INODE), debugfs.argument(b"x" * 8200))
 
 
@@ -169,7 +169,7 @@ def test_an_image_whose_path_reads_as_options(template: Path, tmp_path: Path) ->
     out = subprocess.run(["debugfs", "-R", f"stat <{FILE_INODE}>", "img"], cwd=where,
                          capture_output=True, text=True, check=True).stdout
     assert "User:     7" in out
-    with pytest.raises(debugfs.Unscriptable, match="'\\?'"):
+    with pytest.raises(Unscriptable, match="'\\?'"):
         debugfs.request(image, b"stat", debugfs.inode(FILE_INODE))
 
 
@@ -177,7 +177,7 @@ def test_a_request_answers_or_names_what_failed(template: Path, tmp_path: Path) 
     image = fresh(template, tmp_path)
     assert "Type: regular" in debugfs.request(image, b"stat", debugfs.argument("/f"))
     assert "Inode:" not in debugfs.request(image, b"stat", debugfs.argument("/gone"))
-    with pytest.raises(debugfs.Failed, match="Command not found"):
+    with pytest.raises(DebugfsFailed, match="Command not found"):
         debugfs.request(image, b"bogus")
 
 
