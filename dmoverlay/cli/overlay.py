@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from dmoverlay.cli.options import SIZE
+from dmoverlay.core import log, run
+from dmoverlay.core.errors import UsageError
 from dmoverlay.core.sizes import format_size
+from dmoverlay.overlay import cmdline
 from dmoverlay.overlay.dmtable import Mode
 from dmoverlay.overlay.options import STATE_DIR as DEFAULT_STATE_DIR
 from dmoverlay.overlay.options import SetupOptions, parse_image, parse_overlay
@@ -31,9 +35,13 @@ EXIT_FULL = 4
 
 
 @click.command("setup")
-@click.argument("image")
+@click.argument("image", required=False)
 @click.option("--target", required=True, type=click.Path(path_type=Path),
               help="Empty directory to mount the writable root on.")
+@click.option("--from-cmdline", "cmdline_file", is_flag=False, flag_value="/proc/cmdline",
+              metavar="[FILE]",
+              help="Take IMAGE and the overlay options from a kernel command line as dracut's "
+                   "dmsquash-live reads it (root=live:..., rd.live.*): /proc/cmdline, or FILE.")
 @NAME
 @click.option("--overlay-size", type=SIZE,
               help="COW store size, kept in RAM (rd.live.overlay.size) [default: half the RAM]; "
@@ -57,20 +65,57 @@ EXIT_FULL = 4
 @click.option("--tmpfs-dir", type=click.Path(path_type=Path),
               help="Put the COW file in this existing tmpfs instead of a new one.")
 @STATE_DIR
-def setup_command(image: str, target: Path, name: str, overlay_size: int | None,
-                  overlay_spec: str | None, overlay_reset: bool, overlay_readonly: bool,
-                  overlay_thin: bool, live_dir: str, squashfs_name: str,
-                  tmpfs_dir: Path | None, state_dir: Path) -> None:
+def setup_command(image: str | None, target: Path, cmdline_file: str | None, name: str,
+                  overlay_size: int | None, overlay_spec: str | None, overlay_reset: bool,
+                  overlay_readonly: bool, overlay_thin: bool, live_dir: str,
+                  squashfs_name: str, tmpfs_dir: Path | None, state_dir: Path) -> None:
     """Make IMAGE writable at TARGET: IMAGE is a squashfs.img, a rootfs.img, a disk
     image or device holding LiveOS/squashfs.img, or LABEL=, UUID=, PARTUUID=,
-    PARTLABEL=, CDLABEL=."""
-    # the texts are parsed here, once: setup's steps get the parsed values
-    state = setup(SetupOptions(
-        image=parse_image(image), target=target, name=name, overlay_size=overlay_size,
-        live_dir=live_dir, squashfs_name=squashfs_name, tmpfs_dir=tmpfs_dir, state_dir=state_dir,
-        overlay=parse_overlay(overlay_spec), overlay_reset=overlay_reset,
-        overlay_readonly=overlay_readonly, overlay_thin=overlay_thin))
-    click.echo(f"{name}: {image} writable at {state.target} ({_where_writes_go(state)})")
+    PARTLABEL=, CDLABEL=.
+
+    With --from-cmdline, IMAGE and the overlay options are read from a kernel
+    command line instead, as dracut's dmsquash-live reads them."""
+    ctx = click.get_current_context()
+    if cmdline_file is not None:
+        given = [flag for param, flag in SETUP_FROM_CMDLINE.items()
+                 if ctx.get_parameter_source(param) is not click.core.ParameterSource.DEFAULT]
+        if image is not None or given:
+            raise UsageError(f"--from-cmdline takes IMAGE and the overlay options from the "
+                             f"command line: {' '.join([*(['IMAGE'] if image else []), *given])} "
+                             f"too", hint="give either --from-cmdline or IMAGE and its options")
+        opts = _options_from_cmdline(cmdline_file, target=target, name=name, state_dir=state_dir,
+                                     tmpfs_dir=tmpfs_dir)
+    elif image is None:
+        raise UsageError("IMAGE is missing", hint="name the image, or give --from-cmdline")
+    else:
+        # the texts are parsed here, once: setup's steps get the parsed values
+        opts = SetupOptions(
+            image=parse_image(image), target=target, name=name, overlay_size=overlay_size,
+            live_dir=live_dir, squashfs_name=squashfs_name, tmpfs_dir=tmpfs_dir,
+            state_dir=state_dir, overlay=parse_overlay(overlay_spec),
+            overlay_reset=overlay_reset, overlay_readonly=overlay_readonly,
+            overlay_thin=overlay_thin)
+    state = setup(opts)
+    click.echo(f"{name}: {opts.image.text} writable at {state.target} "
+               f"({_where_writes_go(state)})")
+
+
+# What the command line says when setup reads it: not to be given beside it.
+SETUP_FROM_CMDLINE = {
+    "overlay_size": "--overlay-size", "overlay_spec": "--overlay", "overlay_reset":
+    "--overlay-reset", "overlay_readonly": "--overlay-readonly", "overlay_thin":
+    "--overlay-thin", "live_dir": "--live-dir", "squashfs_name": "--squashfs-name",
+}
+
+
+def _options_from_cmdline(path: str, **where: Any) -> SetupOptions:
+    boot = cmdline.parse(cmdline.read_cmdline(path))
+    if boot.debug:
+        run.debug = True
+    if boot.updates:
+        log.info(f"note: {len(boot.updates)} update(s) on the command line: setup does not "
+                 "apply them")
+    return cmdline.setup_options(boot, **where)
 
 
 def _where_writes_go(state: State) -> str:

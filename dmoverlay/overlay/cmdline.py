@@ -16,16 +16,21 @@ RAM, is used instead.  A size given is honoured, in MiB as dracut reads it."""
 
 from __future__ import annotations
 
+import os
 import posixpath
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from dmoverlay.core.errors import NotLive, UsageError
-from dmoverlay.core.sizes import MiB
+from dmoverlay.core.sizes import KiB, MiB
+from dmoverlay.overlay import devspec, persistent
+from dmoverlay.overlay.options import SetupOptions
 
 CMDLINE = "/proc/cmdline"
+CMDLINE_MAX = 64 * KiB  # the kernel keeps a few KiB (x86: 2048 bytes); a file is input
 FAMILY = ("rd.live.",)  # keys of this family must be known
 _TRUE = frozenset({"", "1", "y", "yes", "on", "true"})  # "" is the bare key
 _FALSE = frozenset({"0", "n", "no", "off", "false"})
@@ -265,3 +270,42 @@ def _name_of(field_name: str, boot: LiveBoot) -> str:
         if _BY_NAME[name].field == field_name:
             return name
     return next(k.name for k in KEYS if k.field == field_name)
+
+
+def read_cmdline(path: str | os.PathLike[str] = CMDLINE) -> str:
+    """A command line from /proc/cmdline or a file standing for it, read
+    without blocking on a fifo and capped in size; UsageError if unreadable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(CMDLINE_MAX + 1)
+    except OSError as exc:
+        raise UsageError(f"{os.fsdecode(path)}: cannot read the command line ({exc.strerror})",
+                         hint=f"give a file holding one, or leave it out for {CMDLINE}") from None
+    if len(data) > CMDLINE_MAX:
+        raise UsageError(f"{os.fsdecode(path)}: over {CMDLINE_MAX} bytes: not a command line",
+                         hint="a kernel command line is a few KiB at most")
+    return data.decode(errors="surrogateescape")
+
+
+def setup_options(boot: LiveBoot, *, target: Path, name: str, state_dir: Path,
+                  tmpfs_dir: Path | None = None) -> SetupOptions:
+    """What setup is asked to do by a command line, its texts parsed (once)
+    and named as the command line names them when they are bad."""
+    if boot.ram:
+        raise UsageError("kernel command line: rd.live.ram: copying the image to RAM is not "
+                         "supported yet", hint="leave out rd.live.ram: the medium stays in use")
+    try:
+        image = devspec.location(boot.medium)
+    except UsageError as exc:
+        raise UsageError(f"kernel command line: root=live:{_shown(boot.medium)}: {exc.message}",
+                         hint=exc.hint) from None
+    overlay = None
+    if boot.overlay is not None:
+        overlay = persistent.parse_spec(boot.overlay,
+                                        option="kernel command line: rd.live.overlay")
+    return SetupOptions(
+        image=image, target=target, name=name, overlay_size=boot.overlay_size,
+        live_dir=boot.live_dir, squashfs_name=boot.squashfs_name, tmpfs_dir=tmpfs_dir,
+        state_dir=state_dir, overlay=overlay, overlay_reset=boot.overlay_reset,
+        overlay_readonly=boot.overlay_readonly, overlay_thin=boot.overlay_thin)

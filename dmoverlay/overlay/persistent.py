@@ -51,43 +51,43 @@ class OverlaySpec:
         return self.where.text if self.where else None
 
 
-def parse_spec(text: str) -> OverlaySpec:
+def parse_spec(text: str, *, option: str = "--overlay") -> OverlaySpec:
     """`DEVICE:PATH`, `DEVICE` (PATH auto) or a plain `FILE`.
 
     DEVICE is a spec (LABEL=, UUID=, PARTUUID=, PARTLABEL=, CDLABEL=), split
     at its first ':'; a /dev node or filesystem image file is split at its
     last ':' followed by '/' or `auto`.  Anything else is a plain file."""
     if not text.strip():
-        raise UsageError("empty --overlay", hint="give DEVICE:PATH, DEVICE or FILE")
-    device, path = _split(text)
-    return OverlaySpec(None if device is None else _device(device, text), path, text)
+        raise UsageError(f"empty {option}", hint="give DEVICE:PATH, DEVICE or FILE")
+    device, path = _split(text, option)
+    return OverlaySpec(None if device is None else _device(device, text, option), path, text)
 
 
-def _split(text: str) -> tuple[str | None, str | None]:
+def _split(text: str, option: str) -> tuple[str | None, str | None]:
     """(device, path in it; None: auto) as written, or (None, file)."""
     if "=" in text and text.partition("=")[0] in devspec.KEYS:
         device, _, path = text.partition(":")
-        return device, _inner_path(path, text)
+        return device, _inner_path(path, text, option)
     head, sep, tail = text.rpartition(":")
     if sep and head and (tail in ("", AUTO) or tail.startswith("/")):
-        return head, _inner_path(tail, text)
+        return head, _inner_path(tail, text, option)
     if text.startswith("/dev/"):
         return text, None
     return None, text
 
 
-def _device(device: str, text: str) -> devspec.Location:
+def _device(device: str, text: str, option: str) -> devspec.Location:
     try:
         return devspec.location(device)
     except UsageError as exc:
-        raise UsageError(f"--overlay {text}: {exc.message}", hint=exc.hint) from None
+        raise UsageError(f"{option} {text}: {exc.message}", hint=exc.hint) from None
 
 
-def _inner_path(path: str, text: str) -> str | None:
+def _inner_path(path: str, text: str, option: str) -> str | None:
     if path in ("", AUTO):
         return None
     if not path.startswith("/") or ".." in path.split("/"):
-        raise UsageError(f"--overlay {text}: the path inside the device must be absolute, "
+        raise UsageError(f"{option} {text}: the path inside the device must be absolute, "
                          "without '..'", hint="e.g. LABEL=LIVE:/LiveOS/overlay-LIVE")
     return posixpath.normpath(path)
 

@@ -36,6 +36,35 @@ def test_bad_overlay_text_is_one_error_line(tmp_path: Path, args: list[str],
     assert not (tmp_path / "state").exists()
 
 
+def _setup(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "target").mkdir(exist_ok=True)
+    return subprocess.run(
+        [sys.executable, "-m", "dmoverlay", "setup", "--target", str(tmp_path / "target"),
+         "--state-dir", str(tmp_path / "state"), *args],
+        capture_output=True, text=True, check=False)
+
+
+@pytest.mark.parametrize(("args", "first"), [
+    (["x.img", "--from-cmdline", "{line}"],
+     "error: --from-cmdline takes IMAGE and the overlay options from the command line: "
+     "IMAGE too"),
+    (["--from-cmdline", "{line}", "--overlay", "LABEL=S", "--live-dir", "L"],
+     "error: --from-cmdline takes IMAGE and the overlay options from the command line: "
+     "--overlay --live-dir too"),
+    ([], "error: IMAGE is missing"),
+    (["--from-cmdline", "{line}"], "error: kernel command line: unknown option rd.live.rams"),
+])
+def test_setup_from_a_command_line_refuses_in_one_line(tmp_path: Path, args: list[str],
+                                                       first: str) -> None:
+    line = tmp_path / "cmdline"
+    line.write_text("root=live:LABEL=LIVE rd.live.rams\n")
+    result = _setup(tmp_path, *(a.format(line=line) for a in args))
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[0] == first
+    assert result.stderr.splitlines()[1].startswith("hint: ")
+    assert not (tmp_path / "state").exists()
+
+
 def test_status_json_is_the_librarys_record(monkeypatch: pytest.MonkeyPatch) -> None:
     """A monitor reads the same keys as Status.to_dict() gives a caller of the
     library (device-mapper's status is not on this host: the library's answer

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from dmoverlay.core.errors import NotLive, UsageError
 from dmoverlay.core.sizes import MiB
-from dmoverlay.overlay.cmdline import KEYS, LiveBoot, parse, split_cmdline
+from dmoverlay.overlay.cmdline import (
+    CMDLINE_MAX,
+    KEYS,
+    LiveBoot,
+    parse,
+    read_cmdline,
+    setup_options,
+    split_cmdline,
+)
+from dmoverlay.overlay.dmtable import Mode
+from dmoverlay.overlay.options import SetupOptions
 
 FEDORA = ("BOOT_IMAGE=/images/pxeboot/vmlinuz root=live:CDLABEL=Fedora-WS-Live-41-1-4 "
           "rd.live.image quiet rhgb")
@@ -151,3 +164,50 @@ def test_any_line_is_a_boot_or_one_error(line: str) -> None:
     else:
         assert boot.root and ".." not in boot.live_dir.split("/")
         assert ".." not in boot.squashfs_name.split("/")
+
+
+def _options(line: str) -> SetupOptions:
+    return setup_options(parse(line), target=Path("/sysroot"), name="live",
+                         state_dir=Path("/run/dmoverlay"))
+
+
+def test_what_setup_is_asked() -> None:
+    opts = _options("root=live:CDLABEL=Fedora-WS-Live rd.live.dir=Live rd.live.squashimg=s.img "
+                    "rd.live.overlay=LABEL=STICK:/LiveOS/overlay-STICK rd.live.overlay.size=64 "
+                    "rd.live.overlay.readonly rd.live.overlay.thin")
+    assert opts.image.text == "CDLABEL=Fedora-WS-Live"
+    assert opts.image.spec is not None  # CDLABEL= is a LABEL= to blkid
+    assert (opts.image.spec.key, opts.image.spec.value) == ("LABEL", "Fedora-WS-Live")
+    assert (opts.live_dir, opts.squashfs_name, opts.overlay_size) == ("Live", "s.img", 64 * MiB)
+    assert opts.overlay is not None and opts.overlay.path == "/LiveOS/overlay-STICK"
+    assert opts.overlay.where is not None and opts.overlay.where.text == "LABEL=STICK"
+    assert opts.mode is Mode.READONLY and opts.overlay_thin
+    plain = _options("root=live:/run/initramfs/live.img")
+    assert plain.image.text == "/run/initramfs/live.img" and plain.image.spec is None
+    assert plain.mode is Mode.RAM and plain.overlay_size is None
+
+
+@pytest.mark.parametrize(("line", "words"), [
+    ("root=live:LABEL=X rd.live.overlay=LABEL=S:rel",
+     "kernel command line: rd.live.overlay LABEL=S:rel: the path inside the device"),
+    ("root=live:LABEL=X rd.live.overlay=LABEL=:/o", "kernel command line: rd.live.overlay"),
+    ("root=live:LABEL= rd.live.image", "kernel command line: root=live:LABEL=: empty device"),
+    ("root=live:LABEL=X rd.live.ram", "rd.live.ram: copying the image to RAM is not supported"),
+])
+def test_bad_values_for_setup_name_the_option(line: str, words: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        _options(line)
+    assert words in caught.value.message
+
+
+def test_a_command_line_file_is_read_with_care(tmp_path: Path) -> None:
+    line = tmp_path / "cmdline"
+    line.write_bytes(b"root=live:LABEL=\xff rd.live.image\n")
+    assert parse(read_cmdline(line)).root == "LABEL=\udcff"
+    os.mkfifo(tmp_path / "fifo")
+    assert read_cmdline(tmp_path / "fifo") == ""  # no writer: not a hang
+    (tmp_path / "huge").write_bytes(b"x" * (CMDLINE_MAX + 1))
+    with pytest.raises(UsageError, match="not a command line"):
+        read_cmdline(tmp_path / "huge")
+    with pytest.raises(UsageError, match="cannot read the command line"):
+        read_cmdline(tmp_path / "missing")

@@ -94,6 +94,21 @@ def attached_disk(images: dict[str, Path]) -> Iterator[str]:
         subprocess.run(["losetup", "-d", dev], check=True)
 
 
+def test_setup_from_a_kernel_command_line(images: dict[str, Path], place: dict[str, Path],
+                                         attached_disk: str) -> None:
+    """What dracut's users write on the kernel command line sets up the same
+    overlay: the medium by label, the live directory and a RAM COW of
+    rd.live.overlay.size MiB."""
+    line = place["top"] / "cmdline"
+    line.write_text("BOOT_IMAGE=/vmlinuz root=live:LABEL=DMOTEST rd.live.image "
+                    "rd.live.dir=/LiveOS/ rd.live.overlay.size=48 quiet console=ttyS0\n")
+    cli("setup", "--from-cmdline", str(line), "--target", str(place["target"]),
+        "--name", str(place["name"]), "--state-dir", str(place["state"]))
+    assert (place["target"] / "etc/os-release").is_file()
+    assert int(status(place)["total"]) == 48 << 20
+    cli("teardown", "--name", str(place["name"]), "--state-dir", str(place["state"]))
+
+
 @pytest.mark.parametrize("spec", ["LABEL=DMOTEST", "PARTLABEL=DMOTEST", "live:LABEL=DMOTEST"])
 def test_device_spec(images: dict[str, Path], place: dict[str, Path], attached_disk: str,
                      spec: str) -> None:
