@@ -40,7 +40,23 @@ def _imports(source: str, here: str) -> set[str]:
             # `from dmoverlay import apply` brings in a subpackage
             found.update(f"{module}.{alias.name}" for alias in node.names
                          if module == "dmoverlay")
+        elif isinstance(node, ast.Attribute):  # dmoverlay.apply.plan, once dmoverlay is bound
+            dotted = _dotted(node)
+            if dotted.startswith("dmoverlay."):
+                found.add(dotted)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                and node.value.startswith("dmoverlay."):  # importlib.import_module("...")
+            found.add(node.value)
     return found
+
+
+def _dotted(node: ast.expr) -> str:
+    """"a.b.c" for the expression a.b.c, "" for anything else."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else ""
 
 
 MODULES = sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
@@ -71,7 +87,9 @@ def test_the_checker_sees_what_it_checks() -> None:
     Python's forms, is seen."""
     for line in ("from dmoverlay.apply import plan", "import dmoverlay.apply.plan",
                  "from dmoverlay import apply", "from ..apply import plan",
-                 "def f():\n    from dmoverlay.apply.plan import make_plan\n"):
+                 "def f():\n    from dmoverlay.apply.plan import make_plan\n",
+                 "import dmoverlay.core.log\nx = dmoverlay.apply.plan.make_plan",
+                 "import importlib\nplan = importlib.import_module('dmoverlay.apply.plan')"):
         reached = {_layer(m) for m in _own(line + "\n", "dmoverlay.build.probe")}
         assert "apply" in reached, line
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from dmoverlay.core.errors import DebugfsFailed, ImageError, Unscriptable
@@ -151,13 +153,28 @@ def request(image: str | os.PathLike[str], *words: bytes, offset: int = 0) -> st
     filesystem at `offset` of `image`; its stdout.  A path that is not there
     is no failure (the answer is empty); anything else debugfs complains of
     is DebugfsFailed."""
-    result = run(["debugfs", "-R", os.fsdecode(command(*words)), device(image, offset)],
-                 check=False)
+    with _named_plainly(image) as name:
+        result = run(["debugfs", "-R", os.fsdecode(command(*words)), device(name, offset)],
+                     check=False)
     found = _failures(result)
     if found and not any(text in found[0] for text in _ABSENT):
         raise DebugfsFailed(f"debugfs cannot read {os.path.basename(image)}: {found[0]}",
                      problem=found[0])
     return result.stdout
+
+
+@contextmanager
+def _named_plainly(image: str | os.PathLike[str]) -> Iterator[str]:
+    """The image under a name debugfs reads as a name: itself, or, when its
+    path holds a "?", a link of ours in a private directory made for it."""
+    path = os.fspath(image)
+    if "?" not in path:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="dmoverlay-debugfs-") as scratch:
+        link = os.path.join(scratch, "image")
+        os.symlink(os.path.abspath(path), link)
+        yield link
 
 
 def _failures(result: Result) -> list[str]:

@@ -17,7 +17,6 @@ RAM, is used instead.  A size given is honoured, in MiB as dracut reads it."""
 from __future__ import annotations
 
 import os
-import posixpath
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -27,13 +26,18 @@ from typing import Any
 from dmoverlay.core.errors import NotLive, UsageError
 from dmoverlay.core.sizes import KiB, MiB
 from dmoverlay.overlay import devspec, persistent
-from dmoverlay.overlay.options import SetupOptions
+from dmoverlay.overlay.options import SetupOptions, inner_name
 
 CMDLINE = "/proc/cmdline"
 CMDLINE_MAX = 64 * KiB  # the kernel keeps a few KiB (x86: 2048 bytes); a file is input
 FAMILY = ("rd.live.",)  # keys of this family must be known
 _TRUE = frozenset({"", "1", "y", "yes", "on", "true"})  # "" is the bare key
 _FALSE = frozenset({"0", "n", "no", "off", "false"})
+# What separates words: ASCII blanks only, as dracut's shell and systemd read
+# /proc/cmdline (Python's isspace() would also cut at U+00A0 or \x1c, inside a
+# LABEL= that holds one)
+_BLANKS = frozenset(" \t\n\v\f\r")
+_MIB_DIGITS = 9  # up to 953 TiB: a longer number is no size (and int() has limits)
 _DEVICE_KEYS = ("LABEL=", "UUID=", "PARTUUID=", "PARTLABEL=", "CDLABEL=")
 _HINT = "see dracut.cmdline(7), section dmsquash-live, and dmoverlay's README"
 
@@ -122,7 +126,7 @@ def _words(text: str) -> Iterator[str]:
     for char in text:
         if char == '"':
             quoted, started = not quoted, True
-        elif char.isspace() and not quoted:
+        elif char in _BLANKS and not quoted:
             if started:
                 yield "".join(word)
             word, started = [], False
@@ -199,20 +203,19 @@ def _flag(name: str, raw: str | None) -> bool:
 
 
 def _mib(name: str, raw: str) -> int:
-    if not raw.isascii() or not raw.isdigit() or int(raw) == 0:
+    if (not raw.isascii() or not raw.isdigit() or len(raw.lstrip("0")) > _MIB_DIGITS
+            or int(raw) == 0):
         raise UsageError(f"kernel command line: {name}={_shown(raw)}: not a whole number of MiB",
                          hint=f"e.g. {name}=4096 for 4 GiB, as dracut reads it")
     return int(raw) * MiB
 
 
 def _inner_name(name: str, raw: str) -> str:
-    """A path inside the medium (dracut joins it under the mount point): a
-    leading "/" means nothing more; ".." would leave the medium."""
-    path = raw.strip("/")
-    if not path or ".." in path.split("/"):
-        raise UsageError(f"kernel command line: {name}={_shown(raw)}: must be a path inside "
-                         "the medium", hint=f"e.g. {name}=LiveOS, without '..'")
-    return posixpath.normpath(path)
+    try:
+        return inner_name(raw, option=name)
+    except UsageError as exc:
+        raise UsageError(f"kernel command line: {name}={_shown(raw)}: {exc.message}",
+                         hint=exc.hint) from None
 
 
 def _live_root(boot: LiveBoot) -> LiveBoot:

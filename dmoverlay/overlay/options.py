@@ -6,6 +6,7 @@ The texts (IMAGE, --overlay) are parsed once, where the options are made
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,8 +55,25 @@ def parse_overlay(text: str | None) -> OverlaySpec | None:
     return None if text is None else persistent.parse_spec(text)
 
 
+def inner_name(value: str, *, option: str) -> str:
+    """A path inside the medium (the live directory, the squashfs image's
+    name): dracut joins it under the mount point, so a leading "/" means
+    nothing more; ".." would leave the medium, and a control character has
+    no place in a name written on a command line (nor in debugfs' request)."""
+    path = value.strip("/")
+    if not path or ".." in path.split("/") or not path.isprintable():
+        raise UsageError("must be a path inside the medium, printable, without '..'",
+                         hint=f"e.g. {option}=LiveOS")
+    return posixpath.normpath(path)
+
+
 def check_options(opts: SetupOptions) -> None:
     """Combinations that mean nothing, refused before anything is touched."""
+    for option, value in (("--live-dir", opts.live_dir), ("--squashfs-name", opts.squashfs_name)):
+        try:
+            inner_name(value, option=option)
+        except UsageError as exc:
+            raise UsageError(f"{option} {value!r}: {exc.message}", hint=exc.hint) from None
     if opts.overlay is None:
         for flag, given in (("--overlay-reset", opts.overlay_reset),
                             ("--overlay-readonly", opts.overlay_readonly)):

@@ -211,3 +211,21 @@ def test_a_command_line_file_is_read_with_care(tmp_path: Path) -> None:
         read_cmdline(tmp_path / "huge")
     with pytest.raises(UsageError, match="cannot read the command line"):
         read_cmdline(tmp_path / "missing")
+
+
+def test_only_ascii_blanks_part_words() -> None:
+    """As dracut's shell and systemd read the line: a no-break space or an
+    information separator inside a label is part of it (isspace() cut there)."""
+    for label in ("My\u00a0Disk", "a\x1cb", "x\x85y"):
+        assert parse(f"root=live:LABEL={label} rd.live.image").root == f"LABEL={label}"
+    assert parse("root=live:LABEL=A\trd.live.ram=0\vrd.live.dir=D\f\r").live_dir == "D"
+
+
+@pytest.mark.parametrize("digits", ["9" * 10, "1" + "0" * 5000, "0" * 20 + "7"])
+def test_a_size_past_any_machine_is_one_line(digits: str) -> None:
+    line = f"root=live:LABEL=X rd.live.overlay.size={digits}"
+    if digits.lstrip("0") == "7":
+        assert parse(line).overlay_size == 7 * MiB
+        return
+    with pytest.raises(UsageError, match="not a whole number of MiB"):
+        parse(line)

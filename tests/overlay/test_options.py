@@ -102,3 +102,19 @@ def test_bad_text_is_one_line_naming_the_option(image: str, overlay: str | None,
         options(image, overlay=overlay)
     assert exc.value.message.startswith(words)
     assert "\n" not in exc.value.message and exc.value.hint
+
+
+@pytest.mark.parametrize(("kwargs", "words"), [
+    ({"live_dir": "Live\nOS"}, "--live-dir 'Live\\nOS': must be a path inside the medium"),
+    ({"live_dir": "../etc"}, "--live-dir '../etc': must be a path inside the medium"),
+    ({"live_dir": "/"}, "--live-dir '/': must be a path"),
+    ({"squashfs_name": "a/../../b"}, "--squashfs-name 'a/../../b': must be a path"),
+    ({"squashfs_name": "s\x1b[31m.img"}, "--squashfs-name 's\\x1b[31m.img': must be"),
+])
+def test_names_inside_the_medium_are_checked_first(kwargs: dict[str, Any], words: str) -> None:
+    """Before anything is recorded: such a name used to reach debugfs' request
+    late (a newline failed there, with a hint about renaming the source)."""
+    with pytest.raises(UsageError) as caught:
+        check_options(options(**kwargs))
+    assert words in caught.value.message
+    check_options(options(live_dir="/boot/LiveOS/", squashfs_name="squashfs.img"))
