@@ -26,7 +26,7 @@ from typing import Any
 from dmoverlay.core.errors import NotLive, UsageError
 from dmoverlay.core.sizes import KiB, MiB
 from dmoverlay.overlay import devspec, persistent
-from dmoverlay.overlay.options import SetupOptions, inner_name
+from dmoverlay.overlay.options import FLAGS, SetupOptions, check_options, inner_name
 
 CMDLINE = "/proc/cmdline"
 CMDLINE_MAX = 64 * KiB  # the kernel keeps a few KiB (x86: 2048 bytes); a file is input
@@ -243,28 +243,7 @@ def _checked(boot: LiveBoot) -> LiveBoot:
     if not ("=" in root or root.startswith("/")):
         raise UsageError(f"kernel command line: root=live:{_shown(root)}: not a device",
                          hint="a device node or image file is an absolute path")
-    _check_combinations(boot)
     return boot
-
-
-def _check_combinations(boot: LiveBoot) -> None:
-    """What contradicts itself, named as the command line names it."""
-    if boot.overlay is None:
-        for flag in ("overlay_reset", "overlay_readonly"):
-            if getattr(boot, flag):
-                name = _name_of(flag, boot)
-                raise UsageError(f"kernel command line: {name} needs rd.live.overlay=",
-                                 hint="name the persistent overlay: rd.live.overlay=DEVICE:PATH")
-        return
-    if boot.overlay_reset and boot.overlay_readonly:
-        raise UsageError(f"kernel command line: {_name_of('overlay_reset', boot)} and "
-                         f"{_name_of('overlay_readonly', boot)} contradict each other",
-                         hint="a read-only overlay is never written")
-    if boot.overlay_thin and not boot.overlay_readonly:
-        raise UsageError("kernel command line: rd.live.overlay.thin with rd.live.overlay= "
-                         "needs rd.live.overlay.readonly",
-                         hint="writes go to the persistent overlay itself; only a read-only "
-                              "one has a RAM layer to make thin")
 
 
 def _name_of(field_name: str, boot: LiveBoot) -> str:
@@ -307,8 +286,14 @@ def setup_options(boot: LiveBoot, *, target: Path, name: str, state_dir: Path,
     if boot.overlay is not None:
         overlay = persistent.parse_spec(boot.overlay,
                                         option="kernel command line: rd.live.overlay")
-    return SetupOptions(
+    opts = SetupOptions(
         image=image, target=target, name=name, overlay_size=boot.overlay_size,
         live_dir=boot.live_dir, squashfs_name=boot.squashfs_name, tmpfs_dir=tmpfs_dir,
         state_dir=state_dir, overlay=overlay, overlay_reset=boot.overlay_reset,
         overlay_readonly=boot.overlay_readonly, overlay_thin=boot.overlay_thin)
+    named = {k.field: _name_of(k.field, boot) for k in KEYS if k.field in FLAGS}
+    try:
+        check_options(opts, named=named)
+    except UsageError as exc:
+        raise UsageError(f"kernel command line: {exc.message}", hint=exc.hint) from None
+    return opts

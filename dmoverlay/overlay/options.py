@@ -7,6 +7,7 @@ The texts (IMAGE, --overlay) are parsed once, where the options are made
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,29 +68,43 @@ def inner_name(value: str, *, option: str) -> str:
     return posixpath.normpath(path)
 
 
-def check_options(opts: SetupOptions) -> None:
-    """Combinations that mean nothing, refused before anything is touched."""
-    for option, value in (("--live-dir", opts.live_dir), ("--squashfs-name", opts.squashfs_name)):
+# Each option as setup's command line spells it; the kernel command line
+# passes its own spellings (rd.live.overlay.reset...), so that one set of
+# rules speaks the words its user wrote.
+FLAGS: Mapping[str, str] = {
+    "live_dir": "--live-dir", "squashfs_name": "--squashfs-name", "overlay": "--overlay",
+    "overlay_reset": "--overlay-reset", "overlay_readonly": "--overlay-readonly",
+    "overlay_thin": "--overlay-thin", "tmpfs_dir": "--tmpfs-dir",
+}
+
+
+def check_options(opts: SetupOptions, *, named: Mapping[str, str] = FLAGS) -> None:
+    """Combinations that mean nothing, refused before anything is touched;
+    `named`: how the caller's user spells each option."""
+    name = {**FLAGS, **named}
+    for field in ("live_dir", "squashfs_name"):
+        value = getattr(opts, field)
         try:
-            inner_name(value, option=option)
+            inner_name(value, option=name[field])
         except UsageError as exc:
-            raise UsageError(f"{option} {value!r}: {exc.message}", hint=exc.hint) from None
+            raise UsageError(f"{name[field]} {value!r}: {exc.message}", hint=exc.hint) from None
     if opts.overlay is None:
-        for flag, given in (("--overlay-reset", opts.overlay_reset),
-                            ("--overlay-readonly", opts.overlay_readonly)):
-            if given:
-                raise UsageError(f"{flag} needs --overlay",
-                                 hint="name the persistent overlay: --overlay DEVICE:PATH")
+        for field in ("overlay_reset", "overlay_readonly"):
+            if getattr(opts, field):
+                raise UsageError(f"{name[field]} needs {name['overlay']}",
+                                 hint=f"name the persistent overlay: {name['overlay']}="
+                                      "DEVICE:PATH")
         return
     if opts.overlay_reset and opts.overlay_readonly:
-        raise UsageError("--overlay-reset and --overlay-readonly contradict each other",
-                         hint="a read-only overlay is never written")
+        raise UsageError(f"{name['overlay_reset']} and {name['overlay_readonly']} contradict "
+                         "each other", hint="a read-only overlay is never written")
     if opts.overlay_thin and not opts.overlay_readonly:
-        raise UsageError("--overlay-thin with --overlay needs --overlay-readonly",
+        raise UsageError(f"{name['overlay_thin']} with {name['overlay']} needs "
+                         f"{name['overlay_readonly']}",
                          hint="writes go to a persistent overlay itself; only a read-only "
                               "one has a RAM layer to make thin")
     if opts.tmpfs_dir is not None and opts.mode is Mode.PERSISTENT:
-        raise UsageError("--tmpfs-dir means nothing with a persistent overlay",
+        raise UsageError(f"{name['tmpfs_dir']} means nothing with a persistent overlay",
                          hint="its COW is the overlay file, not RAM")
 
 

@@ -110,12 +110,6 @@ def test_no_live_root(line: str) -> None:
     ("root=live:http://server/live.img", "a network root is not supported"),
     ("root=live:FOO=bar", "root=live:FOO=bar: not a device"),
     ("root=live:sda1", "root=live:sda1: not a device"),
-    ("root=live:LABEL=X rd.live.overlay.reset", "rd.live.overlay.reset needs rd.live.overlay="),
-    ("root=live:LABEL=X readonly_overlay", "readonly_overlay needs rd.live.overlay="),
-    ("root=live:LABEL=X rd.live.overlay=LABEL=S rd.live.overlay.reset "
-     "rd.live.overlay.readonly", "rd.live.overlay.reset and rd.live.overlay.readonly contradict"),
-    ("root=live:LABEL=X rd.live.overlay=LABEL=S rd.live.overlay.thin",
-     "rd.live.overlay.thin with rd.live.overlay= needs rd.live.overlay.readonly"),
     ('root=live:LABEL=X rd.live.dir="LiveOS', "a double quote is not closed"),
 ])
 def test_bad_lines_name_the_option(line: str, words: str) -> None:
@@ -193,6 +187,13 @@ def test_what_setup_is_asked() -> None:
     ("root=live:LABEL=X rd.live.overlay=LABEL=:/o", "kernel command line: rd.live.overlay"),
     ("root=live:LABEL= rd.live.image", "kernel command line: root=live:LABEL=: empty device"),
     ("root=live:LABEL=X rd.live.ram", "rd.live.ram: copying the image to RAM is not supported"),
+    ("root=live:LABEL=X rd.live.overlay.reset",
+     "kernel command line: rd.live.overlay.reset needs rd.live.overlay"),
+    ("root=live:LABEL=X readonly_overlay", "readonly_overlay needs rd.live.overlay"),
+    ("root=live:LABEL=X overlay=LABEL=S rd.live.overlay.reset rd.live.overlay.readonly",
+     "rd.live.overlay.reset and rd.live.overlay.readonly contradict"),
+    ("root=live:LABEL=X rd.live.overlay=LABEL=S rd.live.overlay.thin",
+     "rd.live.overlay.thin with rd.live.overlay needs rd.live.overlay.readonly"),
 ])
 def test_bad_values_for_setup_name_the_option(line: str, words: str) -> None:
     with pytest.raises(UsageError) as caught:
