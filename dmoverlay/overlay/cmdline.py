@@ -88,7 +88,7 @@ _BY_NAME = {name: key for key in KEYS for name in (key.name, *key.legacy)}
 class LiveBoot:
     """What a command line asks of a live boot."""
 
-    root: str = ""  # as given, without "live:"
+    root: str = ""  # the medium: a device spec, /dev node or image file, without "live:"
     image_flag: bool = False
     live_dir: str = "LiveOS"
     squashfs_name: str = "squashfs.img"
@@ -101,12 +101,6 @@ class LiveBoot:
     updates: tuple[str, ...] = ()
     debug: bool = False
     given: tuple[str, ...] = field(default=(), compare=False)  # keys seen, for messages
-
-    @property
-    def medium(self) -> str:
-        """The device or file holding the live image, as setup takes it."""
-        return self.root
-
 
 
 def split_cmdline(text: str) -> Iterator[tuple[str, str | None]]:
@@ -141,8 +135,8 @@ def _words(text: str) -> Iterator[str]:
 
 def parse(text: str) -> LiveBoot:
     """The live boot a command line asks for; UsageError naming the option
-    for an unknown `rd.live.` key, a bad value or a contradiction; NotLive
-    when it asks for no live boot."""
+    for an unknown `rd.live.` key or a bad value; NotLive when it asks for
+    no live boot.  Contradictions are setup's rules: setup_options."""
     values: dict[str, Any] = {}
     updates: list[str] = []
     given: list[str] = []
@@ -278,9 +272,9 @@ def setup_options(boot: LiveBoot, *, target: Path, name: str, state_dir: Path,
         raise UsageError("kernel command line: rd.live.ram: copying the image to RAM is not "
                          "supported yet", hint="leave out rd.live.ram: the medium stays in use")
     try:
-        image = devspec.location(boot.medium)
+        image = devspec.location(boot.root)
     except UsageError as exc:
-        raise UsageError(f"kernel command line: root=live:{_shown(boot.medium)}: {exc.message}",
+        raise UsageError(f"kernel command line: root=live:{_shown(boot.root)}: {exc.message}",
                          hint=exc.hint) from None
     overlay = None
     if boot.overlay is not None:

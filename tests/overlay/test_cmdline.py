@@ -30,7 +30,6 @@ FEDORA = ("BOOT_IMAGE=/images/pxeboot/vmlinuz root=live:CDLABEL=Fedora-WS-Live-4
 def test_a_fedora_live_cd_line() -> None:
     boot = parse(FEDORA)
     assert boot == LiveBoot(root="CDLABEL=Fedora-WS-Live-41-1-4", image_flag=True)
-    assert boot.medium == "CDLABEL=Fedora-WS-Live-41-1-4"
 
 
 def test_dracuts_defaults() -> None:
