@@ -60,6 +60,10 @@ COMMANDS: Mapping[str, LazyCommand] = {
         "Apply UPDATES (a directory, cpio or tar archive, filesystem image, or http(s) URL) "
         "onto ROOT: links kept, nothing written outside ROOT, every file replaced "
         "atomically, all or nothing."),
+    "initramfs": LazyCommand(
+        "dmoverlay.cli.initramfs", "group",
+        "Boot with dmoverlay: the dracut module that sets up root=live:... and applies "
+        "rd.live.updates= in the initramfs, in place of dmsquash-live."),
     "rollback": LazyCommand(
         "dmoverlay.cli.apply", "rollback_command",
         "Undo the last apply on ROOT (or finish undoing one a crash cut short)."),

@@ -16,6 +16,8 @@ from dmoverlay.apply.update import (
 )
 from dmoverlay.apply.update import rollback as undo_last
 from dmoverlay.core import log
+from dmoverlay.core.errors import UpdatesLeftOut, UsageError
+from dmoverlay.overlay.options import STATE_DIR
 
 
 def plan_lines(plan: Plan) -> list[str]:
@@ -39,7 +41,7 @@ def _options(root: Path, run_dir: str, *, allow_setuid: bool = False,
 
 
 @click.command("apply")
-@click.argument("updates")
+@click.argument("updates", required=False)
 @click.option("--root", required=True, type=click.Path(path_type=Path),
               help="The new root to update (e.g. /sysroot before switch_root).")
 @click.option("--run-dir", default="/run", show_default=True,
@@ -57,14 +59,34 @@ def _options(root: Path, run_dir: str, *, allow_setuid: bool = False,
               default=DOWNLOAD_DEADLINE, show_default=True,
               help="Seconds a download may take in all (30 s without progress fail it "
                    "sooner).")
-def command(updates: str, root: Path, run_dir: str, sha256: str | None, allow_setuid: bool,
-            allow_xattrs: tuple[str, ...], dry_run: bool, as_json: bool, jobs: int,
-            timeout: float) -> None:
+@click.option("--from-cmdline", "cmdline_file", is_flag=False, flag_value="/proc/cmdline",
+              metavar="[FILE]",
+              help="Apply the updates a kernel command line names (rd.live.updates=, "
+                   "inst.updates=: URL, DEVICE:/PATH, or /PATH on the live medium), in turn; "
+                   "one that fails is left out and the rest go on (at boot).")
+@click.option("--name", default="live", show_default=True,
+              help="With --from-cmdline: the overlay whose medium holds /PATH updates.")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=STATE_DIR,
+              show_default=True, help="Where setup recorded the overlay.")
+def command(updates: str | None, root: Path, run_dir: str, sha256: str | None,
+            allow_setuid: bool, allow_xattrs: tuple[str, ...], dry_run: bool, as_json: bool,
+            jobs: int, timeout: float, cmdline_file: str | None, name: str,
+            state_dir: Path) -> None:
     """Apply UPDATES (a directory, cpio or tar archive, filesystem image, or
     http(s) URL) onto ROOT: links kept, nothing written outside ROOT, every
     file replaced atomically, all or nothing.  `dmoverlay rollback` undoes it."""
     opts = _options(root, run_dir, allow_setuid=allow_setuid, allow_xattrs=allow_xattrs,
                     dry_run=dry_run, jobs=jobs)
+    if cmdline_file is not None:
+        if updates is not None or sha256 is not None:
+            raise UsageError("--from-cmdline takes the updates from the command line: "
+                             f"{'UPDATES' if updates is not None else '--sha256'} too",
+                             hint="give either --from-cmdline or UPDATES")
+        _from_cmdline(cmdline_file, opts, name=name, state_dir=state_dir, deadline=timeout,
+                      as_json=as_json)
+        return
+    if updates is None:
+        raise UsageError("UPDATES is missing", hint="name the update, or give --from-cmdline")
     try:
         result = apply_update(updates, opts, sha256=sha256, deadline=timeout)
     except ApplyRefused as exc:
@@ -82,6 +104,30 @@ def command(updates: str, root: Path, run_dir: str, sha256: str | None, allow_se
     else:
         log.info(f"applied {result.written} entries (transaction {result.txn}; "
                  "undo with: dmoverlay rollback)")
+
+
+def _from_cmdline(path: str, opts: ApplyOptions, *, name: str, state_dir: Path,
+                  deadline: float, as_json: bool) -> None:
+    from dmoverlay.boot import updates as boot_updates
+
+    wanted = boot_updates.cmdline_updates(path)
+    if not wanted:
+        log.info("no updates on the command line")
+        return
+    mounts, medium = boot_updates.where_setup_left(state_dir, name)
+    outcomes = boot_updates.apply_all(wanted, opts, mounts=mounts, medium=medium,
+                                      deadline=deadline)
+    if as_json:
+        click.echo(json.dumps([o.to_dict() for o in outcomes], indent=2))
+    for outcome in outcomes:
+        if outcome.applied:
+            log.info(outcome.line())
+        else:
+            click.echo(f"warning: {outcome.line()}", err=True)
+    left = [o for o in outcomes if not o.applied]
+    if left:
+        raise UpdatesLeftOut(f"{len(left)} of {len(outcomes)} updates left out; the root "
+                             "has the others", hint="the lines above say why")
 
 
 @click.command("rollback")

@@ -125,6 +125,11 @@ class NotLive(UsageError):
     """The command line does not ask for a live boot at all (no root=live:)."""
 
 
+class UpdatesLeftOut(DmoverlayError):
+    """Some of the command line's updates were left out at boot (the others
+    were applied): each is said on its own line before."""
+
+
 class BlockDevError(DmoverlayError):
     """libblockdev is missing, a plugin cannot be loaded, or a call failed."""
 

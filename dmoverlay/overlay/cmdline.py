@@ -154,6 +154,13 @@ def parse(text: str) -> LiveBoot:
     return _checked(_live_root(boot))
 
 
+def updates_of(text: str) -> tuple[str, ...]:
+    """The updates a command line names, in order; the rest of it is setup's
+    to judge, and anaconda's inst.updates= needs no live root."""
+    return tuple(str(_value(key, name, raw)) for name, raw in split_cmdline(text)
+                 if (key := _BY_NAME.get(name)) is not None and key.value is Value.LIST)
+
+
 def _known(name: str) -> Key | None:
     key = _BY_NAME.get(name)
     if key is not None:

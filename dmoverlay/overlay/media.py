@@ -35,6 +35,7 @@ def find_rootfs(rec: Recorder, opts: SetupOptions, work: Path) -> tuple[Path, st
     if kind is Kind.SQUASHFS:
         return _in_squashfs(rec, opts, work, source), source
     media, medium = _media(rec, opts, work, source, kind)
+    rec.state.medium = os.fspath(media)
     squash = media / opts.live_dir / opts.squashfs_name
     if squash.is_file():
         return _in_squashfs(rec, opts, work, os.fspath(squash)), medium

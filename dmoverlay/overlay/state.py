@@ -65,6 +65,7 @@ class State:
     mode: str = Mode.RAM.value
     overlay: str = ""  # the persistent overlay: file or device
     thin: bool = False
+    medium: str = ""  # where the live medium is mounted: updates named by a path are on it
     steps: list[Step] = field(default_factory=list)
     complete: bool = False
 
@@ -164,6 +165,8 @@ def check_state(state: State, state_dir: Path, name: str) -> None:
         # removed only while setup is unfinished, and only if it holds a store
         StepKind.NEWFILE: lambda s: os.path.isabs(s.what),
     }
+    if not isinstance(state.medium, str):
+        raise ValueError("its medium is not a path")
     for step in state.steps:
         if not isinstance(step.what, str) or not isinstance(step.backing, str) \
                 or not isinstance(step.kind, StepKind):
@@ -173,3 +176,6 @@ def check_state(state: State, state_dir: Path, name: str) -> None:
             raise ValueError(f"a {step.kind} step setup would not record: {step.what!r}")
         if step.kind is StepKind.DIR:
             dirs.add(step.what)
+    if state.medium and state.medium not in {s.what for s in state.steps
+                                             if s.kind is StepKind.MOUNT}:
+        raise ValueError(f"its medium {state.medium!r} is not a mount point setup made")

@@ -1,0 +1,16 @@
+#!/bin/sh
+# dracut pre-mount hook: make the live root writable and mount it on
+# $NEWROOT.  A failure stops the boot (there is no root to boot) with
+# dmoverlay's message on the console.
+
+type getcmdline >/dev/null 2>&1 || . /lib/dracut-lib.sh
+
+if [ "${root%%:*}" = "live" ] && ! ismounted "$NEWROOT"; then
+    # dracut's command line: what was built into the initramfs
+    # (/etc/cmdline.d), then the kernel's
+    getcmdline > /run/dmoverlay.cmdline
+    info "dmoverlay: setting up the live root on $NEWROOT"
+    if ! dmoverlay setup --from-cmdline /run/dmoverlay.cmdline --target "$NEWROOT"; then
+        die "dmoverlay could not set up the live root (the reason is above)"
+    fi
+fi

@@ -1,0 +1,23 @@
+#!/bin/sh
+# dracut pre-pivot hook: apply the command line's updates (rd.live.updates=,
+# inst.updates=) onto the new root, each all or nothing.  An update that
+# cannot be fetched, checked or applied is left out and the boot goes on;
+# why is said on the console and in the kernel log, which the booted
+# system's journal keeps.
+
+type getcmdline >/dev/null 2>&1 || . /lib/dracut-lib.sh
+
+if [ -e /run/dmoverlay.cmdline ] && ismounted "$NEWROOT"; then
+    dmoverlay_out=$(dmoverlay -q apply --from-cmdline /run/dmoverlay.cmdline \
+        --root "$NEWROOT" 2>&1)
+    dmoverlay_rc=$?
+    printf '%s\n' "$dmoverlay_out" | while IFS= read -r dmoverlay_line; do
+        [ -z "$dmoverlay_line" ] && continue
+        if [ "$dmoverlay_rc" -eq 0 ]; then
+            info "dmoverlay: $dmoverlay_line"
+        else
+            warn "dmoverlay: $dmoverlay_line"
+        fi
+    done
+    unset dmoverlay_out dmoverlay_rc dmoverlay_line
+fi

@@ -1,0 +1,65 @@
+#!/bin/bash
+# dracut module "dmoverlay": sets up the live root that root=live:... and the
+# rd.live.* options ask for, as dmsquash-live does, with dmoverlay; then
+# applies rd.live.updates= / inst.updates= before switch_root.
+# Installed by `dmoverlay initramfs install`, which writes dmoverlay.conf
+# beside this file: the Python that has dmoverlay (dmoverlay_python).
+
+# Only when asked for: dracut --add dmoverlay, or add_dracutmodules.
+check() {
+    require_binaries losetup mount umount blkid dmsetup || return 1
+    return 255
+}
+
+# dm: dmsetup and the udev rules that make /dev/mapper/NAME.
+depends() {
+    echo dm
+}
+
+installkernel() {
+    hostonly='' instmods loop squashfs ext4 isofs vfat dm-mod dm-snapshot dm-thin-pool
+}
+
+# The libraries an ELF file links, by ldd, installed.
+inst_libdir_deps() {
+    local lib
+    for lib in $(ldd "$1" | sed -n 's/.*=> \(\/[^ ]*\) .*/\1/p'); do
+        inst_library "$lib"
+    done
+}
+
+install() {
+    # shellcheck source=/dev/null
+    . "$moddir/dmoverlay.conf"
+    local stage="$DRACUT_TMPDIR/dmoverlay-stage" elf
+    mkdir -p "$stage"
+    # The Python dmoverlay runs with, and only the modules its boot path
+    # imports: a zip of bytecode and a wrapper are staged, the interpreter
+    # and extension modules listed, one per line, for dracut to install
+    # with the libraries they link.
+    elf=$(PYTHONPATH="$dmoverlay_path" "$dmoverlay_python" -m dmoverlay initramfs stage \
+        "$stage") || {
+        derror "dmoverlay: $dmoverlay_python could not stage dmoverlay's Python"
+        return 1
+    }
+    local f
+    while IFS= read -r f; do
+        case "$f" in
+            # dracut resolves the libraries of executables only, and an
+            # extension module is not one: its libraries are named here
+            *.so)
+                inst_library "$f"
+                inst_libdir_deps "$f"
+                ;;
+            ?*) inst_binary "$f" ;;
+        esac
+    done <<< "$elf"
+    while IFS= read -r -d '' f; do
+        inst_simple "$stage/$f" "/$f"
+    done < <(cd "$stage" && find . -type f -printf '%P\0')
+    inst_multiple losetup mount umount blkid dmsetup modprobe
+    inst_multiple -o sfdisk debugfs zstd xz
+    inst_hook cmdline 30 "$moddir/dmoverlay-cmdline.sh"
+    inst_hook pre-mount 50 "$moddir/dmoverlay-setup.sh"
+    inst_hook pre-pivot 50 "$moddir/dmoverlay-updates.sh"
+}

@@ -1,0 +1,259 @@
+"""What an initramfs needs of Python to run dmoverlay, and nothing more.
+
+The boot path (setup from the kernel command line, the updates, teardown,
+status) is imported in a fresh interpreter together with every module its
+code imports, even inside functions; what that loads is the closure.  Its
+pure-Python part goes into one zip of bytecode without sources, which the
+interpreter finds by itself: `<prefix>/lib/python3X.zip` is on the default
+sys.path of every CPython, before the standard library directory.  Compiled
+extensions (lib-dynload) and the interpreter go in as files, for dracut to
+install with the libraries they link.
+
+Not carried: libblockdev's gi binding (setup uses util-linux's losetup and
+mount in the initramfs), pyparted, and the build job.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import json
+import marshal
+import os
+import pkgutil
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from dmoverlay.core.errors import UsageError
+
+# What the boot path reaches.  Everything under these is imported, and every
+# import written in it followed.
+BOOT_PACKAGES = ("dmoverlay.core", "dmoverlay.overlay", "dmoverlay.apply", "dmoverlay.boot")
+BOOT_MODULES = ("dmoverlay", "dmoverlay.__main__", "dmoverlay.cli", "dmoverlay.cli.options",
+                "dmoverlay.cli.overlay", "dmoverlay.cli.apply")
+# Never carried: the host side of this module, libblockdev's binding and
+# pyparted (setup falls back to util-linux), and what only the tests use.
+LEFT_OUT = ("dmoverlay.boot.initramfs", "dmoverlay.cli.initramfs", "dmoverlay.__main__",
+            "gi", "parted", "_parted", "pytest", "hypothesis",
+            "site", "sitecustomize", "_sitebuiltins", "_distutils_hack", "__editable__")
+# The standard library imports some modules lazily, where no import
+# statement of ours names them: the codecs of the console and the
+# filesystem, and what tarfile and shutil reach for when they need it.
+STDLIB_LAZY = ("encodings.utf_8", "encodings.latin_1", "encodings.ascii", "encodings.idna",
+               "gzip", "bz2", "lzma", "zlib", "pwd", "grp", "_compat_pickle")
+
+WRAPPER = "/usr/bin/dmoverlay"
+
+
+@dataclass(frozen=True)
+class Closure:
+    """The modules the boot path loads: pure ones by name and source file,
+    extensions by file; and the interpreter."""
+
+    python: str
+    pure: dict[str, str]  # module name -> its .py file
+    packages: frozenset[str]  # which of `pure` are packages (an __init__)
+    extensions: tuple[str, ...]
+    zip_path: str  # where the interpreter looks for its zip
+
+    def to_dict(self) -> dict[str, object]:
+        return {"python": self.python, "pure": self.pure, "packages": sorted(self.packages),
+                "extensions": list(self.extensions), "zip_path": self.zip_path}
+
+
+def _imports_in(path: str, module: str, is_package: bool) -> set[str]:
+    """Every absolute module name a source file imports, anywhere in it."""
+    tree = ast.parse(Path(path).read_bytes(), path)
+    found: set[str] = set()
+    package = module if is_package else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _left_out(name: str) -> bool:
+    return any(name == x or name.startswith((x + ".", x + "_")) for x in LEFT_OUT)
+
+
+def _load_boot_path() -> None:
+    """Import the boot path and what its code names, to a fixed point."""
+    names = set(BOOT_MODULES) | set(STDLIB_LAZY)
+    for package in BOOT_PACKAGES:
+        names.add(package)
+        module = importlib.import_module(package)
+        names.update(info.name for info in pkgutil.walk_packages(module.__path__, package + "."))
+    done: set[str] = set()
+    while names - done:
+        for name in sorted(names - done):
+            done.add(name)
+            if _left_out(name):
+                continue
+            try:
+                module = importlib.import_module(name)
+            except ImportError:
+                continue  # `from x import function`, or an optional module
+            if name.startswith("dmoverlay") and getattr(module, "__file__", None):
+                names |= _imports_in(module.__file__, name, hasattr(module, "__path__"))
+
+
+def collect() -> Closure:
+    """The closure of the boot path in this interpreter (run it fresh:
+    whatever else was imported before would be carried too)."""
+    os.environ["DMOVERLAY_BLOCKDEV"] = "util-linux"
+    _load_boot_path()
+    pure: dict[str, str] = {}
+    packages: set[str] = set()
+    extensions: set[str] = set()
+    for name, module in sorted(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if not file or _left_out(name):
+            continue  # built in, frozen, or a namespace
+        if file.endswith(".py"):
+            pure[name] = file
+            if hasattr(module, "__path__"):
+                packages.add(name)
+        elif file.endswith(".so"):
+            extensions.add(os.path.realpath(file))
+    version = f"{sys.version_info.major}{sys.version_info.minor}"
+    return Closure(os.path.realpath(sys.executable), pure, frozenset(packages),
+                   tuple(sorted(extensions)),
+                   os.path.join(sys.base_prefix, "lib", f"python{version}.zip"))
+
+
+def collect_fresh(python: str = sys.executable) -> Closure:
+    """collect() in a new interpreter, with nothing else imported."""
+    result = subprocess.run([python, "-c", "import json, dmoverlay.boot.initramfs as i; "
+                             "print(json.dumps(i.collect().to_dict()))"],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines() or ["no output"]
+        raise UsageError(f"{python} could not list the boot path's modules: {lines[-1]}")
+    data = json.loads(result.stdout)
+    return Closure(data["python"], data["pure"], frozenset(data["packages"]),
+                   tuple(data["extensions"]), data["zip_path"])
+
+
+# 1980-01-01, zip's first date: the same bytes from the same sources.
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+def pyc(source: bytes, filename: str) -> bytes:
+    """Bytecode as the interpreter caches it, with no source to check
+    against: zipimport then takes it as it is."""
+    code = compile(source, filename, "exec", dont_inherit=True)
+    header = importlib.util.MAGIC_NUMBER + bytes(12)  # flags, mtime, size: none
+    return header + marshal.dumps(code)
+
+
+def write_zip(closure: Closure, dest: Path) -> int:
+    """The pure modules, as bytecode, in the zip the interpreter looks for;
+    returns its size."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, file in sorted(closure.pure.items()):
+            parts = name.split(".")
+            arc = "/".join([*parts, "__init__.pyc"] if name in closure.packages
+                           else parts[:-1] + [parts[-1] + ".pyc"])
+            info = zipfile.ZipInfo(arc, _ZIP_DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, pyc(Path(file).read_bytes(), file))
+    os.replace(tmp, dest)
+    return dest.stat().st_size
+
+
+def wrapper(python: str) -> str:
+    """/usr/bin/dmoverlay in the initramfs: the interpreter isolated from
+    the environment and site-packages, with util-linux for loop devices."""
+    return (f"#!/bin/sh\n"
+            f"# dmoverlay in the initramfs (written by `dmoverlay initramfs stage`)\n"
+            f"export DMOVERLAY_BLOCKDEV=util-linux\n"
+            f"exec {python} -I -S -c 'from dmoverlay.cli import main; main()' \"$@\"\n")
+
+
+def stage(dest: Path, python: str = sys.executable) -> Closure:
+    """Write what the initramfs gets under `dest` (a staging root): the zip
+    and the wrapper.  The interpreter and extensions are listed by
+    `files`, for dracut to install with their libraries."""
+    if not dest.is_dir():
+        raise UsageError(f"{dest}: no such directory")
+    closure = collect_fresh(python)
+    zip_dest = dest / closure.zip_path.lstrip("/")
+    zip_dest.parent.mkdir(parents=True, exist_ok=True)
+    write_zip(closure, zip_dest)
+    bin_dir = dest / WRAPPER.lstrip("/").rpartition("/")[0]
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / "dmoverlay").write_text(wrapper(closure.python))
+    (bin_dir / "dmoverlay").chmod(0o755)
+    return closure
+
+
+# ------------------------------------------------------- the dracut module
+
+MODULE = "90dmoverlay"
+MODULE_FILES = ("module-setup.sh", "dmoverlay-cmdline.sh", "dmoverlay-setup.sh",
+                "dmoverlay-updates.sh")
+DRACUT_MODULES = Path("/usr/lib/dracut/modules.d")
+DRACUT_CONF = Path("/etc/dracut.conf.d")
+CONF_NAME = "90-dmoverlay.conf"
+
+
+def _shell_word(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+def install_module(moddir: Path = DRACUT_MODULES, confdir: Path | None = DRACUT_CONF,
+                   python: str = sys.executable) -> list[Path]:
+    """Install the dracut module (and, with `confdir`, the dracut.conf.d
+    snippet that adds it to every initramfs in place of dmsquash-live);
+    returns what was written.  Each file is written whole, then renamed."""
+    if not moddir.is_dir():
+        raise UsageError(f"{moddir}: no such directory",
+                         hint="is dracut installed? (apt-get install dracut-core)")
+    if not os.path.isabs(python):
+        raise UsageError(f"{python!r}: not an absolute path to a Python")
+    here = Path(__file__).resolve().parent / "dracut"
+    target = moddir / MODULE
+    target.mkdir(mode=0o755, exist_ok=True)
+    written = []
+    for name in MODULE_FILES:
+        written.append(_write(target / name, (here / name).read_bytes(), 0o755))
+    package_dir = Path(__file__).resolve().parents[2]
+    conf = (f"# written by `dmoverlay initramfs install`: the Python, and where the\n"
+            f"# dmoverlay package it installs from is\n"
+            f"dmoverlay_python={_shell_word(python)}\n"
+            f"dmoverlay_path={_shell_word(os.fspath(package_dir))}\n")
+    written.append(_write(target / "dmoverlay.conf", conf.encode(), 0o644))
+    if confdir is not None:
+        if not confdir.is_dir():
+            raise UsageError(f"{confdir}: no such directory", hint="give --confdir")
+        snippet = ("# written by `dmoverlay initramfs install`: dmoverlay sets up the live\n"
+                   "# root (root=live:..., rd.live.*) in place of dmsquash-live\n"
+                   'add_dracutmodules+=" dmoverlay "\n'
+                   'omit_dracutmodules+=" dmsquash-live "\n')
+        written.append(_write(confdir / CONF_NAME, snippet.encode(), 0o644))
+    return written
+
+
+def _write(path: Path, data: bytes, mode: int) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+    return path
+

@@ -1,0 +1,182 @@
+"""The kernel command line's updates (rd.live.updates=, anaconda's
+inst.updates=), applied onto the new root before switch_root, in the order
+given, each all or nothing.
+
+An update that cannot be had, checked or applied is left out and the next
+one tried: a boot never stops for an update.  Each outcome says why, for
+the console and the booted system's journal.
+
+Where an update is:
+  http://... or https://...   downloaded (under the live /run)
+  DEVICE:/PATH                a file or directory on DEVICE (LABEL=, UUID=,
+                              PARTUUID=, PARTLABEL=, CDLABEL=, /dev/...),
+                              mounted read-only for as long as it is read
+  /PATH                       on the live medium, as setup mounted it
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from dmoverlay.apply.readers.download import url_scheme
+from dmoverlay.apply.update import DOWNLOAD_DEADLINE, ApplyOptions, apply_update
+from dmoverlay.core import log
+from dmoverlay.core.errors import DmoverlayError, UsageError
+from dmoverlay.overlay import blockdev, cmdline, devspec
+from dmoverlay.overlay.media import fs_type
+from dmoverlay.overlay.state import check_state_dir, load_state
+
+# What an update's device may hold: the filesystems boot media have.
+FILESYSTEMS = ("ext4", "ext3", "ext2", "iso9660", "vfat", "squashfs", "xfs", "btrfs", "udf")
+
+
+class Where(StrEnum):
+    URL = "url"
+    DEVICE = "device"
+    MEDIUM = "medium"
+
+
+@dataclass(frozen=True)
+class Source:
+    """An update's location, parsed from the command line's text."""
+
+    text: str
+    where: Where
+    path: str  # the URL, or the path on the device or medium
+    device: devspec.Location | None = None
+
+
+def parse_source(text: str) -> Source:
+    """UsageError when `text` names no place an update can come from."""
+    scheme = url_scheme(text)
+    if scheme is not None:
+        if scheme not in ("http", "https"):
+            raise UsageError(f"{scheme} URLs are not supported", hint="give an http(s) URL")
+        return Source(text, Where.URL, text)
+    device, sep, path = text.partition(":/")
+    if sep:
+        spec = devspec.parse(device)
+        if spec is not None or device.startswith("/dev/"):
+            return Source(text, Where.DEVICE, "/" + path, devspec.Location(device, spec))
+    if text.startswith("/"):
+        return Source(text, Where.MEDIUM, text)
+    raise UsageError("not an http(s) URL, DEVICE:/PATH or /PATH on the live medium")
+
+
+def cmdline_updates(path: str) -> tuple[str, ...]:
+    """The updates a command line names, in order (none for a command line
+    that asks for no live boot: anaconda's inst.updates= is read all the
+    same)."""
+    return cmdline.updates_of(cmdline.read_cmdline(path))
+
+
+def where_setup_left(state_dir: Path, name: str) -> tuple[Path, str]:
+    """(a private directory to mount devices in, the medium's mount point)
+    from what setup recorded; the medium is "" when there is none."""
+    check_state_dir(state_dir)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_state_dir(state_dir)
+    try:
+        state, _ = load_state(state_dir, name)
+    except DmoverlayError:
+        return state_dir, ""  # updates on the medium are then refused, one by one
+    return state_dir, state.medium
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one update."""
+
+    text: str
+    applied: bool
+    written: int = 0
+    reason: str = ""  # why it was left out
+
+    def line(self) -> str:
+        if self.applied:
+            return f"applied {self.text} ({self.written} entries)"
+        return f"left out {self.text}: {self.reason}"
+
+    def to_dict(self) -> dict[str, object]:
+        return {"update": self.text, "applied": self.applied, "written": self.written,
+                "reason": self.reason}
+
+
+def apply_all(updates: tuple[str, ...], options: ApplyOptions, *, mounts: Path,
+              medium: str = "", deadline: float = DOWNLOAD_DEADLINE) -> list[Outcome]:
+    """Apply each update in turn; never raises for one that fails (an
+    interruption, such as SIGTERM turned into an exception, does go through,
+    after the update under way is undone).
+
+    `mounts`: a private directory (setup's state directory) to mount a
+    device on while it is read; `medium`: where setup mounted the medium."""
+    outcomes = []
+    for text in updates:
+        try:
+            with log.step(f"applying the update {text}"):
+                source = parse_source(text)
+                with _located(source, mounts, medium) as spec:
+                    result = apply_update(spec, options, deadline=deadline)
+        except DmoverlayError as exc:
+            outcomes.append(Outcome(text, False, reason=exc.message))
+        except OSError as exc:  # the device or medium went away under us
+            outcomes.append(Outcome(text, False, reason=exc.strerror or str(exc)))
+        else:
+            outcomes.append(Outcome(text, True, written=result.written))
+    return outcomes
+
+
+@contextmanager
+def _located(source: Source, mounts: Path, medium: str) -> Iterator[str]:
+    """What apply_update is given for a source: the URL, or a path that
+    lies on the device or medium named (judged where it resolves)."""
+    if source.where is Where.URL:
+        yield source.path
+        return
+    with ExitStack() as stack:
+        if source.where is Where.MEDIUM:
+            if not medium or not os.path.ismount(medium):
+                raise UsageError("no live medium is mounted to find it on (the root is an "
+                                 "image file, or the medium was released)")
+            top = medium
+        else:
+            assert source.device is not None
+            top = stack.enter_context(_mounted(source.device, mounts))
+        yield _inside(top, source.path)
+
+
+def _inside(top: str, path: str) -> str:
+    """top/path, resolved: UsageError if a link on the way leads off `top`."""
+    resolved = os.path.realpath(os.path.join(top, path.lstrip("/")))
+    if os.path.commonpath([resolved, top]) != top:
+        raise UsageError(f"{path} leads off the device it is on (a link to {resolved})")
+    if not os.path.exists(resolved):
+        raise UsageError(f"{path}: no such file on it")
+    return resolved
+
+
+@contextmanager
+def _mounted(device: devspec.Location, mounts: Path) -> Iterator[str]:
+    """The device mounted read-only in `mounts`, while it is read."""
+    dev = devspec.find(device)
+    if not os.path.exists(dev):
+        raise UsageError(f"{dev}: no such device")
+    fstype = fs_type(dev)
+    if fstype not in FILESYSTEMS:
+        raise UsageError(f"{dev}: holds {fstype or 'no filesystem known here'}, not one of "
+                         f"{', '.join(FILESYSTEMS)}")
+    where = tempfile.mkdtemp(prefix="updates-", dir=os.fspath(mounts))
+    try:
+        blockdev.mount(dev, where, fstype=fstype, options="ro,nodev,nosuid,noexec")
+        try:
+            yield where
+        finally:
+            blockdev.unmount(where, lazy=True)
+    finally:
+        os.rmdir(where)
