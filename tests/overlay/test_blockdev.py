@@ -17,6 +17,9 @@ import pytest
 from dmoverlay.core.errors import BlockDevError, UsageError
 from dmoverlay.overlay import blockdev, libblockdev, utillinux
 from dmoverlay.overlay.blockdev import ENV, LIBBLOCKDEV, UTIL_LINUX
+from dmoverlay.overlay.state import Step, StepKind
+from tests.conftest import dmoverlay
+from tests.overlay.statefiles import make_state, plant
 
 LOOP_CONTROL = Path("/dev/loop-control")
 needs_loop = pytest.mark.skipif(os.geteuid() != 0 or not LOOP_CONTROL.exists(),
@@ -422,3 +425,37 @@ def test_util_linux_keeps_the_first_line_of_stderr_cleaned(
 
     tool = "/usr/sbin/mount" if "mount" in stderr else "losetup"
     assert utillinux.detail(Result((tool,), 32, "", stderr), *names) == expected
+
+
+@pytest.mark.root
+@needs_loop
+def test_teardown_through_util_linux_undoes_a_real_loop_and_mount(ext4_image: Path,
+                                                                  tmp_path: Path) -> None:
+    """The real CLI, as an initramfs without gi runs it, on what setup
+    leaves: a loop device on the root image, mounted in its work directory."""
+    state_dir = tmp_path / "state"
+    work = state_dir / "live"
+    where = work / "root"
+    where.mkdir(parents=True, mode=0o700)
+    state_dir.chmod(0o700)
+    dev = utillinux.loop_setup(str(ext4_image), read_only=True, offset=0, size=0,
+                               part_scan=False)
+    try:
+        utillinux.mount(dev, str(where), fstype="ext4", options="ro,noload")
+        plant(state_dir, make_state(tmp_path, Step(StepKind.DIR, os.fspath(work)),
+                                    Step(StepKind.DIR, os.fspath(where)),
+                                    Step(StepKind.LOOP, dev, backing=os.fspath(ext4_image)),
+                                    Step(StepKind.MOUNT, os.fspath(where))).to_json())
+        result = dmoverlay("teardown", "--name", "live", "--state-dir", str(state_dir),
+                           env={ENV: UTIL_LINUX, "DMOVERLAY_DEBUG": "1"})
+        assert result.returncode == 0, result.stderr
+        assert f"+ umount -- {where}\n" in result.stderr
+        assert f"+ losetup --detach {dev}\n" in result.stderr
+        assert _mounted(where) == []
+        assert _loops_holding(ext4_image) == []
+        assert not work.exists() and not (state_dir / "live.json").exists()
+    finally:
+        if _mounted(where):
+            utillinux.unmount(str(where), lazy=True)
+        if _loops_holding(ext4_image):
+            blockdev.loop_teardown(dev, backing=ext4_image)
