@@ -15,13 +15,13 @@ import importlib
 import os
 import shutil
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 
 from dmoverlay.core import run
-from dmoverlay.core.errors import BlockDevError, install_hint
-from dmoverlay.overlay import blockdev
+from dmoverlay.core.errors import BlockDevError, UsageError, install_hint
+from dmoverlay.overlay import blockdev, libblockdev, utillinux
 
 
 class Status(StrEnum):
@@ -108,6 +108,7 @@ TOOLS: Mapping[str, tuple[str, ...]] = {
     "dmsetup": (OVERLAY,),
     "losetup": (OVERLAY,),
     "mount": (OVERLAY,),
+    "umount": (OVERLAY,),
     "blkid": (OVERLAY,),
     "modprobe": (OVERLAY,),
 }
@@ -155,11 +156,38 @@ def python_checks(
     return checks
 
 
-# ---------------------------------------------------------------- libblockdev
+# ---------------------------------------------------------------- loop devices and mounts
 
-def blockdev_checks() -> list[Check]:
+def backend_check(choice: blockdev.Choice, problem: BlockDevError | None,
+                  missing_tools: list[str], version: str | None) -> Check:
+    """The backend setup would use for loop devices and mounts, from what
+    blockdev chose, why libblockdev cannot serve (None: it can) and which of
+    util-linux's tools are missing."""
+    def check(status: Status, detail: str, hint: str | None = None) -> Check:
+        return Check("backend", Category.BLOCKDEV, status, detail, hint, (OVERLAY,))
+
+    if choice.name == blockdev.LIBBLOCKDEV:
+        if problem is not None:
+            return check(Status.MISSING, f"libblockdev ({choice.why}) cannot be used: "
+                         f"{problem.message}", problem.hint)
+        return check(Status.OK, f"libblockdev, API {version} ({choice.why})")
+    tools = ", ".join(utillinux.TOOLS)
+    if missing_tools:
+        return check(Status.MISSING, f"util-linux ({choice.why}), but "
+                     f"{', '.join(missing_tools)} not found", install_hint(missing_tools))
+    return check(Status.OK, f"util-linux: {tools} ({choice.why})")
+
+
+def _not_needed(check: Check) -> Check:
+    """A libblockdev check that fails where setup uses util-linux: a note."""
+    if check.ok:
+        return check
+    return replace(check, status=Status.OK, needed_for=(),
+                   detail=f"{check.detail}; not needed: setup uses util-linux")
+
+
+def libblockdev_checks(version: str | None) -> list[Check]:
     """The BlockDev API version, then whether each plugin dmoverlay uses loads."""
-    version = blockdev.api_version()
     if version is None:
         hint = ("install it: apt-get install python3-gi gir1.2-blockdev-2.0 python3-blockdev "
                 "(Debian 12), dnf install python3-blockdev (Fedora), or run scripts/provision")
@@ -168,21 +196,39 @@ def blockdev_checks() -> list[Check]:
                     hint, (OVERLAY,))
         plugins = [Check(f"plugin {p}", Category.BLOCKDEV, Status.MISSING,
                          "no libblockdev binding", hint, (OVERLAY,))
-                   for p in blockdev.PLUGINS]
+                   for p in libblockdev.PLUGINS]
         return [api, *plugins]
     checks = [Check("BlockDev", Category.BLOCKDEV, Status.OK, f"API {version}", None,
                     (OVERLAY,))]
-    for plugin in blockdev.PLUGINS:
+    for plugin in libblockdev.PLUGINS:
         name = f"plugin {plugin}"
         try:
-            blockdev.load(plugin)
+            libblockdev.load(plugin)
         except BlockDevError as exc:
             checks.append(Check(name, Category.BLOCKDEV, Status.MISSING, exc.message,
                                 exc.hint, (OVERLAY,)))
         else:
             checks.append(Check(name, Category.BLOCKDEV, Status.OK,
-                                blockdev.so_name(plugin, version), None, (OVERLAY,)))
+                                libblockdev.so_name(plugin, version), None, (OVERLAY,)))
     return checks
+
+
+def blockdev_checks(*, search_path: str | None = None) -> list[Check]:
+    """The backend setup would use, then libblockdev's checks: needed only
+    when setup would use it."""
+    path = search_path if search_path is not None else run.clean_env()["PATH"]
+    missing = [t for t in utillinux.TOOLS if shutil.which(t, path=path) is None]
+    version = libblockdev.api_version()
+    checks = libblockdev_checks(version)
+    try:
+        choice = blockdev.choose()
+    except UsageError as exc:  # DMOVERLAY_BLOCKDEV names no backend
+        return [Check("backend", Category.BLOCKDEV, Status.MISSING, exc.message, exc.hint,
+                      (OVERLAY,)), *checks]
+    backend = backend_check(choice, libblockdev.problem(), missing, version)
+    if choice.name == blockdev.UTIL_LINUX and backend.ok:
+        checks = [_not_needed(c) for c in checks]
+    return [backend, *checks]
 
 
 # ---------------------------------------------------------------- kernel
@@ -408,7 +454,7 @@ def diagnose(*, paths: SystemPaths = SystemPaths(), release: str | None = None,
     checks = [
         *tool_checks(search_path=search_path),
         *python_checks(),
-        *blockdev_checks(),
+        *blockdev_checks(search_path=search_path),
         *kernel_checks(state),
         *privilege_checks(os.geteuid() if euid is None else euid),
     ]

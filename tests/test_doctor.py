@@ -14,7 +14,9 @@ import pytest
 from click.testing import CliRunner
 
 from dmoverlay import doctor
+from dmoverlay.core.errors import BlockDevError
 from dmoverlay.doctor import Category, Status, SystemPaths
+from dmoverlay.overlay import blockdev
 
 RELEASE = "6.1.0-test"
 
@@ -218,6 +220,89 @@ def test_not_root_warns_and_blocks_only_the_overlay() -> None:
     assert doctor.privilege_checks(0)[0].status is Status.OK
 
 
+# ---------------------------------------------------------------- loop devices and mounts
+
+UTIL = blockdev.Choice(blockdev.UTIL_LINUX, "libblockdev's Python binding is not installed")
+
+
+def test_backend_libblockdev_when_it_loads() -> None:
+    choice = blockdev.Choice(blockdev.LIBBLOCKDEV, "its binding and plugins load")
+    check = doctor.backend_check(choice, None, ["losetup"], "2.0")
+    assert check.status is Status.OK
+    assert check.detail == "libblockdev, API 2.0 (its binding and plugins load)"
+
+
+def test_backend_util_linux_with_its_tools() -> None:
+    check = doctor.backend_check(UTIL, BlockDevError("no binding"), [], None)
+    assert check.status is Status.OK
+    assert check.detail == ("util-linux: losetup, mount, umount "
+                            "(libblockdev's Python binding is not installed)")
+
+
+def test_backend_util_linux_without_its_tools_is_missing() -> None:
+    check = doctor.backend_check(UTIL, BlockDevError("no binding"), ["losetup", "umount"], None)
+    assert check.status is Status.MISSING
+    assert "losetup, umount not found" in check.detail
+    assert check.hint is not None and "apt-get install mount" in check.hint
+
+
+def test_backend_libblockdev_forced_but_missing() -> None:
+    choice = blockdev.Choice(blockdev.LIBBLOCKDEV, "set by DMOVERLAY_BLOCKDEV")
+    check = doctor.backend_check(choice, BlockDevError("no binding", hint="install it"), [],
+                                 None)
+    assert check.status is Status.MISSING
+    assert check.detail == "libblockdev (set by DMOVERLAY_BLOCKDEV) cannot be used: no binding"
+    assert check.hint == "install it"
+
+
+def _diagnose_in_child(env: dict[str, str], *, block_gi: bool) -> dict[str, dict[str, object]]:
+    """doctor's checks in a fresh interpreter, where gi can be made to fail
+    to import before anything looks for it."""
+    code = ("import json, sys\n"
+            + ("sys.modules['gi'] = None\n" if block_gi else "")
+            + "from dmoverlay import doctor\n"
+            "print(json.dumps(doctor.diagnose().to_dict()))\n")
+    full = {k: v for k, v in os.environ.items() if k != blockdev.ENV} | env
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=full, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return {str(c["name"]): c for c in json.loads(proc.stdout)["checks"]}
+
+
+def test_without_libblockdev_util_linux_is_ok_with_a_note() -> None:
+    checks = _diagnose_in_child({}, block_gi=True)
+    backend = checks["backend"]
+    assert backend["status"] == "ok"
+    assert str(backend["detail"]).startswith("util-linux: losetup, mount, umount (")
+    for name in ("BlockDev", "plugin loop", "plugin fs"):
+        assert checks[name]["status"] == "ok", checks[name]
+        assert str(checks[name]["detail"]).endswith("; not needed: setup uses util-linux")
+        assert checks[name]["needed_for"] == []
+    assert checks["BlockDev"]["hint"] is not None  # still says how to get it
+
+
+def test_without_libblockdev_forced_to_it_is_missing() -> None:
+    checks = _diagnose_in_child({blockdev.ENV: blockdev.LIBBLOCKDEV}, block_gi=True)
+    assert checks["backend"]["status"] == "missing"
+    assert checks["BlockDev"]["status"] == "missing"
+    assert checks["BlockDev"]["needed_for"] == [doctor.OVERLAY]
+
+
+def test_a_bad_backend_variable_is_a_missing_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(blockdev.ENV, "gi")
+    backend = {c.name: c for c in doctor.blockdev_checks()}["backend"]
+    assert backend.status is Status.MISSING
+    assert backend.detail.startswith(f"{blockdev.ENV}='gi' is not a backend")
+
+
+def test_util_linux_forced_with_libblockdev_present(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(blockdev.ENV, blockdev.UTIL_LINUX)
+    checks = {c.name: c for c in doctor.blockdev_checks()}
+    assert checks["backend"].status is Status.OK
+    assert checks["backend"].detail.endswith(f"(set by {blockdev.ENV})")
+    assert checks["BlockDev"].status is Status.OK
+
+
 # ---------------------------------------------------------------- report
 
 def test_build_is_not_ready_without_its_tools(tmp_path: Path) -> None:
@@ -283,6 +368,7 @@ def test_real_machine() -> None:
     for name in ("loop", "squashfs", "ext4", "tmpfs"):
         assert report.find(name).status is Status.OK, report.find(name)
     assert report.find("BlockDev").status is Status.OK
+    assert report.find("backend").status is Status.OK
     assert report.ready(doctor.BUILD)
     device_mapper = "device-mapper" in Path("/proc/misc").read_text().split()
     dm_mod = report.find("dm-mod")

@@ -1,213 +1,126 @@
-"""The one place that imports libblockdev (gi.repository.BlockDev).
+"""Loop devices and mounts, the way setup and teardown ask for them, through
+one of two backends chosen once per process:
 
-Works with the 3.0 API (Fedora, Debian 13) and the 2.0 API (Debian 12).
-libblockdev is initialised once per process, and only with the plugins a
-caller asks for; plugins asked for later are added without reloading the
-ones already in use.  Every GLib.Error becomes a BlockDevError with a hint.
+- `libblockdev` (gi.repository.BlockDev), where its binding and the plugins
+  dmoverlay uses load: what a booted system has;
+- `utillinux` (losetup, mount, umount), otherwise: what an initramfs has,
+  which carries python3 and these tools but not gi and its typelibs.
+
+DMOVERLAY_BLOCKDEV=libblockdev or =util-linux forces one (empty: not set).
+The choice is quiet (DMOVERLAY_DEBUG shows it); the util-linux path never
+imports gi or ctypes.  What both share is here, once: the argument checks,
+loop device names, and the guard that detaches a loop device only while it
+still holds the file it was attached to.
 """
 
 from __future__ import annotations
 
-import ctypes
-import importlib
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+import sys
 from dataclasses import dataclass
 from functools import cache
-from types import ModuleType
-from typing import Any
+from typing import Protocol
 
-from dmoverlay.core.errors import BlockDevError, UsageError
+from dmoverlay.core import run
+from dmoverlay.core.errors import BlockDevError, UsageError, install_hint
+from dmoverlay.overlay import utillinux
 
-# The plugins dmoverlay uses, in the order doctor reports them.  Not dm:
-# device-mapper tables go through dmsetup, as libblockdev's dm plugin cannot
-# create snapshot (or thin) targets.
-PLUGINS = ("loop", "fs")
+ENV = "DMOVERLAY_BLOCKDEV"
+LIBBLOCKDEV = "libblockdev"
+UTIL_LINUX = "util-linux"
+BACKENDS = (LIBBLOCKDEV, UTIL_LINUX)
 
-# Newest first: a machine with both typelibs gets the current API.
-API_VERSIONS = ("3.0", "2.0")
 
-# BD_LOOP_ERROR_DEVICE in libblockdev 3.x loop.h: "no such device" or, from
-# LOOP_GET_STATUS64, ENXIO: a loop device with nothing attached.
-_LOOP_ERROR_DEVICE = 2
+class Backend(Protocol):
+    """What a backend module provides: the file as given (a path), loop
+    devices by bare name (loop0), arguments already checked."""
 
-PROVISION = "or run scripts/provision"
+    def loop_setup(self, file: str, *, read_only: bool, offset: int, size: int,
+                   part_scan: bool) -> str: ...
 
+    def loop_get_backing(self, name: str) -> str | None: ...
+
+    def loop_detach(self, name: str) -> None: ...
+
+    def mount(self, device: str, where: str, *, fstype: str, options: str) -> None: ...
+
+    def unmount(self, where: str, *, lazy: bool) -> None: ...
 
 
 @dataclass(frozen=True)
-class Binding:
-    """The imported BlockDev module and the API version it was loaded as."""
+class Choice:
+    """The backend a process would use, and why."""
 
-    module: ModuleType
-    version: str
-
-    @property
-    def major(self) -> int:
-        return int(self.version.split(".")[0])
+    name: str
+    why: str
 
 
-def so_name(plugin: str, version: str) -> str:
-    """The shared object libblockdev loads for a plugin: libbd_loop.so.2 for 2.0."""
-    return f"libbd_{plugin}.so.{version.split('.')[0]}"
-
-
-def plugin_packages(plugin: str, version: str) -> tuple[str, str]:
-    """(Debian package, Fedora package) that ship a plugin."""
-    return f"libblockdev-{plugin}{version.split('.')[0]}", f"libblockdev-{plugin}"
-
-
-def gi_packages(version: str) -> tuple[str, str]:
-    """(Debian packages, Fedora packages) for the GObject binding itself."""
-    return f"python3-gi gir1.2-blockdev-{version} python3-blockdev", "python3-blockdev"
-
-
-def _import_hint() -> str:
-    debian, fedora = gi_packages("2.0")
-    return (f"install it: apt-get install {debian} (Debian 12), dnf install {fedora} "
-            f"(Fedora), {PROVISION}")
-
-
-def _plugin_hint(plugin: str, version: str) -> str:
-    debian, fedora = plugin_packages(plugin, version)
-    return (f"install it: apt-get install {debian} (Debian), dnf install {fedora} (Fedora), "
-            f"{PROVISION}")
-
-
-def find_binding(namespace: str = "BlockDev",
-                 versions: tuple[str, ...] = API_VERSIONS) -> Binding | None:
-    """Import the newest available version of a GObject namespace, or None.
-
-    gi allows one version per namespace and process: when someone already
-    required one, that is the one we get."""
-    try:
-        import gi
-    except ImportError:
+def forced() -> str | None:
+    """The backend DMOVERLAY_BLOCKDEV names, None when it is not set."""
+    value = os.environ.get(ENV, "")
+    if not value:
         return None
-    loaded = gi.get_required_version(namespace)
-    for version in (loaded,) if loaded else versions:
-        try:
-            gi.require_version(namespace, version)
-            module = importlib.import_module(f"gi.repository.{namespace}")
-        except (ImportError, ValueError):
-            continue
-        return Binding(module, version)
-    return None
-
-
-@cache
-def _binding() -> Binding | None:
-    binding = find_binding()
-    if binding is not None and hasattr(binding.module, "switch_init_checks"):
-        # libblockdev 2.x refuses to load the fs plugin unless the tools for
-        # every filesystem it knows (xfs, vfat, ntfs) are installed; with init
-        # checks off, each function checks its own tools when called (what
-        # blivet does).  3.x checks lazily anyway and has no such switch.
-        binding.module.switch_init_checks(False)
-    return binding
-
-
-def api_version() -> str | None:
-    """"3.0" or "2.0", or None when gi or the BlockDev typelib is missing."""
-    binding = _binding()
-    return binding.version if binding else None
-
-
-def _require_binding() -> Binding:
-    binding = _binding()
-    if binding is None:
-        raise BlockDevError("libblockdev's Python binding (gi.repository.BlockDev) is not "
-                            "installed", hint=_import_hint())
-    return binding
-
-
-def _plugin_enum(binding: Binding, plugin: str) -> Any:
-    value = getattr(binding.module.Plugin, plugin.upper(), None) if plugin.isalnum() else None
-    if value is None:
-        raise UsageError(f"libblockdev has no plugin named {plugin!r}")
+    if value not in BACKENDS:
+        raise UsageError(f"{ENV}={value[:40]!r} is not a backend: use "
+                         f"{' or '.join(BACKENDS)}",
+                         hint=f"unset {ENV} to let dmoverlay choose")
     return value
 
 
-def _check_shared_object(binding: Binding, plugin: str) -> None:
-    # Asking libblockdev to load a plugin that is not installed only says
-    # "Failed to load plugins" and prints GLib warnings on stderr; dlopen
-    # says which file is missing, and quietly.
-    name = so_name(plugin, binding.version)
+def libblockdev_problem() -> BlockDevError | None:
+    """Why libblockdev cannot be used here, or None when it can."""
     try:
-        ctypes.CDLL(name)
-    except OSError as exc:
-        raise BlockDevError(f"libblockdev's {plugin} plugin cannot be loaded: {exc}",
-                            hint=_plugin_hint(plugin, binding.version)) from None
+        # ctypes too may be missing where gi is (a pruned initramfs)
+        from dmoverlay.overlay import libblockdev
+    except ImportError as exc:
+        return BlockDevError(f"libblockdev cannot be used: {exc}")
+    return libblockdev.problem()
 
 
-def _spec(binding: Binding, plugin: str) -> Any:
-    # PluginSpec(name=..., so_name=...) silently ignores its arguments
-    # (PyGObject deprecates arguments to boxed constructors): set fields.
-    spec = binding.module.PluginSpec()
-    spec.name = _plugin_enum(binding, plugin)
-    spec.so_name = so_name(plugin, binding.version)
-    return spec
+def choose() -> Choice:
+    """Which backend this process would use; it does not check that the
+    forced one, or util-linux's tools, are there (backend() does)."""
+    name = forced()
+    if name is not None:
+        return Choice(name, f"set by {ENV}")
+    problem = libblockdev_problem()
+    if problem is None:
+        return Choice(LIBBLOCKDEV, "its binding and plugins load")
+    return Choice(UTIL_LINUX, problem.message)
 
 
-def load(*plugins: str) -> ModuleType:
-    """The BlockDev module, initialised with at least these plugins."""
-    binding = _require_binding()
-    bd = binding.module
-    wanted = [p for p in plugins if not bd.is_plugin_available(_plugin_enum(binding, p))]
-    if not wanted:
-        return bd
-    for plugin in wanted:
-        _check_shared_object(binding, plugin)
-    from gi.repository import GLib
+@cache
+def backend() -> Backend:
+    """The chosen backend, ready to use; decided once per process (a failure
+    is not remembered: it is raised again on the next call)."""
+    choice = choose()
+    if run.debug:
+        print(f"# loop devices and mounts through {choice.name}: {choice.why}",
+              file=sys.stderr)
+    if choice.name == LIBBLOCKDEV:
+        from dmoverlay.overlay import libblockdev
 
-    try:
-        # ensure_init loads only what is not loaded yet, and keeps the rest.
-        with _parted_handler_kept():
-            ok = bd.ensure_init([_spec(binding, p) for p in wanted], None)
-    except GLib.Error as exc:
-        ok, reason = False, exc.message
-    else:
-        reason = "libblockdev reported a failure"
-    failed = [p for p in wanted if not bd.is_plugin_available(_plugin_enum(binding, p))]
-    if failed or not ok:
-        names = ", ".join(failed or wanted)
-        raise BlockDevError(f"libblockdev could not load the {names} plugin: {reason}",
-                            hint=_plugin_hint((failed or wanted)[0], binding.version))
-    return bd
+        problem = libblockdev.problem()  # forced: say why it cannot be used
+        if problem is not None:
+            raise problem
+        return libblockdev
+    _require_utillinux(choice)
+    return utillinux
 
 
-@contextmanager
-def _parted_handler_kept() -> Iterator[None]:
-    """libblockdev 2.x's fs plugin installs its own libparted exception
-    handler when it initialises; pyparted, in the same process, then crashes
-    (SIGSEGV) on the next libparted exception, e.g. reading a truncated disk.
-    Put back whatever handler was in place."""
-    try:
-        libparted = ctypes.CDLL("libparted.so.2")
-    except OSError:  # no libparted: nothing to protect
-        yield
+def _require_utillinux(choice: Choice) -> None:
+    missing = utillinux.missing_tools()
+    if not missing:
         return
-    libparted.ped_exception_get_handler.restype = ctypes.c_void_p
-    libparted.ped_exception_set_handler.argtypes = [ctypes.c_void_p]
-    before = libparted.ped_exception_get_handler()
-    try:
-        yield
-    finally:
-        libparted.ped_exception_set_handler(before)
+    why = "" if choice.why.startswith("set by") else f" ({choice.why})"
+    raise BlockDevError(f"{', '.join(missing)} not found: no way to attach loop devices and "
+                        f"mount without libblockdev{why}",
+                        hint=install_hint(missing))
 
 
-def plugin_status() -> dict[str, bool]:
-    """Which of dmoverlay's plugins load on this machine."""
-    status = {}
-    for plugin in PLUGINS:
-        try:
-            load(plugin)
-        except BlockDevError:
-            status[plugin] = False
-        else:
-            status[plugin] = True
-    return status
+def backend_name() -> str:
+    """"libblockdev" or "util-linux": what this process uses."""
+    return LIBBLOCKDEV if backend() is not utillinux else UTIL_LINUX
 
 
 # Loop devices.  Names: callers may pass "loop0" or "/dev/loop0"; we return
@@ -218,70 +131,22 @@ def _loop_name(dev: str | os.PathLike[str]) -> str:
     return name.removeprefix("/dev/")
 
 
-def _error(exc: Exception, message: str, hint: str | None = None) -> BlockDevError:
-    detail = getattr(exc, "message", None) or str(exc)
-    return BlockDevError(f"{message}: {detail}", hint=hint)
-
-
-def _root_hint() -> str | None:
-    return None if os.geteuid() == 0 else "loop devices need root: run it with sudo"
-
-
 def loop_setup(path: str | os.PathLike[str], *, read_only: bool, offset: int = 0,
                size: int = 0, part_scan: bool = False) -> str:
     """Attach a file to a free loop device; returns its path (/dev/loopN).
 
-    size 0 means up to the end of the file."""
+    size 0 means up to the end of the file.  read_only opens the file
+    read-only, so it may sit on read-only media."""
     if offset < 0 or size < 0:
         raise UsageError(f"loop offset and size must not be negative (got {offset}, {size})")
-    file = os.fspath(path)
-    bd = load("loop")
-    from gi.repository import GLib
-
-    # bd_loop_setup opens the file read-write even for a read-only device,
-    # which fails on read-only media (a file inside a mounted squashfs): open
-    # it ourselves, as the device will use it.
-    try:
-        fd = os.open(file, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
-    except OSError as exc:
-        raise BlockDevError(f"cannot attach {file} to a loop device: {exc.strerror}",
-                            hint=_root_hint()) from None
-    try:
-        # 3.x added sector_size (0: the default) before the out argument.
-        if _require_binding().major >= 3:
-            ok, name = bd.loop_setup_from_fd(fd, offset, size, read_only, part_scan, 0)
-        else:
-            ok, name = bd.loop_setup_from_fd(fd, offset, size, read_only, part_scan)
-    except GLib.Error as exc:
-        raise _error(exc, f"cannot attach {file} to a loop device", _root_hint()) from None
-    finally:
-        os.close(fd)  # the loop device holds its own reference
-    if not ok or not name:
-        raise BlockDevError(f"cannot attach {file} to a loop device", hint=_root_hint())
-    return f"/dev/{name}"
+    return backend().loop_setup(os.fspath(path), read_only=read_only, offset=offset,
+                                size=size, part_scan=part_scan)
 
 
 def loop_get_backing(dev: str | os.PathLike[str]) -> str | None:
     """The file attached to a loop device, or None when nothing is attached
     (or there is no such device)."""
-    name = _loop_name(dev)
-    bd = load("loop")
-    from gi.repository import GLib
-
-    try:
-        backing: str | None
-        if hasattr(bd, "loop_get_backing_file"):
-            backing = bd.loop_get_backing_file(name)
-        else:
-            # 3.x replaced get_backing_file with loop_info, which wants the
-            # bare name (it reads /sys/class/block/<name>/loop/backing_file).
-            backing = bd.loop_info(name).backing_file
-    except GLib.Error as exc:
-        if exc.domain == GLib.quark_to_string(bd.loop_error_quark()) and \
-                exc.code == _LOOP_ERROR_DEVICE:
-            return None
-        raise _error(exc, f"cannot query loop device {name}") from None
-    return backing or None
+    return backend().loop_get_backing(_loop_name(dev))
 
 
 def loop_teardown(dev: str | os.PathLike[str], *,
@@ -292,17 +157,10 @@ def loop_teardown(dev: str | os.PathLike[str], *,
     otherwise do nothing, so cleanup may run twice.  Going by the name alone
     would not be safe: a freed loop device is soon reused by someone else."""
     name = _loop_name(dev)
-    bd = load("loop")
-    if backing is not None and not _same_file(loop_get_backing(name), backing):
+    chosen = backend()
+    if backing is not None and not _same_file(chosen.loop_get_backing(name), backing):
         return
-    from gi.repository import GLib
-
-    try:
-        ok = bd.loop_teardown(name)
-    except GLib.Error as exc:
-        raise _error(exc, f"cannot detach loop device {name}", _root_hint()) from None
-    if not ok:
-        raise BlockDevError(f"cannot detach loop device {name}", hint=_root_hint())
+    chosen.loop_detach(name)
 
 
 def _same_file(attached: str | None, path: str | os.PathLike[str]) -> bool:
@@ -316,25 +174,12 @@ def _same_file(attached: str | None, path: str | os.PathLike[str]) -> bool:
         return attached == os.path.realpath(path)
 
 
-# Mounts.  libblockdev's fs plugin mounts through libmount, as mount(8) does.
+# Mounts: both backends mount through libmount (mount(8) is built on it).
 
 def mount(device: str | os.PathLike[str], where: str | os.PathLike[str], *, fstype: str,
           options: str = "") -> None:
-    bd = load("fs")
-    from gi.repository import GLib
-
-    try:
-        bd.fs_mount(os.fspath(device), os.fspath(where), fstype, options or None, None)
-    except GLib.Error as exc:
-        raise _error(exc, f"cannot mount {os.fspath(device)} ({fstype}) on {os.fspath(where)}",
-                     _root_hint()) from None
+    backend().mount(os.fspath(device), os.fspath(where), fstype=fstype, options=options)
 
 
 def unmount(where: str | os.PathLike[str], *, lazy: bool = False) -> None:
-    bd = load("fs")
-    from gi.repository import GLib
-
-    try:
-        bd.fs_unmount(os.fspath(where), lazy, False, None)
-    except GLib.Error as exc:
-        raise _error(exc, f"cannot unmount {os.fspath(where)}") from None
+    backend().unmount(os.fspath(where), lazy=lazy)

@@ -3,6 +3,7 @@ asked for: which modules a run of `dmoverlay` brings in, not how long it takes."
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,39 @@ def test_listed_summary_is_the_commands_own(name: str) -> None:
     for limit in range(10, 200):
         assert summary_cut(COMMANDS[name].summary, limit) \
             == command.get_short_help_str(limit), limit
+
+
+# The setup path as the initramfs runs it: setup's command module, then a
+# loop device queried and a state's steps undone through blockdev.
+BLOCKDEV_PROBE = """
+import sys
+out = sys.argv.pop(1)
+before = set(sys.modules)
+try:
+    import dmoverlay.cli.overlay
+    from dmoverlay.overlay import blockdev
+    print(blockdev.backend_name(), blockdev.loop_get_backing("/dev/loop987654"))
+finally:
+    with open(out, "w") as f:
+        f.write("\\n".join(sorted(set(sys.modules) - before)))
+"""
+LIBBLOCKDEV_ONLY = {"gi", "ctypes", "dmoverlay.overlay.libblockdev"}
+
+
+@pytest.mark.parametrize(("backend", "loaded"), [("util-linux", False), ("libblockdev", True)])
+def test_setup_through_util_linux_imports_no_gi(tmp_path: Path, backend: str,
+                                                loaded: bool) -> None:
+    """What an initramfs without gi needs: none of it (and, forced the other
+    way, the probe does see gi come in)."""
+    out = tmp_path / "modules"
+    result = subprocess.run([sys.executable, "-c", BLOCKDEV_PROBE, str(out)],
+                            env=os.environ | {"DMOVERLAY_BLOCKDEV": backend},
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{backend} None\n"
+    added = set(out.read_text().split())
+    assert "dmoverlay.overlay.setup" in added
+    if loaded:
+        assert added >= LIBBLOCKDEV_ONLY
+    else:
+        assert not added & LIBBLOCKDEV_ONLY

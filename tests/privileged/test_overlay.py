@@ -26,10 +26,22 @@ from tests.treecheck import digest
 pytestmark = pytest.mark.privileged
 
 
-def test_the_whole_story(images: dict[str, Path], place: dict[str, Path]) -> None:
+@pytest.mark.parametrize("backend", ["", "util-linux"], ids=["auto", "util-linux"])
+def test_the_whole_story(images: dict[str, Path], place: dict[str, Path], backend: str,
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the backend dmoverlay chooses, and through util-linux's tools
+    alone (what an initramfs without gi uses): DMOVERLAY_DEBUG shows each
+    command, and which backend ran."""
+    monkeypatch.setenv("DMOVERLAY_BLOCKDEV", backend)
+    if backend:
+        monkeypatch.setenv("DMOVERLAY_DEBUG", "1")
     before = resources()
     squash_sum = digest(images["squashfs"])
-    cli(*setup_args(images["squashfs"], place, "--overlay-size", "256M"))
+    setup = cli(*setup_args(images["squashfs"], place, "--overlay-size", "256M"))
+    if backend:
+        assert f"through {backend}: set by DMOVERLAY_BLOCKDEV" in setup.stderr
+        assert "+ losetup --find --show --read-only" in setup.stderr
+        assert "+ mount -t ext4 -- /dev/mapper/" in setup.stderr
     root = place["target"]
     assert os.readlink(root / "lib") == "usr/lib"
     assert (root / "etc/os-release").read_text() == "NAME=Sample\nID=sample\n"
@@ -47,8 +59,10 @@ def test_the_whole_story(images: dict[str, Path], place: dict[str, Path]) -> Non
     cli("apply", str(upd), "--root", str(root), "--run-dir", str(run_dir))
     assert (root / "usr/lib/libfoo.so").read_bytes() == b"fixed\n"
     assert os.readlink(root / "lib") == "usr/lib"
-    assert cli("teardown", "--name", str(place["name"]), "--state-dir",
-               str(place["state"])).returncode == 0
+    down = cli("teardown", "--name", str(place["name"]), "--state-dir", str(place["state"]))
+    assert down.returncode == 0
+    if backend:
+        assert "+ umount -- " in down.stderr and "+ losetup --detach /dev/loop" in down.stderr
     assert resources() == before
     assert digest(images["squashfs"]) == squash_sum, "the squashfs must never change"
     again = cli("teardown", "--name", str(place["name"]), "--state-dir", str(place["state"]))
