@@ -32,7 +32,9 @@ from dmoverlay.core.errors import UsageError
 
 # What the boot path reaches.  Everything under these is imported, and every
 # import written in it followed.
-BOOT_PACKAGES = ("dmoverlay.core", "dmoverlay.overlay", "dmoverlay.apply", "dmoverlay.boot")
+BOOT_PACKAGES = ("dmoverlay.core", "dmoverlay.overlay", "dmoverlay.apply", "dmoverlay.boot",
+                 # click imports its own modules lazily (help, errors, prompts)
+                 "click")
 BOOT_MODULES = ("dmoverlay", "dmoverlay.__main__", "dmoverlay.cli", "dmoverlay.cli.options",
                 "dmoverlay.cli.overlay", "dmoverlay.cli.apply")
 # Never carried: the host side of this module, libblockdev's binding and
@@ -44,7 +46,8 @@ LEFT_OUT = ("dmoverlay.boot.initramfs", "dmoverlay.cli.initramfs", "dmoverlay.__
 # statement of ours names them: the codecs of the console and the
 # filesystem, and what tarfile and shutil reach for when they need it.
 STDLIB_LAZY = ("encodings.utf_8", "encodings.latin_1", "encodings.ascii", "encodings.idna",
-               "gzip", "bz2", "lzma", "zlib", "pwd", "grp", "_compat_pickle")
+               "gzip", "bz2", "lzma", "zlib", "pwd", "grp", "_compat_pickle",
+               "difflib", "textwrap")
 
 WRAPPER = "/usr/bin/dmoverlay"
 
@@ -102,8 +105,8 @@ def _load_boot_path() -> None:
                 continue
             try:
                 module = importlib.import_module(name)
-            except ImportError:
-                continue  # `from x import function`, or an optional module
+            except Exception:  # noqa: BLE001  any failure means "not this module"
+                continue  # `from x import function`, an optional module, another OS's
             if name.startswith("dmoverlay") and getattr(module, "__file__", None):
                 names |= _imports_in(module.__file__, name, hasattr(module, "__path__"))
 
