@@ -92,7 +92,7 @@ def copy_image(source: str, dest: Path, size: int, *,
     `dest`, a new file.  OverlayError when the source ends early (a medium
     pulled out, an image cut short) or a read or write fails; what was
     copied stays for the caller to remove (at setup, with its tmpfs)."""
-    progress = _Progress(f"copying {format_size(size)} to RAM", size)
+    progress = _Progress("copying to RAM", size)
     start = time.monotonic()
     done = 0
     try:

@@ -127,7 +127,7 @@ def _copy_to_ram(rec: Recorder, opts: SetupOptions, work: Path, found: Found,
                        cow_given=opts.overlay_size is not None)
     if cow != size:
         log.info(f"note: a {format_size(cow)} COW in RAM, what the copy leaves of half the RAM")
-    with log.step(f"copying {found.image} to RAM"):
+    with log.step(f"copying {found.image} ({format_size(need)}) to RAM"):
         place = rec.mkdir(work / "ram")
         # its own tmpfs, of the image's size: neither /run's limit nor a
         # tmpfs shared with others decides whether the copy fits
