@@ -14,6 +14,7 @@ import pytest
 
 from dmoverlay.core.errors import DmoverlayError, OverlayError
 from dmoverlay.core.sizes import MiB
+from dmoverlay.overlay import ramcopy
 from dmoverlay.overlay import setup as setup_code
 from dmoverlay.overlay.dmtable import Device
 from dmoverlay.overlay.options import SetupOptions, parse_image, parse_overlay
@@ -128,7 +129,7 @@ def test_a_copy_that_fails_unwinds_everything(tmp_path: Path,
                                               at_device_mapper: dict[str, Any]) -> None:
     medium = _medium(tmp_path)
     before = _loops()
-    real = setup_code.copy_image
+    real = ramcopy.copy_image
 
     def cut(source: str, dest: Path, size: int) -> None:
         real(source, dest, size // 2)  # half copied, then the medium is gone
