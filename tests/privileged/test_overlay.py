@@ -310,6 +310,16 @@ def _loop_backings() -> dict[str, str]:
             for p in Path("/sys/block").glob("loop*/loop/backing_file")}
 
 
+def _gone_from_loops(backing: str) -> bool:
+    """No loop device holds `backing`, within 5 s: a loop device still open
+    (udev probing it a moment) is detached by the kernel at its last close."""
+    for _ in range(50):
+        if backing not in _loop_backings().values():
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def _drop_caches() -> None:
     """What is read next comes from the devices, not from the page cache."""
     os.sync()
@@ -336,7 +346,7 @@ def test_ram_copies_the_image_and_releases_the_medium(images: dict[str, Path],
     disk = os.path.realpath(images["disk"])
     cli(*setup_args(images["disk"], place, "--overlay-size", "64M", "--ram"))
     name, work = str(place["name"]), place["state"] / str(place["name"])
-    assert disk not in _loop_backings().values(), "the medium's loop device is still attached"
+    assert _gone_from_loops(disk), "the medium's loop device is still attached"
     mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
     assert not [m for m in mounts if m.startswith(f"{work}/media")], mounts
     assert not list(work.glob("media*"))
@@ -375,12 +385,8 @@ def test_rd_live_ram_lets_the_medium_be_removed(images: dict[str, Path],
         assert not list(part.joinpath("holders").iterdir())
         subprocess.run(["losetup", "-d", dev], check=True)
         attached = False
-        for _ in range(50):  # the kernel detaches once the last opener is gone
-            if not Path(f"/sys/block/{Path(dev).name}/loop/backing_file").exists():
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail(f"{dev} stays attached: something still holds the medium")
+        assert _gone_from_loops(os.path.realpath(images["disk"])), \
+            f"{dev} stays attached: something still holds the medium"
         _check_writable_root(place["target"])
         assert int(status(place)["total"]) == 48 << 20
         cli("teardown", "--name", str(place["name"]), "--state-dir", str(place["state"]))
