@@ -59,6 +59,9 @@ EXIT_FULL = 4
 @click.option("--overlay-thin", is_flag=True,
               help="Keep RAM writes in a thin pool, so deleting files and fstrim give the RAM "
                    "back (rd.live.overlay.thin).")
+@click.option("--ram", is_flag=True,
+              help="Copy the squashfs.img (or rootfs.img) into RAM, checked first to fit beside "
+                   "the COW, then let the medium go so it can be removed (rd.live.ram).")
 @click.option("--live-dir", default="LiveOS", show_default=True, help="rd.live.dir")
 @click.option("--squashfs-name", default="squashfs.img", show_default=True,
               help="rd.live.squashimg")
@@ -67,7 +70,7 @@ EXIT_FULL = 4
 @STATE_DIR
 def setup_command(image: str | None, target: Path, cmdline_file: str | None, name: str,
                   overlay_size: int | None, overlay_spec: str | None, overlay_reset: bool,
-                  overlay_readonly: bool, overlay_thin: bool, live_dir: str,
+                  overlay_readonly: bool, overlay_thin: bool, ram: bool, live_dir: str,
                   squashfs_name: str, tmpfs_dir: Path | None, state_dir: Path) -> None:
     """Make IMAGE writable at TARGET: IMAGE is a squashfs.img, a rootfs.img, a disk
     image or device holding LiveOS/squashfs.img, or LABEL=, UUID=, PARTUUID=,
@@ -94,7 +97,7 @@ def setup_command(image: str | None, target: Path, cmdline_file: str | None, nam
             live_dir=live_dir, squashfs_name=squashfs_name, tmpfs_dir=tmpfs_dir,
             state_dir=state_dir, overlay=parse_overlay(overlay_spec),
             overlay_reset=overlay_reset, overlay_readonly=overlay_readonly,
-            overlay_thin=overlay_thin)
+            overlay_thin=overlay_thin, ram=ram)
     state = setup(opts)
     click.echo(f"{name}: {opts.image.text} writable at {state.target} "
                f"({_where_writes_go(state)})")
@@ -105,6 +108,7 @@ SETUP_FROM_CMDLINE = {
     "overlay_size": "--overlay-size", "overlay_spec": "--overlay", "overlay_reset":
     "--overlay-reset", "overlay_readonly": "--overlay-readonly", "overlay_thin":
     "--overlay-thin", "live_dir": "--live-dir", "squashfs_name": "--squashfs-name",
+    "ram": "--ram",
 }
 
 
@@ -119,12 +123,13 @@ def _options_from_cmdline(path: str, **where: Any) -> SetupOptions:
 
 
 def _where_writes_go(state: State) -> str:
+    copied = f"; the image copied to RAM ({format_size(state.ram_copy)})" if state.ram_copy else ""
     ram = f"{format_size(state.overlay_size)} {'thin pool' if state.thin else 'COW'} in RAM"
     if state.mode == Mode.PERSISTENT:
-        return f"changes kept in {state.overlay}"
+        return f"changes kept in {state.overlay}{copied}"
     if state.mode == Mode.READONLY:
-        return f"{state.overlay} read-only under a {ram}"
-    return ram
+        return f"{state.overlay} read-only under a {ram}{copied}"
+    return ram + copied
 
 
 @click.command("status")
@@ -147,9 +152,10 @@ def status_command(name: str, state_dir: Path, threshold: float | None, as_json:
             fill = (f" ({format_size(st.kept_used)} of {format_size(st.kept_total)} used)"
                     if st.kept_used is not None and st.kept_total is not None else "")
             shown = f"; {st.overlay} shown read-only{fill}"
+        copied = f"; image in RAM ({format_size(st.ram_copy)})" if st.ram_copy else ""
         click.echo(f"{name}: {st.state}, {'thin pool' if st.thin else 'COW'} "
                    f"{format_size(st.used)} of {format_size(st.total)} used "
-                   f"({st.percent:.1f}%){ram}; at {st.target}{kept}{shown}")
+                   f"({st.percent:.1f}%){ram}; at {st.target}{kept}{shown}{copied}")
     if st.state != "active":
         sys.exit(EXIT_FULL)
     if threshold is not None and st.percent >= threshold:

@@ -6,6 +6,6 @@ Decided without touching the system: `options` (what a setup is asked for),
 and device options).  Touching it: `kernel` (modules, sysfs probes),
 `blockdev` (loop devices and mounts, through `libblockdev` or `utillinux`),
 `recorder` (each attach recorded in the `state` before it is made), `setup`
-with `media` (finding the root filesystem) and `store` (the persistent
-overlay's store), `teardown` (undoing the recorded steps) and `status` (how
-full the COW is)."""
+with `media` (finding the root filesystem), `ramcopy` (copying it into RAM)
+and `store` (the persistent overlay's store), `teardown` (undoing the
+recorded steps) and `status` (how full the COW is)."""

@@ -275,9 +275,6 @@ def setup_options(boot: LiveBoot, *, target: Path, name: str, state_dir: Path,
                   tmpfs_dir: Path | None = None) -> SetupOptions:
     """What setup is asked to do by a command line, its texts parsed (once)
     and named as the command line names them when they are bad."""
-    if boot.ram:
-        raise UsageError("kernel command line: rd.live.ram: copying the image to RAM is not "
-                         "supported yet", hint="leave out rd.live.ram: the medium stays in use")
     try:
         image = devspec.location(boot.root)
     except UsageError as exc:
@@ -291,7 +288,7 @@ def setup_options(boot: LiveBoot, *, target: Path, name: str, state_dir: Path,
         image=image, target=target, name=name, overlay_size=boot.overlay_size,
         live_dir=boot.live_dir, squashfs_name=boot.squashfs_name, tmpfs_dir=tmpfs_dir,
         state_dir=state_dir, overlay=overlay, overlay_reset=boot.overlay_reset,
-        overlay_readonly=boot.overlay_readonly, overlay_thin=boot.overlay_thin)
+        overlay_readonly=boot.overlay_readonly, overlay_thin=boot.overlay_thin, ram=boot.ram)
     named = {k.field: _name_of(k.field, boot) for k in KEYS if k.field in FLAGS}
     try:
         check_options(opts, named=named)

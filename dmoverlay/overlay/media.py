@@ -8,43 +8,85 @@ from __future__ import annotations
 import json
 import os
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 from dmoverlay.core import debugfs
 from dmoverlay.core.errors import DebugfsFailed, DmoverlayError, ImageError, UsageError
 from dmoverlay.core.run import run
-from dmoverlay.core.superblock import Kind, detect, parse_squashfs
+from dmoverlay.core.sizes import KiB, round_up
+from dmoverlay.core.superblock import Kind, detect, parse_ext4, parse_squashfs
 from dmoverlay.overlay import devspec
 from dmoverlay.overlay.dmtable import SECTOR, Mode
-from dmoverlay.overlay.kernel import is_block
+from dmoverlay.overlay.kernel import device_sectors, is_block
 from dmoverlay.overlay.options import SetupOptions
 from dmoverlay.overlay.recorder import Recorder
 
 ROOTFS_NAMES = ("rootfs.img", "ext3fs.img")  # dracut's order
 
 
-def find_rootfs(rec: Recorder, opts: SetupOptions, work: Path) -> tuple[Path, str]:
-    """Follow the image down to LiveOS/rootfs.img, mounting what is on the way;
-    also the live medium (dracut's livedev, which names the auto overlay)."""
+@dataclass(frozen=True)
+class Found:
+    """What holds the root filesystem, as found: a squashfs.img holding
+    LiveOS/rootfs.img, or the rootfs.img itself; and the live medium
+    (dracut's livedev, which names the auto overlay)."""
+
+    image: str
+    squashfs: bool
+    medium: str
+
+
+def find_image(rec: Recorder, opts: SetupOptions, work: Path) -> Found:
+    """Follow the image named down to the squashfs.img or rootfs.img that
+    holds the root filesystem, mounting the medium on the way."""
     source = devspec.find(opts.image)
     if not os.path.exists(source):
         raise UsageError(f"{source}: no such file or device")
     kind = _kind_of(source)
     if kind is Kind.EXT and not _holds(source, opts):
-        return Path(source), source  # a rootfs.img itself
+        return Found(source, False, source)  # a rootfs.img itself
     if kind is Kind.SQUASHFS:
-        return _in_squashfs(rec, opts, work, source), source
+        return Found(_checked_squashfs(source), True, source)
     media, medium = _media(rec, opts, work, source, kind)
     rec.state.medium = os.fspath(media)
     squash = media / opts.live_dir / opts.squashfs_name
     if squash.is_file():
-        return _in_squashfs(rec, opts, work, os.fspath(squash)), medium
+        return Found(_checked_squashfs(os.fspath(squash)), True, medium)
     for name in ROOTFS_NAMES:
         if (media / opts.live_dir / name).is_file():
-            return media / opts.live_dir / name, medium
+            return Found(os.fspath(media / opts.live_dir / name), False, medium)
     raise ImageError(f"{opts.image.text}: no {opts.live_dir}/{opts.squashfs_name} nor "
                      f"{opts.live_dir}/rootfs.img on it",
                      hint="check --live-dir and --squashfs-name (rd.live.dir, rd.live.squashimg)")
+
+
+def find_rootfs(rec: Recorder, opts: SetupOptions, work: Path) -> tuple[Path, str]:
+    """Follow the image down to LiveOS/rootfs.img, mounting what is on the way;
+    also the live medium."""
+    found = find_image(rec, opts, work)
+    return rootfs_in(rec, opts, work, found.image, squashfs=found.squashfs), found.medium
+
+
+def rootfs_in(rec: Recorder, opts: SetupOptions, work: Path, image: str, *, squashfs: bool,
+              shown: str = "") -> Path:
+    """The rootfs.img: `image` itself, or inside it once mounted (`shown`: the
+    name to give it in a message, when `image` is a copy)."""
+    return _in_squashfs(rec, opts, work, image, shown or image) if squashfs else Path(image)
+
+
+def image_size(image: str, *, squashfs: bool) -> int:
+    """The bytes that make the image: a file whole; on a block device (a
+    partition is often larger than its filesystem), what its superblock
+    says, in whole 4 KiB blocks as a loop device needs them."""
+    if not is_block(image):
+        return os.path.getsize(image)
+    head = read_head(image, 2048)
+    try:
+        size = parse_squashfs(head[:96]).bytes_used if squashfs else \
+            parse_ext4(head[1024:2048]).size
+    except DmoverlayError as exc:
+        raise ImageError(f"{image}: {exc.message}", hint="the image is damaged") from None
+    return min(round_up(size, 4 * KiB), device_sectors(image) * SECTOR)
 
 
 def read_head(source: str, size: int = 65536) -> bytes:
@@ -127,19 +169,24 @@ def fs_type(dev: str) -> str:
                check=False).stdout.strip()
 
 
-def _in_squashfs(rec: Recorder, opts: SetupOptions, work: Path, squash: str) -> Path:
+def _checked_squashfs(squash: str) -> str:
     try:
         parse_squashfs(read_head(squash, 96), size=os.path.getsize(squash)
                        if not is_block(squash) else None)
     except DmoverlayError as exc:
         raise ImageError(f"{squash}: {exc.message}", hint="the image is damaged") from None
+    return squash
+
+
+def _in_squashfs(rec: Recorder, opts: SetupOptions, work: Path, squash: str,
+                 shown: str) -> Path:
     dev = rec.loop(squash, read_only=True)
     where = rec.mkdir(work / "squashfs")
     rec.mount(dev, where, fstype="squashfs", options="ro")
     for name in ROOTFS_NAMES:
         if (where / opts.live_dir / name).is_file():
             return where / opts.live_dir / name
-    raise ImageError(f"{squash}: no {opts.live_dir}/rootfs.img inside",
+    raise ImageError(f"{shown}: no {opts.live_dir}/rootfs.img inside",
                      hint="build it with dmoverlay build, or check --live-dir")
 
 

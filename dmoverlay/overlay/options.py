@@ -35,6 +35,7 @@ class SetupOptions:
     overlay_reset: bool = False  # start the persistent overlay afresh
     overlay_readonly: bool = False  # show it, keep new writes in RAM
     overlay_thin: bool = False  # RAM layer as a thin volume: fstrim gives RAM back
+    ram: bool = False  # copy the image into RAM, then let the medium go (rd.live.ram)
 
     @property
     def mode(self) -> Mode:
@@ -74,7 +75,7 @@ def inner_name(value: str, *, option: str) -> str:
 FLAGS: Mapping[str, str] = {
     "live_dir": "--live-dir", "squashfs_name": "--squashfs-name", "overlay": "--overlay",
     "overlay_reset": "--overlay-reset", "overlay_readonly": "--overlay-readonly",
-    "overlay_thin": "--overlay-thin", "tmpfs_dir": "--tmpfs-dir",
+    "overlay_thin": "--overlay-thin", "tmpfs_dir": "--tmpfs-dir", "ram": "--ram",
 }
 
 
@@ -123,3 +124,49 @@ def overlay_size(opts: SetupOptions, ram: int) -> int:
         log.info(f"warning: overlay of {format_size(size)} is more than this machine's RAM "
                  f"({format_size(ram)}): writes fail once RAM runs out, before the COW is full")
     return size
+
+
+# Copy to RAM (rd.live.ram).  dracut copies whatever the image's size and
+# the machine's RAM: a copy that does not fit fills the RAM and the boot
+# hangs.  Here the copy must fit beside the COW at its full size, and leave
+# RAM_MARGIN for the rest of the boot (systemd, udev, the first services).
+RAM_MARGIN = 256 * MiB
+SMALLEST_COW = 64 * MiB  # a default COW squeezed below this is of no use
+
+
+def mem_available(meminfo: str) -> int:
+    """MemAvailable of /proc/meminfo: what can be taken without swapping
+    (free memory and the page cache that can be dropped)."""
+    for line in meminfo.splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise OverlayError("cannot read MemAvailable from /proc/meminfo",
+                       hint="copying to RAM needs a kernel of 3.14 or later")
+
+
+def ram_copy_cow(image: int, cow: int, available: int, *, cow_given: bool) -> int:
+    """The COW's size beside a copy of the image (`image` bytes) in RAM,
+    decided before the copy starts: a size given (`cow_given`) is kept or
+    refused; the default (half the RAM) shrinks to what the copy leaves, down
+    to SMALLEST_COW.  `cow` is 0 with a persistent overlay (its COW is on
+    disk).  OverlayError in one line naming the sizes when they do not fit
+    in `available` (MemAvailable) with RAM_MARGIN to spare."""
+    room = available - RAM_MARGIN - image
+    if cow and not cow_given:
+        cow = max(min(cow, room), SMALLEST_COW)
+    if cow <= room:
+        return cow
+    cow_part = f", {_mib(cow)} for the COW" if cow else ""
+    hint = "leave out --ram (rd.live.ram): the image is then read from the medium, which stays in"
+    if cow and cow_given:
+        hint = "give a smaller --overlay-size (rd.live.overlay.size), or " + hint
+    raise OverlayError(
+        f"not enough RAM to copy the image: {_mib(image)} for it{cow_part} and "
+        f"{_mib(RAM_MARGIN)} for the rest of the boot need {_mib(image + cow + RAM_MARGIN)}, "
+        f"and {_mib(available, down=True)} is available", hint=hint)
+
+
+def _mib(size: int, *, down: bool = False) -> str:
+    """Whole MiB, as rd.live.overlay.size counts: what is needed rounded up,
+    what is there rounded down, so that the two never read alike."""
+    return f"{max(size, 0) // MiB if down else -(-size // MiB)} MiB"

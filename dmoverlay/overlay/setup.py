@@ -4,7 +4,9 @@ it, on real loop devices and device-mapper.
 Every attach is recorded in a state file under /run before the next one
 (`recorder`), so teardown undoes exactly what exists, after a clean setup or
 a crash.  The root filesystem is found by `media`, a persistent overlay's
-store opened by `store`; the RAM layer is made here."""
+store opened by `store`; the RAM layer is made here.  With rd.live.ram the
+image is copied into RAM first (`ramcopy`), and the medium let go once
+everything stands on the copy."""
 
 from __future__ import annotations
 
@@ -25,12 +27,20 @@ from dmoverlay.overlay.dmtable import (
     thin_sizes,
 )
 from dmoverlay.overlay.kernel import device_sectors, dm_exists, require_root, require_target
-from dmoverlay.overlay.media import find_rootfs, read_head
-from dmoverlay.overlay.options import SetupOptions, check_options, overlay_size, ram_bytes
+from dmoverlay.overlay.media import Found, find_image, image_size, read_head, rootfs_in
+from dmoverlay.overlay.options import (
+    SetupOptions,
+    check_options,
+    mem_available,
+    overlay_size,
+    ram_bytes,
+    ram_copy_cow,
+)
+from dmoverlay.overlay.ramcopy import copy_image
 from dmoverlay.overlay.recorder import Recorder
 from dmoverlay.overlay.state import State, Step, StepKind, check_state_dir, state_path
 from dmoverlay.overlay.store import persistent_store
-from dmoverlay.overlay.teardown import unwind
+from dmoverlay.overlay.teardown import release, unwind
 
 
 def setup(opts: SetupOptions) -> State:
@@ -78,7 +88,13 @@ def _new_state_path(opts: SetupOptions, names: Names) -> Path:
 def _setup(rec: Recorder, opts: SetupOptions, names: Names, size: int) -> None:
     work = rec.mkdir(opts.state_dir / opts.name)
     with log.step(f"finding the root filesystem in {opts.image.text}"):
-        rootfs, medium = find_rootfs(rec, opts, work)
+        first = len(rec.state.steps)
+        found = find_image(rec, opts, work)
+        medium = rec.state.steps[first:]  # what reaching the image took
+        image = found.image
+        if opts.ram:
+            image, size = _copy_to_ram(rec, opts, work, found, size)
+        rootfs = rootfs_in(rec, opts, work, image, squashfs=found.squashfs, shown=found.image)
     with log.step("attaching rootfs.img read-only"):
         base = rec.loop(os.fspath(rootfs), read_only=True)
         _check_ext(base, rootfs)
@@ -86,7 +102,9 @@ def _setup(rec: Recorder, opts: SetupOptions, names: Names, size: int) -> None:
     store = ""
     if opts.overlay is not None:
         with log.step(f"opening the persistent overlay {opts.overlay.text}"):
-            store = persistent_store(rec, opts, opts.overlay, work, medium)
+            store = persistent_store(rec, opts, opts.overlay, work, found.medium)
+    if opts.ram:
+        _release_medium(rec, medium)
     cow_dev, thin = _ram_layer(rec, opts, work, size)
     devices = layout(names, sectors=sectors, base=base, mode=opts.mode, cow=cow_dev,
                      persistent=store, thin=thin)
@@ -97,6 +115,55 @@ def _setup(rec: Recorder, opts: SetupOptions, names: Names, size: int) -> None:
             rw = node if device.name == names.rw else rw
     with log.step(f"mounting {names.rw} on {opts.target}"):
         rec.mount(rw, opts.target, fstype="ext4", options="")
+
+
+def _copy_to_ram(rec: Recorder, opts: SetupOptions, work: Path, found: Found,
+                 size: int) -> tuple[str, int]:
+    """rd.live.ram: the squashfs.img (or rootfs.img) copied into a tmpfs of
+    its own size, once it is known to fit beside the COW; the copy, and the
+    COW's size beside it."""
+    need = image_size(found.image, squashfs=found.squashfs)
+    cow = ram_copy_cow(need, size, mem_available(Path("/proc/meminfo").read_text()),
+                       cow_given=opts.overlay_size is not None)
+    if cow != size:
+        log.info(f"note: a {format_size(cow)} COW in RAM, what the copy leaves of half the RAM")
+    with log.step(f"copying {found.image} ({format_size(need)}) to RAM"):
+        place = rec.mkdir(work / "ram")
+        # its own tmpfs, of the image's size: neither /run's limit nor a
+        # tmpfs shared with others decides whether the copy fits
+        rec.mount("tmpfs", place, fstype="tmpfs", options=f"size={need + MiB},mode=0700")
+        copy = place / ("squashfs.img" if found.squashfs else "rootfs.img")
+        copy_image(found.image, copy, need)
+    rec.state.ram_copy = need
+    if opts.mode is not Mode.PERSISTENT:
+        rec.state.overlay_size = cow
+    rec.state.save(rec.path)
+    return os.fspath(copy), cow
+
+
+def _release_medium(rec: Recorder, medium: list[Step]) -> None:
+    """rd.live.ram: the medium's mounts and loop devices, read no more, let
+    go during setup so that the medium can be removed; kept while the
+    persistent overlay is on it (dracut's rd.live.ram keeps it too)."""
+    if not medium:
+        return  # the image was named itself: nothing was mounted to reach it
+    others = [s for s in rec.state.steps if not any(s is m for m in medium)]
+    if medium_in_use(medium, others):
+        log.info("note: the persistent overlay is on the medium: it stays in use")
+        return
+    rec.state.medium = ""  # first: a state must never name a mount it no longer holds
+    with log.step("releasing the medium"):
+        release(rec.state, rec.path, medium)
+
+
+def medium_in_use(medium: list[Step], others: list[Step]) -> bool:
+    """Whether another step stands on what the medium's steps mounted: a loop
+    device or a new overlay file on a file under one of its mount points."""
+    mounts = [os.path.realpath(s.what) for s in medium if s.kind is StepKind.MOUNT]
+    used = [os.path.realpath(s.backing if s.kind is StepKind.LOOP else s.what)
+            for s in others if s.kind in (StepKind.LOOP, StepKind.NEWFILE)]
+    return any(path == top or path.startswith(top.rstrip("/") + "/")
+               for path in used for top in mounts)
 
 
 def _ram_layer(rec: Recorder, opts: SetupOptions, work: Path,

@@ -66,6 +66,7 @@ class State:
     overlay: str = ""  # the persistent overlay: file or device
     thin: bool = False
     medium: str = ""  # where the live medium is mounted: updates named by a path are on it
+    ram_copy: int = 0  # bytes of the image copied into RAM (rd.live.ram); 0: read from the medium
     steps: list[Step] = field(default_factory=list)
     complete: bool = False
 
@@ -149,6 +150,8 @@ def check_state(state: State, state_dir: Path, name: str) -> None:
     unmounts, detaches, removes and deletes only what names its own things."""
     if state.name != name or not isinstance(state.complete, bool):
         raise ValueError(f"it names the overlay {state.name!r}")
+    if type(state.ram_copy) is not int or state.ram_copy < 0:
+        raise ValueError(f"ram_copy is not a size: {state.ram_copy!r}")
     work = os.fspath(state_dir / name)  # as setup makes it
     dirs = {work}  # mount points are directories setup made (or the target)
     names = Names(name).all()

@@ -28,6 +28,7 @@ class Status:
     thin: bool = False
     kept_used: int | None = None  # read-only mode: the persistent store shown, its fill
     kept_total: int | None = None
+    ram_copy: int = 0  # bytes of the image copied into RAM (rd.live.ram)
 
     @property
     def free(self) -> int:
@@ -43,7 +44,8 @@ class Status:
                 "used": self.used, "total": self.total, "free": self.free,
                 "percent": round(self.percent, 2), "ram_free": self.ram_free,
                 "mode": self.mode, "overlay": self.overlay or None, "thin": self.thin,
-                "overlay_used": self.kept_used, "overlay_total": self.kept_total}
+                "overlay_used": self.kept_used, "overlay_total": self.kept_total,
+                "ram_copy": self.ram_copy}
 
 
 def status(state_dir: Path, name: str) -> Status:
@@ -67,4 +69,4 @@ def status(state_dir: Path, name: str) -> Status:
         kept_used, kept_total = kept.used_bytes, kept.total_bytes
     return Status(name, state.target, state_word, used, total, ram_free, mode=state.mode,
                   overlay=state.overlay, thin=state.thin, kept_used=kept_used,
-                  kept_total=kept_total)
+                  kept_total=kept_total, ram_copy=state.ram_copy)

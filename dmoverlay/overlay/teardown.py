@@ -40,6 +40,17 @@ def unwind(state: State, path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
+def release(state: State, path: Path, steps: list[Step]) -> None:
+    """Undo some steps while setup goes on (the medium, once its image is
+    in RAM), newest first, each dropped from the record once undone: the
+    record covers what exists at every moment, and a teardown later finds
+    nothing of them to undo again."""
+    for step in reversed(steps):
+        _undo(step, complete=False)
+        state.steps = [s for s in state.steps if s is not step]
+        state.save(path)
+
+
 def _undo(step: Step, *, complete: bool) -> None:
     if step.kind is StepKind.MOUNT:
         if os.path.ismount(step.what):

@@ -14,6 +14,8 @@ from click.testing import CliRunner
 
 from dmoverlay.cli import cli
 from dmoverlay.core.sizes import GiB, MiB
+from dmoverlay.overlay.options import SetupOptions
+from dmoverlay.overlay.state import State
 from dmoverlay.overlay.status import Status
 
 
@@ -51,6 +53,9 @@ def _setup(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     (["--from-cmdline", "{line}", "--overlay", "LABEL=S", "--live-dir", "L"],
      "error: --from-cmdline takes IMAGE and the overlay options from the command line: "
      "--overlay --live-dir too"),
+    (["--from-cmdline", "{line}", "--ram"],
+     "error: --from-cmdline takes IMAGE and the overlay options from the command line: "
+     "--ram too"),
     ([], "error: IMAGE is missing"),
     (["--from-cmdline", "{line}"], "error: kernel command line: unknown option rd.live.rams"),
 ])
@@ -75,3 +80,35 @@ def test_status_json_is_the_librarys_record(monkeypatch: pytest.MonkeyPatch) -> 
     result = CliRunner().invoke(cli, ["status", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == st.to_dict()
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["x.img", "--ram"], ""),
+    (["--from-cmdline", "{line}"], "root=live:LABEL=LIVE rd.live.ram\n"),
+    (["--from-cmdline", "{line}"], "root=live:LABEL=LIVE live_ram\n"),
+])
+def test_setup_ram_asks_the_library_to_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            args: list[str], line: str) -> None:
+    """--ram, and rd.live.ram on a kernel command line, reach setup as
+    SetupOptions.ram; what setup recorded is said in its line."""
+    asked: list[SetupOptions] = []
+
+    def fake(opts: SetupOptions) -> State:
+        asked.append(opts)
+        return State("live", "/sysroot", opts.image.text, 512 * MiB, ram_copy=3 * GiB // 2)
+    monkeypatch.setattr("dmoverlay.cli.overlay.setup", fake)
+    (tmp_path / "cmdline").write_text(line)
+    result = CliRunner().invoke(cli, ["setup", "--target", str(tmp_path), *(
+        a.format(line=tmp_path / "cmdline") for a in args)])
+    assert result.exit_code == 0, result.output
+    assert [opts.ram for opts in asked] == [True]
+    assert result.stdout.endswith("(512.0 MiB COW in RAM; the image copied to RAM (1.5 GiB))\n")
+
+
+def test_status_says_the_image_is_in_ram(monkeypatch: pytest.MonkeyPatch) -> None:
+    st = Status("live", "/sysroot", "active", used=GiB, total=4 * GiB, ram_free=None,
+                ram_copy=GiB)
+    monkeypatch.setattr("dmoverlay.cli.overlay.status", lambda state_dir, name: st)
+    result = CliRunner().invoke(cli, ["status"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.endswith("; at /sysroot; image in RAM (1.0 GiB)\n")

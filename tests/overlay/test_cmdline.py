@@ -180,12 +180,36 @@ def test_what_setup_is_asked() -> None:
     assert plain.mode is Mode.RAM and plain.overlay_size is None
 
 
+@pytest.mark.parametrize(("line", "ram"), [
+    ("root=live:LABEL=X rd.live.ram", True), ("root=live:LABEL=X live_ram", True),
+    ("root=live:LABEL=X rd.live.ram=1", True), ("root=live:LABEL=X rd.live.ram=0", False),
+    ("root=live:LABEL=X live_ram rd.live.ram=no", False), ("root=live:LABEL=X", False),
+])
+def test_rd_live_ram_asks_setup_to_copy_to_ram(line: str, ram: bool) -> None:
+    """rd.live.ram (and dracut's older live_ram) is setup's --ram: it was
+    refused as not supported yet."""
+    assert _options(line).ram is ram
+
+
+@pytest.mark.parametrize("line", [
+    "root=live:LABEL=X rd.live.ram rd.live.overlay=LABEL=S:/o",
+    "root=live:LABEL=X rd.live.ram rd.live.overlay=LABEL=S rd.live.overlay.readonly "
+    "rd.live.overlay.thin",
+    "root=live:LABEL=X rd.live.ram rd.live.overlay.size=512 rd.live.overlay.thin",
+])
+def test_rd_live_ram_goes_with_every_overlay(line: str) -> None:
+    """dracut copies the image to RAM whatever the overlay, a persistent one
+    included (read from RAM; the medium stays in use only if it holds the
+    overlay): the same command lines are accepted here."""
+    opts = _options(line)
+    assert opts.ram
+
+
 @pytest.mark.parametrize(("line", "words"), [
     ("root=live:LABEL=X rd.live.overlay=LABEL=S:rel",
      "kernel command line: rd.live.overlay LABEL=S:rel: the path inside the device"),
     ("root=live:LABEL=X rd.live.overlay=LABEL=:/o", "kernel command line: rd.live.overlay"),
     ("root=live:LABEL= rd.live.image", "kernel command line: root=live:LABEL=: empty device"),
-    ("root=live:LABEL=X rd.live.ram", "rd.live.ram: copying the image to RAM is not supported"),
     ("root=live:LABEL=X rd.live.overlay.reset",
      "kernel command line: rd.live.overlay.reset needs rd.live.overlay"),
     ("root=live:LABEL=X readonly_overlay", "readonly_overlay needs rd.live.overlay"),

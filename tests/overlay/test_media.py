@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from dmoverlay.core.errors import ImageError
-from dmoverlay.core.sizes import MiB
+from dmoverlay.core.sizes import KiB, MiB, round_up
+from dmoverlay.core.superblock import parse_squashfs
 from dmoverlay.overlay import devspec
-from dmoverlay.overlay.media import _holds, _partitions, parse_partitions
+from dmoverlay.overlay.media import _holds, _partitions, image_size, parse_partitions
 from dmoverlay.overlay.options import SetupOptions
 
 
@@ -55,3 +56,30 @@ def test_an_ext_image_anywhere_is_looked_into(tmp_path: Path, live_dir: str) -> 
     assert not _holds(str(image), replace(opts, live_dir="Other"))
     (tmp_path / "not-ext.img").write_bytes(bytes(1 << 20))
     assert not _holds(str(tmp_path / "not-ext.img"), opts)
+
+
+@pytest.mark.root
+def test_the_size_to_copy_of_an_image_on_a_larger_device(tmp_path: Path) -> None:
+    """A partition is larger than its filesystem: --ram copies the
+    filesystem (whole 4 KiB blocks, as a loop device needs them), a file
+    whole."""
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree/data").write_bytes(bytes(range(256)) * 4000)
+    squash, ext = tmp_path / "squashfs.img", tmp_path / "rootfs.img"
+    subprocess.run(["mksquashfs", str(tmp_path / "tree"), str(squash), "-quiet", "-noappend",
+                    "-nopad"], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(ext), "4M"], check=True)
+    used = parse_squashfs(squash.read_bytes()[:96]).bytes_used
+    assert used % (4 * KiB)  # unpadded: a copy of bytes_used alone would be cut by the loop
+    assert image_size(str(squash), squashfs=True) == squash.stat().st_size == used
+    assert image_size(str(ext), squashfs=False) == 4 * MiB
+    for image, squashfs, size in ((squash, True, round_up(used, 4 * KiB)),
+                                  (ext, False, 4 * MiB)):
+        with open(image, "ab") as f:
+            f.truncate(8 * MiB)  # the partition's rest
+        dev = subprocess.run(["losetup", "--find", "--show", "--read-only", str(image)],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        try:
+            assert image_size(dev, squashfs=squashfs) == size
+        finally:
+            subprocess.run(["losetup", "-d", dev], check=True)

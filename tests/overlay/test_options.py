@@ -8,17 +8,21 @@ from typing import Any
 
 import pytest
 
-from dmoverlay.core.errors import UsageError
-from dmoverlay.core.sizes import GiB
+from dmoverlay.core.errors import OverlayError, UsageError
+from dmoverlay.core.sizes import GiB, MiB
 from dmoverlay.overlay import devspec, persistent
 from dmoverlay.overlay.dmtable import Mode
 from dmoverlay.overlay.options import (
+    RAM_MARGIN,
+    SMALLEST_COW,
     SetupOptions,
     check_options,
+    mem_available,
     overlay_size,
     parse_image,
     parse_overlay,
     ram_bytes,
+    ram_copy_cow,
 )
 
 
@@ -118,3 +122,64 @@ def test_names_inside_the_medium_are_checked_first(kwargs: dict[str, Any], words
         check_options(options(**kwargs))
     assert words in caught.value.message
     check_options(options(live_dir="/boot/LiveOS/", squashfs_name="squashfs.img"))
+
+
+# ------------------------------------------------------------------ copy to RAM
+
+
+def test_mem_available_is_read_from_meminfo() -> None:
+    text = "MemTotal:  8000000 kB\nMemFree:  100 kB\nMemAvailable:  6000000 kB\n"
+    assert mem_available(text) == 6000000 * 1024
+    with pytest.raises(OverlayError, match="MemAvailable"):
+        mem_available("MemTotal:  8000000 kB\nMemFree:  100 kB\n")
+
+
+@pytest.mark.parametrize(("image", "cow", "available", "given", "kept"), [
+    (GiB, 2 * GiB, 4 * GiB, True, 2 * GiB),  # fits, the margin to spare
+    (GiB, 2 * GiB, 3 * GiB + RAM_MARGIN, True, 2 * GiB),  # exactly
+    (GiB, 4 * GiB, 4 * GiB, False, 4 * GiB - GiB - RAM_MARGIN),  # the default makes room
+    (GiB, 512 * MiB, 8 * GiB, False, 512 * MiB),  # the default, where it fits, kept
+    (GiB, 0, GiB + RAM_MARGIN, False, 0),  # persistent: no COW in RAM
+    (GiB, 0, GiB + RAM_MARGIN, True, 0),
+])
+def test_a_copy_that_fits_beside_the_cow(image: int, cow: int, available: int, given: bool,
+                                         kept: int) -> None:
+    assert ram_copy_cow(image, cow, available, cow_given=given) == kept
+
+
+@pytest.mark.parametrize(("image", "cow", "available", "given", "words", "hint"), [
+    (GiB, 2 * GiB, 3 * GiB + RAM_MARGIN - 1, True,
+     "1024 MiB for it, 2048 MiB for the COW and 256 MiB for the rest of the boot need "
+     "3328 MiB, and 3327 MiB is available", "smaller --overlay-size"),
+    (3 * GiB, 2 * GiB, 3 * GiB, False, "64 MiB for the COW", "leave out --ram"),
+    (GiB, 0, GiB, True, "1024 MiB for it and 256 MiB for the rest of the boot need 1280 MiB, "
+     "and 1024 MiB is available", "leave out --ram"),
+    (8 * GiB + 1, 0, -5, False, "8193 MiB for it and", "leave out --ram"),
+])
+def test_a_copy_that_does_not_fit_is_refused_naming_the_sizes(
+        image: int, cow: int, available: int, given: bool, words: str, hint: str) -> None:
+    """dracut copies whatever the sizes, fills the RAM and the boot hangs:
+    here one line says what does not fit, before anything is copied."""
+    with pytest.raises(OverlayError) as caught:
+        ram_copy_cow(image, cow, available, cow_given=given)
+    message = caught.value.message
+    assert message.startswith("not enough RAM to copy the image: ") and words in message
+    assert "\n" not in message and hint in (caught.value.hint or "")
+    if not (cow and given):
+        assert "--overlay-size" not in (caught.value.hint or "")
+
+
+def test_the_default_cow_shrinks_no_further_than_the_smallest() -> None:
+    room = GiB + RAM_MARGIN + SMALLEST_COW
+    assert ram_copy_cow(GiB, 4 * GiB, room, cow_given=False) == SMALLEST_COW
+    with pytest.raises(OverlayError):
+        ram_copy_cow(GiB, 4 * GiB, room - 1, cow_given=False)
+
+
+def test_ram_goes_with_every_overlay_mode() -> None:
+    """--ram with a persistent overlay is what dracut's rd.live.ram does too:
+    the image is read from RAM, the overlay stays on its device."""
+    for opts in (options(ram=True), options(ram=True, overlay="/o"),
+                 options(ram=True, overlay="/o", overlay_readonly=True, overlay_thin=True),
+                 options(ram=True, overlay_thin=True, tmpfs_dir=Path("/t"))):
+        check_options(opts)

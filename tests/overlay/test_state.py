@@ -133,3 +133,52 @@ def test_a_step_of_unknown_kind_in_a_state_file_is_one_line(tmp_path: Path, kind
     with pytest.raises(OverlayError, match="unknown kind") as exc:
         load_state(tmp_path / "state", "live")
     assert "\n" not in exc.value.message and exc.value.hint
+
+
+def _ram_setup_like(top: Path) -> State:
+    """The steps a --ram setup leaves recorded: the medium's steps released
+    (gone from the record), the copy's tmpfs and loop in their place."""
+    work = top / "state/live"
+    state = make_state(top, Step(StepKind.DIR, f"{work}"), Step(StepKind.DIR, f"{work}/ram"),
+                       Step(StepKind.MOUNT, f"{work}/ram"),
+                       Step(StepKind.LOOP, "/dev/loop1", backing=f"{work}/ram/squashfs.img"),
+                       Step(StepKind.DIR, f"{work}/squashfs"),
+                       Step(StepKind.MOUNT, f"{work}/squashfs"),
+                       Step(StepKind.LOOP, "/dev/loop2",
+                            backing=f"{work}/squashfs/LiveOS/rootfs.img"),
+                       Step(StepKind.DM, "live-base"), Step(StepKind.DM, "live-rw"),
+                       Step(StepKind.MOUNT, f"{top}/sysroot"))
+    state.ram_copy = 1 << 30
+    return state
+
+
+def test_a_ram_setup_as_recorded_passes_and_loads(tmp_path: Path) -> None:
+    state = _ram_setup_like(tmp_path)
+    check_state(state, tmp_path / "state", "live")
+    plant(tmp_path / "state", state.to_json())
+    assert load_state(tmp_path / "state", "live")[0] == state
+
+
+@pytest.mark.parametrize("value", ["/run/initramfs/squashed.img", True, -1, 1.5, None, [1]])
+def test_a_ram_copy_that_is_not_a_size_is_refused(tmp_path: Path, value: object) -> None:
+    text = _ram_setup_like(tmp_path).to_json()
+    assert '"ram_copy": 1073741824' in text
+    plant(tmp_path / "state", text.replace('"ram_copy": 1073741824', f'"ram_copy": '
+                                           f'{json.dumps(value)}'))
+    with pytest.raises(OverlayError, match="ram_copy is not a size") as exc:
+        load_state(tmp_path / "state", "live")
+    assert "\n" not in exc.value.message
+
+
+@pytest.mark.parametrize("step", [
+    Step(StepKind.MOUNT, "/run/initramfs/live"),  # dracut's medium: not ours to unmount
+    Step(StepKind.DIR, "/run/initramfs"),
+    Step(StepKind.MOUNT, "{work}/ram/../../../../x"),
+    Step(StepKind.LOOP, "/dev/sr0", backing="/run/initramfs/squashed.img"),
+])
+def test_a_ram_state_naming_a_foreign_path_is_refused(tmp_path: Path, step: Step) -> None:
+    step.what = step.what.replace("{work}", f"{tmp_path}/state/live")
+    state = _ram_setup_like(tmp_path)
+    state.steps.insert(3, step)
+    with pytest.raises(ValueError, match="step setup would not record"):
+        check_state(state, tmp_path / "state", "live")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from dmoverlay.core.errors import OverlayError
-from dmoverlay.overlay.state import Step, StepKind
-from dmoverlay.overlay.teardown import teardown
+from dmoverlay.overlay.state import State, Step, StepKind, load_state
+from dmoverlay.overlay.teardown import release, teardown
 from tests.overlay.statefiles import make_state, plant
 
 
@@ -54,3 +54,30 @@ def test_unfinished_setup_deletes_its_overlay_file_only_if_it_holds_a_store(
     teardown(state_dir, "live")
     assert not fresh.exists()
     assert data.exists()
+
+
+def test_steps_released_during_setup_leave_the_record_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The medium let go after a copy to RAM: each step undone, then dropped
+    from the state on disk, so that a teardown later has nothing of it to undo
+    (and the record never lacks what still exists)."""
+    state_dir = tmp_path / "state"
+    work = state_dir / "live"
+    for sub in ("media1", "ram"):
+        (work / sub).mkdir(parents=True)
+    steps = [Step(StepKind.DIR, f"{work}"), Step(StepKind.DIR, f"{work}/media1"),
+             Step(StepKind.MOUNT, f"{work}/media1"), Step(StepKind.DIR, f"{work}/ram")]
+    path = plant(state_dir, make_state(tmp_path, *steps, complete=False).to_json())
+    state, _ = load_state(state_dir, "live")
+    saved: list[list[str]] = []
+    real_save = State.save
+
+    def noted(self: State, where: Path) -> None:
+        real_save(self, where)
+        saved.append([s.what for s in load_state(state_dir, "live")[0].steps])
+    monkeypatch.setattr(State, "save", noted)
+    release(state, path, state.steps[1:3])
+    assert saved == [[f"{work}", f"{work}/media1", f"{work}/ram"], [f"{work}", f"{work}/ram"]]
+    assert not (work / "media1").exists() and (work / "ram").is_dir()
+    assert teardown(state_dir, "live") is not None
+    assert not work.exists() and not path.exists()

@@ -4,6 +4,7 @@ every fault releasing whatever was attached."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -313,3 +314,107 @@ def test_thin_overlay_full_fails_writes_not_reads(images: dict[str, Path],
                check=False)
     assert full.returncode == 4 and "full" in full.stdout, full.stdout
     assert (root / "etc/os-release").read_text().startswith("NAME=Sample")
+
+
+# ------------------------------------------------------------------ copy to RAM (rd.live.ram)
+
+
+def _loop_backings() -> dict[str, str]:
+    return {p.parent.parent.name: p.read_text().strip()
+            for p in Path("/sys/block").glob("loop*/loop/backing_file")}
+
+
+def _gone_from_loops(backing: str) -> bool:
+    """No loop device holds `backing`, within 5 s: a loop device still open
+    (udev probing it a moment) is detached by the kernel at its last close."""
+    for _ in range(50):
+        if backing not in _loop_backings().values():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _drop_caches() -> None:
+    """What is read next comes from the devices, not from the page cache."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def _check_writable_root(root: Path) -> None:
+    _drop_caches()
+    assert (root / "etc/os-release").read_text() == "NAME=Sample\nID=sample\n"
+    assert (root / "usr/bin/tool").is_file()
+    (root / "var/written").write_bytes(b"x" * (1 << 20))
+    os.sync()
+    _drop_caches()
+    assert (root / "var/written").read_bytes() == b"x" * (1 << 20)
+
+
+def test_ram_copies_the_image_and_releases_the_medium(images: dict[str, Path],
+                                                     place: dict[str, Path]) -> None:
+    """--ram over a disk image: setup attaches its partition on a loop device
+    and mounts it to reach LiveOS/squashfs.img; once the copy in RAM holds
+    everything, that loop device is detached and the mount gone, before
+    setup ends; teardown then finds nothing of the medium to undo."""
+    before = resources()
+    disk = os.path.realpath(images["disk"])
+    cli(*setup_args(images["disk"], place, "--overlay-size", "64M", "--ram"))
+    name, work = str(place["name"]), place["state"] / str(place["name"])
+    assert _gone_from_loops(disk), "the medium's loop device is still attached"
+    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    assert not [m for m in mounts if m.startswith(f"{work}/media")], mounts
+    assert not list(work.glob("media*"))
+    assert f"{work}/ram" in mounts
+    state = json.loads((place["state"] / f"{name}.json").read_text())
+    assert state["ram_copy"] > 0 and state["complete"] is True
+    assert not [s for s in state["steps"] if disk in (s["what"], s["backing"])]
+    assert status(place)["ram_copy"] == state["ram_copy"]
+    _check_writable_root(place["target"])
+    cli("teardown", "--name", name, "--state-dir", str(place["state"]))
+    assert resources() == before
+
+
+def test_rd_live_ram_lets_the_medium_be_removed(images: dict[str, Path],
+                                               place: dict[str, Path]) -> None:
+    """rd.live.ram on a kernel command line, the medium a block device found
+    by its label (as a USB stick): after setup nothing holds it, so it can
+    be taken away (here: its loop device detached, which the kernel defers
+    while anything holds it) and the root goes on working from RAM."""
+    before = resources()
+    dev = subprocess.run(["losetup", "--find", "--show", "--read-only", "--partscan",
+                          str(images["disk"])], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    subprocess.run(["udevadm", "settle"], check=False, capture_output=True)
+    attached = True
+    try:
+        line = place["top"] / "cmdline"
+        line.write_text("root=live:LABEL=DMOTEST rd.live.image rd.live.ram "
+                        "rd.live.overlay.size=48 console=ttyS0\n")
+        cli("setup", "--from-cmdline", str(line), "--target", str(place["target"]),
+            "--name", str(place["name"]), "--state-dir", str(place["state"]))
+        part = Path("/sys/class/block") / f"{Path(dev).name}p1"
+        devno = part.joinpath("dev").read_text().strip()
+        mountinfo = Path("/proc/self/mountinfo").read_text().splitlines()
+        assert not [m for m in mountinfo if m.split()[2] == devno], "the medium is mounted"
+        assert not list(part.joinpath("holders").iterdir())
+        subprocess.run(["losetup", "-d", dev], check=True)
+        attached = False
+        assert _gone_from_loops(os.path.realpath(images["disk"])), \
+            f"{dev} stays attached: something still holds the medium"
+        _check_writable_root(place["target"])
+        assert int(status(place)["total"]) == 48 << 20
+        cli("teardown", "--name", str(place["name"]), "--state-dir", str(place["state"]))
+    finally:
+        if attached:
+            subprocess.run(["losetup", "-d", dev], check=False)
+    assert resources() == before
+
+
+def test_ram_that_does_not_fit_is_refused_before_the_copy(images: dict[str, Path],
+                                                         place: dict[str, Path]) -> None:
+    before = resources()
+    result = cli(*setup_args(images["disk"], place, "--overlay-size", "64G", "--ram"),
+                 check=False)
+    assert "not enough RAM to copy the image" in error_line(result)
+    assert "hint: give a smaller --overlay-size" in result.stderr
+    assert resources() == before
