@@ -48,9 +48,11 @@ EXIT_FULL = 4
                    "with --overlay, the size of the overlay file to create if it is missing.")
 @click.option("--overlay", "overlay_spec", metavar="DEVICE:PATH",
               help="Persistent overlay (rd.live.overlay): the file PATH on DEVICE (LABEL=, "
-                   "UUID=, PARTUUID=, PARTLABEL=, CDLABEL=, /dev/..., or a filesystem image "
-                   "file), mounted read-write; DEVICE alone: the raw device, or dracut's "
-                   "/LiveOS/overlay-<label>-<uuid> on it; or a plain FILE.")
+                   "UUID=, PARTUUID=, PARTLABEL=, CDLABEL=, /dev/..., a block device, or a "
+                   "file holding a filesystem), mounted read-write; DEVICE alone or DEVICE:auto: "
+                   "the raw device, or dracut's /LiveOS/overlay-<label>-<uuid> on it; or a "
+                   "plain FILE.  The text splits at the first ':/' after a DEVICE (KEY=VALUE: "
+                   "its first ':'); a path that exists as a whole is a FILE.")
 @click.option("--overlay-reset", is_flag=True,
               help="Start the persistent overlay afresh (rd.live.overlay.reset).")
 @click.option("--overlay-readonly", is_flag=True,

@@ -36,6 +36,22 @@ def test_bad_overlay_text_is_one_error_line(tmp_path: Path, args: list[str],
     assert not (tmp_path / "state").exists()
 
 
+def test_a_medium_given_as_the_overlay_file_points_to_its_auto_path(tmp_path: Path) -> None:
+    """`--overlay medium.img --overlay-size 32M`, meaning the medium's auto
+    overlay: one error naming medium.img:auto, before anything is made (not
+    the store's size, whose hint led on to a reset that wipes the medium)."""
+    medium = tmp_path / "medium.img"
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(medium), "4M"], check=True,
+                   capture_output=True)
+    result = _setup(tmp_path, str(medium), "--overlay", str(medium), "--overlay-size", "32M")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"error: --overlay {medium}: it holds a filesystem (ext), not an overlay store",
+        f"hint: to keep the overlay in a file on it, name that file: {medium}:auto (dracut's "
+        f"/LiveOS/overlay-<label>-<uuid>) or {medium}:/PATH"]
+    assert not (tmp_path / "state").exists()
+
+
 def _setup(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     (tmp_path / "target").mkdir(exist_ok=True)
     return subprocess.run(
