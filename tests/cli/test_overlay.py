@@ -5,6 +5,7 @@ made), and `status --json` printing the library's own record."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,9 @@ from click.testing import CliRunner
 
 from dmoverlay.cli import cli
 from dmoverlay.core.sizes import GiB, MiB
+from dmoverlay.overlay.state import Step, StepKind
 from dmoverlay.overlay.status import Status
+from tests.overlay.statefiles import make_state
 
 
 @pytest.mark.parametrize(("args", "lines"), [
@@ -91,3 +94,45 @@ def test_status_json_is_the_librarys_record(monkeypatch: pytest.MonkeyPatch) -> 
     result = CliRunner().invoke(cli, ["status", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == st.to_dict()
+
+
+@pytest.mark.parametrize(("value", "why"), [
+    ("90,80", "80 after 90: the thresholds must increase"),
+    ("0,90", "0 is out of 1..100"),
+    ("80,101", "101 is out of 1..100"),
+    ("80,ninety", "'ninety' is not a percentage (a number such as 90 or 97.5)"),
+])
+def test_bad_thresholds_are_one_error_line_naming_the_option(tmp_path: Path, value: str,
+                                                             why: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "dmoverlay", "watch", "--thresholds", value, "--state-dir",
+         str(tmp_path / "state")], capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: Invalid value for '--thresholds': {why}",
+                                          "hint: see dmoverlay --help"]
+
+
+def test_watch_without_an_overlay_ends_at_once_with_a_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["watch", "--state-dir", str(tmp_path / "none")])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == "note: live: no overlay (torn down, or never set up): the watch " \
+                            "ends\n"
+
+
+def test_watch_stopped_by_sigterm_exits_0(tmp_path: Path) -> None:
+    """systemd stops the unit with SIGTERM: a clean end, not a failed unit.
+    The overlay is recorded but its devices cannot be read on this host, so
+    the watch goes on looking until it is stopped."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o700)
+    make_state(tmp_path, Step(StepKind.DM, "live-rw")).save(state_dir / "live.json")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dmoverlay", "watch", "--state-dir", str(state_dir),
+         "--interval", "0.1"], stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    first = proc.stderr.readline()  # the second failed look is said: it runs
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=30)
+    assert first.startswith("warning: live: cannot read the COW's fill: ")
+    assert proc.returncode == 0
+    assert rest == "note: live: the watch stops (SIGTERM)\n"
