@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -64,7 +65,8 @@ EXIT_FULL = 4
                    "file holding a filesystem), mounted read-write; DEVICE alone or DEVICE:auto: "
                    "the raw device, or dracut's /LiveOS/overlay-<label>-<uuid> on it; or a "
                    "plain FILE.  The text splits at the first ':/' after a DEVICE (KEY=VALUE: "
-                   "its first ':'); a path that exists as a whole is a FILE.")
+                   "its first ':'); a path that exists as a whole is a FILE (or a block "
+                   "DEVICE).")
 @click.option("--overlay-reset", is_flag=True,
               help="Start the persistent overlay afresh (rd.live.overlay.reset).")
 @click.option("--overlay-readonly", is_flag=True,
@@ -208,7 +210,8 @@ class ThresholdsType(_ThresholdsParam):
               help="Warn as the fill passes each of these (increasing, 1..100); the last "
                    "one is critical.  A passed one warns again after the fill fell 5 points "
                    "below it.")
-@click.option("--interval", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+@click.option("--interval", type=click.FloatRange(min=0.1, max=86400), default=10.0,
+              show_default=True, callback=lambda ctx, param, value: _a_number(value),
               help="Seconds between looks.")
 def watch_command(name: str, state_dir: Path, thresholds: tuple[float, ...],
                   interval: float) -> None:
@@ -225,6 +228,13 @@ def watch_command(name: str, state_dir: Path, thresholds: tuple[float, ...],
               interval=interval)
     except Terminated:  # systemd stopping it: nothing under way to undo
         emit(Event(Priority.NOTICE, f"{name}: the watch stops (SIGTERM)"))
+
+
+def _a_number(value: float) -> float:
+    # FloatRange lets NaN through (no comparison with it is true), and time.sleep refuses it
+    if math.isnan(value):
+        raise click.BadParameter(f"{value} is not a number of seconds")
+    return value
 
 
 def _stat(stream: Any) -> os.stat_result | None:

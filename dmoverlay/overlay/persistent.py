@@ -1,5 +1,6 @@
 """A persistent overlay, decided without touching the kernel: where it is
-(dracut's rd.live.overlay=<device>:<path>), whether a file holds a
+(dracut's rd.live.overlay=<device>:<path>; a path named in it is looked at,
+what it is and its first bytes, nothing more), whether a file holds a
 dm-snapshot store, and whether its size is usable.
 
 The store is dm-snapshot's persistent format.  Its first chunk is a header
@@ -67,9 +68,10 @@ def parse_spec(text: str, *, option: str = "--overlay",
     - Any other path is split only where what comes before is such a
       DEVICE: at the first ':/' that follows one; a final ':' or ':auto'
       (PATH auto) needs a DEVICE before it, or it is refused.
-    - A path that exists as a whole is that FILE, never split; so is any
-      text that no DEVICE starts.  A FILE that holds a filesystem is no
-      store: it is refused, pointing to FILE:auto."""
+    - A path that exists as a whole is that FILE (a block device: that
+      DEVICE), never split; so is any text that no DEVICE starts.  A FILE
+      that holds a filesystem is no store: it is refused, pointing to
+      FILE:auto."""
     if not text.strip():
         raise UsageError(f"empty {option}", hint="give DEVICE:PATH, DEVICE or FILE")
     device, path = _split(text, option, probe or probe_path)
@@ -143,6 +145,8 @@ def _split(text: str, option: str, probe: Callable[[str], Found]) -> tuple[str |
             return head, _inner_path(path, text, option)
         return text, None
     whole = probe(text)
+    if whole.what is What.BLOCK:  # a device node outside /dev: that DEVICE, PATH auto
+        return text, None
     if whole.what is not What.MISSING:
         if whole.filesystem:
             raise UsageError(f"{option} {text}: it holds a filesystem ({whole.filesystem}), "
@@ -157,11 +161,12 @@ def _split(text: str, option: str, probe: Callable[[str], Found]) -> tuple[str |
             return head, _inner_path(path, text, option)
         if found.what is What.FILE:
             raise UsageError(f"{option} {text}: {head} holds no filesystem to keep "
-                             f"{path or 'the overlay'} in (ext2/3/4, vfat, iso9660, squashfs)",
+                             f"{'the overlay' if path == AUTO else path} in (ext2/3/4, vfat, "
+                             "iso9660, squashfs)",
                              hint="check the path; an overlay file whose own path has ':/' "
                                   "in it: create it first (truncate -s SIZE), then name it")
-        if path in ("", AUTO):
-            raise UsageError(f"{option} {text}: {head}: no such device or filesystem image",
+        if path == AUTO:
+            raise UsageError(f"{option} {text}: {head} is not a device nor a filesystem image",
                              hint="check the path")
     return None, text
 

@@ -168,9 +168,10 @@ def to_journal(env: Mapping[str, str], stderr: os.stat_result | None) -> bool:
 def line(event: Event, *, journal: bool) -> str:
     """`<4>text` for the journal, which takes the prefix for the priority;
     `warning: text` for people."""
+    text = " ".join(event.text.splitlines())  # a second line would lose the priority
     if journal:
-        return f"<{int(event.priority)}>{event.text}"
-    return f"{WORDS[event.priority]}: {event.text}"
+        return f"<{int(event.priority)}>{text}"
+    return f"{WORDS[event.priority]}: {text}"
 
 
 def read_fill(state_dir: Path, name: str) -> Reading:
@@ -181,6 +182,8 @@ def read_fill(state_dir: Path, name: str) -> Reading:
         return Reading(gone=True)
     except DmoverlayError as exc:
         return Reading(error=exc.message)
+    except ValueError as exc:  # a status line of a form no parser expects
+        return Reading(error=str(exc))
     except OSError as exc:  # the tmpfs holding the COW file, gone under us
         return Reading(error=f"{exc.filename or ''}: {exc.strerror}")
     return Reading(st.fill, st.state, st.used, st.free)

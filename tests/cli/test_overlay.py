@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -110,6 +111,20 @@ def test_bad_thresholds_are_one_error_line_naming_the_option(tmp_path: Path, val
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"error: Invalid value for '--thresholds': {why}",
                                           "hint: see dmoverlay --help"]
+
+
+@pytest.mark.parametrize(("value", "why"), [
+    ("nan", "nan is not a number of seconds"),
+    ("inf", "inf is not in the range 0.1<=x<=86400"),
+    ("0", "0.0 is not in the range 0.1<=x<=86400"),
+])
+def test_bad_interval_is_one_error_line(value: str, why: str) -> None:
+    """Refused before the first look, not by time.sleep after it."""
+    result = CliRunner().invoke(cli, ["watch", "--interval", value, "--state-dir", "/none"],
+                                standalone_mode=False)
+    assert isinstance(result.exception, click.BadParameter)
+    message = result.exception.format_message()
+    assert message.startswith("Invalid value for '--interval': ") and why in message
 
 
 def test_watch_without_an_overlay_ends_at_once_with_a_line(tmp_path: Path) -> None:

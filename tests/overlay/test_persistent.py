@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import struct
 import subprocess
 from pathlib import Path
@@ -114,8 +115,21 @@ def test_a_file_without_a_filesystem_before_colon_slash_is_refused(tmp_path: Pat
     (tmp_path / "data.bin").write_bytes(bytes(64 * 1024))
     with pytest.raises(UsageError, match=r"data\.bin holds no filesystem to keep /o in"):
         persistent.parse_spec(f"{tmp_path}/data.bin:/o")
-    with pytest.raises(UsageError, match="no such device or filesystem image"):
+    with pytest.raises(UsageError, match=r"data\.bin holds no filesystem to keep the overlay"):
+        persistent.parse_spec(f"{tmp_path}/data.bin:auto")
+    with pytest.raises(UsageError, match=r"missing\.img is not a device nor a filesystem image"):
         persistent.parse_spec(f"{tmp_path}/missing.img:auto")
+    with pytest.raises(UsageError, match="is not a device nor a filesystem image"):
+        persistent.parse_spec(f"{tmp_path}:")  # a directory
+
+
+def test_a_block_device_named_whole_is_the_device(tmp_path: Path) -> None:
+    node = tmp_path / "stick"
+    os.mknod(node, 0o600 | stat.S_IFBLK, os.makedev(7, 0))
+    spec = persistent.parse_spec(os.fspath(node))
+    assert (spec.device, spec.path) == (os.fspath(node), None)
+    spec = persistent.parse_spec(f"{node}:/LiveOS/o")
+    assert (spec.device, spec.path) == (os.fspath(node), "/LiveOS/o")
 
 
 def test_probe_never_opens_a_fifo(tmp_path: Path) -> None:

@@ -183,3 +183,15 @@ def test_journal_lines_only_when_stderr_is_the_journals_stream(tmp_path: Path) -
     assert w.line(event, journal=True) == "<4>live: COW 81.0% full"
     assert w.line(event, journal=False) == "warning: live: COW 81.0% full"
     assert w.line(Event(Priority.EMERG, "x"), journal=True) == "<0>x"
+    assert w.line(Event(Priority.WARNING, "a\nb"), journal=True) == "<4>a b"
+
+
+def test_a_status_line_no_parser_expects_is_a_failed_look(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the kernel answers is input: a pool's status line of a form the
+    parser does not know fails the look, it does not end the watch."""
+    def odd(state_dir: Path, name: str) -> Status:
+        raise ValueError("not a thin-pool status line: 'x'")
+
+    monkeypatch.setattr(w, "status", odd)
+    assert w.read_fill(Path("/none"), "live") == Reading(error="not a thin-pool status line: 'x'")
