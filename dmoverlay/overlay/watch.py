@@ -26,7 +26,8 @@ from dmoverlay.overlay.status import status
 DEFAULT_THRESHOLDS = (80.0, 90.0, 95.0)
 REARM_POINTS = 5.0
 # a reading fails once while a teardown is under way (devices gone, the
-# state not yet): said only when it fails again at the next look
+# state not yet): said only when it fails again at the next look (at once
+# when no look has worked yet: no teardown explains that)
 FAILURES_SAID = 2
 # the states in which writes fail: a snapshot's (core.cow.State) or a thin pool's
 BROKEN = {"invalid": "every read and write on it fails", "overflow": "writes on it fail",
@@ -71,6 +72,7 @@ class WatchState:
     passed: int = 0  # thresholds the fill is past and that are not re-armed
     broken: bool = False  # the failure was said
     failures: int = 0  # looks that failed in a row
+    seen: bool = False  # a look has worked
     done: bool = False  # the overlay is gone: the watch ends
 
 
@@ -110,10 +112,11 @@ def step(levels: Levels, state: WatchState, reading: Reading, *,
                                        "the watch ends")], replace(state, done=True)
     if reading.error:
         failures = state.failures + 1
+        say = failures == (FAILURES_SAID if state.seen else 1)
         said = [Event(Priority.WARNING, f"{name}: cannot read the COW's fill: "
-                                        f"{reading.error}")] if failures == FAILURES_SAID else []
+                                        f"{reading.error}")] if say else []
         return said, replace(state, failures=failures)
-    state = replace(state, failures=0)
+    state = replace(state, failures=0, seen=True)
     if reading.state in BROKEN:
         if state.broken:
             return [], state

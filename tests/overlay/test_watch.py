@@ -80,9 +80,11 @@ def test_gone_ends_the_watch_and_a_failed_look_is_said_when_it_fails_again() -> 
     events, state = w.step(LEVELS, WatchState(), Reading(gone=True), name="live")
     assert state.done and [e.priority for e in events] == [Priority.NOTICE]
     bad = Reading(error="dmsetup failed")
-    said = _run(bad, bad, bad, _fill(10), bad)
-    assert _kinds(said) == [[], [(Priority.WARNING, None)], [], [], []]
-    assert said[1][0].text == "live: cannot read the COW's fill: dmsetup failed"
+    said = _run(_fill(10), bad, bad, bad, _fill(10), bad)
+    assert _kinds(said) == [[], [], [(Priority.WARNING, None)], [], [], []]
+    assert said[2][0].text == "live: cannot read the COW's fill: dmsetup failed"
+    # no look has worked yet: no teardown under way explains it, said at once
+    assert _kinds(_run(bad, bad, _fill(10))) == [[(Priority.WARNING, None)], [], []]
 
 
 @given(st.lists(st.floats(0, 100), max_size=40),
