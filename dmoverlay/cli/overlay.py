@@ -25,6 +25,7 @@ from dmoverlay.overlay.state import State
 from dmoverlay.overlay.status import status
 from dmoverlay.overlay.teardown import teardown
 from dmoverlay.overlay.watch import (
+    REARM_POINTS,
     Event,
     Levels,
     Priority,
@@ -181,8 +182,6 @@ def teardown_command(name: str, state_dir: Path) -> None:
     click.echo(f"{name}: torn down" if state else f"{name}: nothing to tear down")
 
 
-
-
 if TYPE_CHECKING:  # generic from click 8.2 on; Debian 12's 8.1 is not
     _ThresholdsParam = click.ParamType[tuple[float, ...]]
 else:
@@ -208,10 +207,11 @@ class ThresholdsType(_ThresholdsParam):
 @click.option("--thresholds", type=ThresholdsType(), default="80,90,95", show_default=True,
               metavar="PERCENT,...",
               help="Warn as the fill passes each of these (increasing, 1..100); the last "
-                   "one is critical.  A passed one warns again after the fill fell 5 points "
-                   "below it.")
+                   f"one is critical.  A passed one warns again after the fill fell "
+                   f"{REARM_POINTS:g} points below it.")
 @click.option("--interval", type=click.FloatRange(min=0.1, max=86400), default=10.0,
-              show_default=True, callback=lambda ctx, param, value: _a_number(value),
+              show_default=True, metavar="SECONDS",
+              callback=lambda ctx, param, value: _a_number(value),
               help="Seconds between looks.")
 def watch_command(name: str, state_dir: Path, thresholds: tuple[float, ...],
                   interval: float) -> None:

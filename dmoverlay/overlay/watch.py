@@ -111,11 +111,7 @@ def step(levels: Levels, state: WatchState, reading: Reading, *,
         return [Event(Priority.NOTICE, f"{name}: no overlay (torn down, or never set up): "
                                        "the watch ends")], replace(state, done=True)
     if reading.error:
-        failures = state.failures + 1
-        say = failures == (FAILURES_SAID if state.seen else 1)
-        said = [Event(Priority.WARNING, f"{name}: cannot read the COW's fill: "
-                                        f"{reading.error}")] if say else []
-        return said, replace(state, failures=failures)
+        return _failed_look(state, reading.error, name)
     state = replace(state, failures=0, seen=True)
     if reading.state in BROKEN:
         if state.broken:
@@ -124,18 +120,28 @@ def step(levels: Levels, state: WatchState, reading: Reading, *,
                                       f"{BROKEN[reading.state]}")], replace(state, broken=True)
     if reading.state != "active":  # merging: no fill to judge
         return [], state
-    events = []
-    if state.broken:
-        events.append(Event(Priority.NOTICE, f"{name}: the COW is active again"))
-        state = replace(state, broken=False)
-    passed = _passed(levels, state.passed, reading.percent)
-    if passed > state.passed:
-        events.append(_passing(levels, passed, reading, name))
-    elif passed < state.passed:
+    events = [Event(Priority.NOTICE, f"{name}: the COW is active again")] if state.broken else []
+    return [*events, *_fill_events(levels, state.passed, reading, name)], \
+        replace(state, broken=False, passed=_passed(levels, state.passed, reading.percent))
+
+
+def _failed_look(state: WatchState, error: str, name: str) -> tuple[list[Event], WatchState]:
+    failures = state.failures + 1
+    say = failures == (FAILURES_SAID if state.seen else 1)
+    said = [Event(Priority.WARNING, f"{name}: cannot read the COW's fill: {error}")]
+    return said if say else [], replace(state, failures=failures)
+
+
+def _fill_events(levels: Levels, before: int, reading: Reading, name: str) -> list[Event]:
+    """A threshold passed upward, or a note that the fill fell back."""
+    passed = _passed(levels, before, reading.percent)
+    if passed > before:
+        return [_passing(levels, passed, reading, name)]
+    if passed < before:
         rearmed = levels.thresholds[passed]
-        events.append(Event(Priority.NOTICE, f"{name}: COW back to {reading.percent:.1f}% "
-                                             f"full, below {rearmed:g}% again", rearmed))
-    return events, replace(state, passed=passed)
+        return [Event(Priority.NOTICE, f"{name}: COW back to {reading.percent:.1f}% full, "
+                                       f"below {rearmed:g}% again", rearmed)]
+    return []
 
 
 def _passed(levels: Levels, before: int, percent: float) -> int:
