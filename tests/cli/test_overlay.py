@@ -17,8 +17,7 @@ from click.testing import CliRunner
 from dmoverlay.cli import cli
 from dmoverlay.core.sizes import GiB, MiB
 from dmoverlay.overlay.options import SetupOptions
-from dmoverlay.overlay.state import State
-from dmoverlay.overlay.state import Step, StepKind
+from dmoverlay.overlay.state import State, Step, StepKind
 from dmoverlay.overlay.status import Status
 from tests.overlay.statefiles import make_state
 
