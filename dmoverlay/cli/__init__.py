@@ -52,6 +52,11 @@ COMMANDS: Mapping[str, LazyCommand] = {
     "status": LazyCommand(
         "dmoverlay.cli.overlay", "status_command",
         "How full the overlay's COW store is."),
+    "watch": LazyCommand(
+        "dmoverlay.cli.overlay", "watch_command",
+        "Watch how full the overlay's COW store gets: one line on stderr as the fill passes "
+        "each threshold, and when the snapshot fails (to the journal with its priority under "
+        "systemd); ends when the overlay is gone."),
     "teardown": LazyCommand(
         "dmoverlay.cli.overlay", "teardown_command",
         "Unmount and remove the overlay, in reverse order; safe to repeat."),

@@ -1,14 +1,17 @@
-"""dmoverlay setup / status / teardown"""
+"""dmoverlay setup / status / watch / teardown"""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from dmoverlay.cli import Terminated
 from dmoverlay.cli.options import SIZE
 from dmoverlay.core import log, run
 from dmoverlay.core.errors import UsageError
@@ -21,6 +24,17 @@ from dmoverlay.overlay.setup import setup
 from dmoverlay.overlay.state import State
 from dmoverlay.overlay.status import status
 from dmoverlay.overlay.teardown import teardown
+from dmoverlay.overlay.watch import (
+    REARM_POINTS,
+    Event,
+    Levels,
+    Priority,
+    line,
+    parse_thresholds,
+    read_fill,
+    to_journal,
+    watch,
+)
 
 STATE_DIR = click.option("--state-dir", type=click.Path(path_type=Path),
                          default=DEFAULT_STATE_DIR, show_default=True,
@@ -48,9 +62,12 @@ EXIT_FULL = 4
                    "with --overlay, the size of the overlay file to create if it is missing.")
 @click.option("--overlay", "overlay_spec", metavar="DEVICE:PATH",
               help="Persistent overlay (rd.live.overlay): the file PATH on DEVICE (LABEL=, "
-                   "UUID=, PARTUUID=, PARTLABEL=, CDLABEL=, /dev/..., or a filesystem image "
-                   "file), mounted read-write; DEVICE alone: the raw device, or dracut's "
-                   "/LiveOS/overlay-<label>-<uuid> on it; or a plain FILE.")
+                   "UUID=, PARTUUID=, PARTLABEL=, CDLABEL=, /dev/..., a block device, or a "
+                   "file holding a filesystem), mounted read-write; DEVICE alone or DEVICE:auto: "
+                   "the raw device, or dracut's /LiveOS/overlay-<label>-<uuid> on it; or a "
+                   "plain FILE.  The text splits at the first ':/' after a DEVICE (KEY=VALUE: "
+                   "its first ':'); a path that exists as a whole is a FILE (or a block "
+                   "DEVICE).")
 @click.option("--overlay-reset", is_flag=True,
               help="Start the persistent overlay afresh (rd.live.overlay.reset).")
 @click.option("--overlay-readonly", is_flag=True,
@@ -171,3 +188,63 @@ def teardown_command(name: str, state_dir: Path) -> None:
     click.echo(f"{name}: torn down" if state else f"{name}: nothing to tear down")
 
 
+if TYPE_CHECKING:  # generic from click 8.2 on; Debian 12's 8.1 is not
+    _ThresholdsParam = click.ParamType[tuple[float, ...]]
+else:
+    _ThresholdsParam = click.ParamType
+
+
+class ThresholdsType(_ThresholdsParam):
+    name = "thresholds"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> tuple[float, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_thresholds(str(value))
+        except UsageError as exc:
+            self.fail(exc.message, param, ctx)
+
+
+@click.command("watch")
+@NAME
+@STATE_DIR
+@click.option("--thresholds", type=ThresholdsType(), default="80,90,95", show_default=True,
+              metavar="PERCENT,...",
+              help="Warn as the fill passes each of these (increasing, 1..100); the last "
+                   f"one is critical.  A passed one warns again after the fill fell "
+                   f"{REARM_POINTS:g} points below it.")
+@click.option("--interval", type=click.FloatRange(min=0.1, max=86400), default=10.0,
+              show_default=True, metavar="SECONDS",
+              callback=lambda ctx, param, value: _a_number(value),
+              help="Seconds between looks.")
+def watch_command(name: str, state_dir: Path, thresholds: tuple[float, ...],
+                  interval: float) -> None:
+    """Watch how full the overlay's COW store gets: one line on stderr as the fill
+    passes each threshold, and when the snapshot fails (to the journal with its
+    priority under systemd); ends when the overlay is gone."""
+    journal = to_journal(os.environ, _stat(sys.stderr))
+
+    def emit(event: Event) -> None:
+        click.echo(line(event, journal=journal), err=True)
+
+    try:
+        watch(lambda: read_fill(state_dir, name), emit, name=name, levels=Levels(thresholds),
+              interval=interval)
+    except Terminated:  # systemd stopping it: nothing under way to undo
+        emit(Event(Priority.NOTICE, f"{name}: the watch stops (SIGTERM)"))
+
+
+def _a_number(value: float) -> float:
+    # FloatRange lets NaN through (no comparison with it is true), and time.sleep refuses it
+    if math.isnan(value):
+        raise click.BadParameter(f"{value} is not a number of seconds")
+    return value
+
+
+def _stat(stream: Any) -> os.stat_result | None:
+    try:
+        return os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):  # no descriptor: not the journal's
+        return None

@@ -3,6 +3,7 @@ CDLABEL= (an ISO 9660 label), optionally after `live:` as in root=live:..."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from dmoverlay.core.errors import UsageError
@@ -19,12 +20,22 @@ class Spec:
     text: str  # as the user wrote it
 
 
+def looks_like_spec(text: str) -> bool:
+    """Is `text` meant as KEY=VALUE (a known key in any case, or any upper
+    case word: a misspelt key is refused, not taken for a path)?"""
+    key, sep, _ = text.removeprefix("live:").partition("=")
+    return bool(sep) and (key.upper() in KEYS or _KEY_WORD.fullmatch(key) is not None)
+
+
+_KEY_WORD = re.compile(r"[A-Z][A-Z0-9_]*")
+
+
 def parse(text: str) -> Spec | None:
     """A device spec, or None when `text` is a path."""
     body = text.removeprefix("live:")
     key, sep, value = body.partition("=")
     if not sep or key.upper() not in KEYS:
-        if sep and key.isupper():
+        if looks_like_spec(text):
             raise UsageError(f"unknown device spec {key}=",
                              hint=f"use one of {', '.join(k + '=' for k in KEYS)}")
         return None

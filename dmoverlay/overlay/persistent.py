@@ -1,5 +1,6 @@
 """A persistent overlay, decided without touching the kernel: where it is
-(dracut's rd.live.overlay=<device>:<path>), whether a file holds a
+(dracut's rd.live.overlay=<device>:<path>; a path named in it is looked at,
+what it is and its first bytes, nothing more), whether a file holds a
 dm-snapshot store, and whether its size is usable.
 
 The store is dm-snapshot's persistent format.  Its first chunk is a header
@@ -10,10 +11,14 @@ it afresh, and why a new overlay file needs nothing written to it."""
 
 from __future__ import annotations
 
+import os
 import posixpath
+import stat
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 from dmoverlay.core.errors import ImageError, UsageError
 from dmoverlay.core.sizes import KiB, MiB, format_size
@@ -51,29 +56,133 @@ class OverlaySpec:
         return self.where.text if self.where else None
 
 
-def parse_spec(text: str, *, option: str = "--overlay") -> OverlaySpec:
-    """`DEVICE:PATH`, `DEVICE` (PATH auto) or a plain `FILE`.
+def parse_spec(text: str, *, option: str = "--overlay",
+               probe: Callable[[str], Found] | None = None) -> OverlaySpec:
+    """`DEVICE:PATH`, `DEVICE` (PATH auto) or a plain `FILE`, by one rule a
+    user can predict (the README's table says it too):
 
-    DEVICE is a spec (LABEL=, UUID=, PARTUUID=, PARTLABEL=, CDLABEL=), split
-    at its first ':'; a /dev node or filesystem image file is split at its
-    last ':' followed by '/' or `auto`.  Anything else is a plain file."""
+    - DEVICE is a spec (LABEL=, UUID=, PARTUUID=, PARTLABEL=, CDLABEL=),
+      split at its first ':' as dracut splits it; or a path under /dev/,
+      decided by its text alone (at boot the node may not exist yet); or a
+      block device or a file that holds a filesystem, as `probe` finds it.
+    - Any other path is split only where what comes before is such a
+      DEVICE: at the first ':/' that follows one; a final ':' or ':auto'
+      (PATH auto) needs a DEVICE before it, or it is refused.
+    - A path that exists as a whole is that FILE (a block device: that
+      DEVICE), never split; so is any text that no DEVICE starts.  A FILE
+      that holds a filesystem is no store: it is refused, pointing to
+      FILE:auto."""
     if not text.strip():
         raise UsageError(f"empty {option}", hint="give DEVICE:PATH, DEVICE or FILE")
-    device, path = _split(text, option)
+    device, path = _split(text, option, probe or probe_path)
     return OverlaySpec(None if device is None else _device(device, text, option), path, text)
 
 
-def _split(text: str, option: str) -> tuple[str | None, str | None]:
+class What(StrEnum):
+    """What a path names, as far as reading --overlay's text cares."""
+
+    MISSING = "missing"
+    BLOCK = "block"
+    FILE = "file"  # a regular file; `Found.filesystem` says what it holds
+    OTHER = "other"  # a directory, a fifo...
+
+
+class Found(NamedTuple):
+    what: What
+    filesystem: str = ""  # a FILE: the filesystem it holds ("" none known)
+
+    @property
+    def is_device(self) -> bool:
+        return self.what is What.BLOCK or bool(self.filesystem)
+
+
+# enough for every signature filesystem_in reads (ISO 9660's is at 32 KiB)
+PROBE_BYTES = 36 * KiB
+
+
+def probe_path(path: str) -> Found:
+    """What `path` names, where it resolves: a file's first bytes are read
+    (never a fifo's or a device's: opening one may block or have effects)."""
+    try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            return Found(What.BLOCK if stat.S_ISBLK(mode) else What.OTHER)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return Found(What.MISSING)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the text
+        why = exc.strerror if isinstance(exc, OSError) else "not a path"
+        raise UsageError(f"{path}: cannot read it ({why})",
+                         hint="--overlay looks at a file to tell a filesystem image from "
+                              "an overlay file") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since the stat
+            return Found(What.OTHER)
+        return Found(What.FILE, filesystem_in(f.read(PROBE_BYTES)))
+
+
+def filesystem_in(head: bytes) -> str:
+    """The filesystem a file's first bytes hold, of those a live medium or
+    an overlay's device has ("" none): ISO 9660 first, since a hybrid ISO
+    starts with a partition table as well."""
+    if head[32769:32774] == b"CD001":
+        return "iso9660"
+    kind = detect(head)
+    if kind in (Kind.EXT, Kind.SQUASHFS):
+        return kind.value
+    fat = b"FAT" in head[0x36:0x3E] or b"FAT" in head[0x52:0x5A]
+    return "vfat" if head[510:512] == b"\x55\xaa" and fat else ""
+
+
+def _split(text: str, option: str, probe: Callable[[str], Found]) -> tuple[str | None, str | None]:
     """(device, path in it; None: auto) as written, or (None, file)."""
-    if "=" in text and text.partition("=")[0] in devspec.KEYS:
-        device, _, path = text.partition(":")
-        return device, _inner_path(path, text, option)
-    head, sep, tail = text.rpartition(":")
-    if sep and head and (tail in ("", AUTO) or tail.startswith("/")):
-        return head, _inner_path(tail, text, option)
-    if text.startswith("/dev/"):
+    if devspec.looks_like_spec(text):
+        prefix = "live:" if text.startswith("live:") else ""  # root=live:'s, taken here too
+        device, _, path = text.removeprefix(prefix).partition(":")
+        return prefix + device, _inner_path(path, text, option)
+    if posixpath.normpath(text).startswith("/dev/"):
+        for head, path in _splits(text):
+            return head, _inner_path(path, text, option)
         return text, None
+    whole = probe(text)
+    if whole.what is What.BLOCK:  # a device node outside /dev: that DEVICE, PATH auto
+        return text, None
+    if whole.what is not What.MISSING:
+        if whole.filesystem:
+            raise UsageError(f"{option} {text}: it holds a filesystem ({whole.filesystem}), "
+                             "not an overlay store",
+                             hint=f"to keep the overlay in a file on it, name that file: "
+                                  f"{text}:auto (dracut's /LiveOS/overlay-<label>-<uuid>) or "
+                                  f"{text}:/PATH")
+        return None, text
+    for head, path in _splits(text):
+        found = probe(head)
+        if found.is_device:
+            return head, _inner_path(path, text, option)
+        if found.what is What.FILE:
+            raise UsageError(f"{option} {text}: {head} holds no filesystem to keep "
+                             f"{'the overlay' if path == AUTO else path} in (ext2/3/4, vfat, "
+                             "iso9660, squashfs)",
+                             hint="check the path; an overlay file whose own path has ':/' "
+                                  "in it: create it first (truncate -s SIZE), then name it")
+        if path == AUTO:
+            raise UsageError(f"{option} {text}: {head} is not a device nor a filesystem image",
+                             hint="check the path")
     return None, text
+
+
+def _splits(text: str) -> Iterator[tuple[str, str]]:
+    """Where DEVICE:PATH may split, in order: at each ':/', then at a final
+    ':' or ':auto'."""
+    at = text.find(":/")
+    while at != -1:
+        if at:
+            yield text[:at], text[at + 1:]
+        at = text.find(":/", at + 1)
+    for tail in (":" + AUTO, ":"):
+        if text.endswith(tail) and len(text) > len(tail):
+            yield text[:-len(tail)], AUTO
+            return
 
 
 def _device(device: str, text: str, option: str) -> devspec.Location:

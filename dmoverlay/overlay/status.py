@@ -39,6 +39,14 @@ class Status:
     def percent(self) -> float:
         return 100.0 * self.used / self.total if self.total else 100.0
 
+    @property
+    def fill(self) -> float:
+        """How full, counting the room writes really have: the COW's, or
+        less when the tmpfs holding its file has less RAM left (writes
+        fail then, before the COW is full)."""
+        room = self.used + self.free if self.state == "active" else self.total
+        return 100.0 * self.used / room if room else 100.0
+
     def to_dict(self) -> dict[str, object]:
         return {"name": self.name, "target": self.target, "state": self.state,
                 "used": self.used, "total": self.total, "free": self.free,

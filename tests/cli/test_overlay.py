@@ -5,18 +5,21 @@ made), and `status --json` printing the library's own record."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
 from dmoverlay.cli import cli
 from dmoverlay.core.sizes import GiB, MiB
 from dmoverlay.overlay.options import SetupOptions
-from dmoverlay.overlay.state import State
+from dmoverlay.overlay.state import State, Step, StepKind
 from dmoverlay.overlay.status import Status
+from tests.overlay.statefiles import make_state
 
 
 @pytest.mark.parametrize(("args", "lines"), [
@@ -35,6 +38,22 @@ def test_bad_overlay_text_is_one_error_line(tmp_path: Path, args: list[str],
         capture_output=True, text=True, check=False)
     assert result.returncode == 1
     assert result.stderr.splitlines() == lines
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_medium_given_as_the_overlay_file_points_to_its_auto_path(tmp_path: Path) -> None:
+    """`--overlay medium.img --overlay-size 32M`, meaning the medium's auto
+    overlay: one error naming medium.img:auto, before anything is made (not
+    the store's size, whose hint led on to a reset that wipes the medium)."""
+    medium = tmp_path / "medium.img"
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(medium), "4M"], check=True,
+                   capture_output=True)
+    result = _setup(tmp_path, str(medium), "--overlay", str(medium), "--overlay-size", "32M")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"error: --overlay {medium}: it holds a filesystem (ext), not an overlay store",
+        f"hint: to keep the overlay in a file on it, name that file: {medium}:auto (dracut's "
+        f"/LiveOS/overlay-<label>-<uuid>) or {medium}:/PATH"]
     assert not (tmp_path / "state").exists()
 
 
@@ -112,3 +131,59 @@ def test_status_says_the_image_is_in_ram(monkeypatch: pytest.MonkeyPatch) -> Non
     result = CliRunner().invoke(cli, ["status"])
     assert result.exit_code == 0, result.output
     assert result.stdout.endswith("; at /sysroot; image in RAM (1.0 GiB)\n")
+
+
+@pytest.mark.parametrize(("value", "why"), [
+    ("90,80", "80 after 90: the thresholds must increase"),
+    ("0,90", "0 is out of 1..100"),
+    ("80,101", "101 is out of 1..100"),
+    ("80,ninety", "'ninety' is not a percentage (a number such as 90 or 97.5)"),
+])
+def test_bad_thresholds_are_one_error_line_naming_the_option(tmp_path: Path, value: str,
+                                                             why: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "dmoverlay", "watch", "--thresholds", value, "--state-dir",
+         str(tmp_path / "state")], capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: Invalid value for '--thresholds': {why}",
+                                          "hint: see dmoverlay --help"]
+
+
+@pytest.mark.parametrize(("value", "why"), [
+    ("nan", "nan is not a number of seconds"),
+    ("inf", "inf is not in the range 0.1<=x<=86400"),
+    ("0", "0.0 is not in the range 0.1<=x<=86400"),
+])
+def test_bad_interval_is_one_error_line(value: str, why: str) -> None:
+    """Refused before the first look, not by time.sleep after it."""
+    result = CliRunner().invoke(cli, ["watch", "--interval", value, "--state-dir", "/none"],
+                                standalone_mode=False)
+    assert isinstance(result.exception, click.BadParameter)
+    message = result.exception.format_message()
+    assert message.startswith("Invalid value for '--interval': ") and why in message
+
+
+def test_watch_without_an_overlay_ends_at_once_with_a_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["watch", "--state-dir", str(tmp_path / "none")])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == "note: live: no overlay (torn down, or never set up): the watch " \
+                            "ends\n"
+
+
+def test_watch_stopped_by_sigterm_exits_0(tmp_path: Path) -> None:
+    """systemd stops the unit with SIGTERM: a clean end, not a failed unit.
+    The overlay is recorded but its devices cannot be read on this host, so
+    the watch goes on looking until it is stopped."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o700)
+    make_state(tmp_path, Step(StepKind.DM, "live-rw")).save(state_dir / "live.json")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dmoverlay", "watch", "--state-dir", str(state_dir),
+         "--interval", "0.1"], stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    first = proc.stderr.readline()  # the second failed look is said: it runs
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=30)
+    assert first.startswith("warning: live: cannot read the COW's fill: ")
+    assert proc.returncode == 0
+    assert rest == "note: live: the watch stops (SIGTERM)\n"

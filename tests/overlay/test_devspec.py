@@ -23,6 +23,7 @@ def test_device_specs(text: str, key: str, value: str) -> None:
 def test_paths_are_not_specs() -> None:
     assert devspec.parse("/run/media/squashfs.img") is None
     assert devspec.parse("./dir=with=equals/x.img") is None
+    assert devspec.parse("/A=B/x.img") is None  # "/A" is no KEY, upper case or not
 
 
 @pytest.mark.parametrize("text", ["LABEL=", "SERIAL=123"])

@@ -20,6 +20,7 @@ from tests.privileged.conftest import (
     resources,
     setup_args,
     status,
+    teardown,
     write_until_it_fails,
 )
 from tests.treecheck import digest
@@ -418,3 +419,42 @@ def test_ram_that_does_not_fit_is_refused_before_the_copy(images: dict[str, Path
     assert "not enough RAM to copy the image" in error_line(result)
     assert "hint: give a smaller --overlay-size" in result.stderr
     assert resources() == before
+
+
+def test_watch_says_each_threshold_once_then_the_overflow_then_the_end(
+        images: dict[str, Path], place: dict[str, Path]) -> None:
+    """`dmoverlay watch` on a real snapshot filling up, its stderr standing
+    for the journal's stream (JOURNAL_STREAM names it): a line per threshold
+    passed, the overflow once at priority 0, and the end after teardown."""
+    cli(*setup_args(images["squashfs"], place, "--overlay-size", "24M"))
+    log = place["top"] / "watch.log"
+    with open(log, "w") as out:
+        st = os.fstat(out.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        watcher = subprocess.Popen(
+            [sys.executable, "-m", "dmoverlay", "watch", "--name", str(place["name"]),
+             "--state-dir", str(place["state"]), "--thresholds", "40,60,80",
+             "--interval", "0.1"], stderr=out, env=env)
+        try:
+            root = place["target"]
+            with open(root / "var/filler", "wb") as f:
+                f.write(os.urandom(16 << 20))
+                f.flush()
+                os.fsync(f.fileno())
+            time.sleep(1)
+            with pytest.raises(OSError):
+                write_until_it_fails(root / "var/more", 64)
+            time.sleep(1)
+            teardown(place)
+            assert watcher.wait(timeout=30) == 0
+        finally:
+            if watcher.poll() is None:
+                watcher.kill()
+    lines = log.read_text().splitlines()
+    ups = [line for line in lines if line.startswith(("<4>", "<2>"))]
+    passed = [line.split("past ")[1].split("%")[0] for line in ups]
+    assert passed and passed == sorted(set(passed), key=float), lines  # each once, in order
+    assert [line for line in lines if line.startswith("<0>")] == \
+        [f"<0>{place['name']}: the COW is overflow: writes on it fail"], lines
+    assert lines[-1] == f"<5>{place['name']}: no overlay (torn down, or never set up): " \
+                        "the watch ends", lines

@@ -231,8 +231,10 @@ FAULTS: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "wrong size": (lambda top: ["--overlay", str(_zeroed(top / "o", 32 * MiB)),
                                 "--overlay-size", "16M"], "not the --overlay-size"),
     "too small": (lambda top: ["--overlay", str(_zeroed(top / "o", 4096))], "too small"),
+    # a filesystem image named as the store is refused as the text is read,
+    # pointing to o:auto (the unit tests show the store's own header check)
     "not a store": (lambda top: ["--overlay", str(make_fs(top / "o", label="X", size=16 * MiB))],
-                    "not a snapshot overlay store (it holds ext4 data)"),
+                    "holds a filesystem (ext), not an overlay store"),
     "invalid store": (lambda top: ["--overlay", str(_invalid_store(top / "o"))],
                       "marked this overlay store invalid"),
     "read-only and empty": (lambda top: ["--overlay", str(_zeroed(top / "o", 16 * MiB)),
