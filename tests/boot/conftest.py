@@ -1,0 +1,79 @@
+"""The boot suite: real kernels booted under qemu with an initramfs made by
+stock dracut and the dmoverlay module (scripts/boottest runs it).  Each boot
+takes tens of seconds under software emulation, so the suite runs only with
+DMOVERLAY_BOOT=1; a plain `pytest` deselects it and says so.  With it, a
+missing tool fails every test: a boot test that did not run never passes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.boot import machine
+
+ENV = "DMOVERLAY_BOOT"
+HERE = Path(__file__).resolve().parent
+_deselected = pytest.StashKey[int]()
+
+
+def boot_run() -> bool:
+    return os.environ.get(ENV) == "1"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    mine = [i for i in items if HERE in Path(i.path).resolve().parents]
+    for item in mine:
+        item.add_marker(pytest.mark.boot)
+    if mine and not boot_run():
+        config.hook.pytest_deselected(items=mine)
+        items[:] = [i for i in items if i not in mine]
+        config.stash[_deselected] = len(mine)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    count = config.stash.get(_deselected, 0)
+    if count:
+        terminalreporter.write_line(
+            f"tests/boot: {count} tests deselected ({ENV} is not 1); scripts/boottest boots "
+            "them under qemu")
+
+
+def _problems() -> list[str]:
+    tools = ("dracut", "qemu-system-x86_64", "mkfs.ext4", "debugfs", "mksquashfs")
+    problems = [f"{tool} is missing" for tool in tools if shutil.which(tool) is None]
+    if not Path("/bin/busybox").exists():
+        problems.append("/bin/busybox is missing (busybox-static)")
+    try:
+        machine.kernel()
+    except RuntimeError as exc:
+        problems.append(str(exc))
+    return problems
+
+
+@pytest.fixture(scope="session")
+def kit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path | str]]:
+    """What every boot shares, made once: the kernel, the initramfs, and the
+    live image built from the probe root."""
+    problems = _problems()
+    if problems:
+        pytest.fail("boot run on an unfit machine: " + "; ".join(problems), pytrace=False)
+    top = tmp_path_factory.mktemp("boot")
+    kver, image = machine.kernel()
+    base = machine.dracut_base(top / "dracut")
+    initrd = machine.make_initramfs(base, kver, top / "initrd.img")
+    root = top / "root"
+    machine.make_probe_root(root)
+    subprocess.run([str(machine.PYTHON), "-m", "dmoverlay", "-q", "build", str(root),
+                    "-o", str(top / "squashfs.img"), "--disk", str(top / "disk.img"),
+                    "--overlay-size", "32M", "--free", "64M", "--compression", "zstd",
+                    "--all-root"],
+                   check=True, env={**os.environ, "PYTHONPATH": str(machine.TOP)})
+    yield {"kver": kver, "kernel": image, "initrd": initrd, "disk": top / "disk.img",
+           "root": root, "top": top}

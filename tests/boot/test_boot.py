@@ -1,0 +1,158 @@
+"""Boots of the stock Debian kernel with stock dracut and the dmoverlay
+module, each checked from inside by the probe root's init (machine.py)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import tarfile
+from pathlib import Path
+
+from tests.boot import machine
+from tests.boot.machine import Boot
+
+Kit = dict[str, Path | str]
+LIVE = "root=live:LABEL=LIVE"
+PART1 = 2048 * 512  # where `build --disk` puts the live partition
+
+
+def _boot(kit: Kit, tmp_path: Path, cmdline: str, disks: list[Path] | None = None,
+          *, name: str = "console", timeout: float = 300) -> Boot:
+    log = tmp_path / f"{name}.log"
+    result = machine.boot(Path(kit["kernel"]), Path(kit["initrd"]), cmdline,
+                          disks or [Path(kit["disk"])], log=log, timeout=timeout,
+                          snapshot=disks is None)
+    assert result.ended, f"the boot did not end within {timeout} s: see {log}"
+    return result
+
+
+def _booted_live(result: Boot) -> None:
+    """/ is dmoverlay's live-rw, the probe ran on it, and /lib is still a link."""
+    assert result.probe, "the probe never ran:\n" + result.console[-3000:]
+    assert result.root_mount[:2] == ["/dev/mapper/live-rw", "ext4"], result.root_mount
+    assert "rw" in result.root_mount[2].split(",")
+    assert "link /lib usr/lib" in result.probe
+
+
+def _copy(disk: Path, to: Path) -> Path:
+    subprocess.run(["cp", "--sparse=always", str(disk), str(to)], check=True)
+    return to
+
+
+def _tar(members: dict[str, bytes], *, cut: int | None = None) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    return data[:cut] if cut is not None else data
+
+
+def _put_on_medium(disk: Path, files: dict[str, bytes], scratch: Path) -> None:
+    """Files written into the live partition's ext4, as someone copying
+    updates onto a live stick does."""
+    for name, data in files.items():
+        src = scratch / name.strip("/").replace("/", "_")
+        src.write_bytes(data)
+        subprocess.run(["debugfs", "-w", "-R", f"write {src} {name}", f"{disk}?offset={PART1}"],
+                       check=True, capture_output=True)
+
+
+def test_ram_overlay(kit: Kit, tmp_path: Path) -> None:
+    result = _boot(kit, tmp_path, f"{LIVE} rd.live.overlay.size=64 probe.touch=/written")
+    _booted_live(result)
+    assert {"dm live-rw", "dm live-base"} <= set(result.has("dm "))
+    tables = result.tables()
+    rw = tables["live-rw"].split()
+    assert rw[2] == "snapshot" and rw[-2:] == ["PO", "8"], tables
+    assert rw[4].startswith("7:"), f"the COW is not a loop device (on its RAM file): {rw}"
+    assert tables["live-base"].split()[2:4] == ["linear", rw[3]], tables
+    assert "touched /written" in result.probe
+
+
+def test_bad_command_line_is_one_message_and_the_machine_stops(kit: Kit,
+                                                              tmp_path: Path) -> None:
+    result = _boot(kit, tmp_path, f"{LIVE} rd.live.overlay.size=lots", timeout=240)
+    assert not result.probe
+    errors = [line for line in result.console.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: kernel command line: rd.live.overlay.size=lots: not a size in "
+                      "MiB"] or (len(errors) == 1 and "rd.live.overlay.size" in errors[0]), \
+        result.console[-3000:]
+    assert "Traceback" not in result.console
+
+
+def test_persistent_overlay_across_boots_and_its_read_only_variant(kit: Kit,
+                                                                   tmp_path: Path) -> None:
+    disk = _copy(Path(kit["disk"]), tmp_path / "disk.img")
+    store = "rd.live.overlay=/dev/vda2"
+    first = _boot(kit, tmp_path, f"{LIVE} {store} probe.write=first", [disk], name="first")
+    _booted_live(first)
+    assert "wrote first" in first.probe
+    # dracut's table: the store persistent, with overflow reported ("PO"), chunks of 8 sectors
+    rw = first.tables()["live-rw"].split()
+    assert rw[2] == "snapshot" and rw[-2:] == ["PO", "8"], rw
+    assert not rw[4].startswith("7:"), f"the store is a loop device, not /dev/vda2: {rw}"
+    again = _boot(kit, tmp_path, f"{LIVE} {store} rd.live.overlay.readonly "
+                  "probe.cat=/probe-written probe.write=second", [disk], name="readonly")
+    _booted_live(again)
+    assert "file /probe-written first" in again.probe
+    assert "wrote second" in again.probe  # into RAM, above the store shown read-only
+    assert "dm live-ro" in again.has("dm ")
+    last = _boot(kit, tmp_path, f"{LIVE} {store} probe.cat=/probe-written", [disk],
+                 name="last")
+    _booted_live(last)
+    assert "file /probe-written first" in last.probe  # the read-only boot's write is gone
+
+
+def test_thin_overlay(kit: Kit, tmp_path: Path) -> None:
+    result = _boot(kit, tmp_path, f"{LIVE} rd.live.overlay.size=64 rd.live.overlay.thin "
+                   "probe.touch=/written")
+    _booted_live(result)
+    assert "dm live-overlay-pool" in result.has("dm ")
+    assert result.tables()["live-overlay-pool"].split()[2] == "thin-pool"
+    assert "touched /written" in result.probe
+
+
+def test_rd_live_ram_lets_the_medium_go(kit: Kit, tmp_path: Path) -> None:
+    result = _boot(kit, tmp_path, f"{LIVE} rd.live.ram rd.live.overlay.size=64 "
+                   "probe.touch=/written")
+    _booted_live(result)
+    assert not [m for m in result.has("mount ") if m.split()[1].startswith("/dev/vda")], \
+        result.has("mount ")
+    assert not [loop for loop in result.has("loop ") if "/dev/vda" in loop]
+    assert "touched /written" in result.probe
+
+
+def test_updates_from_the_medium_and_a_device_and_a_broken_one(kit: Kit,
+                                                               tmp_path: Path) -> None:
+    """Three updates in turn: one on the medium, one on a labelled disk,
+    one broken.  Both good ones land through lib -> usr/lib; the broken one
+    is left out whole, the boot goes on, and the console says why."""
+    disk = _copy(Path(kit["disk"]), tmp_path / "disk.img")
+    _put_on_medium(disk, {
+        "/updates.tar": _tar({"lib/dmoverlay-update.txt": b"from-the-medium\n"}),
+        "/broken.tar": _tar({"lib/broken-first.txt": b"first\n",
+                             "lib/broken-second.txt": b"x" * 5000}, cut=3000),
+    }, tmp_path)
+    tree = tmp_path / "upd"
+    tree.mkdir()
+    (tree / "upd2.tar").write_bytes(_tar({"lib/dmoverlay-update2.txt": b"from-a-device\n"}))
+    updates = tmp_path / "updates.img"
+    subprocess.run(["mkfs.ext4", "-q", "-L", "UPDATES", "-d", str(tree), str(updates), "8M"],
+                   check=True)
+    result = _boot(kit, tmp_path, f"{LIVE} rd.live.overlay.size=64 "
+                   "rd.live.updates=/updates.tar inst.updates=LABEL=UPDATES:/upd2.tar "
+                   "rd.live.updates=/broken.tar probe.cat=/usr/lib/dmoverlay-update.txt "
+                   "probe.cat=/usr/lib/dmoverlay-update2.txt "
+                   "probe.cat=/usr/lib/broken-first.txt", [disk, updates])
+    _booted_live(result)
+    assert "file /usr/lib/dmoverlay-update.txt from-the-medium" in result.probe
+    assert "file /usr/lib/dmoverlay-update2.txt from-a-device" in result.probe
+    assert "nofile /usr/lib/broken-first.txt" in result.probe
+    said = [line for line in result.console.splitlines()
+            if "dmoverlay: warning: left out /broken.tar" in line]
+    assert said, result.console[-4000:]
+
