@@ -9,6 +9,7 @@ if getargbool 0 rd.live.image -d -y liveimg && [ "${root%%:*}" != "live" ]; then
     root="live:$root"
 fi
 if [ "${root%%:*}" = "live" ]; then
+    # shellcheck disable=SC2034  # read by dracut after its cmdline hooks
     rootok=1
     dmoverlay_dev=${root#live:}
     case "$dmoverlay_dev" in

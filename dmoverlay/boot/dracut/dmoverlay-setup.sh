@@ -3,6 +3,10 @@
 # $NEWROOT.  A failure stops the boot (there is no root to boot) with
 # dmoverlay's message on the console.
 
+# dracut sets root (from root=) and NEWROOT before its hooks run
+# shellcheck disable=SC2154
+
+# shellcheck source=/dev/null
 type getcmdline >/dev/null 2>&1 || . /lib/dracut-lib.sh
 
 if [ "${root%%:*}" = "live" ] && ! ismounted "$NEWROOT"; then

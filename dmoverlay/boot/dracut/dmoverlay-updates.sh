@@ -5,6 +5,7 @@
 # why is said on the console and in the kernel log, which the booted
 # system's journal keeps.
 
+# shellcheck source=/dev/null
 type getcmdline >/dev/null 2>&1 || . /lib/dracut-lib.sh
 
 if [ -e /run/dmoverlay.cmdline ] && ismounted "$NEWROOT"; then

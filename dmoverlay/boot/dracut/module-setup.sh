@@ -1,4 +1,7 @@
 #!/bin/bash
+# moddir is dracut's; dmoverlay.conf, written at install, sets dmoverlay_python
+# and dmoverlay_path
+# shellcheck disable=SC2154
 # dracut module "dmoverlay": sets up the live root that root=live:... and the
 # rd.live.* options ask for, as dmsquash-live does, with dmoverlay; then
 # applies rd.live.updates= / inst.updates= before switch_root.

@@ -8,8 +8,8 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from tests.boot import machine
-from tests.boot.machine import Boot
+from tests.realboot import machine
+from tests.realboot.machine import Boot
 
 Kit = dict[str, Path | str]
 LIVE = "root=live:LABEL=LIVE"

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.boot import machine
+from tests.realboot import machine
 
 ENV = "DMOVERLAY_BOOT"
 HERE = Path(__file__).resolve().parent
@@ -41,7 +41,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     count = config.stash.get(_deselected, 0)
     if count:
         terminalreporter.write_line(
-            f"tests/boot: {count} tests deselected ({ENV} is not 1); scripts/boottest boots "
+            f"tests/realboot: {count} tests deselected ({ENV} is not 1); scripts/boottest boots "
             "them under qemu")
 
 
