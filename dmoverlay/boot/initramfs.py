@@ -40,6 +40,7 @@ BOOT_MODULES = ("dmoverlay", "dmoverlay.__main__", "dmoverlay.cli", "dmoverlay.c
 # Never carried: the host side of this module, libblockdev's binding and
 # pyparted (setup falls back to util-linux), and what only the tests use.
 LEFT_OUT = ("dmoverlay.boot.initramfs", "dmoverlay.cli.initramfs", "dmoverlay.__main__",
+            "dmoverlay.overlay.libblockdev",
             "gi", "parted", "_parted", "pytest", "hypothesis",
             "site", "sitecustomize", "_sitebuiltins", "_distutils_hack", "__editable__")
 # The standard library imports some modules lazily, where no import
@@ -105,10 +106,11 @@ def _load_boot_path() -> None:
                 continue
             try:
                 module = importlib.import_module(name)
-            except Exception:  # noqa: BLE001  any failure means "not this module"
+            except Exception:
                 continue  # `from x import function`, an optional module, another OS's
-            if name.startswith("dmoverlay") and getattr(module, "__file__", None):
-                names |= _imports_in(module.__file__, name, hasattr(module, "__path__"))
+            file = getattr(module, "__file__", None)
+            if name.startswith("dmoverlay") and file:
+                names |= _imports_in(file, name, hasattr(module, "__path__"))
 
 
 def collect() -> Closure:
@@ -168,7 +170,7 @@ def write_zip(closure: Closure, dest: Path) -> int:
         for name, file in sorted(closure.pure.items()):
             parts = name.split(".")
             arc = "/".join([*parts, "__init__.pyc"] if name in closure.packages
-                           else parts[:-1] + [parts[-1] + ".pyc"])
+                           else [*parts[:-1], parts[-1] + ".pyc"])
             info = zipfile.ZipInfo(arc, _ZIP_DATE)
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16

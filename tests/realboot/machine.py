@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +57,8 @@ for word in $(cat /proc/cmdline); do
             if [ -f "$f" ]; then echo "PROBE file $f $(cat "$f")"; else echo "PROBE nofile $f"; fi
             ;;
         probe.write=*)
-            echo "${word#probe.write=}" > /probe-written && sync && echo "PROBE wrote ${word#probe.write=}"
+            v=${word#probe.write=}
+            echo "$v" > /probe-written && sync && echo "PROBE wrote $v"
             ;;
         probe.touch=*)
             : > "${word#probe.touch=}" 2>/dev/null && echo "PROBE touched ${word#probe.touch=}"
