@@ -35,11 +35,11 @@ from dmoverlay.core.errors import UsageError
 BOOT_PACKAGES = ("dmoverlay.core", "dmoverlay.overlay", "dmoverlay.apply", "dmoverlay.boot",
                  # click imports its own modules lazily (help, errors, prompts)
                  "click")
-BOOT_MODULES = ("dmoverlay", "dmoverlay.__main__", "dmoverlay.cli", "dmoverlay.cli.options",
+BOOT_MODULES = ("dmoverlay", "dmoverlay.cli", "dmoverlay.cli.options",
                 "dmoverlay.cli.overlay", "dmoverlay.cli.apply")
 # Never carried: the host side of this module, libblockdev's binding and
 # pyparted (setup falls back to util-linux), and what only the tests use.
-LEFT_OUT = ("dmoverlay.boot.initramfs", "dmoverlay.cli.initramfs", "dmoverlay.__main__",
+LEFT_OUT = ("dmoverlay.boot.initramfs", "dmoverlay.cli.initramfs",
             "dmoverlay.overlay.libblockdev",
             "gi", "parted", "_parted", "pytest", "hypothesis",
             "site", "sitecustomize", "_sitebuiltins", "_distutils_hack", "__editable__")
@@ -213,6 +213,7 @@ MODULE_FILES = ("module-setup.sh", "dmoverlay-cmdline.sh", "dmoverlay-setup.sh",
 DRACUT_MODULES = Path("/usr/lib/dracut/modules.d")
 DRACUT_CONF = Path("/etc/dracut.conf.d")
 CONF_NAME = "90-dmoverlay.conf"
+INSTALLED = "installed.conf"  # in the module: where the Python and the package are
 
 
 def _shell_word(text: str) -> str:
@@ -240,7 +241,7 @@ def install_module(moddir: Path = DRACUT_MODULES, confdir: Path | None = DRACUT_
             f"# dmoverlay package it installs from is\n"
             f"dmoverlay_python={_shell_word(python)}\n"
             f"dmoverlay_path={_shell_word(os.fspath(package_dir))}\n")
-    written.append(_write(target / "dmoverlay.conf", conf.encode(), 0o644))
+    written.append(_write(target / INSTALLED, conf.encode(), 0o644))
     if confdir is not None:
         if not confdir.is_dir():
             raise UsageError(f"{confdir}: no such directory", hint="give --confdir")

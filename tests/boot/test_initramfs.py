@@ -131,13 +131,13 @@ def test_install_writes_the_module_and_the_conf(tmp_path: Path) -> None:
     written = initramfs.install_module(moddir, confdir, python=python)
     module = moddir / initramfs.MODULE
     assert sorted(p.name for p in module.iterdir()) == sorted(
-        [*initramfs.MODULE_FILES, "dmoverlay.conf"])
+        [*initramfs.MODULE_FILES, "installed.conf"])
     assert all(os.access(module / name, os.X_OK) for name in initramfs.MODULE_FILES)
     assert written[-1] == confdir / initramfs.CONF_NAME
     assert 'add_dracutmodules+=" dmoverlay "' in written[-1].read_text()
     # the conf, read by the shell as dracut reads it, gives the paths back
     out = subprocess.run(["sh", "-c", '. "$1"; printf "%s\\n%s\\n" "$dmoverlay_python" '
-                          '"$dmoverlay_path"', "sh", str(module / "dmoverlay.conf")],
+                          '"$dmoverlay_path"', "sh", str(module / "installed.conf")],
                          capture_output=True, text=True, check=True).stdout.splitlines()
     assert out[0] == python
     assert (Path(out[1]) / "dmoverlay" / "boot" / "initramfs.py").is_file()

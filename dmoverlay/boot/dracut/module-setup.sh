@@ -1,11 +1,11 @@
 #!/bin/bash
-# moddir is dracut's; dmoverlay.conf, written at install, sets dmoverlay_python
+# moddir is dracut's; installed.conf, written at install, sets dmoverlay_python
 # and dmoverlay_path
 # shellcheck disable=SC2154
 # dracut module "dmoverlay": sets up the live root that root=live:... and the
 # rd.live.* options ask for, as dmsquash-live does, with dmoverlay; then
 # applies rd.live.updates= / inst.updates= before switch_root.
-# Installed by `dmoverlay initramfs install`, which writes dmoverlay.conf
+# Installed by `dmoverlay initramfs install`, which writes installed.conf
 # beside this file: the Python that has dmoverlay (dmoverlay_python).
 
 # Only when asked for: dracut --add dmoverlay, or add_dracutmodules.
@@ -33,7 +33,7 @@ inst_libdir_deps() {
 
 install() {
     # shellcheck source=/dev/null
-    . "$moddir/dmoverlay.conf"
+    . "$moddir/installed.conf"
     local stage="$DRACUT_TMPDIR/dmoverlay-stage" elf
     mkdir -p "$stage"
     # The Python dmoverlay runs with, and only the modules its boot path
