@@ -76,4 +76,15 @@ def kit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path | s
                     "--all-root"],
                    check=True, env={**os.environ, "PYTHONPATH": str(machine.TOP)})
     yield {"kver": kver, "kernel": image, "initrd": initrd, "disk": top / "disk.img",
-           "root": root, "top": top}
+           "root": root, "top": top, "dracut": base}
+
+
+@pytest.fixture(scope="session")
+def dmsquash_initrd(kit: dict[str, Path | str]) -> Path:
+    """Stock dracut's own dmsquash-live, for the same image (dracut-live)."""
+    if not (machine.DRACUT / "modules.d" / "90dmsquash-live").is_dir():
+        pytest.fail("dracut's dmsquash-live is missing: apt-get install dracut-live",
+                    pytrace=False)
+    top = Path(kit["top"])
+    return machine.make_initramfs(Path(kit["dracut"]), str(kit["kver"]),
+                                  top / "initrd-dmsquash.img", machine.DMSQUASH)

@@ -39,6 +39,7 @@ mount -t proc proc /proc 2>/dev/null
 mount -t sysfs sysfs /sys 2>/dev/null
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 echo "PROBE-BEGIN"
+echo "PROBE uptime $(cut -d' ' -f1 /proc/uptime)"
 while read -r dev mnt fs opts rest; do
     echo "PROBE mount $dev $mnt $fs $opts"
 done < /proc/mounts
@@ -93,7 +94,7 @@ def make_probe_root(root: Path) -> None:
                      ("lib64", "usr/lib64")):
         os.symlink(to, root / link)
     shutil.copy2("/bin/busybox", root / "usr/bin/busybox")
-    for applet in ("sh", "mount", "cat", "readlink", "sync", "poweroff"):
+    for applet in ("sh", "mount", "cat", "cut", "readlink", "sync", "poweroff"):
         os.symlink("busybox", root / "usr/bin" / applet)
     for tool in PROBE_TOOLS:
         for path in [tool, *_libraries(tool)]:
@@ -124,8 +125,12 @@ def dracut_base(where: Path) -> Path:
     return where
 
 
-def make_initramfs(base: Path, kver: str, out: Path,
-                   modules: str = "bash base udev-rules kernel-modules dmoverlay") -> Path:
+# The same initramfs but for the module that sets up the live root.
+OURS = "bash base udev-rules kernel-modules dmoverlay"
+DMSQUASH = "bash base udev-rules kernel-modules dmsquash-live"
+
+
+def make_initramfs(base: Path, kver: str, out: Path, modules: str = OURS) -> Path:
     subprocess.run(["dracut", "--quiet", "--force", "--no-hostonly", "-m", modules,
                     "--drivers", DRIVERS, "--kver", kver, str(out)],
                    check=True, capture_output=True, text=True,
@@ -144,6 +149,11 @@ class Boot:
 
     def has(self, prefix: str) -> list[str]:
         return [line for line in self.probe if line.startswith(prefix)]
+
+    @property
+    def uptime(self) -> float:
+        """Seconds from the kernel's start to the real root's init."""
+        return float(self.has("uptime ")[0].split()[1])
 
     @property
     def root_mount(self) -> list[str]:

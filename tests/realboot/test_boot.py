@@ -17,9 +17,9 @@ PART1 = 2048 * 512  # where `build --disk` puts the live partition
 
 
 def _boot(kit: Kit, tmp_path: Path, cmdline: str, disks: list[Path] | None = None,
-          *, name: str = "console", timeout: float = 300) -> Boot:
+          *, name: str = "console", timeout: float = 300, initrd: Path | None = None) -> Boot:
     log = tmp_path / f"{name}.log"
-    result = machine.boot(Path(kit["kernel"]), Path(kit["initrd"]), cmdline,
+    result = machine.boot(Path(kit["kernel"]), initrd or Path(kit["initrd"]), cmdline,
                           disks or [Path(kit["disk"])], log=log, timeout=timeout,
                           snapshot=disks is None)
     assert result.ended, f"the boot did not end within {timeout} s: see {log}"
@@ -156,3 +156,14 @@ def test_updates_from_the_medium_and_a_device_and_a_broken_one(kit: Kit,
             if "dmoverlay: warning: left out /broken.tar" in line]
     assert said, result.console[-4000:]
 
+
+
+def test_the_same_image_boots_under_dracuts_own_dmsquash_live(kit: Kit, tmp_path: Path,
+                                                              dmsquash_initrd: Path) -> None:
+    """Interoperability: what `dmoverlay build --disk` makes is what stock
+    dmsquash-live boots, unchanged, with the same command line."""
+    result = _boot(kit, tmp_path, f"{LIVE} rd.live.overlay.size=64 probe.touch=/written",
+                   initrd=dmsquash_initrd)
+    _booted_live(result)
+    assert result.tables()["live-rw"].split()[2] == "snapshot"
+    assert "touched /written" in result.probe
