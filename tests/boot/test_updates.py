@@ -1,0 +1,285 @@
+"""The command line's updates applied at boot (dmoverlay.boot.updates): where
+each is (URL, DEVICE:/PATH, /PATH on the medium), each all or nothing, one
+that fails left out with its reason and the next tried; on real tar files,
+a real tmpfs as the medium, real loop devices holding real ext4 images."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dmoverlay.apply.update import ApplyOptions
+from dmoverlay.boot import updates
+from dmoverlay.boot.updates import Outcome, Where, parse_source
+from dmoverlay.core.errors import UsageError
+from dmoverlay.overlay import blockdev
+from tests.applykit import make_root, snapshot
+from tests.conftest import small_tmpfs
+
+needs_loop = pytest.mark.skipif(os.geteuid() != 0 or not Path("/dev/loop-control").exists(),
+                                reason="loop devices need root and /dev/loop-control")
+
+
+def make_tar(path: Path, files: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, 1_400_000_000
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def truncated_tar(path: Path) -> Path:
+    """A tar whose first member is whole and whose second is cut short."""
+    make_tar(path, {"usr/lib/first.so": b"whole\n", "usr/lib/second.so": b"x" * 20_000})
+    data = path.read_bytes()
+    cut = data.index(b"x" * 512) + 4096  # inside the second member's data
+    path.write_bytes(data[:cut])
+    return path
+
+
+def _mounts_under(top: Path) -> list[str]:
+    lines = Path("/proc/self/mounts").read_text().splitlines()
+    return [fields[1] for fields in (line.split() for line in lines)
+            if fields[1].startswith(f"{top}/")]
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> tuple[ApplyOptions, Path]:
+    """Options that apply onto a usrmerge root (lib -> usr/lib), and a
+    private directory to mount devices in."""
+    root, run = make_root(tmp_path / "live")
+    mounts = tmp_path / "state"
+    mounts.mkdir(mode=0o700)
+    return ApplyOptions(root=root, run_dir=run), mounts
+
+
+@pytest.fixture
+def medium(tmp_path: Path) -> Iterator[Path]:
+    """A real mount, as setup leaves the live medium mounted."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    with small_tmpfs(tmp_path / "medium", "size=8m,mode=0755") as where:
+        yield where
+
+
+# ---------------------------------------------------------------- where an update is
+
+@pytest.mark.parametrize(("text", "where", "path", "device"), [
+    ("http://10.0.2.2/updates.img", Where.URL, "http://10.0.2.2/updates.img", None),
+    ("https://example.org/a/u.tar.gz", Where.URL, "https://example.org/a/u.tar.gz", None),
+    ("HTTPS://example.org/u.img", Where.URL, "HTTPS://example.org/u.img", None),
+    ("LABEL=UPDATES:/upd2.tar", Where.DEVICE, "/upd2.tar", "LABEL=UPDATES"),
+    ("UUID=2024-05-01-10-00-00-00:/a/b.img", Where.DEVICE, "/a/b.img",
+     "UUID=2024-05-01-10-00-00-00"),
+    ("CDLABEL=Fedora-Live:/updates.img", Where.DEVICE, "/updates.img", "CDLABEL=Fedora-Live"),
+    ("PARTLABEL=upd:/u", Where.DEVICE, "/u", "PARTLABEL=upd"),
+    ("/dev/vdb1:/x", Where.DEVICE, "/x", "/dev/vdb1"),
+    ("/updates.img", Where.MEDIUM, "/updates.img", None),
+    ("/LiveOS/updates/", Where.MEDIUM, "/LiveOS/updates/", None),
+])
+def test_where_an_update_is(text: str, where: Where, path: str, device: str | None) -> None:
+    source = parse_source(text)
+    assert (source.where, source.path, source.text) == (where, path, text)
+    assert (source.device.text if source.device else None) == device
+    if device is not None and not device.startswith("/"):
+        assert source.device is not None and source.device.spec is not None
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("ftp://server/updates.img", "ftp URLs are not supported"),
+    ("nfs://server/export/updates.img", "nfs URLs are not supported"),
+    ("updates.img", "not an http(s) URL, DEVICE:/PATH or /PATH"),
+    ("LiveOS/updates.img", "not an http(s) URL"),
+    ("junk:/x", "not an http(s) URL"),
+    ("", "not an http(s) URL"),
+    ("LABLE=UPD:/u.img", "unknown device spec LABLE="),
+    ("LABEL=:/u.img", "empty device spec"),
+])
+def test_what_names_no_place_is_refused_with_one_reason(text: str, words: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        parse_source(text)
+    assert words in caught.value.message
+    assert "\n" not in caught.value.message
+
+
+# ---------------------------------------------------------------- on the live medium
+
+@pytest.mark.root
+def test_good_broken_good_on_the_medium(live: tuple[ApplyOptions, Path], medium: Path) -> None:
+    options, mounts = live
+    make_tar(medium / "one.tar", {"lib/one.so": b"one\n"})
+    truncated_tar(medium / "broken.tar")
+    make_tar(medium / "two.tar", {"lib/libfoo.so": b"fixed\n", "etc/two": b"2\n"})
+    outcomes = updates.apply_all(("/one.tar", "/broken.tar", "/two.tar"), options,
+                                 mounts=mounts, medium=os.fspath(medium))
+    assert [(o.text, o.applied) for o in outcomes] == [
+        ("/one.tar", True), ("/broken.tar", False), ("/two.tar", True)]
+    assert outcomes[0].reason == "" and outcomes[0].written >= 1
+    assert outcomes[1].reason and "\n" not in outcomes[1].reason
+    assert outcomes[1].line().startswith("left out /broken.tar: ")
+    root = options.root
+    assert (root / "usr/lib/one.so").read_bytes() == b"one\n"
+    assert (root / "usr/lib/libfoo.so").read_bytes() == b"fixed\n"
+    assert (root / "etc/two").read_bytes() == b"2\n"
+    assert os.readlink(root / "lib") == "usr/lib", "the link in the root is kept"
+    assert not (root / "usr/lib/first.so").exists(), "nothing of a broken update lands"
+    assert not (root / "usr/lib/second.so").exists()
+
+
+@pytest.mark.root
+def test_a_link_on_the_medium_that_leads_off_it_is_left_out(
+        live: tuple[ApplyOptions, Path], medium: Path, tmp_path: Path) -> None:
+    options, mounts = live
+    elsewhere = make_tar(tmp_path / "elsewhere.tar", {"etc/planted": b"x\n"})
+    os.symlink(elsewhere, medium / "abs.tar")
+    os.symlink(os.path.relpath(elsewhere, medium), medium / "rel.tar")
+    (medium / "dir").mkdir()
+    make_tar(medium / "dir/good.tar", {"etc/good": b"g\n"})
+    os.symlink("dir/good.tar", medium / "inside.tar")
+    before = snapshot(options.root)
+    outcomes = updates.apply_all(("/abs.tar", "/rel.tar", "/../elsewhere.tar",
+                                  "/dir/../../elsewhere.tar"), options, mounts=mounts,
+                                 medium=os.fspath(medium))
+    assert [o.applied for o in outcomes] == [False] * 4
+    assert all("leads off" in o.reason for o in outcomes), outcomes
+    assert snapshot(options.root) == before
+    [inside] = updates.apply_all(("/inside.tar",), options, mounts=mounts,
+                                 medium=os.fspath(medium))
+    assert inside.applied, inside
+    assert (options.root / "etc/good").read_bytes() == b"g\n"
+
+
+@pytest.mark.root
+def test_a_missing_update_on_the_medium_is_left_out(live: tuple[ApplyOptions, Path],
+                                                     medium: Path) -> None:
+    options, mounts = live
+    [outcome] = updates.apply_all(("/absent.tar",), options, mounts=mounts,
+                                  medium=os.fspath(medium))
+    assert not outcome.applied and "no such file" in outcome.reason
+
+
+def test_no_medium_or_one_not_mounted_leaves_path_updates_out(
+        live: tuple[ApplyOptions, Path], tmp_path: Path) -> None:
+    options, mounts = live
+    not_mounted = tmp_path / "medium"
+    not_mounted.mkdir()
+    make_tar(not_mounted / "u.tar", {"etc/u": b"u\n"})
+    for medium in ("", os.fspath(not_mounted)):
+        [outcome] = updates.apply_all(("/u.tar",), options, mounts=mounts, medium=medium)
+        assert not outcome.applied
+        assert "no live medium is mounted" in outcome.reason
+    assert not (options.root / "etc/u").exists()
+
+
+def test_an_unparsable_update_is_left_out_and_the_next_applied(
+        live: tuple[ApplyOptions, Path], tmp_path: Path) -> None:
+    options, mounts = live
+    outcomes = updates.apply_all(("ftp://server/u.img", "relative.tar"), options,
+                                 mounts=mounts)
+    assert [o.reason for o in outcomes] == [
+        "ftp URLs are not supported",
+        "not an http(s) URL, DEVICE:/PATH or /PATH on the live medium"]
+
+
+def test_outcomes_as_lines_and_dicts() -> None:
+    applied, left = Outcome("/a.tar", True, written=3), Outcome("/b.tar", False, reason="bad")
+    assert applied.line() == "applied /a.tar (3 entries)"
+    assert left.line() == "left out /b.tar: bad"
+    assert left.to_dict() == {"update": "/b.tar", "applied": False, "written": 0,
+                              "reason": "bad"}
+
+
+# ---------------------------------------------------------------- on a device
+
+def _ext4_image(path: Path, files: dict[str, bytes], tmp_path: Path) -> Path:
+    tree = tmp_path / f"{path.stem}-tree"
+    for name, data in files.items():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_bytes(data)
+    tree.mkdir(exist_ok=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "UPDTEST", "-d", str(tree), str(path),
+                    "8M"], check=True, capture_output=True)
+    return path
+
+
+@pytest.fixture
+def loop_of(tmp_path: Path) -> Iterator[list[tuple[str, Path]]]:
+    """Loop devices a test attaches (read-only), detached after."""
+    attached: list[tuple[str, Path]] = []
+    yield attached
+    for dev, image in reversed(attached):
+        blockdev.loop_teardown(dev, backing=image)
+
+
+def _attach(loops: list[tuple[str, Path]], image: Path) -> str:
+    dev = blockdev.loop_setup(image, read_only=True)
+    loops.append((dev, image))
+    return dev
+
+
+@needs_loop
+@pytest.mark.root
+def test_an_update_on_a_device_is_applied_and_the_device_let_go(
+        live: tuple[ApplyOptions, Path], tmp_path: Path,
+        loop_of: list[tuple[str, Path]]) -> None:
+    options, mounts = live
+    upd = make_tar(tmp_path / "upd.tar", {"lib/libfoo.so": b"from the device\n"})
+    image = _ext4_image(tmp_path / "upd.ext4", {"upd.tar": upd.read_bytes()}, tmp_path)
+    dev = _attach(loop_of, image)
+    [outcome] = updates.apply_all((f"{dev}:/upd.tar",), options, mounts=mounts)
+    assert outcome.applied, outcome
+    assert (options.root / "usr/lib/libfoo.so").read_bytes() == b"from the device\n"
+    assert os.listdir(mounts) == [], "the mount directory is removed"
+    assert _mounts_under(mounts) == [], "the device is unmounted"
+
+
+@needs_loop
+@pytest.mark.root
+def test_a_device_holding_no_known_filesystem_is_left_out(
+        live: tuple[ApplyOptions, Path], tmp_path: Path,
+        loop_of: list[tuple[str, Path]]) -> None:
+    options, mounts = live
+    blank = tmp_path / "blank.img"
+    blank.write_bytes(b"\0" * (1 << 20))
+    dev = _attach(loop_of, blank)
+    [outcome] = updates.apply_all((f"{dev}:/upd.tar",), options, mounts=mounts)
+    assert not outcome.applied
+    assert f"{dev}: holds no filesystem known here" in outcome.reason
+    assert os.listdir(mounts) == []
+
+
+def test_a_device_that_does_not_exist_is_left_out(live: tuple[ApplyOptions, Path]) -> None:
+    options, mounts = live
+    [outcome] = updates.apply_all(("/dev/loop987654:/u.tar",), options, mounts=mounts)
+    assert not outcome.applied and "/dev/loop987654: no such device" in outcome.reason
+
+
+@needs_loop
+@pytest.mark.root
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, SystemExit])
+def test_an_interruption_goes_through_and_the_device_is_let_go(
+        live: tuple[ApplyOptions, Path], tmp_path: Path, loop_of: list[tuple[str, Path]],
+        monkeypatch: pytest.MonkeyPatch, interruption: type[BaseException]) -> None:
+    options, mounts = live
+    upd = make_tar(tmp_path / "upd.tar", {"etc/x": b"x\n"})
+    dev = _attach(loop_of, _ext4_image(tmp_path / "upd.ext4", {"upd.tar": upd.read_bytes()},
+                                       tmp_path))
+    seen: list[str] = []
+
+    def interrupted(spec: str, *args: object, **kwargs: object) -> None:
+        seen.append(spec)
+        assert _mounts_under(mounts), "the device is mounted while the update is read"
+        raise interruption
+
+    monkeypatch.setattr(updates, "apply_update", interrupted)
+    with pytest.raises(interruption):
+        updates.apply_all((f"{dev}:/upd.tar", "/never.tar"), options, mounts=mounts)
+    assert len(seen) == 1 and seen[0].endswith("/upd.tar")
+    assert _mounts_under(mounts) == [] and os.listdir(mounts) == []
