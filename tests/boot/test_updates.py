@@ -17,10 +17,12 @@ import pytest
 from dmoverlay.apply.update import ApplyOptions
 from dmoverlay.boot import updates
 from dmoverlay.boot.updates import Outcome, Where, parse_source
-from dmoverlay.core.errors import UsageError
+from dmoverlay.core.errors import OverlayError, UsageError
 from dmoverlay.overlay import blockdev
+from dmoverlay.overlay.state import Step, StepKind
 from tests.applykit import make_root, snapshot
 from tests.conftest import small_tmpfs
+from tests.overlay.statefiles import make_state, plant
 
 needs_loop = pytest.mark.skipif(os.geteuid() != 0 or not Path("/dev/loop-control").exists(),
                                 reason="loop devices need root and /dev/loop-control")
@@ -101,6 +103,8 @@ def test_where_an_update_is(text: str, where: Where, path: str, device: str | No
     ("", "not an http(s) URL"),
     ("LABLE=UPD:/u.img", "unknown device spec LABLE="),
     ("LABEL=:/u.img", "empty device spec"),
+    ("http://user:pass@10.0.2.2/u.img", "a user or password in a URL is not supported"),
+    ("https://user@10.0.2.2/u.img", "a user or password in a URL is not supported"),
 ])
 def test_what_names_no_place_is_refused_with_one_reason(text: str, words: str) -> None:
     with pytest.raises(UsageError) as caught:
@@ -283,3 +287,141 @@ def test_an_interruption_goes_through_and_the_device_is_let_go(
         updates.apply_all((f"{dev}:/upd.tar", "/never.tar"), options, mounts=mounts)
     assert len(seen) == 1 and seen[0].endswith("/upd.tar")
     assert _mounts_under(mounts) == [] and os.listdir(mounts) == []
+
+
+# ---------------------------------------------------------------- hostile and odd lines
+
+@needs_loop
+@pytest.mark.root
+def test_a_dev_path_that_resolves_to_a_file_is_no_device(
+        live: tuple[ApplyOptions, Path], tmp_path: Path) -> None:
+    """/dev/../PATH/image.ext4 is an image file, not a device: mount would
+    set up a loop device on it by itself."""
+    options, mounts = live
+    upd = make_tar(tmp_path / "upd.tar", {"etc/from-a-file": b"x\n"})
+    image = _ext4_image(tmp_path / "upd.ext4", {"upd.tar": upd.read_bytes()}, tmp_path)
+    [outcome] = updates.apply_all((f"/dev/..{image}:/upd.tar",), options, mounts=mounts)
+    assert not outcome.applied
+    assert "not a block device" in outcome.reason
+    assert not (options.root / "etc/from-a-file").exists()
+    assert _mounts_under(mounts) == [] and os.listdir(mounts) == []
+
+
+@needs_loop
+@pytest.mark.root
+def test_a_state_dir_named_through_a_link_in_its_path(
+        live: tuple[ApplyOptions, Path], tmp_path: Path,
+        loop_of: list[tuple[str, Path]]) -> None:
+    """/var/run/dmoverlay, /var/run a link to /run: the device's mount point
+    is named through the link, and an update on it is on it all the same."""
+    options, _ = live
+    (tmp_path / "run/dmoverlay").mkdir(parents=True, mode=0o700)
+    (tmp_path / "var").mkdir()
+    os.symlink("../run", tmp_path / "var/run")
+    mounts = tmp_path / "var/run/dmoverlay"
+    upd = make_tar(tmp_path / "upd.tar", {"etc/through": b"x\n"})
+    dev = _attach(loop_of, _ext4_image(tmp_path / "upd.ext4", {"upd.tar": upd.read_bytes()},
+                                       tmp_path))
+    [outcome] = updates.apply_all((f"{dev}:/upd.tar",), options, mounts=mounts)
+    assert outcome.applied, outcome
+    assert (options.root / "etc/through").read_bytes() == b"x\n"
+    assert os.listdir(mounts) == []
+
+
+def test_a_password_in_a_url_is_not_shown(live: tuple[ApplyOptions, Path],
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """The console and the booted system's journal keep what is shown."""
+    options, mounts = live
+    url = "http://admin:s3cr3t@127.0.0.1:1/u.img"
+    [outcome] = updates.apply_all((url,), options, mounts=mounts, deadline=5)
+    assert not outcome.applied
+    shown = outcome.line() + repr(outcome.to_dict()) + "".join(capsys.readouterr())
+    assert "s3cr3t" not in shown
+    assert "http://admin:***@127.0.0.1:1/u.img" in outcome.line()
+
+
+def test_control_characters_in_an_update_are_not_sent_to_the_console(
+        live: tuple[ApplyOptions, Path]) -> None:
+    options, mounts = live
+    [outcome] = updates.apply_all(("/a\x1b[2Jb\rc",), options, mounts=mounts)
+    assert outcome.line().isprintable()
+    assert "\\x1b[2Jb\\rc" in outcome.line()
+
+
+@pytest.mark.root
+def test_an_update_given_twice_is_applied_once(live: tuple[ApplyOptions, Path],
+                                               medium: Path) -> None:
+    options, mounts = live
+    make_tar(medium / "one.tar", {"etc/one": b"1\n"})
+    make_tar(medium / "two.tar", {"etc/two": b"2\n"})
+    outcomes = updates.apply_all(("/one.tar", "/two.tar", "/one.tar"), options, mounts=mounts,
+                                 medium=os.fspath(medium))
+    assert [(o.text, o.applied) for o in outcomes] == [("/one.tar", True), ("/two.tar", True)]
+
+
+def test_past_so_many_updates_the_rest_are_left_out(live: tuple[ApplyOptions, Path]) -> None:
+    """A line of thousands (a command line file may hold 64 KiB) must not
+    keep a boot waiting for each in turn."""
+    options, mounts = live
+    many = tuple(f"/u{i}.tar" for i in range(4000))
+    outcomes = updates.apply_all(many, options, mounts=mounts)
+    assert len(outcomes) == len(many)
+    tried = [o for o in outcomes if "no live medium" in o.reason]
+    assert len(tried) == updates.MAX_UPDATES
+    rest = outcomes[updates.MAX_UPDATES:]
+    assert all(f"past the first {updates.MAX_UPDATES} updates" in o.reason for o in rest)
+
+
+# ---------------------------------------------------------------- what setup left
+
+def test_the_state_dir_is_made_when_missing_but_not_its_parents(tmp_path: Path) -> None:
+    made = tmp_path / "run/dmoverlay"
+    (tmp_path / "run").mkdir()
+    assert updates.where_setup_left(made, "live") == (made, "")
+    assert made.is_dir() and (made.stat().st_mode & 0o777) == 0o700
+    with pytest.raises(UsageError, match="no such directory to keep dmoverlay in"):
+        updates.where_setup_left(tmp_path / "missing/dmoverlay", "live")
+    assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize("case", ["link", "open"])
+def test_a_state_dir_planted_by_another_is_refused(tmp_path: Path, case: str) -> None:
+    state_dir = tmp_path / "dmoverlay"
+    if case == "link":
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        state_dir.symlink_to(tmp_path / "elsewhere")
+    else:
+        state_dir.mkdir(mode=0o777)
+        state_dir.chmod(0o777)
+    with pytest.raises(OverlayError, match="not a private directory") as caught:
+        updates.where_setup_left(state_dir, "live")
+    assert caught.value.hint
+
+
+def test_a_hostile_state_file_is_said_and_its_medium_not_used(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = make_state(tmp_path)
+    state.medium = "/etc"  # not a mount of its own
+    plant(tmp_path / "state", state.to_json())
+    assert updates.where_setup_left(tmp_path / "state", "live") == (tmp_path / "state", "")
+    assert "warning: " in capsys.readouterr().err
+
+
+def test_the_medium_setup_recorded(tmp_path: Path) -> None:
+    work = tmp_path / "state/live"
+    state = make_state(tmp_path, Step(StepKind.DIR, f"{work}"),
+                       Step(StepKind.DIR, f"{work}/media0"), Step(StepKind.MOUNT, f"{work}/media0"))
+    state.medium = f"{work}/media0"
+    plant(tmp_path / "state", state.to_json())
+    assert updates.where_setup_left(tmp_path / "state", "live")[1] == f"{work}/media0"
+
+
+@pytest.mark.parametrize(("text", "seen"), [
+    ("http://u:p@ss@host/x@y", "http://u:***@host/x@y"),
+    ("see https://me:pw@h:8080/a and http://h/b", "see https://me:***@h:8080/a and http://h/b"),
+    ("http://user@host/x", "http://user@host/x"),  # no password to hide
+    ("LABEL=a:b@c:/u.img", "LABEL=a:b@c:/u.img"),
+    ("/a\tb", "/a\\tb"),
+])
+def test_what_is_shown_of_an_update(text: str, seen: str) -> None:
+    assert updates.shown(text) == seen
