@@ -37,6 +37,12 @@ from dmoverlay.overlay.state import check_state_dir, load_state
 
 # What an update's device may hold: the filesystems boot media have.
 FILESYSTEMS = ("ext4", "ext3", "ext2", "iso9660", "vfat", "squashfs", "xfs", "btrfs", "udf")
+# Read-only is not enough: ext3/4 and xfs replay a journal that needs it,
+# writing to the device, and ext2/3/4 obey a superblock that asks an error
+# to panic the kernel.  The options that read a device as it is.
+_MOUNT_OPTIONS = "ro,nodev,nosuid,noexec"
+_FS_OPTIONS = {"ext2": ",errors=remount-ro", "ext3": ",noload,errors=remount-ro",
+               "ext4": ",noload,errors=remount-ro", "xfs": ",norecovery"}
 # A boot waits for each update in turn (a download up to its deadline): past
 # these, the rest of a long line is left out, not tried.
 MAX_UPDATES = 16
@@ -211,7 +217,8 @@ def _mounted(device: devspec.Location, mounts: Path) -> Iterator[str]:
                          f"{', '.join(FILESYSTEMS)}")
     where = tempfile.mkdtemp(prefix="updates-", dir=os.fspath(mounts))
     try:
-        blockdev.mount(dev, where, fstype=fstype, options="ro,nodev,nosuid,noexec")
+        blockdev.mount(dev, where, fstype=fstype,
+                       options=_MOUNT_OPTIONS + _FS_OPTIONS.get(fstype, ""))
         try:
             yield where
         finally:

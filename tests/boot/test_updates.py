@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dmoverlay.apply.update import ApplyOptions
+from dmoverlay.apply.update import ApplyOptions, Result, apply_update
 from dmoverlay.boot import updates
 from dmoverlay.boot.updates import Outcome, Where, parse_source
 from dmoverlay.core.errors import OverlayError, UsageError
@@ -202,13 +202,14 @@ def test_outcomes_as_lines_and_dicts() -> None:
 
 # ---------------------------------------------------------------- on a device
 
-def _ext4_image(path: Path, files: dict[str, bytes], tmp_path: Path) -> Path:
+def _ext4_image(path: Path, files: dict[str, bytes], tmp_path: Path,
+                fstype: str = "ext4") -> Path:
     tree = tmp_path / f"{path.stem}-tree"
     for name, data in files.items():
         (tree / name).parent.mkdir(parents=True, exist_ok=True)
         (tree / name).write_bytes(data)
     tree.mkdir(exist_ok=True)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "UPDTEST", "-d", str(tree), str(path),
+    subprocess.run([f"mkfs.{fstype}", "-q", "-F", "-L", "UPDTEST", "-d", str(tree), str(path),
                     "8M"], check=True, capture_output=True)
     return path
 
@@ -242,6 +243,22 @@ def test_an_update_on_a_device_is_applied_and_the_device_let_go(
     assert (options.root / "usr/lib/libfoo.so").read_bytes() == b"from the device\n"
     assert os.listdir(mounts) == [], "the mount directory is removed"
     assert _mounts_under(mounts) == [], "the device is unmounted"
+
+
+@needs_loop
+@pytest.mark.root
+@pytest.mark.parametrize("fstype", ["ext2", "ext3"])
+def test_an_update_on_an_older_ext_device(live: tuple[ApplyOptions, Path], tmp_path: Path,
+                                          loop_of: list[tuple[str, Path]], fstype: str) -> None:
+    """Each is mounted with the options its kind takes (ext2 has no journal)."""
+    options, mounts = live
+    upd = make_tar(tmp_path / "upd.tar", {"etc/old": fstype.encode()})
+    dev = _attach(loop_of, _ext4_image(tmp_path / "upd.img", {"upd.tar": upd.read_bytes()},
+                                       tmp_path, fstype))
+    [outcome] = updates.apply_all((f"{dev}:/upd.tar",), options, mounts=mounts)
+    assert outcome.applied, outcome
+    assert (options.root / "etc/old").read_bytes() == fstype.encode()
+    assert os.listdir(mounts) == []
 
 
 @needs_loop
@@ -425,3 +442,43 @@ def test_the_medium_setup_recorded(tmp_path: Path) -> None:
 ])
 def test_what_is_shown_of_an_update(text: str, seen: str) -> None:
     assert updates.shown(text) == seen
+
+
+def _mount_options_under(top: Path) -> list[str]:
+    lines = Path("/proc/self/mounts").read_text().splitlines()
+    return [fields[3] for fields in (line.split() for line in lines)
+            if fields[1].startswith(f"{top}/")]
+
+
+@needs_loop
+@pytest.mark.root
+def test_a_device_is_read_without_writing_to_it(
+        live: tuple[ApplyOptions, Path], tmp_path: Path,
+        loop_of: list[tuple[str, Path]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only ext4 mount replays a journal that needs it, writing to
+    the device the user gave to be read; and its superblock may ask that an
+    error panic the kernel (a boot must not stop for an update)."""
+    options, mounts = live
+    upd = make_tar(tmp_path / "upd.tar", {"etc/unwritten": b"x\n"})
+    image = _ext4_image(tmp_path / "upd.ext4", {"upd.tar": upd.read_bytes()}, tmp_path)
+    subprocess.run(["tune2fs", "-e", "panic", str(image)], check=True, capture_output=True)
+    subprocess.run(["debugfs", "-w", "-R", "feature needs_recovery", str(image)], check=True,
+                   capture_output=True)  # after tune2fs: it would recover the journal
+    before = image.read_bytes()
+    dev = blockdev.loop_setup(image, read_only=False)
+    loop_of.append((dev, image))
+    seen: list[str] = []
+
+    def watched(spec: str, opts: ApplyOptions, *, deadline: float) -> Result:
+        seen.extend(_mount_options_under(mounts))
+        return apply_update(spec, opts, deadline=deadline)
+
+    monkeypatch.setattr(updates, "apply_update", watched)
+    [outcome] = updates.apply_all((f"{dev}:/upd.tar",), options, mounts=mounts)
+    assert outcome.applied, outcome
+    loop_of.pop()
+    blockdev.loop_teardown(dev, backing=image)  # what the device was sent reaches the file
+    assert image.read_bytes() == before, "nothing was written to the device"
+    [mounted] = seen
+    assert {"ro", "nodev", "nosuid", "noexec", "norecovery",
+            "errors=remount-ro"} <= set(mounted.split(","))
