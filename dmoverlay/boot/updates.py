@@ -112,6 +112,9 @@ def where_setup_left(state_dir: Path, name: str) -> tuple[Path, str]:
     except DmoverlayError as exc:  # a state file not to be trusted: said, not acted on
         log.warning(f"{exc.message}: no medium taken from it")
         return state_dir, ""
+    if state.medium and state.medium == state.target:  # setup mounts it in its work dir
+        log.warning(f"{state_dir}: the medium recorded is the root it updates: not taken")
+        return state_dir, ""
     return state_dir, state.medium
 
 

@@ -323,3 +323,19 @@ def test_from_cmdline_applies_the_others_and_reports_in_json(
     assert "404" in report[1]["reason"]
     assert (root / "etc/os-release").read_bytes() == b"ID=from-the-line\n"
     assert error_line(result).startswith("error: 1 of 2 updates left out; ")
+
+
+def test_from_cmdline_with_a_planted_state_dir_is_one_error(
+        live: tuple[Path, Path, Path], server: tuple[str, Path]) -> None:
+    """A state directory someone else could have written in: nothing is
+    taken from it, nor mounted in it; the boot goes on without updates."""
+    top, root, run = live
+    base, served = server
+    (served / "u.img").write_bytes(updates_img(top, {"etc/os-release": b"ID=x\n"}).read_bytes())
+    (top / "elsewhere").mkdir(mode=0o700)
+    (top / "state").symlink_to(top / "elsewhere")
+    before = snapshot(root)
+    result = from_cmdline(f"inst.updates={base}/u.img", top, root, run)
+    assert "not a private directory of this user: a symlink" in error_line(result)
+    assert snapshot(root) == before
+    assert os.listdir(top / "elsewhere") == []

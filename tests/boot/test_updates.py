@@ -482,3 +482,28 @@ def test_a_device_is_read_without_writing_to_it(
     [mounted] = seen
     assert {"ro", "nodev", "nosuid", "noexec", "norecovery",
             "errors=remount-ro"} <= set(mounted.split(","))
+
+
+@pytest.mark.root
+def test_a_directory_on_the_medium_is_an_update(live: tuple[ApplyOptions, Path],
+                                                medium: Path) -> None:
+    options, mounts = live
+    (medium / "updates/lib").mkdir(parents=True)
+    (medium / "updates/lib/libfoo.so").write_bytes(b"from a directory\n")
+    os.symlink("/etc/shadow", medium / "updates/lib/shadow-link")  # a link, kept as one
+    [outcome] = updates.apply_all(("/updates/",), options, mounts=mounts,
+                                  medium=os.fspath(medium))
+    assert outcome.applied, outcome
+    assert (options.root / "usr/lib/libfoo.so").read_bytes() == b"from a directory\n"
+    assert os.readlink(options.root / "usr/lib/shadow-link") == "/etc/shadow"
+
+
+def test_a_state_whose_medium_is_the_new_root_is_not_taken(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Setup mounts the medium in its work directory, never on the target:
+    updates named by a path are not read from the root they update."""
+    state = make_state(tmp_path, Step(StepKind.MOUNT, f"{tmp_path}/sysroot"))
+    state.medium = state.target
+    plant(tmp_path / "state", state.to_json())
+    assert updates.where_setup_left(tmp_path / "state", "live")[1] == ""
+    assert "is the root it updates" in capsys.readouterr().err
