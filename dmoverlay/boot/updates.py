@@ -220,11 +220,14 @@ def _mounted(device: devspec.Location, mounts: Path) -> Iterator[str]:
                          f"{', '.join(FILESYSTEMS)}")
     where = tempfile.mkdtemp(prefix="updates-", dir=os.fspath(mounts))
     try:
-        blockdev.mount(dev, where, fstype=fstype,
-                       options=_MOUNT_OPTIONS + _FS_OPTIONS.get(fstype, ""))
         try:
+            blockdev.mount(dev, where, fstype=fstype,
+                           options=_MOUNT_OPTIONS + _FS_OPTIONS.get(fstype, ""))
             yield where
         finally:
-            blockdev.unmount(where, lazy=True)
+            # whether mount returned or not: an interruption may come once
+            # the mount is made, and must not be taken for a failed update
+            if os.path.ismount(where):
+                blockdev.unmount(where, lazy=True)
     finally:
         os.rmdir(where)

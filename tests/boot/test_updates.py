@@ -507,3 +507,28 @@ def test_a_state_whose_medium_is_the_new_root_is_not_taken(
     plant(tmp_path / "state", state.to_json())
     assert updates.where_setup_left(tmp_path / "state", "live")[1] == ""
     assert "is the root it updates" in capsys.readouterr().err
+
+
+@needs_loop
+@pytest.mark.root
+def test_an_interruption_just_after_the_mount_goes_through_and_unmounts(
+        live: tuple[ApplyOptions, Path], tmp_path: Path, loop_of: list[tuple[str, Path]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM (as an exception) once mount(8) has mounted, before it
+    returned: the mount is undone and the interruption is not taken for an
+    update that failed (removing a directory still mounted on would be)."""
+    options, mounts = live
+    upd = make_tar(tmp_path / "upd.tar", {"etc/x": b"x\n"})
+    dev = _attach(loop_of, _ext4_image(tmp_path / "upd.ext4", {"upd.tar": upd.read_bytes()},
+                                       tmp_path))
+    real_mount = blockdev.mount
+
+    def mounted_then_interrupted(device: str, where: str, *, fstype: str, options: str) -> None:
+        real_mount(device, where, fstype=fstype, options=options)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(blockdev, "mount", mounted_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        updates.apply_all((f"{dev}:/upd.tar",), options, mounts=mounts)
+    assert _mounts_under(mounts) == [] and os.listdir(mounts) == []
+    assert not (options.root / "etc/x").exists()
