@@ -133,15 +133,18 @@ class Outcome:
     applied: bool
     written: int = 0
     reason: str = ""  # why it was left out
+    dry_run: bool = False  # applied: it would be; nothing was written
 
     def line(self) -> str:
+        if self.applied and self.dry_run:
+            return f"would apply {self.text} (dry run: nothing written)"
         if self.applied:
             return f"applied {self.text} ({self.written} entries)"
         return f"left out {self.text}: {self.reason}"
 
     def to_dict(self) -> dict[str, object]:
         return {"update": self.text, "applied": self.applied, "written": self.written,
-                "reason": self.reason}
+                "reason": self.reason, "dry_run": self.dry_run}
 
 
 def apply_all(updates: tuple[str, ...], options: ApplyOptions, *, mounts: Path,
@@ -169,7 +172,8 @@ def apply_all(updates: tuple[str, ...], options: ApplyOptions, *, mounts: Path,
             outcomes.append(Outcome(shown(text), False,
                                     reason=shown(exc.strerror or str(exc))))
         else:
-            outcomes.append(Outcome(shown(text), True, written=result.written))
+            outcomes.append(Outcome(shown(text), True, written=result.written,
+                                    dry_run=result.dry_run))
     return outcomes
 
 

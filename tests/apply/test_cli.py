@@ -339,3 +339,19 @@ def test_from_cmdline_with_a_planted_state_dir_is_one_error(
     assert "not a private directory of this user: a symlink" in error_line(result)
     assert snapshot(root) == before
     assert os.listdir(top / "elsewhere") == []
+
+
+def test_from_cmdline_dry_run_says_nothing_was_applied(
+        live: tuple[Path, Path, Path], server: tuple[str, Path]) -> None:
+    top, root, run = live
+    base, served = server
+    (served / "u.img").write_bytes(updates_img(top, {"etc/os-release": b"ID=x\n"}).read_bytes())
+    before = snapshot(root)
+    result = from_cmdline(f"inst.updates={base}/u.img", top, root, run, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert f"would apply {base}/u.img (dry run: nothing written)" in result.stderr
+    assert f"applied {base}/u.img" not in result.stderr
+    assert snapshot(root) == before
+    report = json.loads(from_cmdline(f"inst.updates={base}/u.img", top, root, run,
+                                     "--dry-run", "--json").stdout)
+    assert [(o["applied"], o["dry_run"]) for o in report] == [(True, True)]

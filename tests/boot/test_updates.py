@@ -197,7 +197,9 @@ def test_outcomes_as_lines_and_dicts() -> None:
     assert applied.line() == "applied /a.tar (3 entries)"
     assert left.line() == "left out /b.tar: bad"
     assert left.to_dict() == {"update": "/b.tar", "applied": False, "written": 0,
-                              "reason": "bad"}
+                              "reason": "bad", "dry_run": False}
+    assert Outcome("/a.tar", True, dry_run=True).line() == \
+        "would apply /a.tar (dry run: nothing written)"
 
 
 # ---------------------------------------------------------------- on a device
