@@ -28,7 +28,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from dmoverlay.apply.readers.download import url_scheme
-from dmoverlay.apply.update import DOWNLOAD_DEADLINE, ApplyOptions, apply_update
+from dmoverlay.apply.update import DOWNLOAD_DEADLINE, ApplyOptions, Result, apply_update
 from dmoverlay.core import log
 from dmoverlay.core.errors import DmoverlayError, NoOverlay, UsageError
 from dmoverlay.overlay import blockdev, cmdline, devspec
@@ -161,20 +161,28 @@ def apply_all(updates: tuple[str, ...], options: ApplyOptions, *, mounts: Path,
             outcomes.append(Outcome(shown(text), False,
                                     reason=f"past the first {MAX_UPDATES} updates: not tried"))
             continue
-        try:
-            with log.step(f"applying the update {shown(text)}"):
-                source = parse_source(text)
-                with _located(source, mounts, medium) as spec:
-                    result = apply_update(spec, options, deadline=deadline)
-        except DmoverlayError as exc:
-            outcomes.append(Outcome(shown(text), False, reason=shown(exc.message)))
-        except OSError as exc:  # the device or medium went away under us
-            outcomes.append(Outcome(shown(text), False,
-                                    reason=shown(exc.strerror or str(exc))))
-        else:
-            outcomes.append(Outcome(shown(text), True, written=result.written,
-                                    dry_run=result.dry_run))
+        outcomes.append(_apply_one(text, options, mounts, medium, deadline))
     return outcomes
+
+
+def _apply_one(text: str, options: ApplyOptions, mounts: Path, medium: str,
+               deadline: float) -> Outcome:
+    result: Result | None = None
+    why = ""
+    try:
+        with log.step(f"applying the update {shown(text)}"):
+            source = parse_source(text)
+            with _located(source, mounts, medium) as spec:
+                result = apply_update(spec, options, deadline=deadline)
+    except DmoverlayError as exc:
+        why = shown(exc.message)
+    except OSError as exc:  # the device or medium went away under us
+        why = shown(exc.strerror or str(exc))
+    if result is None:
+        return Outcome(shown(text), False, reason=why)
+    if why:  # the root has it: only letting its device go failed
+        log.warning(f"{shown(text)}: applied, but {why}")
+    return Outcome(shown(text), True, written=result.written, dry_run=result.dry_run)
 
 
 @contextmanager

@@ -17,7 +17,7 @@ import pytest
 from dmoverlay.apply.update import ApplyOptions, Result, apply_update
 from dmoverlay.boot import updates
 from dmoverlay.boot.updates import Outcome, Where, parse_source
-from dmoverlay.core.errors import OverlayError, UsageError
+from dmoverlay.core.errors import BlockDevError, OverlayError, UsageError
 from dmoverlay.overlay import blockdev
 from dmoverlay.overlay.state import Step, StepKind
 from tests.applykit import make_root, snapshot
@@ -534,3 +534,26 @@ def test_an_interruption_just_after_the_mount_goes_through_and_unmounts(
         updates.apply_all((f"{dev}:/upd.tar",), options, mounts=mounts)
     assert _mounts_under(mounts) == [] and os.listdir(mounts) == []
     assert not (options.root / "etc/x").exists()
+
+
+@needs_loop
+@pytest.mark.root
+def test_an_update_applied_is_said_applied_when_letting_the_device_go_fails(
+        live: tuple[ApplyOptions, Path], tmp_path: Path, loop_of: list[tuple[str, Path]],
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The root has the update: the outcome must not say it was left out."""
+    options, mounts = live
+    upd = make_tar(tmp_path / "upd.tar", {"etc/landed": b"x\n"})
+    dev = _attach(loop_of, _ext4_image(tmp_path / "upd.ext4", {"upd.tar": upd.read_bytes()},
+                                       tmp_path))
+    real_unmount = blockdev.unmount
+
+    def unmounted_but_failed(where: str, *, lazy: bool = False) -> None:
+        real_unmount(where, lazy=lazy)
+        raise BlockDevError(f"umount {where}: target is busy")
+
+    monkeypatch.setattr(blockdev, "unmount", unmounted_but_failed)
+    [outcome] = updates.apply_all((f"{dev}:/upd.tar",), options, mounts=mounts)
+    assert (options.root / "etc/landed").read_bytes() == b"x\n"
+    assert outcome.applied, outcome
+    assert "target is busy" in capsys.readouterr().err
