@@ -20,6 +20,7 @@ import os
 import re
 import stat
 import tempfile
+import time
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -154,14 +155,19 @@ def apply_all(updates: tuple[str, ...], options: ApplyOptions, *, mounts: Path,
     after the update under way is undone).
 
     `mounts`: a private directory (setup's state directory) to mount a
-    device on while it is read; `medium`: where setup mounted the medium."""
+    device on while it is read; `medium`: where setup mounted the medium;
+    `deadline`: seconds the downloads may take in all (a boot waits for
+    them in turn), those left when an update starts are its own."""
     outcomes: list[Outcome] = []
+    end = time.monotonic() + deadline
     for text in dict.fromkeys(updates):  # one given twice is applied once
-        if len(outcomes) >= MAX_UPDATES:
-            outcomes.append(Outcome(shown(text), False,
-                                    reason=f"past the first {MAX_UPDATES} updates: not tried"))
+        left = end - time.monotonic()
+        if len(outcomes) >= MAX_UPDATES or left <= 0:
+            why = (f"past the first {MAX_UPDATES} updates" if len(outcomes) >= MAX_UPDATES
+                   else f"the updates' {deadline:g} s are up")
+            outcomes.append(Outcome(shown(text), False, reason=f"not tried: {why}"))
             continue
-        outcomes.append(_apply_one(text, options, mounts, medium, deadline))
+        outcomes.append(_apply_one(text, options, mounts, medium, left))
     return outcomes
 
 

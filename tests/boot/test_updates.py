@@ -9,6 +9,7 @@ import io
 import os
 import subprocess
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 from dmoverlay.apply.update import ApplyOptions, Result, apply_update
 from dmoverlay.boot import updates
 from dmoverlay.boot.updates import Outcome, Where, parse_source
-from dmoverlay.core.errors import BlockDevError, OverlayError, UsageError
+from dmoverlay.core.errors import BlockDevError, OverlayError, SourceError, UsageError
 from dmoverlay.overlay import blockdev
 from dmoverlay.overlay.state import Step, StepKind
 from tests.applykit import make_root, snapshot
@@ -388,7 +389,7 @@ def test_past_so_many_updates_the_rest_are_left_out(live: tuple[ApplyOptions, Pa
     tried = [o for o in outcomes if "no live medium" in o.reason]
     assert len(tried) == updates.MAX_UPDATES
     rest = outcomes[updates.MAX_UPDATES:]
-    assert all(f"past the first {updates.MAX_UPDATES} updates" in o.reason for o in rest)
+    assert {o.reason for o in rest} == {f"not tried: past the first {updates.MAX_UPDATES} updates"}
 
 
 # ---------------------------------------------------------------- what setup left
@@ -557,3 +558,23 @@ def test_an_update_applied_is_said_applied_when_letting_the_device_go_fails(
     assert (options.root / "etc/landed").read_bytes() == b"x\n"
     assert outcome.applied, outcome
     assert "target is busy" in capsys.readouterr().err
+
+
+def test_the_updates_share_one_deadline(live: tuple[ApplyOptions, Path],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A boot waits for the updates in turn: --timeout bounds them all, not
+    each (16 slow downloads would hold a boot for 16 times as long)."""
+    options, mounts = live
+    given: list[float] = []
+
+    def slow(spec: str, opts: ApplyOptions, *, deadline: float) -> Result:
+        given.append(deadline)
+        time.sleep(0.4)
+        raise SourceError(f"cannot download {spec}: not done after {deadline:g} s")
+
+    monkeypatch.setattr(updates, "apply_update", slow)
+    urls = tuple(f"http://10.0.2.2/u{i}.img" for i in range(5))
+    outcomes = updates.apply_all(urls, options, mounts=mounts, deadline=1.0)
+    assert len(given) == 3 and given[0] == pytest.approx(1.0, abs=0.05)
+    assert given[1] == pytest.approx(0.6, abs=0.1) and given[2] == pytest.approx(0.2, abs=0.1)
+    assert [o.reason for o in outcomes[3:]] == ["not tried: the updates' 1 s are up"] * 2
