@@ -17,7 +17,11 @@ Where an update is:
 from __future__ import annotations
 
 import os
+import re
+import stat
 import tempfile
+import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -25,15 +29,26 @@ from enum import StrEnum
 from pathlib import Path
 
 from dmoverlay.apply.readers.download import url_scheme
-from dmoverlay.apply.update import DOWNLOAD_DEADLINE, ApplyOptions, apply_update
+from dmoverlay.apply.update import DOWNLOAD_DEADLINE, ApplyOptions, Result, apply_update
 from dmoverlay.core import log
-from dmoverlay.core.errors import DmoverlayError, UsageError
+from dmoverlay.core.errors import DmoverlayError, NoOverlay, UsageError
 from dmoverlay.overlay import blockdev, cmdline, devspec
 from dmoverlay.overlay.media import fs_type
 from dmoverlay.overlay.state import check_state_dir, load_state
 
 # What an update's device may hold: the filesystems boot media have.
 FILESYSTEMS = ("ext4", "ext3", "ext2", "iso9660", "vfat", "squashfs", "xfs", "btrfs", "udf")
+# Read-only is not enough: ext3/4 and xfs replay a journal that needs it,
+# writing to the device, and ext2/3/4 obey a superblock that asks an error
+# to panic the kernel.  The options that read a device as it is.
+_MOUNT_OPTIONS = "ro,nodev,nosuid,noexec"
+_FS_OPTIONS = {"ext2": ",errors=remount-ro", "ext3": ",noload,errors=remount-ro",
+               "ext4": ",noload,errors=remount-ro", "xfs": ",norecovery"}
+# A boot waits for each update in turn (a download up to its deadline): past
+# these, the rest of a long line is left out, not tried.
+MAX_UPDATES = 16
+# user:password@ in a URL, as far as the last @ before the path
+_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*):[^/\s]*@")
 
 
 class Where(StrEnum):
@@ -58,6 +73,9 @@ def parse_source(text: str) -> Source:
     if scheme is not None:
         if scheme not in ("http", "https"):
             raise UsageError(f"{scheme} URLs are not supported", hint="give an http(s) URL")
+        if "@" in urllib.parse.urlsplit(text).netloc:
+            raise UsageError("a user or password in a URL is not supported",
+                             hint="serve the update without one, or put it on a device")
         return Source(text, Where.URL, text)
     device, sep, path = text.partition(":/")
     if sep:
@@ -78,15 +96,34 @@ def cmdline_updates(path: str) -> tuple[str, ...]:
 
 def where_setup_left(state_dir: Path, name: str) -> tuple[Path, str]:
     """(a private directory to mount devices in, the medium's mount point)
-    from what setup recorded; the medium is "" when there is none."""
+    from what setup recorded; the medium is "" when there is none.  The
+    state directory is made when no setup made it (inst.updates= on a boot
+    that is not live), but not its parents: those are the system's."""
     check_state_dir(state_dir)
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        state_dir.mkdir(mode=0o700, exist_ok=True)
+    except FileNotFoundError:
+        raise UsageError(f"{state_dir.parent}: no such directory to keep {state_dir.name} in",
+                         hint="give a --state-dir whose parent exists (setup's: /run)") from None
     check_state_dir(state_dir)
     try:
         state, _ = load_state(state_dir, name)
-    except DmoverlayError:
+    except NoOverlay:
         return state_dir, ""  # updates on the medium are then refused, one by one
+    except DmoverlayError as exc:  # a state file not to be trusted: said, not acted on
+        log.warning(f"{exc.message}: no medium taken from it")
+        return state_dir, ""
+    if state.medium and state.medium == state.target:  # setup mounts it in its work dir
+        log.warning(f"{state_dir}: the medium recorded is the root it updates: not taken")
+        return state_dir, ""
     return state_dir, state.medium
+
+
+def shown(text: str) -> str:
+    """Text as the console and the journal may keep it: a password in a URL
+    masked, control characters escaped."""
+    masked = _PASSWORD.sub(r"\1:***@", text)
+    return masked if masked.isprintable() else repr(masked)[1:-1]
 
 
 @dataclass(frozen=True)
@@ -97,15 +134,18 @@ class Outcome:
     applied: bool
     written: int = 0
     reason: str = ""  # why it was left out
+    dry_run: bool = False  # applied: it would be; nothing was written
 
     def line(self) -> str:
+        if self.applied and self.dry_run:
+            return f"would apply {self.text} (dry run: nothing written)"
         if self.applied:
             return f"applied {self.text} ({self.written} entries)"
         return f"left out {self.text}: {self.reason}"
 
     def to_dict(self) -> dict[str, object]:
         return {"update": self.text, "applied": self.applied, "written": self.written,
-                "reason": self.reason}
+                "reason": self.reason, "dry_run": self.dry_run}
 
 
 def apply_all(updates: tuple[str, ...], options: ApplyOptions, *, mounts: Path,
@@ -115,21 +155,40 @@ def apply_all(updates: tuple[str, ...], options: ApplyOptions, *, mounts: Path,
     after the update under way is undone).
 
     `mounts`: a private directory (setup's state directory) to mount a
-    device on while it is read; `medium`: where setup mounted the medium."""
-    outcomes = []
-    for text in updates:
-        try:
-            with log.step(f"applying the update {text}"):
-                source = parse_source(text)
-                with _located(source, mounts, medium) as spec:
-                    result = apply_update(spec, options, deadline=deadline)
-        except DmoverlayError as exc:
-            outcomes.append(Outcome(text, False, reason=exc.message))
-        except OSError as exc:  # the device or medium went away under us
-            outcomes.append(Outcome(text, False, reason=exc.strerror or str(exc)))
-        else:
-            outcomes.append(Outcome(text, True, written=result.written))
+    device on while it is read; `medium`: where setup mounted the medium;
+    `deadline`: seconds the downloads may take in all (a boot waits for
+    them in turn), those left when an update starts are its own."""
+    outcomes: list[Outcome] = []
+    end = time.monotonic() + deadline
+    for text in dict.fromkeys(updates):  # one given twice is applied once
+        left = end - time.monotonic()
+        if len(outcomes) >= MAX_UPDATES or left <= 0:
+            why = (f"past the first {MAX_UPDATES} updates" if len(outcomes) >= MAX_UPDATES
+                   else f"the updates' {deadline:g} s are up")
+            outcomes.append(Outcome(shown(text), False, reason=f"not tried: {why}"))
+            continue
+        outcomes.append(_apply_one(text, options, mounts, medium, left))
     return outcomes
+
+
+def _apply_one(text: str, options: ApplyOptions, mounts: Path, medium: str,
+               deadline: float) -> Outcome:
+    result: Result | None = None
+    why = ""
+    try:
+        with log.step(f"applying the update {shown(text)}"):
+            source = parse_source(text)
+            with _located(source, mounts, medium) as spec:
+                result = apply_update(spec, options, deadline=deadline)
+    except DmoverlayError as exc:
+        why = shown(exc.message)
+    except OSError as exc:  # the device or medium went away under us
+        why = shown(exc.strerror or str(exc))
+    if result is None:
+        return Outcome(shown(text), False, reason=why)
+    if why:  # the root has it: only letting its device go failed
+        log.warning(f"{shown(text)}: applied, but {why}")
+    return Outcome(shown(text), True, written=result.written, dry_run=result.dry_run)
 
 
 @contextmanager
@@ -152,7 +211,9 @@ def _located(source: Source, mounts: Path, medium: str) -> Iterator[str]:
 
 
 def _inside(top: str, path: str) -> str:
-    """top/path, resolved: UsageError if a link on the way leads off `top`."""
+    """top/path, resolved: UsageError if a link on the way leads off `top`
+    (`top` resolved too: it may be named through a link, /var/run)."""
+    top = os.path.realpath(top)
     resolved = os.path.realpath(os.path.join(top, path.lstrip("/")))
     if os.path.commonpath([resolved, top]) != top:
         raise UsageError(f"{path} leads off the device it is on (a link to {resolved})")
@@ -165,18 +226,26 @@ def _inside(top: str, path: str) -> str:
 def _mounted(device: devspec.Location, mounts: Path) -> Iterator[str]:
     """The device mounted read-only in `mounts`, while it is read."""
     dev = devspec.find(device)
-    if not os.path.exists(dev):
-        raise UsageError(f"{dev}: no such device")
+    try:
+        st = os.stat(dev)
+    except OSError:
+        raise UsageError(f"{dev}: no such device") from None
+    if not stat.S_ISBLK(st.st_mode):  # mount would set up a loop device on a file
+        raise UsageError(f"{dev}: not a block device")
     fstype = fs_type(dev)
     if fstype not in FILESYSTEMS:
         raise UsageError(f"{dev}: holds {fstype or 'no filesystem known here'}, not one of "
                          f"{', '.join(FILESYSTEMS)}")
     where = tempfile.mkdtemp(prefix="updates-", dir=os.fspath(mounts))
     try:
-        blockdev.mount(dev, where, fstype=fstype, options="ro,nodev,nosuid,noexec")
         try:
+            blockdev.mount(dev, where, fstype=fstype,
+                           options=_MOUNT_OPTIONS + _FS_OPTIONS.get(fstype, ""))
             yield where
         finally:
-            blockdev.unmount(where, lazy=True)
+            # whether mount returned or not: an interruption may come once
+            # the mount is made, and must not be taken for a failed update
+            if os.path.ismount(where):
+                blockdev.unmount(where, lazy=True)
     finally:
         os.rmdir(where)

@@ -253,3 +253,105 @@ def test_json_reports_keep_their_keys_and_values(live: tuple[Path, Path, Path]) 
         ("ok", False), ("actions", [_action("create", "usr/fine", "usr/fine")]),
         ("refusals", [{"name": "tmp", "reason": why, "hint": hint},
                       {"name": "tmp/x", "reason": why, "hint": hint}])]
+
+
+# ---------------------------------------------------------------- --from-cmdline, at boot
+
+def from_cmdline(line: str, top: Path, root: Path, run: Path,
+                 *args: str) -> subprocess.CompletedProcess[str]:
+    """`apply --from-cmdline FILE` with the line in FILE, and a state
+    directory of its own (no setup recorded in it)."""
+    (top / "cmdline").write_text(line + "\n")
+    return dmoverlay("apply", "--from-cmdline", str(top / "cmdline"), "--root", str(root),
+                     "--run-dir", str(run), "--state-dir", str(top / "state"), *args)
+
+
+def test_from_cmdline_without_updates_is_a_note(live: tuple[Path, Path, Path]) -> None:
+    top, root, run = live
+    before = snapshot(root)
+    result = from_cmdline("root=live:LABEL=X rd.live.image quiet", top, root, run)
+    assert result.returncode == 0, result.stderr
+    assert "no updates on the command line" in result.stderr
+    assert snapshot(root) == before
+
+
+@pytest.mark.parametrize("extra", [["UPDATES"], ["--sha256", "0" * 64]])
+def test_from_cmdline_with_updates_given_too_is_one_error(live: tuple[Path, Path, Path],
+                                                          extra: list[str]) -> None:
+    top, root, run = live
+    result = from_cmdline("inst.updates=/u.img", top, root, run, *extra)
+    line = error_line(result)
+    assert "--from-cmdline takes the updates from the command line" in line
+    assert result.returncode == 1
+
+
+def test_neither_updates_nor_from_cmdline(live: tuple[Path, Path, Path]) -> None:
+    _, root, run = live
+    line = error_line(dmoverlay("apply", "--root", str(root), "--run-dir", str(run)))
+    assert line == "error: UPDATES is missing"
+
+
+def test_from_cmdline_an_update_left_out_says_why_and_fails(
+        live: tuple[Path, Path, Path]) -> None:
+    top, root, run = live
+    before = snapshot(root)
+    result = from_cmdline("root=live:LABEL=X rd.live.updates=/u.tar", top, root, run)
+    assert result.returncode == 1
+    line = error_line(result)
+    assert line.startswith("error: 1 of 1 updates left out; ")
+    warnings = [x for x in result.stderr.splitlines() if x.startswith("warning: ")]
+    assert warnings == ["warning: left out /u.tar: no live medium is mounted to find it on "
+                        "(the root is an image file, or the medium was released)"]
+    assert result.stderr.index(warnings[0]) < result.stderr.index(line)
+    assert snapshot(root) == before
+
+
+def test_from_cmdline_applies_the_others_and_reports_in_json(
+        live: tuple[Path, Path, Path], server: tuple[str, Path]) -> None:
+    top, root, run = live
+    base, served = server
+    image = updates_img(top, {"etc/os-release": b"ID=from-the-line\n"})
+    (served / "updates.img").write_bytes(image.read_bytes())
+    line = f"rd.live.updates={base}/updates.img inst.updates={base}/missing.img"
+    result = from_cmdline(line, top, root, run, "--json")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    report = json.loads(result.stdout)
+    assert [(o["update"], o["applied"]) for o in report] == [
+        (f"{base}/updates.img", True), (f"{base}/missing.img", False)]
+    assert report[0]["written"] >= 1 and report[0]["reason"] == ""
+    assert "404" in report[1]["reason"]
+    assert (root / "etc/os-release").read_bytes() == b"ID=from-the-line\n"
+    assert error_line(result).startswith("error: 1 of 2 updates left out; ")
+
+
+def test_from_cmdline_with_a_planted_state_dir_is_one_error(
+        live: tuple[Path, Path, Path], server: tuple[str, Path]) -> None:
+    """A state directory someone else could have written in: nothing is
+    taken from it, nor mounted in it; the boot goes on without updates."""
+    top, root, run = live
+    base, served = server
+    (served / "u.img").write_bytes(updates_img(top, {"etc/os-release": b"ID=x\n"}).read_bytes())
+    (top / "elsewhere").mkdir(mode=0o700)
+    (top / "state").symlink_to(top / "elsewhere")
+    before = snapshot(root)
+    result = from_cmdline(f"inst.updates={base}/u.img", top, root, run)
+    assert "not a private directory of this user: a symlink" in error_line(result)
+    assert snapshot(root) == before
+    assert os.listdir(top / "elsewhere") == []
+
+
+def test_from_cmdline_dry_run_says_nothing_was_applied(
+        live: tuple[Path, Path, Path], server: tuple[str, Path]) -> None:
+    top, root, run = live
+    base, served = server
+    (served / "u.img").write_bytes(updates_img(top, {"etc/os-release": b"ID=x\n"}).read_bytes())
+    before = snapshot(root)
+    result = from_cmdline(f"inst.updates={base}/u.img", top, root, run, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert f"would apply {base}/u.img (dry run: nothing written)" in result.stderr
+    assert f"applied {base}/u.img" not in result.stderr
+    assert snapshot(root) == before
+    report = json.loads(from_cmdline(f"inst.updates={base}/u.img", top, root, run,
+                                     "--dry-run", "--json").stdout)
+    assert [(o["applied"], o["dry_run"]) for o in report] == [(True, True)]

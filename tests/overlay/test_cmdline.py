@@ -19,6 +19,7 @@ from dmoverlay.overlay.cmdline import (
     read_cmdline,
     setup_options,
     split_cmdline,
+    updates_of,
 )
 from dmoverlay.overlay.dmtable import Mode
 from dmoverlay.overlay.options import SetupOptions
@@ -253,3 +254,47 @@ def test_a_size_past_any_machine_is_one_line(digits: str) -> None:
         return
     with pytest.raises(UsageError, match="not a whole number of MiB"):
         parse(line)
+
+
+# ---------------------------------------------------------------- updates, at boot
+
+def test_updates_keep_their_order_across_both_keys() -> None:
+    line = ("root=live:LABEL=L inst.updates=/a.img rd.live.updates=LABEL=U:/b.tar "
+            "inst.updates=http://10.0.2.2/c.img rd.live.updates=/a.img")
+    assert updates_of(line) == ("/a.img", "LABEL=U:/b.tar", "http://10.0.2.2/c.img", "/a.img")
+
+
+def test_updates_after_the_end_of_the_kernels_part_are_inits() -> None:
+    assert updates_of("rd.live.updates=/a -- rd.live.updates=/b inst.updates=/c") == ("/a",)
+
+
+def test_updates_are_read_through_quotes() -> None:
+    line = 'inst.updates="CDLABEL=My Disk:/u p.img" "rd.live.updates=/with space.tar"'
+    assert updates_of(line) == ("CDLABEL=My Disk:/u p.img", "/with space.tar")
+
+
+@pytest.mark.parametrize("line", [
+    "inst.updates=http://10.0.2.2/u.img",  # anaconda's, on an installer with no live root
+    "root=/dev/sda1 ro quiet inst.updates=http://10.0.2.2/u.img",
+    # the rest of the line is setup's to judge: a misspelt key does not stop updates
+    "root=live:LABEL=L rd.live.overlay.sise=1 inst.updates=http://10.0.2.2/u.img",
+])
+def test_updates_need_no_live_root(line: str) -> None:
+    assert updates_of(line) == ("http://10.0.2.2/u.img",)
+
+
+@pytest.mark.parametrize("line", ["", "quiet", "root=live:LABEL=L rd.live.image",
+                                  "inst.updates_x=/a", "rd.live.updatesx=/a"])
+def test_a_line_without_updates_has_none(line: str) -> None:
+    assert updates_of(line) == ()
+
+
+@pytest.mark.parametrize(("line", "words"), [
+    ("inst.updates=", "inst.updates needs a value"),
+    ("rd.live.updates", "rd.live.updates needs a value"),
+    ('rd.live.updates="/a', "a double quote is not closed"),
+])
+def test_a_bad_update_value_is_one_line(line: str, words: str) -> None:
+    with pytest.raises(UsageError, match=words) as caught:
+        updates_of(line)
+    assert caught.value.hint

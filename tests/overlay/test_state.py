@@ -182,3 +182,55 @@ def test_a_ram_state_naming_a_foreign_path_is_refused(tmp_path: Path, step: Step
     state.steps.insert(3, step)
     with pytest.raises(ValueError, match="step setup would not record"):
         check_state(state, tmp_path / "state", "live")
+
+
+# ---------------------------------------------------------------- the medium
+
+def _with_medium(top: Path) -> State:
+    """A setup that mounted the medium in its work directory, as find_rootfs does."""
+    work = top / "state/live"
+    state = make_state(top, Step(StepKind.DIR, f"{work}"), Step(StepKind.DIR, f"{work}/media0"),
+                       Step(StepKind.MOUNT, f"{work}/media0"), Step(StepKind.DM, "live-rw"),
+                       Step(StepKind.MOUNT, f"{top}/sysroot"))
+    state.medium = f"{work}/media0"
+    return state
+
+
+def test_the_medium_round_trips(tmp_path: Path) -> None:
+    state = _with_medium(tmp_path)
+    plant(tmp_path / "state", state.to_json())
+    loaded, _ = load_state(tmp_path / "state", "live")
+    assert loaded == state and loaded.medium == f"{tmp_path}/state/live/media0"
+
+
+def test_a_state_of_before_the_medium_loads_without_one(tmp_path: Path) -> None:
+    data = json.loads(_with_medium(tmp_path).to_json())
+    del data["medium"]
+    plant(tmp_path / "state", json.dumps(data))
+    assert load_state(tmp_path / "state", "live")[0].medium == ""
+
+
+@pytest.mark.parametrize("medium", [
+    "/", "/etc", "/run/initramfs/live", "{work}/media1", "{work}/media0/..", "{work}",
+    "{work}/media0/", "relative",
+])
+def test_a_medium_that_is_not_a_mount_of_the_state_is_refused(tmp_path: Path,
+                                                              medium: str) -> None:
+    text = _with_medium(tmp_path).to_json()
+    recorded = f'"medium": "{tmp_path}/state/live/media0"'
+    assert recorded in text
+    planted = medium.replace("{work}", f"{tmp_path}/state/live")
+    plant(tmp_path / "state", text.replace(recorded, f'"medium": {json.dumps(planted)}'))
+    with pytest.raises(OverlayError, match="not a mount point setup made") as exc:
+        load_state(tmp_path / "state", "live")
+    assert "\n" not in exc.value.message and exc.value.hint
+
+
+@pytest.mark.parametrize("value", [True, 1, None, ["/x"], {"a": 1}])
+def test_a_medium_that_is_not_a_string_is_refused(tmp_path: Path, value: object) -> None:
+    text = _with_medium(tmp_path).to_json()
+    recorded = f'"medium": "{tmp_path}/state/live/media0"'
+    plant(tmp_path / "state", text.replace(recorded, f'"medium": {json.dumps(value)}'))
+    with pytest.raises(OverlayError, match="its medium is not a path") as exc:
+        load_state(tmp_path / "state", "live")
+    assert "\n" not in exc.value.message
