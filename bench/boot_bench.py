@@ -31,8 +31,8 @@ CMDLINE = "root=live:LABEL=LIVE rd.live.overlay.size=64 quiet"
 def _python_bytes(initrd: Path) -> int:
     """What the interpreter, its zip, extensions and the libraries only
     they link weigh in the initramfs, uncompressed."""
-    listing = subprocess.run(["lsinitrd", str(initrd)], capture_output=True, text=True,
-                             check=True).stdout
+    listing = subprocess.run(["lsinitrd", str(initrd)], capture_output=True, check=True
+                             ).stdout.decode(errors="replace")  # it also prints binary
     total = 0
     for line in listing.splitlines():
         fields = line.split()
