@@ -88,3 +88,12 @@ def dmsquash_initrd(kit: dict[str, Path | str]) -> Path:
     top = Path(kit["top"])
     return machine.make_initramfs(Path(kit["dracut"]), str(kit["kver"]),
                                   top / "initrd-dmsquash.img", machine.DMSQUASH)
+
+
+@pytest.fixture(scope="session")
+def systemd_initrd(kit: dict[str, Path | str]) -> Path:
+    """The module in an initramfs that systemd runs, as dracut makes it by
+    default where systemd is installed (Fedora, Debian with dracut)."""
+    top = Path(kit["top"])
+    return machine.make_initramfs(Path(kit["dracut"]), str(kit["kver"]),
+                                  top / "initrd-systemd.img", machine.SYSTEMD)

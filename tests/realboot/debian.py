@@ -38,7 +38,8 @@ Description=dmoverlay boot probe: report how the system came up, then power off
 After=multi-user.target
 
 [Service]
-Type=oneshot
+# not oneshot: start-up, which the probe waits for, would then wait for it
+Type=exec
 ExecStart=/usr/local/sbin/dmoverlay-probe
 
 [Install]

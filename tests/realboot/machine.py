@@ -128,6 +128,9 @@ def dracut_base(where: Path) -> Path:
 # The same initramfs but for the module that sets up the live root.
 OURS = "bash base udev-rules kernel-modules dmoverlay"
 DMSQUASH = "bash base udev-rules kernel-modules dmsquash-live"
+# What dracut makes on a host with systemd: systemd runs the initramfs, and
+# the module's hooks run from dracut's services.
+SYSTEMD = f"systemd systemd-initrd dracut-systemd {OURS}"
 
 
 def make_initramfs(base: Path, kver: str, out: Path, modules: str = OURS) -> Path:

@@ -167,3 +167,15 @@ def test_the_same_image_boots_under_dracuts_own_dmsquash_live(kit: Kit, tmp_path
     _booted_live(result)
     assert result.tables()["live-rw"].split()[2] == "snapshot"
     assert "touched /written" in result.probe
+
+
+def test_a_systemd_initramfs(kit: Kit, tmp_path: Path, systemd_initrd: Path) -> None:
+    """The hooks run from dracut's systemd services the same way; an update
+    applied at pre-pivot is there after switch_root."""
+    disk = _copy(Path(kit["disk"]), tmp_path / "disk.img")
+    _put_on_medium(disk, {"/updates.tar": _tar({"lib/dmoverlay-update.txt": b"systemd\n"})},
+                   tmp_path)
+    result = _boot(kit, tmp_path, f"{LIVE} rd.live.overlay.size=64 rd.live.updates=/updates.tar "
+                   "probe.cat=/usr/lib/dmoverlay-update.txt", [disk], initrd=systemd_initrd)
+    _booted_live(result)
+    assert "file /usr/lib/dmoverlay-update.txt systemd" in result.probe
