@@ -97,3 +97,14 @@ def systemd_initrd(kit: dict[str, Path | str]) -> Path:
     top = Path(kit["top"])
     return machine.make_initramfs(Path(kit["dracut"]), str(kit["kver"]),
                                   top / "initrd-systemd.img", machine.SYSTEMD)
+
+
+@pytest.fixture(scope="session")
+def network_initrd(kit: dict[str, Path | str]) -> Path:
+    """The module with dracut's network (for updates over http)."""
+    if not (machine.DRACUT / "modules.d" / "35network-legacy").is_dir():
+        pytest.fail("dracut's network modules are missing: apt-get install dracut-network",
+                    pytrace=False)
+    top = Path(kit["top"])
+    return machine.make_initramfs(Path(kit["dracut"]), str(kit["kver"]),
+                                  top / "initrd-network.img", machine.NETWORK)

@@ -27,8 +27,8 @@ DRACUT = Path("/usr/lib/dracut")
 PROBE_TOOLS = ("/usr/sbin/dmsetup",)
 # The drivers a qemu guest needs, and what setup uses; with these the
 # initramfs is built in seconds, not the minute of every driver.
-DRIVERS = ("virtio_pci virtio_blk loop squashfs ext4 isofs vfat dm-mod dm-snapshot "
-           "dm-thin-pool")
+DRIVERS = ("virtio_pci virtio_blk virtio_net loop squashfs ext4 isofs vfat dm-mod "
+           "dm-snapshot dm-thin-pool")
 BASE_CMDLINE = ("console=ttyS0 panic=-1 rd.shell=0 rd.emergency=poweroff "
                 "rd.retry=10 rd.timeout=60")
 
@@ -131,6 +131,8 @@ DMSQUASH = "bash base udev-rules kernel-modules dmsquash-live"
 # What dracut makes on a host with systemd: systemd runs the initramfs, and
 # the module's hooks run from dracut's services.
 SYSTEMD = f"systemd systemd-initrd dracut-systemd {OURS}"
+# With a network, for updates over http: dracut's network-legacy (dhclient).
+NETWORK = f"{OURS} network network-legacy"
 
 
 def make_initramfs(base: Path, kver: str, out: Path, modules: str = OURS) -> Path:
@@ -172,9 +174,12 @@ class Boot:
 
 def boot(kernel_image: Path, initrd: Path, cmdline: str, disks: list[Path], *,
          log: Path, timeout: float = 300, snapshot: bool = False,
-         memory: str = "1024") -> Boot:
-    """Boot once; the serial console goes to `log`."""
+         memory: str = "1024", network: bool = False) -> Boot:
+    """Boot once; the serial console goes to `log`.  With `network`, a NIC
+    on qemu's user-mode network, where 10.0.2.2 is this host's loopback."""
     drives = []
+    if network:
+        drives += ["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0"]
     for disk in disks:
         drives += ["-drive", f"file={disk},if=virtio,format=raw"
                    + (",snapshot=on" if snapshot else "")]

@@ -3,10 +3,16 @@ module, each checked from inside by the probe root's init (machine.py)."""
 
 from __future__ import annotations
 
+import functools
+import http.server
 import io
 import subprocess
 import tarfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.realboot import machine
 from tests.realboot.machine import Boot
@@ -17,11 +23,12 @@ PART1 = 2048 * 512  # where `build --disk` puts the live partition
 
 
 def _boot(kit: Kit, tmp_path: Path, cmdline: str, disks: list[Path] | None = None,
-          *, name: str = "console", timeout: float = 300, initrd: Path | None = None) -> Boot:
+          *, name: str = "console", timeout: float = 300, initrd: Path | None = None,
+          network: bool = False) -> Boot:
     log = tmp_path / f"{name}.log"
     result = machine.boot(Path(kit["kernel"]), initrd or Path(kit["initrd"]), cmdline,
                           disks or [Path(kit["disk"])], log=log, timeout=timeout,
-                          snapshot=disks is None)
+                          snapshot=disks is None, network=network)
     assert result.ended, f"the boot did not end within {timeout} s: see {log}"
     return result
 
@@ -179,3 +186,37 @@ def test_a_systemd_initramfs(kit: Kit, tmp_path: Path, systemd_initrd: Path) -> 
                    "probe.cat=/usr/lib/dmoverlay-update.txt", [disk], initrd=systemd_initrd)
     _booted_live(result)
     assert "file /usr/lib/dmoverlay-update.txt systemd" in result.probe
+
+
+@pytest.fixture
+def http_dir(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    """(a directory, the port) served over http on this host's loopback,
+    which a guest on qemu's user-mode network reaches as 10.0.2.2."""
+    served = tmp_path / "www"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield served, server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_update_over_http(kit: Kit, tmp_path: Path, network_initrd: Path,
+                             http_dir: tuple[Path, int]) -> None:
+    """inst.updates= an http URL, from a server on the host; one that is
+    not there (404) is left out and the boot goes on."""
+    served, port = http_dir
+    (served / "updates.tar").write_bytes(_tar({"lib/dmoverlay-update.txt": b"over-http\n"}))
+    url = f"http://10.0.2.2:{port}"
+    result = _boot(kit, tmp_path, f"{LIVE} rd.live.overlay.size=64 rd.neednet=1 ip=dhcp "
+                   f"inst.updates={url}/updates.tar rd.live.updates={url}/missing.tar "
+                   "probe.cat=/usr/lib/dmoverlay-update.txt", initrd=network_initrd,
+                   network=True)
+    _booted_live(result)
+    assert "file /usr/lib/dmoverlay-update.txt over-http" in result.probe
+    assert [line for line in result.console.splitlines()
+            if f"left out {url}/missing.tar" in line], result.console[-4000:]
