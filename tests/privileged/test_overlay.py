@@ -421,6 +421,13 @@ def test_ram_that_does_not_fit_is_refused_before_the_copy(images: dict[str, Path
     assert resources() == before
 
 
+def _wait_for(log: Path, text: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert time.monotonic() < deadline, f"the watch never said {text!r}: {log.read_text()}"
+        time.sleep(0.2)
+
+
 def test_watch_says_each_threshold_once_then_the_overflow_then_the_end(
         images: dict[str, Path], place: dict[str, Path]) -> None:
     """`dmoverlay watch` on a real snapshot filling up, its stderr standing
@@ -436,24 +443,31 @@ def test_watch_says_each_threshold_once_then_the_overflow_then_the_end(
              "--state-dir", str(place["state"]), "--thresholds", "40,60,80",
              "--interval", "0.1"], stderr=out, env=env)
         try:
+            # in steps, each seen by the watch before the next: under
+            # emulation its start alone can take longer than filling up
             root = place["target"]
             with open(root / "var/filler", "wb") as f:
-                f.write(os.urandom(16 << 20))
-                f.flush()
-                os.fsync(f.fileno())
-            time.sleep(1)
+                for mib, seen in ((12, " past 40%"), (8, " past 80%")):
+                    f.write(os.urandom(mib << 20))
+                    f.flush()
+                    os.fsync(f.fileno())
+                    _wait_for(log, seen)
             with pytest.raises(OSError):
                 write_until_it_fails(root / "var/more", 64)
-            time.sleep(1)
+            _wait_for(log, "<0>")
             teardown(place)
-            assert watcher.wait(timeout=30) == 0
+            assert watcher.wait(timeout=60) == 0
         finally:
             if watcher.poll() is None:
                 watcher.kill()
     lines = log.read_text().splitlines()
-    ups = [line for line in lines if line.startswith(("<4>", "<2>"))]
-    passed = [line.split("past ")[1].split("%")[0] for line in ups]
+    ups = [line for line in lines if line.startswith(("<4>", "<2>")) and " past " in line]
+    passed = [line.split(" past ")[1].split("%")[0] for line in ups]
     assert passed and passed == sorted(set(passed), key=float), lines  # each once, in order
+    assert passed[-1] == "80" and ups[-1].startswith("<2>"), lines  # the last: critical
+    # before the overflow, every look read the fill
+    assert not [line for line in lines[:lines.index(next(x for x in lines if x.startswith("<0>")))]
+                if "cannot read" in line], lines
     assert [line for line in lines if line.startswith("<0>")] == \
         [f"<0>{place['name']}: the COW is overflow: writes on it fail"], lines
     assert lines[-1] == f"<5>{place['name']}: no overlay (torn down, or never set up): " \
