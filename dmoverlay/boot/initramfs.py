@@ -164,15 +164,17 @@ def pyc(source: bytes, filename: str) -> bytes:
 
 def write_zip(closure: Closure, dest: Path) -> int:
     """The pure modules, as bytecode, in the zip the interpreter looks for;
-    returns its size."""
+    returns its size.  Stored, not deflated: dracut compresses the whole
+    initramfs anyway (to the same size), and an import then inflates
+    nothing (the command's start-up: 79 ms here against 99 ms deflated)."""
     tmp = dest.with_name(dest.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
         for name, file in sorted(closure.pure.items()):
             parts = name.split(".")
             arc = "/".join([*parts, "__init__.pyc"] if name in closure.packages
                            else [*parts[:-1], parts[-1] + ".pyc"])
             info = zipfile.ZipInfo(arc, _ZIP_DATE)
-            info.compress_type = zipfile.ZIP_DEFLATED
+            info.compress_type = zipfile.ZIP_STORED
             info.external_attr = 0o644 << 16
             zf.writestr(info, pyc(Path(file).read_bytes(), file))
     os.replace(tmp, dest)
