@@ -136,7 +136,12 @@ NETWORK = f"{OURS} network network-legacy"
 
 
 def make_initramfs(base: Path, kver: str, out: Path, modules: str = OURS) -> Path:
-    subprocess.run(["dracut", "--quiet", "--force", "--no-hostonly", "-m", modules,
+    # the host's dracut.conf and dracut.conf.d are left out: dracut-network
+    # alone adds a module there (ifcfg) that brings in a network and systemd
+    confdir = base / "conf.d"
+    confdir.mkdir(exist_ok=True)
+    subprocess.run(["dracut", "--quiet", "--force", "--conf", "/dev/null", "--confdir",
+                    str(confdir), "--no-hostonly", "-m", modules,
                     "--drivers", DRIVERS, "--kver", kver, str(out)],
                    check=True, capture_output=True, text=True,
                    env={**os.environ, "dracutbasedir": str(base)}, timeout=600)
