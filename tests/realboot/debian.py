@@ -29,6 +29,9 @@ state=$(systemctl is-system-running --wait)
     for d in /sys/block/dm-*; do
         [ -e "$d/dm/name" ] && echo "PROBE dm $(cat "$d/dm/name")"
     done
+    journalctl -b -k --no-pager -o cat -g dmoverlay | while read -r line; do
+        echo "PROBE journal $line"
+    done
     echo "PROBE-END"
 } > /dev/ttyS0
 systemctl poweroff --no-block

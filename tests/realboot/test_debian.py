@@ -1,6 +1,7 @@
 """A real Debian 12 root (systemd, udev) from Debian's repository, built by
 `dmoverlay build` as a normal user, boots through the module to multi-user
-with no failed unit."""
+with no failed unit; an update that cannot be had is left out, and the
+booted system's journal says why."""
 
 from __future__ import annotations
 
@@ -43,10 +44,15 @@ def test_a_debian_root_boots_to_multi_user_with_no_failed_unit(
     assert built.returncode == 0, built.stderr
     log = nobodys_dir / "console.log"
     result = machine.boot(Path(kit["kernel"]), Path(kit["initrd"]),
-                          "root=live:LABEL=LIVE rd.live.overlay.size=256 systemd.show_status=0",
+                          "root=live:LABEL=LIVE rd.live.overlay.size=256 systemd.show_status=0 "
+                          "rd.live.updates=/not-on-the-medium.img",
                           [nobodys_dir / "disk.img"], log=log, timeout=600, snapshot=True)
     assert result.ended, "the boot did not end:\n" + result.console[-4000:]
     assert result.probe, "the probe never ran:\n" + result.console[-4000:]
     assert result.root_mount[:2] == ["/dev/mapper/live-rw", "ext4"], result.probe
     assert result.has("failed ") == []
     assert result.has("state ") == ["state running"], result.probe
+    # the update that was not there: left out, the boot went on, and the
+    # booted system's journal says why
+    said = [line for line in result.has("journal ") if "left out /not-on-the-medium.img" in line]
+    assert said, result.probe
