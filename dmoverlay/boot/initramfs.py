@@ -22,6 +22,8 @@ import json
 import marshal
 import os
 import pkgutil
+import shlex
+import stat
 import subprocess
 import sys
 import zipfile
@@ -187,7 +189,7 @@ def wrapper(python: str) -> str:
     return (f"#!/bin/sh\n"
             f"# dmoverlay in the initramfs (written by `dmoverlay initramfs stage`)\n"
             f"export DMOVERLAY_BLOCKDEV=util-linux\n"
-            f"exec {python} -I -S -c 'from dmoverlay.cli import main; main()' \"$@\"\n")
+            f"exec {shlex.quote(python)} -I -S -c 'from dmoverlay.cli import main; main()' \"$@\"\n")
 
 
 def stage(dest: Path, python: str = sys.executable) -> Closure:
@@ -202,7 +204,7 @@ def stage(dest: Path, python: str = sys.executable) -> Closure:
     write_zip(closure, zip_dest)
     bin_dir = dest / WRAPPER.lstrip("/").rpartition("/")[0]
     bin_dir.mkdir(parents=True, exist_ok=True)
-    (bin_dir / "dmoverlay").write_text(wrapper(closure.python))
+    (bin_dir / "dmoverlay").write_bytes(os.fsencode(wrapper(closure.python)))
     (bin_dir / "dmoverlay").chmod(0o755)
     return closure
 
@@ -219,6 +221,7 @@ INSTALLED = "installed.conf"  # in the module: where the Python and the package 
 
 
 def _shell_word(text: str) -> str:
+    """One word to the shell, whatever the text holds (no NUL: a path has none)."""
     return "'" + text.replace("'", "'\\''") + "'"
 
 
@@ -232,9 +235,10 @@ def install_module(moddir: Path = DRACUT_MODULES, confdir: Path | None = DRACUT_
                          hint="is dracut installed? (apt-get install dracut-core)")
     if not os.path.isabs(python):
         raise UsageError(f"{python!r}: not an absolute path to a Python")
+    if confdir is not None and not confdir.is_dir():
+        raise UsageError(f"{confdir}: no such directory", hint="give --confdir")
     here = Path(__file__).resolve().parent / "dracut"
-    target = moddir / MODULE
-    target.mkdir(mode=0o755, exist_ok=True)
+    target = _module_dir(moddir / MODULE)
     written = []
     for name in MODULE_FILES:
         written.append(_write(target / name, (here / name).read_bytes(), 0o755))
@@ -243,10 +247,8 @@ def install_module(moddir: Path = DRACUT_MODULES, confdir: Path | None = DRACUT_
             f"# dmoverlay package it installs from is\n"
             f"dmoverlay_python={_shell_word(python)}\n"
             f"dmoverlay_path={_shell_word(os.fspath(package_dir))}\n")
-    written.append(_write(target / INSTALLED, conf.encode(), 0o644))
+    written.append(_write(target / INSTALLED, os.fsencode(conf), 0o644))
     if confdir is not None:
-        if not confdir.is_dir():
-            raise UsageError(f"{confdir}: no such directory", hint="give --confdir")
         snippet = ("# written by `dmoverlay initramfs install`: dmoverlay sets up the live\n"
                    "# root (root=live:..., rd.live.*) in place of dmsquash-live\n"
                    'add_dracutmodules+=" dmoverlay "\n'
@@ -255,13 +257,42 @@ def install_module(moddir: Path = DRACUT_MODULES, confdir: Path | None = DRACUT_
     return written
 
 
+def _module_dir(target: Path) -> Path:
+    """The module's directory, made if missing.  dracut runs what is in it
+    as root: a link there (to anywhere) is not written through, and a
+    directory another user owns or others may write into is not trusted."""
+    try:
+        os.mkdir(target, 0o755)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise UsageError(f"{target}: cannot make it: {exc.strerror}") from exc
+    st = os.lstat(target)
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{target}: not a directory (a link or a file is in its place)",
+                         hint="remove it, then install again")
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise UsageError(f"{target}: owned by another user or writable by others",
+                         hint="remove it, then install again")
+    return target
+
+
 def _write(path: Path, data: bytes, mode: int) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    try:
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     mode)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write it: {exc.strerror}",
+                         hint="a directory or something else in its way? remove it") from exc
     return path
 

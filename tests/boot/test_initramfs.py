@@ -153,3 +153,83 @@ def test_install_refusals(tmp_path: Path) -> None:
         initramfs.install_module(tmp_path / "m", None, python="python3")
     with pytest.raises(UsageError, match="no such directory"):
         initramfs.install_module(tmp_path / "m", tmp_path / "noconf")
+
+
+def test_the_wrapper_runs_a_python_whose_path_has_spaces_and_quotes(tmp_path: Path) -> None:
+    """The interpreter's path is one word to the shell, whatever it holds."""
+    where = tmp_path / "it's a \"dir\" $HOME `x` \\ \n"
+    where.mkdir()
+    python = where / "python"
+    python.write_text('#!/bin/sh\nprintf "%s|" "$0" "$@"\n')
+    python.chmod(0o755)
+    wrapper = tmp_path / "dmoverlay"
+    wrapper.write_bytes(initramfs.wrapper(str(python)).encode())
+    out = subprocess.run(["sh", str(wrapper), "setup", "a b"], capture_output=True, text=True,
+                         check=True).stdout
+    assert out == f"{python}|-I|-S|-c|from dmoverlay.cli import main; main()|setup|a b|"
+
+
+def test_the_conf_gives_back_every_byte_of_a_path(tmp_path: Path) -> None:
+    """installed.conf, sourced by the shell, gives the paths back as they
+    were: quotes, newlines, backslashes, `$`, backticks, bytes not UTF-8."""
+    moddir = tmp_path / "modules.d"
+    moddir.mkdir()
+    weird = "".join(chr(c) for c in range(1, 128)) + os.fsdecode(b"\xff\xfe")
+    python = "/opt/" + weird.replace("/", "") + "/python"
+    initramfs.install_module(moddir, None, python=python)
+    out = subprocess.run(["sh", "-c", '. "$1"; printf "%s" "$dmoverlay_python"', "sh",
+                          str(moddir / initramfs.MODULE / "installed.conf")],
+                         capture_output=True, check=True).stdout
+    assert out == os.fsencode(python)
+
+
+def test_install_checks_the_conf_dir_before_writing_anything(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    with pytest.raises(UsageError, match="no such directory"):
+        initramfs.install_module(tmp_path / "m", tmp_path / "noconf")
+    assert not (tmp_path / "m" / initramfs.MODULE).exists()
+
+
+def test_install_does_not_write_through_a_planted_link(tmp_path: Path) -> None:
+    """The module is run by dracut as root: a link in its place is not
+    followed to wherever it points."""
+    moddir, elsewhere = tmp_path / "modules.d", tmp_path / "elsewhere"
+    moddir.mkdir()
+    elsewhere.mkdir()
+    (moddir / initramfs.MODULE).symlink_to(elsewhere)
+    with pytest.raises(UsageError, match="not a directory") as caught:
+        initramfs.install_module(moddir, None, python="/usr/bin/python3")
+    assert caught.value.hint
+    assert list(elsewhere.iterdir()) == []
+    assert (moddir / initramfs.MODULE).is_symlink()
+
+
+@pytest.mark.parametrize("what", ["file", "open dir", "foreign dir"])
+def test_install_refuses_what_is_in_the_module_s_place(tmp_path: Path, what: str) -> None:
+    moddir = tmp_path / "modules.d"
+    moddir.mkdir()
+    module = moddir / initramfs.MODULE
+    if what == "file":
+        module.write_text("x")
+    else:
+        module.mkdir()
+        if what == "open dir":
+            module.chmod(0o777)
+        else:
+            os.chown(module, 12345, 12345)
+    with pytest.raises(UsageError, match=initramfs.MODULE):
+        initramfs.install_module(moddir, None, python="/usr/bin/python3")
+    if what != "file":
+        assert list(module.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["installed.conf", ".installed.conf.tmp", "module-setup.sh"])
+def test_install_says_so_when_a_file_cannot_be_written(tmp_path: Path, name: str) -> None:
+    """A directory where a file goes: one error naming it, no traceback,
+    and no temporary file left."""
+    moddir = tmp_path / "modules.d"
+    (moddir / initramfs.MODULE / name).mkdir(parents=True)
+    with pytest.raises(UsageError, match=name.lstrip(".").removesuffix(".tmp")):
+        initramfs.install_module(moddir, None, python="/usr/bin/python3")
+    assert not [p for p in (moddir / initramfs.MODULE).iterdir()
+                if p.name.endswith(".tmp") and p.is_file()]
