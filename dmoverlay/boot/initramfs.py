@@ -186,10 +186,11 @@ def write_zip(closure: Closure, dest: Path) -> int:
 def wrapper(python: str) -> str:
     """/usr/bin/dmoverlay in the initramfs: the interpreter isolated from
     the environment and site-packages, with util-linux for loop devices."""
+    python = shlex.quote(python)  # one word, whatever the path holds
     return (f"#!/bin/sh\n"
             f"# dmoverlay in the initramfs (written by `dmoverlay initramfs stage`)\n"
             f"export DMOVERLAY_BLOCKDEV=util-linux\n"
-            f"exec {shlex.quote(python)} -I -S -c 'from dmoverlay.cli import main; main()' \"$@\"\n")
+            f"exec {python} -I -S -c 'from dmoverlay.cli import main; main()' \"$@\"\n")
 
 
 def stage(dest: Path, python: str = sys.executable) -> Closure:
