@@ -140,9 +140,17 @@ def collect() -> Closure:
 
 
 def collect_fresh(python: str = sys.executable) -> Closure:
-    """collect() in a new interpreter, with nothing else imported."""
-    result = subprocess.run([python, "-c", "import json, dmoverlay.boot.initramfs as i; "
-                             "print(json.dumps(i.collect().to_dict()))"],
+    """collect() in a new interpreter, with nothing else imported.  It is
+    isolated (-I): neither the current directory, which `-c` would put
+    first on its path, nor PYTHONPATH and the rest of the caller's PYTHON*
+    environment can put a module of theirs (a `json.py`, say) in place of
+    the one the boot path imports; only this dmoverlay is added, first, as
+    PYTHONPATH would have put it."""
+    package_dir = os.fspath(Path(__file__).resolve().parents[2])
+    result = subprocess.run([python, "-I", "-c",
+                             "import sys; sys.path.insert(0, sys.argv[1]); "
+                             "import json, dmoverlay.boot.initramfs as i; "
+                             "print(json.dumps(i.collect().to_dict()))", package_dir],
                             capture_output=True, text=True, check=False)
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines() or ["no output"]

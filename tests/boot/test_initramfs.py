@@ -233,3 +233,67 @@ def test_install_says_so_when_a_file_cannot_be_written(tmp_path: Path, name: str
         initramfs.install_module(moddir, None, python="/usr/bin/python3")
     assert not [p for p in (moddir / initramfs.MODULE).iterdir()
                 if p.name.endswith(".tmp") and p.is_file()]
+
+
+def test_the_closure_is_the_same_wherever_and_however_it_is_made(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dracut runs the module's install from wherever `dracut -f` was
+    typed, with the caller's environment: a module there by a standard
+    library name, or one on PYTHONPATH, is neither run nor carried."""
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "env").mkdir()
+    for where in ("cwd", "env"):
+        for name in ("difflib", "textwrap", "json"):
+            (tmp_path / where / f"{name}.py").write_text(
+                f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    clean = initramfs.collect_fresh()
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "env"))
+    assert initramfs.collect_fresh() == clean
+    assert not (tmp_path / "ran").exists()
+    assert not [f for f in clean.pure.values() if f.startswith(str(tmp_path))]
+
+
+_DRACUT_STUBS = """
+log() { printf '%s\\0' "$@" >> "$LOG"; printf '\\n\\0' >> "$LOG"; }
+inst_library() { log lib "$@"; }
+inst_binary() { log bin "$@"; }
+inst_simple() { log simple "$@"; }
+inst_multiple() { :; }
+inst_hook() { log hook "$@"; }
+derror() { log derror "$@"; }
+"""
+
+
+def test_module_setup_installs_the_stage_from_anywhere(tmp_path: Path) -> None:
+    """module-setup.sh's install(), run by bash as dracut runs it (its
+    inst_* recorded), from a directory holding a `json.py` and with a
+    staging directory whose path has a space and a quote: the staged
+    files go in under their own names, and nothing in the caller's
+    directory is run."""
+    moddir = tmp_path / "modules.d"
+    moddir.mkdir()
+    initramfs.install_module(moddir, None, python=sys.executable)
+    module = moddir / initramfs.MODULE
+    cwd, tmpdir = tmp_path / "cwd", tmp_path / "dracut's tmp"
+    cwd.mkdir()
+    tmpdir.mkdir()
+    (cwd / "json.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    log = tmp_path / "log"
+    script = (_DRACUT_STUBS + '. "$moddir/module-setup.sh"\n'
+              "install\n")
+    result = subprocess.run(["bash", "-c", script], cwd=cwd, capture_output=True, text=True,
+                            check=False, timeout=120,
+                            env={"PATH": os.environ["PATH"], "LOG": str(log),
+                                 "moddir": str(module), "DRACUT_TMPDIR": str(tmpdir)})
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "ran").exists()
+    calls = [c.split("\0")[:-1] for c in log.read_text().split("\n\0") if c]
+    stage = tmpdir / "dmoverlay-stage"
+    simple = {c[2]: c[1] for c in calls if c[0] == "simple"}
+    closure = initramfs.collect_fresh()
+    assert simple == {initramfs.WRAPPER: f"{stage}{initramfs.WRAPPER}",
+                      closure.zip_path: f"{stage}{closure.zip_path}"}
+    assert ["bin", closure.python] in calls
+    assert {c[1] for c in calls if c[0] == "lib"} >= set(closure.extensions)
+    assert [c[1] for c in calls if c[0] == "hook"] == ["cmdline", "pre-mount", "pre-pivot"]
