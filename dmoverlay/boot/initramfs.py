@@ -16,6 +16,7 @@ mount in the initramfs), pyparted, and the build job.
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -23,7 +24,6 @@ import marshal
 import os
 import pkgutil
 import shlex
-import stat
 import subprocess
 import sys
 import zipfile
@@ -247,61 +247,77 @@ def install_module(moddir: Path = DRACUT_MODULES, confdir: Path | None = DRACUT_
     if confdir is not None and not confdir.is_dir():
         raise UsageError(f"{confdir}: no such directory", hint="give --confdir")
     here = Path(__file__).resolve().parent / "dracut"
-    target = _module_dir(moddir / MODULE)
-    written = []
-    for name in MODULE_FILES:
-        written.append(_write(target / name, (here / name).read_bytes(), 0o755))
+    target = moddir / MODULE
     package_dir = Path(__file__).resolve().parents[2]
     conf = (f"# written by `dmoverlay initramfs install`: the Python, and where the\n"
             f"# dmoverlay package it installs from is\n"
             f"dmoverlay_python={_shell_word(python)}\n"
             f"dmoverlay_path={_shell_word(os.fspath(package_dir))}\n")
-    written.append(_write(target / INSTALLED, os.fsencode(conf), 0o644))
+    files = [(name, (here / name).read_bytes(), 0o755) for name in MODULE_FILES]
+    files.append((INSTALLED, os.fsencode(conf), 0o644))
+    written = []
+    dir_fd = _module_dir(target)
+    try:
+        for name, data, mode in files:
+            written.append(_write(dir_fd, target / name, data, mode))
+    finally:
+        os.close(dir_fd)
     if confdir is not None:
         snippet = ("# written by `dmoverlay initramfs install`: dmoverlay sets up the live\n"
                    "# root (root=live:..., rd.live.*) in place of dmsquash-live\n"
                    'add_dracutmodules+=" dmoverlay "\n'
                    'omit_dracutmodules+=" dmsquash-live "\n')
-        written.append(_write(confdir / CONF_NAME, snippet.encode(), 0o644))
+        dir_fd = os.open(confdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            written.append(_write(dir_fd, confdir / CONF_NAME, snippet.encode(), 0o644))
+        finally:
+            os.close(dir_fd)
     return written
 
 
-def _module_dir(target: Path) -> Path:
-    """The module's directory, made if missing.  dracut runs what is in it
-    as root: a link there (to anywhere) is not written through, and a
-    directory another user owns or others may write into is not trusted."""
+def _module_dir(target: Path) -> int:
+    """The module's directory, made if missing, opened: what is written
+    goes into the directory checked here, whatever is renamed meanwhile.
+    dracut runs what is in it as root: a link there (to anywhere) is not
+    written through, and a directory another user owns or others may
+    write into is not trusted."""
     try:
         os.mkdir(target, 0o755)
     except FileExistsError:
         pass
     except OSError as exc:
         raise UsageError(f"{target}: cannot make it: {exc.strerror}") from exc
-    st = os.lstat(target)
-    if not stat.S_ISDIR(st.st_mode):
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
         raise UsageError(f"{target}: not a directory (a link or a file is in its place)",
-                         hint="remove it, then install again")
+                         hint="remove it, then install again") from exc
+    st = os.fstat(fd)
     if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        os.close(fd)
         raise UsageError(f"{target}: owned by another user or writable by others",
                          hint="remove it, then install again")
-    return target
+    return fd
 
 
-def _write(path: Path, data: bytes, mode: int) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
+def _write(dir_fd: int, path: Path, data: bytes, mode: int) -> Path:
+    """`path` (shown in messages) written whole as its name in `dir_fd`,
+    then renamed over what was there."""
+    tmp = f".{path.name}.tmp"
     try:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):  # left by an install cut short
+            os.unlink(tmp, dir_fd=dir_fd)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     mode)
+                     mode, dir_fd=dir_fd)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            os.chmod(tmp, mode)
-            os.replace(tmp, path)
+                os.fchmod(f.fileno(), mode)
+            os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except OSError:
-            tmp.unlink(missing_ok=True)
+            os.unlink(tmp, dir_fd=dir_fd)
             raise
     except OSError as exc:
         raise UsageError(f"{path}: cannot write it: {exc.strerror}",
                          hint="a directory or something else in its way? remove it") from exc
     return path
-

@@ -297,3 +297,25 @@ def test_module_setup_installs_the_stage_from_anywhere(tmp_path: Path) -> None:
     assert ["bin", closure.python] in calls
     assert {c[1] for c in calls if c[0] == "lib"} >= set(closure.extensions)
     assert [c[1] for c in calls if c[0] == "hook"] == ["cmdline", "pre-mount", "pre-pivot"]
+
+
+def test_install_writes_into_the_directory_it_checked(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The module's directory swapped for a link after it was checked:
+    the files still go into the directory checked, not through the link."""
+    moddir, elsewhere = tmp_path / "modules.d", tmp_path / "elsewhere"
+    moddir.mkdir()
+    elsewhere.mkdir()
+    checked = initramfs._module_dir
+
+    def then_swapped(target: Path) -> object:
+        result = checked(target)
+        target.rename(tmp_path / "moved")
+        target.symlink_to(elsewhere)
+        return result
+
+    monkeypatch.setattr(initramfs, "_module_dir", then_swapped)
+    initramfs.install_module(moddir, None, python="/usr/bin/python3")
+    assert list(elsewhere.iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "moved").iterdir()) == sorted(
+        [*initramfs.MODULE_FILES, initramfs.INSTALLED])
