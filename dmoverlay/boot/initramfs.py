@@ -140,15 +140,15 @@ def collect() -> Closure:
 
 
 def collect_fresh(python: str = sys.executable) -> Closure:
-    """collect() in a new interpreter, with nothing else imported.  It is
-    isolated (-I): neither the current directory, which `-c` would put
-    first on its path, nor PYTHONPATH and the rest of the caller's PYTHON*
-    environment can put a module of theirs (a `json.py`, say) in place of
-    the one the boot path imports; only this dmoverlay is added, first, as
-    PYTHONPATH would have put it."""
+    """collect() in a new interpreter, with nothing else imported.  Neither
+    the current directory, which `-c` puts first on the path, nor the
+    caller's PYTHONPATH and other PYTHON* variables (-E) can put a module of
+    theirs (a `json.py`, say) in place of the one the boot path imports:
+    this dmoverlay's directory is first instead, as PYTHONPATH put it.  The
+    site-packages, the user's too, are the interpreter's as ever."""
     package_dir = os.fspath(Path(__file__).resolve().parents[2])
-    result = subprocess.run([python, "-I", "-c",
-                             "import sys; sys.path.insert(0, sys.argv[1]); "
+    result = subprocess.run([python, "-E", "-c",
+                             "import sys; sys.path = [sys.argv[1], *filter(None, sys.path)]; "
                              "import json, dmoverlay.boot.initramfs as i; "
                              "print(json.dumps(i.collect().to_dict()))", package_dir],
                             capture_output=True, text=True, check=False)
