@@ -139,18 +139,23 @@ def collect() -> Closure:
                    os.path.join(sys.base_prefix, "lib", f"python{version}.zip"))
 
 
+# Run by collect_fresh: the path without the current directory (which `-c`
+# puts first), and dmoverlay's own directory first unless it is on the path
+# already (site-packages, after the standard library: it stays there).
+_FRESH = ("import os, sys; d = sys.argv[1]; sys.path = [p for p in sys.path if p]\n"
+          "if d not in map(os.path.realpath, sys.path): sys.path.insert(0, d)\n"
+          "import json, dmoverlay.boot.initramfs as i\n"
+          "print(json.dumps(i.collect().to_dict()))\n")
+
+
 def collect_fresh(python: str = sys.executable) -> Closure:
     """collect() in a new interpreter, with nothing else imported.  Neither
-    the current directory, which `-c` puts first on the path, nor the
-    caller's PYTHONPATH and other PYTHON* variables (-E) can put a module of
-    theirs (a `json.py`, say) in place of the one the boot path imports:
-    this dmoverlay's directory is first instead, as PYTHONPATH put it.  The
-    site-packages, the user's too, are the interpreter's as ever."""
+    the current directory nor the caller's PYTHONPATH and other PYTHON*
+    variables (-E) can put a module of theirs (a `json.py`, say) in place
+    of the one the boot path imports; this dmoverlay is found where it is
+    (_FRESH).  The site-packages, the user's too, are the interpreter's."""
     package_dir = os.fspath(Path(__file__).resolve().parents[2])
-    result = subprocess.run([python, "-E", "-c",
-                             "import sys; sys.path = [sys.argv[1], *filter(None, sys.path)]; "
-                             "import json, dmoverlay.boot.initramfs as i; "
-                             "print(json.dumps(i.collect().to_dict()))", package_dir],
+    result = subprocess.run([python, "-E", "-c", _FRESH, package_dir],
                             capture_output=True, text=True, check=False)
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines() or ["no output"]

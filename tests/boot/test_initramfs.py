@@ -11,8 +11,10 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import textwrap
 from pathlib import Path
 
+import click
 import pytest
 
 from dmoverlay.boot import initramfs
@@ -319,3 +321,26 @@ def test_install_writes_into_the_directory_it_checked(tmp_path: Path,
     assert list(elsewhere.iterdir()) == []
     assert sorted(p.name for p in (tmp_path / "moved").iterdir()) == sorted(
         [*initramfs.MODULE_FILES, initramfs.INSTALLED])
+
+
+def test_an_installed_dmoverlay_s_closure_takes_the_standard_library_first(
+        tmp_path: Path) -> None:
+    """dmoverlay installed in site-packages: that directory is on the path
+    already, after the standard library, and stays there; a module in it
+    by a standard library name (a stale backport) is not carried."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; "
+                                "print(sysconfig.get_path('purelib'))"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    shutil.copytree(Path(initramfs.__file__).parents[1], site / "dmoverlay")
+    (site / "textwrap.py").write_text("raise SystemExit('the stale backport')\n")
+    click_dir = Path(click.__file__).parents[1]
+    (site / "deps.pth").write_text(f"{click_dir}\n")
+    result = subprocess.run([str(python), "-c", "from dmoverlay.boot import initramfs; "
+                             "print(initramfs.collect_fresh().pure['textwrap'])"],
+                            capture_output=True, text=True, check=False, timeout=120, cwd="/",
+                            env={"PATH": os.environ["PATH"]})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == textwrap.__file__
