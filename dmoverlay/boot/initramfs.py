@@ -272,7 +272,11 @@ def install_module(moddir: Path = DRACUT_MODULES, confdir: Path | None = DRACUT_
                    "# root (root=live:..., rd.live.*) in place of dmsquash-live\n"
                    'add_dracutmodules+=" dmoverlay "\n'
                    'omit_dracutmodules+=" dmsquash-live "\n')
-        dir_fd = os.open(confdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            dir_fd = os.open(confdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise UsageError(f"{confdir}: cannot write into it: {exc.strerror}",
+                             hint="give --confdir, or --no-conf") from exc
         try:
             written.append(_write(dir_fd, confdir / CONF_NAME, snippet.encode(), 0o644))
         finally:

@@ -344,3 +344,19 @@ def test_an_installed_dmoverlay_s_closure_takes_the_standard_library_first(
                             env={"PATH": os.environ["PATH"]})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == textwrap.__file__
+
+
+def test_install_says_so_when_the_conf_dir_goes_away(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    moddir, confdir = tmp_path / "modules.d", tmp_path / "conf.d"
+    moddir.mkdir()
+    confdir.mkdir()
+    checked = initramfs._module_dir
+
+    def then_gone(target: Path) -> object:
+        confdir.rmdir()
+        return checked(target)
+
+    monkeypatch.setattr(initramfs, "_module_dir", then_gone)
+    with pytest.raises(UsageError, match="conf.d: cannot write into it"):
+        initramfs.install_module(moddir, confdir, python="/usr/bin/python3")
