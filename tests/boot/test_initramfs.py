@@ -358,5 +358,5 @@ def test_install_says_so_when_the_conf_dir_goes_away(tmp_path: Path,
         return checked(target)
 
     monkeypatch.setattr(initramfs, "_module_dir", then_gone)
-    with pytest.raises(UsageError, match="conf.d: cannot write into it"):
+    with pytest.raises(UsageError, match=r"conf\.d: cannot write into it"):
         initramfs.install_module(moddir, confdir, python="/usr/bin/python3")
