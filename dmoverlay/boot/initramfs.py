@@ -16,12 +16,14 @@ mount in the initramfs), pyparted, and the build job.
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 import importlib.util
 import json
 import marshal
 import os
 import pkgutil
+import shlex
 import subprocess
 import sys
 import zipfile
@@ -137,10 +139,23 @@ def collect() -> Closure:
                    os.path.join(sys.base_prefix, "lib", f"python{version}.zip"))
 
 
+# Run by collect_fresh: the path without the current directory (which `-c`
+# puts first), and dmoverlay's own directory first unless it is on the path
+# already (site-packages, after the standard library: it stays there).
+_FRESH = ("import os, sys; d = sys.argv[1]; sys.path = [p for p in sys.path if p]\n"
+          "if d not in map(os.path.realpath, sys.path): sys.path.insert(0, d)\n"
+          "import json, dmoverlay.boot.initramfs as i\n"
+          "print(json.dumps(i.collect().to_dict()))\n")
+
+
 def collect_fresh(python: str = sys.executable) -> Closure:
-    """collect() in a new interpreter, with nothing else imported."""
-    result = subprocess.run([python, "-c", "import json, dmoverlay.boot.initramfs as i; "
-                             "print(json.dumps(i.collect().to_dict()))"],
+    """collect() in a new interpreter, with nothing else imported.  Neither
+    the current directory nor the caller's PYTHONPATH and other PYTHON*
+    variables (-E) can put a module of theirs (a `json.py`, say) in place
+    of the one the boot path imports; this dmoverlay is found where it is
+    (_FRESH).  The site-packages, the user's too, are the interpreter's."""
+    package_dir = os.fspath(Path(__file__).resolve().parents[2])
+    result = subprocess.run([python, "-E", "-c", _FRESH, package_dir],
                             capture_output=True, text=True, check=False)
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines() or ["no output"]
@@ -184,6 +199,7 @@ def write_zip(closure: Closure, dest: Path) -> int:
 def wrapper(python: str) -> str:
     """/usr/bin/dmoverlay in the initramfs: the interpreter isolated from
     the environment and site-packages, with util-linux for loop devices."""
+    python = shlex.quote(python)  # one word, whatever the path holds
     return (f"#!/bin/sh\n"
             f"# dmoverlay in the initramfs (written by `dmoverlay initramfs stage`)\n"
             f"export DMOVERLAY_BLOCKDEV=util-linux\n"
@@ -202,7 +218,7 @@ def stage(dest: Path, python: str = sys.executable) -> Closure:
     write_zip(closure, zip_dest)
     bin_dir = dest / WRAPPER.lstrip("/").rpartition("/")[0]
     bin_dir.mkdir(parents=True, exist_ok=True)
-    (bin_dir / "dmoverlay").write_text(wrapper(closure.python))
+    (bin_dir / "dmoverlay").write_bytes(os.fsencode(wrapper(closure.python)))
     (bin_dir / "dmoverlay").chmod(0o755)
     return closure
 
@@ -219,6 +235,7 @@ INSTALLED = "installed.conf"  # in the module: where the Python and the package 
 
 
 def _shell_word(text: str) -> str:
+    """One word to the shell, whatever the text holds (no NUL: a path has none)."""
     return "'" + text.replace("'", "'\\''") + "'"
 
 
@@ -232,36 +249,84 @@ def install_module(moddir: Path = DRACUT_MODULES, confdir: Path | None = DRACUT_
                          hint="is dracut installed? (apt-get install dracut-core)")
     if not os.path.isabs(python):
         raise UsageError(f"{python!r}: not an absolute path to a Python")
+    if confdir is not None and not confdir.is_dir():
+        raise UsageError(f"{confdir}: no such directory", hint="give --confdir")
     here = Path(__file__).resolve().parent / "dracut"
     target = moddir / MODULE
-    target.mkdir(mode=0o755, exist_ok=True)
-    written = []
-    for name in MODULE_FILES:
-        written.append(_write(target / name, (here / name).read_bytes(), 0o755))
     package_dir = Path(__file__).resolve().parents[2]
     conf = (f"# written by `dmoverlay initramfs install`: the Python, and where the\n"
             f"# dmoverlay package it installs from is\n"
             f"dmoverlay_python={_shell_word(python)}\n"
             f"dmoverlay_path={_shell_word(os.fspath(package_dir))}\n")
-    written.append(_write(target / INSTALLED, conf.encode(), 0o644))
+    files = [(name, (here / name).read_bytes(), 0o755) for name in MODULE_FILES]
+    files.append((INSTALLED, os.fsencode(conf), 0o644))
+    written = []
+    dir_fd = _module_dir(target)
+    try:
+        for name, data, mode in files:
+            written.append(_write(dir_fd, target / name, data, mode))
+    finally:
+        os.close(dir_fd)
     if confdir is not None:
-        if not confdir.is_dir():
-            raise UsageError(f"{confdir}: no such directory", hint="give --confdir")
         snippet = ("# written by `dmoverlay initramfs install`: dmoverlay sets up the live\n"
                    "# root (root=live:..., rd.live.*) in place of dmsquash-live\n"
                    'add_dracutmodules+=" dmoverlay "\n'
                    'omit_dracutmodules+=" dmsquash-live "\n')
-        written.append(_write(confdir / CONF_NAME, snippet.encode(), 0o644))
+        try:
+            dir_fd = os.open(confdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise UsageError(f"{confdir}: cannot write into it: {exc.strerror}",
+                             hint="give --confdir, or --no-conf") from exc
+        try:
+            written.append(_write(dir_fd, confdir / CONF_NAME, snippet.encode(), 0o644))
+        finally:
+            os.close(dir_fd)
     return written
 
 
-def _write(path: Path, data: bytes, mode: int) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-    return path
+def _module_dir(target: Path) -> int:
+    """The module's directory, made if missing, opened: what is written
+    goes into the directory checked here, whatever is renamed meanwhile.
+    dracut runs what is in it as root: a link there (to anywhere) is not
+    written through, and a directory another user owns or others may
+    write into is not trusted."""
+    try:
+        os.mkdir(target, 0o755)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise UsageError(f"{target}: cannot make it: {exc.strerror}") from exc
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UsageError(f"{target}: not a directory (a link or a file is in its place)",
+                         hint="remove it, then install again") from exc
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        os.close(fd)
+        raise UsageError(f"{target}: owned by another user or writable by others",
+                         hint="remove it, then install again")
+    return fd
 
+
+def _write(dir_fd: int, path: Path, data: bytes, mode: int) -> Path:
+    """`path` (shown in messages) written whole as its name in `dir_fd`,
+    then renamed over what was there."""
+    tmp = f".{path.name}.tmp"
+    try:
+        with contextlib.suppress(FileNotFoundError):  # left by an install cut short
+            os.unlink(tmp, dir_fd=dir_fd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     mode, dir_fd=dir_fd)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                os.fchmod(f.fileno(), mode)
+            os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except OSError:
+            os.unlink(tmp, dir_fd=dir_fd)
+            raise
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write it: {exc.strerror}",
+                         hint="a directory or something else in its way? remove it") from exc
+    return path

@@ -11,8 +11,10 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import textwrap
 from pathlib import Path
 
+import click
 import pytest
 
 from dmoverlay.boot import initramfs
@@ -153,3 +155,208 @@ def test_install_refusals(tmp_path: Path) -> None:
         initramfs.install_module(tmp_path / "m", None, python="python3")
     with pytest.raises(UsageError, match="no such directory"):
         initramfs.install_module(tmp_path / "m", tmp_path / "noconf")
+
+
+def test_the_wrapper_runs_a_python_whose_path_has_spaces_and_quotes(tmp_path: Path) -> None:
+    """The interpreter's path is one word to the shell, whatever it holds."""
+    where = tmp_path / "it's a \"dir\" $HOME `x` \\ \n"
+    where.mkdir()
+    python = where / "python"
+    python.write_text('#!/bin/sh\nprintf "%s|" "$0" "$@"\n')
+    python.chmod(0o755)
+    wrapper = tmp_path / "dmoverlay"
+    wrapper.write_bytes(initramfs.wrapper(str(python)).encode())
+    out = subprocess.run(["sh", str(wrapper), "setup", "a b"], capture_output=True, text=True,
+                         check=True).stdout
+    assert out == f"{python}|-I|-S|-c|from dmoverlay.cli import main; main()|setup|a b|"
+
+
+def test_the_conf_gives_back_every_byte_of_a_path(tmp_path: Path) -> None:
+    """installed.conf, sourced by the shell, gives the paths back as they
+    were: quotes, newlines, backslashes, `$`, backticks, bytes not UTF-8."""
+    moddir = tmp_path / "modules.d"
+    moddir.mkdir()
+    weird = "".join(chr(c) for c in range(1, 128)) + os.fsdecode(b"\xff\xfe")
+    python = "/opt/" + weird.replace("/", "") + "/python"
+    initramfs.install_module(moddir, None, python=python)
+    out = subprocess.run(["sh", "-c", '. "$1"; printf "%s" "$dmoverlay_python"', "sh",
+                          str(moddir / initramfs.MODULE / "installed.conf")],
+                         capture_output=True, check=True).stdout
+    assert out == os.fsencode(python)
+
+
+def test_install_checks_the_conf_dir_before_writing_anything(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    with pytest.raises(UsageError, match="no such directory"):
+        initramfs.install_module(tmp_path / "m", tmp_path / "noconf")
+    assert not (tmp_path / "m" / initramfs.MODULE).exists()
+
+
+def test_install_does_not_write_through_a_planted_link(tmp_path: Path) -> None:
+    """The module is run by dracut as root: a link in its place is not
+    followed to wherever it points."""
+    moddir, elsewhere = tmp_path / "modules.d", tmp_path / "elsewhere"
+    moddir.mkdir()
+    elsewhere.mkdir()
+    (moddir / initramfs.MODULE).symlink_to(elsewhere)
+    with pytest.raises(UsageError, match="not a directory") as caught:
+        initramfs.install_module(moddir, None, python="/usr/bin/python3")
+    assert caught.value.hint
+    assert list(elsewhere.iterdir()) == []
+    assert (moddir / initramfs.MODULE).is_symlink()
+
+
+@pytest.mark.parametrize("what", ["file", "open dir", "foreign dir"])
+def test_install_refuses_what_is_in_the_module_s_place(tmp_path: Path, what: str) -> None:
+    moddir = tmp_path / "modules.d"
+    moddir.mkdir()
+    module = moddir / initramfs.MODULE
+    if what == "file":
+        module.write_text("x")
+    else:
+        module.mkdir()
+        if what == "open dir":
+            module.chmod(0o777)
+        else:
+            os.chown(module, 12345, 12345)
+    with pytest.raises(UsageError, match=initramfs.MODULE):
+        initramfs.install_module(moddir, None, python="/usr/bin/python3")
+    if what != "file":
+        assert list(module.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["installed.conf", ".installed.conf.tmp", "module-setup.sh"])
+def test_install_says_so_when_a_file_cannot_be_written(tmp_path: Path, name: str) -> None:
+    """A directory where a file goes: one error naming it, no traceback,
+    and no temporary file left."""
+    moddir = tmp_path / "modules.d"
+    (moddir / initramfs.MODULE / name).mkdir(parents=True)
+    with pytest.raises(UsageError, match=name.lstrip(".").removesuffix(".tmp")):
+        initramfs.install_module(moddir, None, python="/usr/bin/python3")
+    assert not [p for p in (moddir / initramfs.MODULE).iterdir()
+                if p.name.endswith(".tmp") and p.is_file()]
+
+
+def test_the_closure_is_the_same_wherever_and_however_it_is_made(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dracut runs the module's install from wherever `dracut -f` was
+    typed, with the caller's environment: a module there by a standard
+    library name, or one on PYTHONPATH, is neither run nor carried."""
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "env").mkdir()
+    for where in ("cwd", "env"):
+        for name in ("difflib", "textwrap", "json"):
+            (tmp_path / where / f"{name}.py").write_text(
+                f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    clean = initramfs.collect_fresh()
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "env"))
+    assert initramfs.collect_fresh() == clean
+    assert not (tmp_path / "ran").exists()
+    assert not [f for f in clean.pure.values() if f.startswith(str(tmp_path))]
+
+
+_DRACUT_STUBS = """
+log() { printf '%s\\0' "$@" >> "$LOG"; printf '\\n\\0' >> "$LOG"; }
+inst_library() { log lib "$@"; }
+inst_binary() { log bin "$@"; }
+inst_simple() { log simple "$@"; }
+inst_multiple() { :; }
+inst_hook() { log hook "$@"; }
+derror() { log derror "$@"; }
+"""
+
+
+def test_module_setup_installs_the_stage_from_anywhere(tmp_path: Path) -> None:
+    """module-setup.sh's install(), run by bash as dracut runs it (its
+    inst_* recorded), from a directory holding a `json.py` and with a
+    staging directory whose path has a space and a quote: the staged
+    files go in under their own names, and nothing in the caller's
+    directory is run."""
+    moddir = tmp_path / "modules.d"
+    moddir.mkdir()
+    initramfs.install_module(moddir, None, python=sys.executable)
+    module = moddir / initramfs.MODULE
+    cwd, tmpdir = tmp_path / "cwd", tmp_path / "dracut's tmp"
+    cwd.mkdir()
+    tmpdir.mkdir()
+    (cwd / "json.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    log = tmp_path / "log"
+    script = (_DRACUT_STUBS + '. "$moddir/module-setup.sh"\n'
+              "install\n")
+    result = subprocess.run(["bash", "-c", script], cwd=cwd, capture_output=True, text=True,
+                            check=False, timeout=120,
+                            env={"PATH": os.environ["PATH"], "LOG": str(log),
+                                 "moddir": str(module), "DRACUT_TMPDIR": str(tmpdir)})
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "ran").exists()
+    calls = [c.split("\0")[:-1] for c in log.read_text().split("\n\0") if c]
+    stage = tmpdir / "dmoverlay-stage"
+    simple = {c[2]: c[1] for c in calls if c[0] == "simple"}
+    closure = initramfs.collect_fresh()
+    assert simple == {initramfs.WRAPPER: f"{stage}{initramfs.WRAPPER}",
+                      closure.zip_path: f"{stage}{closure.zip_path}"}
+    assert ["bin", closure.python] in calls
+    assert {c[1] for c in calls if c[0] == "lib"} >= set(closure.extensions)
+    assert [c[1] for c in calls if c[0] == "hook"] == ["cmdline", "pre-mount", "pre-pivot"]
+
+
+def test_install_writes_into_the_directory_it_checked(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The module's directory swapped for a link after it was checked:
+    the files still go into the directory checked, not through the link."""
+    moddir, elsewhere = tmp_path / "modules.d", tmp_path / "elsewhere"
+    moddir.mkdir()
+    elsewhere.mkdir()
+    checked = initramfs._module_dir
+
+    def then_swapped(target: Path) -> object:
+        result = checked(target)
+        target.rename(tmp_path / "moved")
+        target.symlink_to(elsewhere)
+        return result
+
+    monkeypatch.setattr(initramfs, "_module_dir", then_swapped)
+    initramfs.install_module(moddir, None, python="/usr/bin/python3")
+    assert list(elsewhere.iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "moved").iterdir()) == sorted(
+        [*initramfs.MODULE_FILES, initramfs.INSTALLED])
+
+
+def test_an_installed_dmoverlay_s_closure_takes_the_standard_library_first(
+        tmp_path: Path) -> None:
+    """dmoverlay installed in site-packages: that directory is on the path
+    already, after the standard library, and stays there; a module in it
+    by a standard library name (a stale backport) is not carried."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; "
+                                "print(sysconfig.get_path('purelib'))"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    shutil.copytree(Path(initramfs.__file__).parents[1], site / "dmoverlay")
+    (site / "textwrap.py").write_text("raise SystemExit('the stale backport')\n")
+    click_dir = Path(click.__file__).parents[1]
+    (site / "deps.pth").write_text(f"{click_dir}\n")
+    result = subprocess.run([str(python), "-c", "from dmoverlay.boot import initramfs; "
+                             "print(initramfs.collect_fresh().pure['textwrap'])"],
+                            capture_output=True, text=True, check=False, timeout=120, cwd="/",
+                            env={"PATH": os.environ["PATH"]})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == textwrap.__file__
+
+
+def test_install_says_so_when_the_conf_dir_goes_away(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    moddir, confdir = tmp_path / "modules.d", tmp_path / "conf.d"
+    moddir.mkdir()
+    confdir.mkdir()
+    checked = initramfs._module_dir
+
+    def then_gone(target: Path) -> object:
+        confdir.rmdir()
+        return checked(target)
+
+    monkeypatch.setattr(initramfs, "_module_dir", then_gone)
+    with pytest.raises(UsageError, match=r"conf\.d: cannot write into it"):
+        initramfs.install_module(moddir, confdir, python="/usr/bin/python3")

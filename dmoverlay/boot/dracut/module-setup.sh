@@ -39,9 +39,10 @@ install() {
     # The Python dmoverlay runs with, and only the modules its boot path
     # imports: a zip of bytecode and a wrapper are staged, the interpreter
     # and extension modules listed, one per line, for dracut to install
-    # with the libraries they link.
-    elf=$(PYTHONPATH="$dmoverlay_path" "$dmoverlay_python" -m dmoverlay initramfs stage \
-        "$stage") || {
+    # with the libraries they link.  From /: `-m` puts the current
+    # directory first on the path, and dracut runs where it was typed.
+    elf=$(cd / && PYTHONPATH="$dmoverlay_path" "$dmoverlay_python" -m dmoverlay initramfs \
+        stage "$stage") || {
         derror "dmoverlay: $dmoverlay_python could not stage dmoverlay's Python"
         return 1
     }
