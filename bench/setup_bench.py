@@ -354,8 +354,9 @@ def time_setups(top: Path, image: Path, repeat: int, size: int) -> list[Row]:
 STARTUP = {
     "python -c pass": [sys.executable, "-c", "pass"],
     "dmoverlay --version": [os.fspath(DMOVERLAY), "--version"],
-    "+ libblockdev loop, fs": [sys.executable, "-c", "import dmoverlay.cli; from dmoverlay "
-                               "import blockdev; blockdev.load('loop', 'fs')"],
+    "+ libblockdev loop, fs": [sys.executable, "-c", "import dmoverlay.cli; from "
+                               "dmoverlay.overlay import libblockdev; "
+                               "libblockdev.load('loop', 'fs')"],
 }
 
 
