@@ -264,6 +264,7 @@ inst_simple() { log simple "$@"; }
 inst_multiple() { :; }
 inst_hook() { log hook "$@"; }
 derror() { log derror "$@"; }
+dfatal() { log dfatal "$@"; }
 """
 
 
@@ -299,6 +300,27 @@ def test_module_setup_installs_the_stage_from_anywhere(tmp_path: Path) -> None:
     assert ["bin", closure.python] in calls
     assert {c[1] for c in calls if c[0] == "lib"} >= set(closure.extensions)
     assert [c[1] for c in calls if c[0] == "hook"] == ["cmdline", "pre-mount", "pre-pivot"]
+
+
+def test_module_setup_stops_dracut_when_its_python_is_gone(tmp_path: Path) -> None:
+    """The Python recorded at install time removed since: dracut must fail,
+    not make an initramfs without the module (a live root would then not
+    boot, and nothing would say so until the next boot)."""
+    moddir = tmp_path / "modules.d"
+    moddir.mkdir()
+    initramfs.install_module(moddir, None, python=str(tmp_path / "gone" / "python3"))
+    log = tmp_path / "log"
+    script = _DRACUT_STUBS + '. "$moddir/module-setup.sh"\ninstall\necho "went on"\n'
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                            check=False, timeout=60,
+                            env={"PATH": os.environ["PATH"], "LOG": str(log),
+                                 "moddir": str(moddir / initramfs.MODULE),
+                                 "DRACUT_TMPDIR": str(tmp_path)})
+    assert result.returncode == 1 and "went on" not in result.stdout
+    calls = [c.split("\0")[:-1] for c in log.read_text().split("\n\0") if c]
+    assert [c[0] for c in calls] == ["dfatal"], calls
+    assert "could not stage dmoverlay's Python" in " ".join(calls[0][1:])
+    assert "90-dmoverlay.conf" in " ".join(calls[0][1:])
 
 
 def test_install_writes_into_the_directory_it_checked(tmp_path: Path,

@@ -41,10 +41,14 @@ install() {
     # and extension modules listed, one per line, for dracut to install
     # with the libraries they link.  From /: `-m` puts the current
     # directory first on the path, and dracut runs where it was typed.
+    # A failure stops dracut: an initramfs made without the module would
+    # not boot a live root, and would say so only at the next boot.
     elf=$(cd / && PYTHONPATH="$dmoverlay_path" "$dmoverlay_python" -m dmoverlay initramfs \
         stage "$stage") || {
-        derror "dmoverlay: $dmoverlay_python could not stage dmoverlay's Python"
-        return 1
+        dfatal "dmoverlay: $dmoverlay_python could not stage dmoverlay's Python;" \
+            "install dmoverlay again (dmoverlay initramfs install), or remove" \
+            "/etc/dracut.conf.d/90-dmoverlay.conf and $moddir"
+        exit 1
     }
     local f
     while IFS= read -r f; do
