@@ -79,32 +79,33 @@ def kit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path | s
            "root": root, "top": top, "dracut": base}
 
 
+def _another_initrd(kit: dict[str, Path | str], name: str, modules: str,
+                    needs: tuple[str, str] | None = None) -> Path:
+    """An initramfs beside the kit's, with other dracut modules; `needs`:
+    (a module directory it requires, the package that ships it)."""
+    if needs and not (machine.DRACUT / "modules.d" / needs[0]).is_dir():
+        pytest.fail(f"dracut's {needs[0]} is missing: apt-get install {needs[1]}",
+                    pytrace=False)
+    return machine.make_initramfs(Path(kit["dracut"]), str(kit["kver"]),
+                                  Path(kit["top"]) / name, modules)
+
+
 @pytest.fixture(scope="session")
 def dmsquash_initrd(kit: dict[str, Path | str]) -> Path:
-    """Stock dracut's own dmsquash-live, for the same image (dracut-live)."""
-    if not (machine.DRACUT / "modules.d" / "90dmsquash-live").is_dir():
-        pytest.fail("dracut's dmsquash-live is missing: apt-get install dracut-live",
-                    pytrace=False)
-    top = Path(kit["top"])
-    return machine.make_initramfs(Path(kit["dracut"]), str(kit["kver"]),
-                                  top / "initrd-dmsquash.img", machine.DMSQUASH)
+    """Stock dracut's own dmsquash-live, for the same image."""
+    return _another_initrd(kit, "initrd-dmsquash.img", machine.DMSQUASH,
+                           ("90dmsquash-live", "dracut-live"))
 
 
 @pytest.fixture(scope="session")
 def systemd_initrd(kit: dict[str, Path | str]) -> Path:
     """The module in an initramfs that systemd runs, as dracut makes it by
     default where systemd is installed (Fedora, Debian with dracut)."""
-    top = Path(kit["top"])
-    return machine.make_initramfs(Path(kit["dracut"]), str(kit["kver"]),
-                                  top / "initrd-systemd.img", machine.SYSTEMD)
+    return _another_initrd(kit, "initrd-systemd.img", machine.SYSTEMD)
 
 
 @pytest.fixture(scope="session")
 def network_initrd(kit: dict[str, Path | str]) -> Path:
     """The module with dracut's network (for updates over http)."""
-    if not (machine.DRACUT / "modules.d" / "35network-legacy").is_dir():
-        pytest.fail("dracut's network modules are missing: apt-get install dracut-network",
-                    pytrace=False)
-    top = Path(kit["top"])
-    return machine.make_initramfs(Path(kit["dracut"]), str(kit["kver"]),
-                                  top / "initrd-network.img", machine.NETWORK)
+    return _another_initrd(kit, "initrd-network.img", machine.NETWORK,
+                           ("35network-legacy", "dracut-network"))
