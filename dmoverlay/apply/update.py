@@ -30,13 +30,14 @@ __all__ = ["DOWNLOAD_DEADLINE", "ApplyOptions", "ApplyRefused", "Result", "Write
 
 
 def apply_update(spec: str, options: ApplyOptions, *, sha256: str | None = None,
-                 deadline: float = DOWNLOAD_DEADLINE,
+                 mirrors: tuple[str, ...] = (), deadline: float = DOWNLOAD_DEADLINE,
                  cow_free: Callable[[str], int | None] = cow.free_bytes) -> Result:
     """Apply the update `spec` (a directory, archive or image path, or an
     http(s) URL) onto `options.root`, all or nothing; what was done (with
     `options.dry_run`, only the plan).
 
     `sha256`: the checksum the update file or download must have.
+    `mirrors`: more http(s) URLs of a download, tried when one fails.
     `deadline`: seconds a download may take in all.  `cow_free`: the room
     left in the overlay's COW store holding a path (None: not on one).
 
@@ -49,7 +50,8 @@ def apply_update(spec: str, options: ApplyOptions, *, sha256: str | None = None,
     # applied inside open_update: an image stays mounted, a download kept,
     # while their files are copied from where they lie
     with staging(options) as place, closing(Spool(place)) as spool, \
-            open_update(spec, staging=place, sha256=sha256, deadline=deadline) as reader:
+            open_update(spec, staging=place, sha256=sha256, mirrors=mirrors,
+                        deadline=deadline) as reader:
         with log.step(f"reading {spec}"):
             members = read_all(reader, spool)
         return apply_members(options, members, spool, cow_free)

@@ -23,6 +23,9 @@ from dmoverlay.apply.readers.directory import DirectoryReader
 from dmoverlay.apply.readers.download import (
     DOWNLOAD_DEADLINE,
     DOWNLOAD_TIMEOUT,
+    RETRY,
+    Limits,
+    Retry,
     download,
     url_scheme,
 )
@@ -38,23 +41,33 @@ __all__ = ["ACCEPTED", "DOWNLOAD_DEADLINE", "DOWNLOAD_TIMEOUT", "CpioReader",
 
 @contextmanager
 def open_update(spec: str, *, staging: Path, sha256: str | None = None,
-                timeout: float = DOWNLOAD_TIMEOUT,
-                deadline: float = DOWNLOAD_DEADLINE) -> Iterator[UpdateReader]:
+                mirrors: tuple[str, ...] = (), timeout: float = DOWNLOAD_TIMEOUT,
+                deadline: float = DOWNLOAD_DEADLINE,
+                retry: Retry = RETRY) -> Iterator[UpdateReader]:
     """The update named by `spec` (a path or an http(s) URL), ready for passes.
 
     Downloads and image mounts live under `staging` (a directory under /run:
     /tmp may be hidden by a tmpfs at start-up) and are removed on exit.
     `sha256` is checked against the file (downloaded or local) before
-    anything else reads it.  File data may be `Located` in them (not read
-    into the spool), so write it before leaving the block: after, a copy
-    fails as from an update that changed."""
+    anything else reads it (a download's as it ends: a mirror may then give
+    the right one).  `mirrors`: more URLs of the same download.  File data
+    may be `Located` in them (not read into the spool), so write it before
+    leaving the block: after, a copy fails as from an update that changed."""
     expected = parse_sha256(sha256) if sha256 is not None else None
     with ExitStack() as stack:
-        downloaded = _is_download(spec)
-        if downloaded:
+        if _is_download(spec):
+            for mirror in mirrors:
+                if not _is_download(mirror):
+                    raise UsageError(f"mirror {mirror}: not an http(s) URL",
+                                     hint="a mirror serves the same file as UPDATES")
             os.makedirs(staging, mode=0o700, exist_ok=True)
-            path = stack.enter_context(download(spec, staging=staging, timeout=timeout,
-                                                deadline=deadline))
+            limits = Limits(timeout=timeout, deadline=deadline, retry=retry)
+            path = stack.enter_context(download(spec, staging=staging, mirrors=mirrors,
+                                                sha256=expected, limits=limits))
+            expected = None  # checked as the download ended
+        elif mirrors:
+            raise UsageError("mirrors are for a download: UPDATES is not an http(s) URL",
+                             hint="give an http(s) URL, or no --mirror")
         else:
             path = Path(spec)
         yield _reader(path, spec, expected=expected, staging=staging, stack=stack)

@@ -1,6 +1,11 @@
-"""An update behind an http(s) URL, downloaded into the staging directory:
-redirects followed to http(s) only, a stall timeout and a deadline for the
-whole, the length the server announced checked.
+"""An update behind an http(s) URL, downloaded into the staging directory,
+as many machines fetching the same update need it: a dropped connection
+resumed where it broke (fetchplan.py decides what to ask), failures retried
+a bounded number of times with jittered delays, on the mirrors given in
+turn, the file checked against its SHA-256 before anyone reads it, and
+nothing stored past the room the staging filesystem (RAM, at boot) has.
+Redirects are followed to http(s) only; a stall timeout and a deadline for
+the whole, retries and their delays included.
 
 urllib and http.client are imported by a download only: they take about as
 long as the rest of an apply's imports."""
@@ -11,24 +16,49 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO
 
+from dmoverlay.apply.readers.checksum import file_sha256
+from dmoverlay.apply.readers.fetchplan import (
+    RETRY,
+    Answer,
+    Failures,
+    Held,
+    Retry,
+    Take,
+    Unusable,
+    after_failure,
+    changed,
+    judge,
+    next_try,
+    request_headers,
+    validator,
+)
 from dmoverlay.core import log
 from dmoverlay.core.errors import SourceError
-from dmoverlay.core.sizes import KiB, format_size
+from dmoverlay.core.sizes import KiB, MiB, format_size
 
 if TYPE_CHECKING:
     import urllib.request
     from http.client import HTTPMessage, HTTPResponse
+
+__all__ = ["DOWNLOAD_DEADLINE", "DOWNLOAD_RESERVE", "DOWNLOAD_TIMEOUT", "LIMITS", "RETRY",
+           "Limits", "Retry", "download", "url_scheme"]
 
 CHUNK = 64 * KiB  # reads below glibc's mmap threshold: 1 MiB ones churn the heap
 DOWNLOAD_TIMEOUT = 30.0  # seconds without progress, per connect and per read
 # seconds for a whole download: a server that drips a byte now and then
 # never trips the stall timeout
 DOWNLOAD_DEADLINE = 600.0
+# of the staging filesystem left free by a download: apply's spool needs
+# room after it (and keeps 16 MiB of its own free)
+DOWNLOAD_RESERVE = 32 * MiB
+_RESTAT_EVERY = 8 * MiB  # written between looks at the free space (others use it too)
+_SPACE_HINT = "free space under the run directory (RAM at boot), or use a smaller update"
 
 
 def url_scheme(spec: str) -> str | None:
@@ -37,72 +67,289 @@ def url_scheme(spec: str) -> str | None:
     return None if match is None else match[1].lower()
 
 
-def _http_redirects() -> urllib.request.BaseHandler:
-    """A handler that follows redirects to http(s) only (urllib would also
-    follow ftp)."""
-    import urllib.parse
-    import urllib.request
+@dataclass(frozen=True)
+class Limits:
+    """`timeout`: seconds without progress, per connect and per read;
+    `deadline`: seconds for the whole, retries included; `reserve`: bytes
+    of the staging filesystem a download leaves free."""
 
-    class HttpRedirects(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int,
-                             msg: str, headers: HTTPMessage,
-                             newurl: str) -> urllib.request.Request | None:
-            if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
-                raise SourceError(f"{req.full_url}: redirected to {newurl}",
-                                  hint="only http(s) URLs are followed")
-            return super().redirect_request(req, fp, code, msg, headers, newurl)
+    timeout: float = DOWNLOAD_TIMEOUT
+    deadline: float = DOWNLOAD_DEADLINE
+    reserve: int = DOWNLOAD_RESERVE
+    retry: Retry = RETRY
 
-    return HttpRedirects()
+
+LIMITS = Limits()
 
 
 @contextmanager
-def download(url: str, *, staging: Path, timeout: float = DOWNLOAD_TIMEOUT,
-             deadline: float = DOWNLOAD_DEADLINE) -> Iterator[Path]:
-    """Download `url` into staging/download-XXXX, removed on exit.  No
-    progress for `timeout` seconds, or no end after `deadline` seconds (give
-    or take one read), is an error."""
+def download(url: str, *, staging: Path, mirrors: tuple[str, ...] = (),
+             sha256: str | None = None, limits: Limits = LIMITS) -> Iterator[Path]:
+    """Download `url` (or the same file from one of `mirrors`) into
+    staging/download-XXXX, removed on exit, and on any failure.  `sha256`
+    (hexadecimal, lower case): the file must have it, or the next mirror is
+    tried.  One SourceError when no URL gave the file within the limits."""
     fd, name = tempfile.mkstemp(prefix="download-", dir=staging)
     path = Path(name)
     try:
         with os.fdopen(fd, "wb") as out:
-            _fetch(url, out, timeout, deadline)
+            _Download((url, *mirrors), out, sha256=sha256, limits=limits, where=staging).run()
         yield path
     finally:
         path.unlink(missing_ok=True)
 
 
-def _fetch(url: str, out: BinaryIO, timeout: float, deadline: float) -> None:
-    import urllib.error
-    import urllib.request
-    from http.client import HTTPException
+class _Failed(Exception):
+    """One try that failed: `why`, and whether trying again may help."""
 
-    opener = urllib.request.build_opener(_http_redirects())
-    request = urllib.request.Request(url, headers={"User-Agent": "dmoverlay"})
-    give_up = time.monotonic() + deadline
-    try:
-        with opener.open(request, timeout=min(timeout, deadline)) as response:
-            total = _content_length(response.headers.get("Content-Length"))
-            got = _copy_response(response, out, total, url, (give_up, deadline))
-    except urllib.error.HTTPError as exc:
-        raise SourceError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
-    except urllib.error.URLError as exc:
-        reason = exc.reason
-        if isinstance(reason, TimeoutError):
-            raise _timed_out(url, timeout) from None
-        text = reason.strerror if isinstance(reason, OSError) and reason.strerror else reason
-        raise SourceError(f"cannot download {url}: {text}",
-                          hint="check the URL and the network") from None
-    except TimeoutError:
-        raise _timed_out(url, timeout) from None
-    except (HTTPException, ConnectionError) as exc:
-        raise SourceError(f"cannot download {url}: connection broken ({exc!r})",
-                          hint="try again") from None
-    except OSError as exc:
-        raise SourceError(f"cannot download {url}: {exc.strerror or exc}",
-                          hint="check the URL and the network") from None
-    if total is not None and got != total:
-        raise SourceError(f"cannot download {url}: got {got} of {total} bytes",
-                          hint="the connection broke: try again")
+    def __init__(self, why: str, *, transient: bool, hint: str = "") -> None:
+        super().__init__(why)
+        self.why, self.transient, self.hint = why, transient, hint
+
+
+class _Download:
+    """The tries of one download, on one file: the bytes it holds are kept
+    from one try to the next when they can be continued."""
+
+    def __init__(self, urls: tuple[str, ...], out: BinaryIO, *, sha256: str | None,
+                 limits: Limits, where: Path) -> None:
+        self.urls, self.out, self.sha256, self.limits = urls, out, sha256, limits
+        self.held = Held()
+        self.room = _Room(out.fileno(), limits.reserve, where)
+        self.progress: Callable[[int], None] | None = None
+        self.give_up = time.monotonic() + limits.deadline
+        self.opener = _opener()
+
+    def run(self) -> None:
+        import random  # here: only a download that fails needs it
+
+        failures, mirror, tries = Failures(), 0, 0
+        while True:
+            before = self.held.size
+            tries += 1
+            try:
+                self._try(self.urls[mirror])
+                return
+            except _Failed as exc:
+                failure = exc
+            failures = after_failure(failures, mirror=mirror, transient=failure.transient,
+                                     progressed=self.held.size > before)
+            step = next_try(failures, mirror=mirror, mirrors=len(self.urls),
+                            retry=self.limits.retry, jitter=random.random())
+            if step is None or time.monotonic() + step.delay >= self.give_up:
+                raise self._given_up(self.urls[mirror], failure, tries)
+            log.warning(f"download of {self.urls[mirror]}: {failure.why}; trying "
+                        f"{self.urls[step.mirror]} {_after(step.delay)}")
+            time.sleep(step.delay)
+            mirror = step.mirror
+
+    def _given_up(self, url: str, failure: _Failed, tries: int) -> SourceError:
+        urls = len(set(self.urls))
+        more = "" if tries == 1 else \
+            f" (last of {tries} tries{f' on {urls} URLs' if urls > 1 else ''})"
+        return SourceError(f"cannot download {url}: {failure.why}{more}",
+                           hint=failure.hint or "check the URL and the network")
+
+    def _try(self, url: str) -> None:
+        """Fetch what is missing from `url`, then check the whole."""
+        import urllib.error
+        import urllib.request
+        from http.client import HTTPException
+
+        headers = {"User-Agent": "dmoverlay", **request_headers(self.held)}
+        request = urllib.request.Request(url, headers=headers)
+        try:
+            with self.opener.open(request, timeout=self._timeout()) as response:
+                self._receive(url, response)
+        except Unusable as exc:
+            raise _Failed(exc.why, transient=exc.transient) from None
+        except urllib.error.HTTPError as exc:
+            raise self._unusable(exc.code, exc.reason) from None
+        except urllib.error.URLError as exc:
+            raise _Failed(_network(exc.reason, self.limits.timeout), transient=True) from None
+        except (TimeoutError, HTTPException, OSError) as exc:
+            raise _Failed(_network(exc, self.limits.timeout), transient=True) from None
+        self._check_whole()
+
+    def _unusable(self, status: int, reason: object) -> _Failed:
+        try:
+            judge(self.held, status, content_range=None, content_length=None)
+        except Unusable as exc:
+            if status == 416:  # from the start next time
+                self._restart()
+            reason_text = str(reason) if str(reason).isprintable() else ""
+            return _Failed(f"{exc.why} {reason_text}".rstrip(), transient=exc.transient)
+        return _Failed(f"HTTP {status}", transient=True)  # not reached: errors are >= 400
+
+    def _timeout(self) -> float:
+        left = self.give_up - time.monotonic()
+        if left <= 0:
+            raise self._late()
+        return min(self.limits.timeout, left)
+
+    def _late(self) -> SourceError:
+        return SourceError(f"cannot download {self.urls[0]}: not done after "
+                           f"{self.limits.deadline:g} s ({format_size(self.held.size)} "
+                           "received)",
+                           hint="the server or the network is too slow; give more time "
+                                "with --timeout")
+
+    def _receive(self, url: str, response: HTTPResponse) -> None:
+        headers = response.headers
+        try:
+            answer = judge(self.held, response.status,
+                           content_range=headers.get("Content-Range"),
+                           content_length=_content_length(headers.get("Content-Length")))
+        except Unusable:
+            if response.status == 206:  # a range that does not fit: all of it next time
+                self._restart()
+            raise
+        etag, modified = headers.get("ETag"), headers.get("Last-Modified")
+        if answer.take is Take.APPEND and changed(self.held, etag, modified):
+            self._restart()  # If-Range ignored, and the file changed: no splice
+            raise Unusable("the file changed on the server since the download began",
+                           transient=True)
+        if answer.take is Take.RESTART:
+            self._restart()
+        self.held = Held(self.held.size, answer.total,
+                         validator(etag, modified) if answer.take is Take.RESTART
+                         else self.held.validator)
+        if answer.length is not None:
+            self.room.refuse_over(answer.length, url, answer.total)
+        self._copy(url, response, answer)
+
+    def _restart(self) -> None:
+        self.out.seek(0)
+        self.out.truncate()
+        self.held = Held()
+
+    def _copy(self, url: str, response: HTTPResponse, answer: Answer) -> None:
+        """Copy the body to the file; a short one is a failure to retry
+        (the bytes received are kept)."""
+        total = answer.total
+        if self.progress is None and total:
+            self.progress = log.Percent(f"downloading {url}")
+        want = answer.length
+        got = 0
+        # read1: what one read of the socket brings, so a trickle meets the check
+        while want is None or got < want:
+            chunk = response.read1(CHUNK if want is None else min(CHUNK, want - got))
+            if not chunk:
+                break
+            self.room.take(len(chunk), url)
+            _store(self.out, chunk, url)
+            got += len(chunk)
+            self.held = Held(self.held.size + len(chunk), self.held.total, self.held.validator)
+            if time.monotonic() > self.give_up:
+                raise self._late()
+            if self.progress is not None and total:
+                self.progress(min(100, self.held.size * 100 // total))
+        _store(self.out, b"", url)
+        if want is not None and got < want:
+            raise Unusable(f"got {self.held.size} of {total} bytes", transient=True)
+
+    def _check_whole(self) -> None:
+        """The file is whole: the size announced, the checksum given."""
+        size, total = self.held.size, self.held.total
+        if total is not None and size != total:
+            raise _Failed(f"got {size} of {total} bytes", transient=True)
+        if self.sha256 is not None:
+            got = file_sha256(self.out.fileno())
+            if got != self.sha256:
+                self._restart()
+                raise _Failed(f"SHA-256 is {got}, not {self.sha256}", transient=False,
+                              hint="the file is damaged or not the one meant; "
+                                   "nothing was changed")
+        if self.progress is None:
+            log.info(f"downloaded {self.urls[0]} ({format_size(size)})")
+
+
+class _Room:
+    """The room left for the download on the staging filesystem, looked
+    at again every _RESTAT_EVERY bytes and when it seems to run out."""
+
+    def __init__(self, fd: int, reserve: int, where: Path) -> None:
+        self.fd, self.reserve, self.where = fd, reserve, where
+        self.left = self._look()
+        self.since = 0
+
+    def _look(self) -> int:
+        st = os.fstatvfs(self.fd)
+        return st.f_bavail * st.f_frsize - self.reserve
+
+    def refuse_over(self, length: int, url: str, total: int | None) -> None:
+        """Before a body of `length` bytes is read: SourceError if it cannot fit."""
+        self.left, self.since = self._look(), 0
+        if length > self.left:
+            size = format_size(total if total is not None else length)
+            raise SourceError(f"cannot download {url}: {size} will not fit in the "
+                              f"{format_size(max(0, self.left))} free for it in {self.where}",
+                              hint=_SPACE_HINT)
+
+    def take(self, n: int, url: str) -> None:
+        """Before `n` more bytes are written: SourceError if they would
+        overflow the room."""
+        self.left -= n
+        self.since += n
+        if self.left < 0 or self.since >= _RESTAT_EVERY:
+            self.left, self.since = self._look() - n, 0
+            if self.left < 0:
+                raise SourceError(f"cannot download {url}: stopped where it would overflow "
+                                  f"the room left in {self.where} (the server gave no length)",
+                                  hint=_SPACE_HINT)
+
+
+def _after(delay: float) -> str:
+    return "now" if delay == 0 else f"in {delay:.2f} s"
+
+
+def _network(reason: object, timeout: float) -> str:
+    """A network failure in a few words."""
+    if isinstance(reason, TimeoutError):
+        return f"no answer for {timeout:g} s"
+    if isinstance(reason, ConnectionError) and not isinstance(reason, ConnectionRefusedError):
+        return f"connection broken ({reason.strerror or type(reason).__name__})"
+    if isinstance(reason, OSError):
+        return str(reason.strerror or reason)
+    text = str(reason)
+    return text if text and text.isprintable() else f"connection broken ({reason!r})"
+
+
+def _opener() -> urllib.request.OpenerDirector:
+    import urllib.request
+
+    return urllib.request.build_opener(_http_redirects())
+
+
+def _http_redirects() -> urllib.request.BaseHandler:
+    """A handler that follows redirects to http(s) only (urllib would also
+    follow ftp), and says a loop is one."""
+    import urllib.parse
+    import urllib.request
+
+    class HttpRedirects(urllib.request.HTTPRedirectHandler):
+        def http_error_302(self, req: urllib.request.Request, fp: IO[bytes], code: int,
+                           msg: str, headers: HTTPMessage) -> IO[bytes] | None:
+            # before urllib's own check, which has a message of its own
+            where = headers.get("Location") or headers.get("URI") or ""
+            newurl = urllib.parse.urljoin(req.full_url, where)
+            if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
+                raise Unusable(f"redirected to {_printable(newurl)} (only http(s) URLs are "
+                               "followed)", transient=False)
+            visited: dict[str, int] = getattr(req, "redirect_dict", {})
+            if visited.get(newurl, 0) >= self.max_repeats \
+                    or len(visited) >= self.max_redirections:
+                raise Unusable(f"redirected in a loop (at {_printable(newurl)})",
+                               transient=False)
+            return super().http_error_302(req, fp, code, msg, headers)
+
+        http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+    return HttpRedirects()
+
+
+def _printable(text: str) -> str:
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def _store(out: BinaryIO, chunk: bytes, url: str) -> None:
@@ -117,35 +364,7 @@ def _store(out: BinaryIO, chunk: bytes, url: str) -> None:
                           hint="free space in the staging directory under /run") from None
 
 
-def _timed_out(url: str, timeout: float) -> SourceError:
-    return SourceError(f"cannot download {url}: no answer for {timeout:g} s",
-                       hint="check the URL and the network")
-
-
 def _content_length(value: str | None) -> int | None:
     if value is None or not value.strip().isdigit():
         return None
     return int(value)
-
-
-def _copy_response(response: HTTPResponse, out: BinaryIO, total: int | None, url: str,
-                   deadline: tuple[float, float]) -> int:
-    """Copy the body to `out`; `deadline`: the monotonic time to give up at,
-    and the seconds that it stands for."""
-    progress = log.Percent(f"downloading {url}") if total else None
-    got = 0
-    # read1: what one read of the socket brings, so a trickle meets the check
-    while chunk := response.read1(CHUNK):  # errors here are the network's
-        _store(out, chunk, url)
-        got += len(chunk)
-        if time.monotonic() > deadline[0]:
-            raise SourceError(f"cannot download {url}: not done after {deadline[1]:g} s "
-                              f"({format_size(got)} received)",
-                              hint="the server or the network is too slow; give more time "
-                                   "with --timeout")
-        if progress is not None and total:
-            progress(min(100, got * 100 // total))
-    _store(out, b"", url)
-    if progress is None:
-        log.info(f"downloaded {url} ({format_size(got)})")
-    return got

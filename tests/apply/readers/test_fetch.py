@@ -1,0 +1,271 @@
+"""Downloads as a fleet needs them, against a real server on 127.0.0.1
+that misbehaves: resumed after a cut, never spliced across versions,
+retried on mirrors, bounded in time and in space; every failure one line,
+and nothing left in the staging directory."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dmoverlay.apply.readers.download import Limits, download
+from dmoverlay.apply.readers.fetchplan import Retry
+from dmoverlay.core.errors import SourceError
+from dmoverlay.core.sizes import KiB, MiB
+from tests.apply.readers.httpkit import (
+    Handler,
+    Served,
+    Server,
+    free_port,
+    redirect,
+    send,
+    send_unsized,
+    serving,
+)
+
+FAST = Limits(timeout=2.0, deadline=10.0,
+              retry=Retry(tries=3, first_delay=0.01, max_delay=0.05))
+BODY = random.Random(11).randbytes(3 * MiB + 123)
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Server]]:
+    for var in ("http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.delenv(var.upper(), raising=False)
+    with serving() as served:
+        yield served
+
+
+def fetched(url: str, staging: Path, *, mirrors: tuple[str, ...] = (),
+            sha256: str | None = None, limits: Limits = FAST) -> bytes:
+    with download(url, staging=staging, mirrors=mirrors, sha256=sha256,
+                  limits=limits) as path:
+        data = path.read_bytes()
+    assert list(staging.iterdir()) == []
+    return data
+
+
+def fails(url: str, staging: Path, words: str, *, mirrors: tuple[str, ...] = (),
+          sha256: str | None = None, limits: Limits = FAST) -> SourceError:
+    with pytest.raises(SourceError, match=words) as info, \
+            download(url, staging=staging, mirrors=mirrors, sha256=sha256, limits=limits):
+        pass
+    assert "\n" not in info.value.message and info.value.hint
+    assert list(staging.iterdir()) == []  # the partial file too
+    return info.value
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ------------------------------------------------------------------ resume
+
+
+def test_a_cut_download_resumes_where_it_broke(server: tuple[str, Server],
+                                               staging: Path) -> None:
+    url, httpd = server
+    served = Served(BODY, cuts=[MiB, 2 * MiB + 7])
+    httpd.routes = {"/u.img": served}
+    assert fetched(f"{url}/u.img", staging, sha256=sha(BODY)) == BODY
+    assert served.asked == [(None, None), (f"bytes={MiB}-", '"v1"'),
+                            (f"bytes={2 * MiB + 7}-", '"v1"')]
+
+
+def test_a_server_that_ignores_range_is_read_from_the_start(server: tuple[str, Server],
+                                                            staging: Path) -> None:
+    url, httpd = server
+    served = Served(BODY, ranges=False, cuts=[MiB])
+    httpd.routes = {"/u.img": served}
+    assert fetched(f"{url}/u.img", staging) == BODY  # the 200 replaced the bytes held
+    assert served.asked[1] == (f"bytes={MiB}-", '"v1"')
+
+
+@pytest.mark.parametrize("if_range", [True, False], ids=["if-range", "if-range-ignored"])
+def test_a_file_changed_between_tries_is_not_spliced(server: tuple[str, Server],
+                                                     staging: Path, if_range: bool) -> None:
+    url, httpd = server
+    new = BODY[::-1]
+
+    def change(served: Served) -> None:
+        served.body, served.etag = new, '"v2"'
+
+    served = Served(BODY, cuts=[MiB], if_range=if_range, then=change)
+    httpd.routes = {"/u.img": served}
+    assert fetched(f"{url}/u.img", staging) == new
+    # honoured, If-Range gives the new file whole; ignored, the part's
+    # ETag gives the change away and the next try asks for all of it
+    assert [r for r, _ in served.asked] == \
+        [None, f"bytes={MiB}-"] + ([] if if_range else [None])
+
+
+def test_a_part_that_does_not_continue_is_not_used(server: tuple[str, Server],
+                                                   staging: Path) -> None:
+    url, httpd = server
+    served = Served(BODY, cuts=[MiB])
+    calls = []
+
+    def route(handler: Handler) -> None:
+        calls.append(1)
+        if len(calls) != 2:
+            served(handler)
+            return
+        handler.send_response(206)  # bytes from elsewhere in the file
+        handler.send_header("ETag", '"v1"')
+        handler.send_header("Content-Range", f"bytes 0-9/{len(BODY)}")
+        handler.send_header("Content-Length", "10")
+        handler.end_headers()
+        handler.wfile.write(BODY[:10])
+
+    httpd.routes = {"/u.img": route}
+    assert fetched(f"{url}/u.img", staging, sha256=sha(BODY)) == BODY
+    assert [r for r, _ in served.asked] == [None, None]  # the third asked for all
+
+
+# ------------------------------------------------------------------ lengths
+
+
+def test_a_length_longer_than_the_body_fails(server: tuple[str, Server], staging: Path) -> None:
+    url, httpd = server
+    httpd.routes = {"/long": send(b"x" * 10, length=1000)}
+    fails(f"{url}/long", staging, r"cannot download .*/long: got 10 of 1000 bytes "
+                                  r"\(last of 4 tries\)$")  # the first one gained bytes
+
+
+def test_a_length_shorter_than_the_body_fails_the_checksum(server: tuple[str, Server],
+                                                           staging: Path) -> None:
+    url, httpd = server
+    httpd.routes = {"/short": send(BODY, length=1000)}
+    error = fails(f"{url}/short", staging, f"SHA-256 is {sha(BODY[:1000])}, not {sha(BODY)}",
+                  sha256=sha(BODY))
+    assert "damaged" in str(error.hint)
+
+
+# ------------------------------------------------------------------ redirects
+
+
+@pytest.mark.parametrize("to", ["ftp://127.0.0.1/u.img", "file:///etc/passwd"])
+def test_a_redirect_off_http_is_refused(server: tuple[str, Server], staging: Path,
+                                        to: str) -> None:
+    url, httpd = server
+    httpd.routes = {"/u.img": redirect(to)}
+    fails(f"{url}/u.img", staging, f"redirected to {to} \\(only http\\(s\\) URLs are followed\\)$")
+
+
+def test_a_redirect_loop_is_one_line(server: tuple[str, Server], staging: Path) -> None:
+    url, httpd = server
+    httpd.routes = {"/a": redirect("/b"), "/b": redirect("/a")}
+    fails(f"{url}/a", staging, r"redirected in a loop \(at http://.*/[ab]\)$")
+
+
+# ------------------------------------------------------------------ time
+
+
+def test_a_stall_mid_body_is_bounded_by_the_timeout(server: tuple[str, Server],
+                                                    staging: Path) -> None:
+    url, httpd = server
+    httpd.routes = {"/u.img": Served(BODY, cuts=[MiB] * 10, stall=True)}
+    limits = Limits(timeout=0.3, deadline=10, retry=Retry(tries=2, first_delay=0.01))
+    began = time.monotonic()
+    fails(f"{url}/u.img", staging, r"no answer for 0.3 s \(last of 3 tries\)$", limits=limits)
+    assert time.monotonic() - began < 3
+
+
+def test_a_stall_then_a_good_try_completes(server: tuple[str, Server], staging: Path) -> None:
+    url, httpd = server
+    served = Served(BODY, cuts=[MiB], stall=True)  # the second try gets the rest
+    httpd.routes = {"/u.img": served}
+    limits = Limits(timeout=0.3, deadline=10, retry=Retry(tries=2, first_delay=0.01))
+    assert fetched(f"{url}/u.img", staging, limits=limits) == BODY
+    assert served.asked[1] == (f"bytes={MiB}-", '"v1"')
+
+
+def test_retries_stop_at_the_deadline(server: tuple[str, Server], staging: Path) -> None:
+    url, httpd = server
+    httpd.routes = {"/busy": send(b"", status=503)}
+    limits = Limits(deadline=0.5, retry=Retry(tries=100, first_delay=0.2, max_delay=0.2))
+    began = time.monotonic()
+    fails(f"{url}/busy", staging, r"HTTP 503 Service Unavailable \(last of \d+ tries\)$",
+          limits=limits)
+    assert time.monotonic() - began < 1
+
+
+# ------------------------------------------------------------------ mirrors
+
+
+def test_mirrors_are_tried_in_turn(server: tuple[str, Server], staging: Path) -> None:
+    url, httpd = server
+    good = Served(BODY)
+    httpd.routes = {"/busy": send(b"", status=503), "/gone": send(b"nope", status=404),
+                    "/u.img": good}
+    down = f"http://127.0.0.1:{free_port()}/u.img"
+    data = fetched(down, staging, mirrors=(f"{url}/busy", f"{url}/gone", f"{url}/u.img"),
+                   sha256=sha(BODY))
+    assert data == BODY and good.asked == [(None, None)]
+
+
+def test_a_mirror_with_the_wrong_file_is_passed_over(server: tuple[str, Server],
+                                                     staging: Path) -> None:
+    url, httpd = server
+    httpd.routes = {"/old": Served(b"old update"), "/u.img": Served(BODY)}
+    assert fetched(f"{url}/old", staging, mirrors=(f"{url}/u.img",), sha256=sha(BODY)) == BODY
+
+
+def test_a_cut_resumes_on_the_next_mirror(server: tuple[str, Server], staging: Path) -> None:
+    url, httpd = server
+    first, second = Served(BODY, cuts=[MiB] * 10), Served(BODY)
+    httpd.routes = {"/a": first, "/b": second}
+    # the first always cuts: it gains no byte past the first try, and the
+    # second mirror continues the bytes held (same ETag: the same file)
+    assert fetched(f"{url}/a", staging, mirrors=(f"{url}/b",)) == BODY
+    assert (f"bytes={MiB}-", '"v1"') in second.asked
+
+
+def test_every_mirror_down_is_one_line(staging: Path) -> None:
+    urls = [f"http://127.0.0.1:{free_port()}/u.img" for _ in range(3)]
+    fails(urls[0], staging, r"Connection refused \(last of 5 tries on 3 URLs\)$",
+          mirrors=tuple(urls[1:]))
+
+
+# ------------------------------------------------------------------ space
+
+
+def _room(staging: Path, room: int) -> int:
+    """The reserve that leaves `room` bytes for a download in staging."""
+    st = os.statvfs(staging)
+    return st.f_bavail * st.f_frsize - room
+
+
+def test_a_download_too_large_is_refused_before_it_starts(server: tuple[str, Server],
+                                                          staging: Path) -> None:
+    url, httpd = server
+    served = Served(BODY)
+    httpd.routes = {"/u.img": served}
+    limits = Limits(reserve=_room(staging, 256 * KiB), retry=FAST.retry)
+    fails(f"{url}/u.img", staging, r"3.0 MiB will not fit in the \d+.\d KiB free for it in ",
+          limits=limits)
+    assert len(served.asked) == 1  # not retried: no mirror has more room
+
+
+def test_a_download_of_unknown_length_stops_where_it_overflows(server: tuple[str, Server],
+                                                               staging: Path) -> None:
+    url, httpd = server
+    httpd.routes = {"/u.img": send_unsized(BODY)}
+    limits = Limits(reserve=_room(staging, 256 * KiB), retry=FAST.retry)
+    fails(f"{url}/u.img", staging, "stopped where it would overflow the room left in .* "
+                                   r"\(the server gave no length\)$", limits=limits)
+
+
+def test_a_download_of_unknown_length_that_fits(server: tuple[str, Server],
+                                                staging: Path) -> None:
+    url, httpd = server
+    httpd.routes = {"/u.img": send_unsized(BODY)}
+    limits = Limits(reserve=_room(staging, 64 * MiB), retry=FAST.retry)
+    assert fetched(f"{url}/u.img", staging, limits=limits) == BODY
