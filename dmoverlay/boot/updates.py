@@ -7,11 +7,19 @@ one tried: a boot never stops for an update.  Each outcome says why, for
 the console and the booted system's journal.
 
 Where an update is:
-  http://... or https://...   downloaded (under the live /run)
+  http://... or https://...   downloaded (under the live /run); more URLs
+                              of the same file may follow, after commas:
+                              mirrors, tried in turn when one fails
   DEVICE:/PATH                a file or directory on DEVICE (LABEL=, UUID=,
                               PARTUUID=, PARTLABEL=, CDLABEL=, /dev/...),
                               mounted read-only for as long as it is read
   /PATH                       on the live medium, as setup mounted it
+Any of them may end in #sha256=HEX: the file must have that checksum.
+
+Each update stays one word of the command line, and one URL alone is what
+dracut and anaconda read: a URL's #fragment is never sent to a server, so
+URL#sha256=HEX still downloads with them (unchecked); mirrors are ours.
+A comma splits URLs only where a new http(s):// begins.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from dmoverlay.apply.readers.checksum import parse_sha256
 from dmoverlay.apply.readers.download import url_scheme
 from dmoverlay.apply.update import DOWNLOAD_DEADLINE, ApplyOptions, Result, apply_update
 from dmoverlay.core import log
@@ -47,6 +56,11 @@ _FS_OPTIONS = {"ext2": ",errors=remount-ro", "ext3": ",noload,errors=remount-ro"
 # A boot waits for each update in turn (a download up to its deadline): past
 # these, the rest of a long line is left out, not tried.
 MAX_UPDATES = 16
+# URLs of one update: a word that names more is a mistake, not a fleet
+MAX_MIRRORS = 8
+# a checksum at the end of an update's word, and the commas between its URLs
+_CHECKSUM = re.compile(r"(?P<rest>.*)#sha256=(?P<hex>[^#]*)", re.DOTALL)
+_NEXT_URL = re.compile(r",(?=[A-Za-z][A-Za-z0-9+.-]*://)")
 # user:password@ in a URL, as far as the last @ before the path
 _PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*):[^/\s]*@")
 
@@ -65,18 +79,46 @@ class Source:
     where: Where
     path: str  # the URL, or the path on the device or medium
     device: devspec.Location | None = None
+    mirrors: tuple[str, ...] = ()  # more URLs of the same file
+    sha256: str | None = None  # the checksum the file must have
 
 
 def parse_source(text: str) -> Source:
     """UsageError when `text` names no place an update can come from."""
-    scheme = url_scheme(text)
-    if scheme is not None:
-        if scheme not in ("http", "https"):
-            raise UsageError(f"{scheme} URLs are not supported", hint="give an http(s) URL")
-        if "@" in urllib.parse.urlsplit(text).netloc:
-            raise UsageError("a user or password in a URL is not supported",
-                             hint="serve the update without one, or put it on a device")
-        return Source(text, Where.URL, text)
+    place, sha256 = _checksum(text)
+    if url_scheme(place) is not None:
+        urls = _NEXT_URL.split(place)
+        if len(urls) > MAX_MIRRORS:
+            raise UsageError(f"{len(urls)} URLs for one update, more than {MAX_MIRRORS}",
+                             hint="name fewer mirrors")
+        for url in urls:
+            _check_url(url)
+        return Source(text, Where.URL, urls[0], mirrors=tuple(urls[1:]), sha256=sha256)
+    source = _on_a_device(place)
+    return Source(text, source.where, source.path, source.device, sha256=sha256)
+
+
+def _checksum(text: str) -> tuple[str, str | None]:
+    """(the place, the checksum) of an update's word: PLACE#sha256=HEX."""
+    match = _CHECKSUM.fullmatch(text)
+    if match is None:
+        return text, None
+    if "#sha256=" in match["rest"]:
+        raise UsageError("#sha256= given twice", hint="give it once, at the end of the word")
+    return match["rest"], parse_sha256(match["hex"])
+
+
+def _check_url(url: str) -> None:
+    scheme = url_scheme(url)
+    if scheme not in ("http", "https"):
+        raise UsageError(f"{scheme} URLs are not supported" if scheme else
+                         f"not an http(s) URL: {url}", hint="give an http(s) URL")
+    if "@" in urllib.parse.urlsplit(url).netloc:
+        raise UsageError("a user or password in a URL is not supported",
+                         hint="serve the update without one, or put it on a device")
+
+
+def _on_a_device(text: str) -> Source:
     device, sep, path = text.partition(":/")
     if sep:
         spec = devspec.parse(device)
@@ -179,7 +221,8 @@ def _apply_one(text: str, options: ApplyOptions, mounts: Path, medium: str,
         with log.step(f"applying the update {shown(text)}"):
             source = parse_source(text)
             with _located(source, mounts, medium) as spec:
-                result = apply_update(spec, options, deadline=deadline)
+                result = apply_update(spec, options, sha256=source.sha256,
+                                      mirrors=source.mirrors, deadline=deadline)
     except DmoverlayError as exc:
         why = shown(exc.message)
     except OSError as exc:  # the device or medium went away under us

@@ -47,6 +47,9 @@ def _options(root: Path, run_dir: str, *, allow_setuid: bool = False,
 @click.option("--run-dir", default="/run", show_default=True,
               help="Where run/ entries go: the live system's /run ('none': refuse them).")
 @click.option("--sha256", help="Checksum the UPDATES file (or download) must have.")
+@click.option("--mirror", "mirrors", multiple=True, metavar="URL",
+              help="Another http(s) URL of the same download, tried when one fails "
+                   "(repeat for more, in the order given).")
 @click.option("--allow-setuid", is_flag=True,
               help="Accept setuid/setgid files and file capabilities.")
 @click.option("--allow-xattr", "allow_xattrs", multiple=True, metavar="NAME",
@@ -69,18 +72,21 @@ def _options(root: Path, run_dir: str, *, allow_setuid: bool = False,
 @click.option("--state-dir", type=click.Path(path_type=Path), default=STATE_DIR,
               show_default=True, help="Where setup recorded the overlay.")
 def command(updates: str | None, root: Path, run_dir: str, sha256: str | None,
-            allow_setuid: bool, allow_xattrs: tuple[str, ...], dry_run: bool, as_json: bool,
-            jobs: int, timeout: float, cmdline_file: str | None, name: str,
-            state_dir: Path) -> None:
+            mirrors: tuple[str, ...], allow_setuid: bool, allow_xattrs: tuple[str, ...],
+            dry_run: bool, as_json: bool, jobs: int, timeout: float, cmdline_file: str | None,
+            name: str, state_dir: Path) -> None:
     """Apply UPDATES (a directory, cpio or tar archive, filesystem image, or
     http(s) URL) onto ROOT: links kept, nothing written outside ROOT, every
     file replaced atomically, all or nothing.  `dmoverlay rollback` undoes it."""
     opts = _options(root, run_dir, allow_setuid=allow_setuid, allow_xattrs=allow_xattrs,
                     dry_run=dry_run, jobs=jobs)
     if cmdline_file is not None:
-        if updates is not None or sha256 is not None:
+        given = [word for word, there in (("UPDATES", updates is not None),
+                                          ("--sha256", sha256 is not None),
+                                          ("--mirror", bool(mirrors))) if there]
+        if given:
             raise UsageError("--from-cmdline takes the updates from the command line: "
-                             f"{'UPDATES' if updates is not None else '--sha256'} too",
+                             f"{given[0]} too",
                              hint="give either --from-cmdline or UPDATES")
         _from_cmdline(cmdline_file, opts, name=name, state_dir=state_dir, deadline=timeout,
                       as_json=as_json)
@@ -88,7 +94,7 @@ def command(updates: str | None, root: Path, run_dir: str, sha256: str | None,
     if updates is None:
         raise UsageError("UPDATES is missing", hint="name the update, or give --from-cmdline")
     try:
-        result = apply_update(updates, opts, sha256=sha256, deadline=timeout)
+        result = apply_update(updates, opts, sha256=sha256, mirrors=mirrors, deadline=timeout)
     except ApplyRefused as exc:
         if as_json:
             click.echo(json.dumps(exc.to_dict(), indent=2))

@@ -155,6 +155,26 @@ def test_url_with_checksum(live: tuple[Path, Path, Path], server: tuple[str, Pat
     assert not (run / "dmoverlay").exists()
 
 
+def test_url_with_mirrors(live: tuple[Path, Path, Path], server: tuple[str, Path]) -> None:
+    """The first URL is gone, the second serves the file: applied, checked."""
+    top, root, run = live
+    base, served = server
+    image = updates_img(top, {"etc/os-release": b"ID=mirrored\n"})
+    (served / "updates.img").write_bytes(image.read_bytes())
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    good = apply_cli(f"{base}/gone.img", root, run, "--sha256", digest,
+                     "--mirror", f"{base}/updates.img")
+    assert good.returncode == 0, good.stderr
+    assert "HTTP 404" in good.stderr  # the first one's failure, as a warning
+    assert (root / "etc/os-release").read_text() == "ID=mirrored\n"
+    assert not (run / "dmoverlay").exists()
+    local = apply_cli(image, root, run, "--mirror", f"{base}/updates.img")
+    assert error_line(local) == "error: mirrors are for a download: UPDATES is not an " \
+                                "http(s) URL"
+    not_url = apply_cli(f"{base}/updates.img", root, run, "--mirror", str(image))
+    assert error_line(not_url) == f"error: mirror {image}: not an http(s) URL"
+
+
 def test_directory_and_plain_tar_local_and_downloaded(live: tuple[Path, Path, Path],
                                                      server: tuple[str, Path]) -> None:
     """Data copied from where it lies (a directory, a plain tar on disk) or
@@ -275,7 +295,8 @@ def test_from_cmdline_without_updates_is_a_note(live: tuple[Path, Path, Path]) -
     assert snapshot(root) == before
 
 
-@pytest.mark.parametrize("extra", [["UPDATES"], ["--sha256", "0" * 64]])
+@pytest.mark.parametrize("extra", [["UPDATES"], ["--sha256", "0" * 64],
+                                   ["--mirror", "http://10.0.2.2/u.img"]])
 def test_from_cmdline_with_updates_given_too_is_one_error(live: tuple[Path, Path, Path],
                                                           extra: list[str]) -> None:
     top, root, run = live

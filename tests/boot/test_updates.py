@@ -5,6 +5,7 @@ a real tmpfs as the medium, real loop devices holding real ext4 images."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import subprocess
@@ -21,6 +22,7 @@ from dmoverlay.boot.updates import Outcome, Where, parse_source
 from dmoverlay.core.errors import BlockDevError, OverlayError, SourceError, UsageError
 from dmoverlay.overlay import blockdev
 from dmoverlay.overlay.state import Step, StepKind
+from tests.apply.readers.httpkit import Served, Server, free_port, serving
 from tests.applykit import make_root, snapshot
 from tests.conftest import small_tmpfs
 from tests.overlay.statefiles import make_state, plant
@@ -112,6 +114,89 @@ def test_what_names_no_place_is_refused_with_one_reason(text: str, words: str) -
         parse_source(text)
     assert words in caught.value.message
     assert "\n" not in caught.value.message
+
+
+HEX = "ab" * 32
+
+
+@pytest.mark.parametrize(("text", "path", "mirrors", "sha256"), [
+    ("http://a/u.img,https://b/x/u.img", "http://a/u.img", ("https://b/x/u.img",), None),
+    (f"http://a/u.img,http://b/u.img,HTTP://c/u.img#sha256={HEX.upper()}", "http://a/u.img",
+     ("http://b/u.img", "HTTP://c/u.img"), HEX),
+    (f"http://a/u.img#sha256={HEX}", "http://a/u.img", (), HEX),  # dracut reads it too
+    ("http://a/u,v.img", "http://a/u,v.img", (), None),  # a comma inside a URL stays
+    ("http://a/u.img?x=1,2", "http://a/u.img?x=1,2", (), None),
+])
+def test_mirrors_and_checksums_of_an_update(text: str, path: str, mirrors: tuple[str, ...],
+                                            sha256: str | None) -> None:
+    source = parse_source(text)
+    assert (source.where, source.path, source.mirrors, source.sha256, source.text) == \
+        (Where.URL, path, mirrors, sha256, text)
+
+
+def test_a_checksum_for_an_update_on_a_device_or_the_medium() -> None:
+    on_device = parse_source(f"LABEL=UPD:/u.img#sha256={HEX}")
+    assert (on_device.where, on_device.path, on_device.sha256) == (Where.DEVICE, "/u.img", HEX)
+    on_medium = parse_source(f"/LiveOS/u.img#sha256=sha256:{HEX}")
+    assert (on_medium.where, on_medium.path, on_medium.sha256) == \
+        (Where.MEDIUM, "/LiveOS/u.img", HEX)
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("http://a/u.img,ftp://b/u.img", "ftp URLs are not supported"),
+    ("http://a/u.img,http://me:pw@b/u.img", "a user or password in a URL is not supported"),
+    (",".join(f"http://m{i}/u.img" for i in range(9)), "9 URLs for one update, more than 8"),
+    ("http://a/u.img#sha256=1234", "not a SHA-256 checksum: '1234'"),
+    (f"http://a/u.img#sha256={HEX},http://b/u.img", "not a SHA-256 checksum"),
+    (f"http://a/u.img#sha256={HEX}#sha256={HEX}", "#sha256= given twice"),
+    (f"#sha256={HEX}", "not an http(s) URL, DEVICE:/PATH or /PATH"),
+])
+def test_bad_mirrors_and_checksums_are_refused_with_one_reason(text: str, words: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        parse_source(text)
+    assert words in caught.value.message
+    assert "\n" not in caught.value.message
+
+
+@pytest.fixture
+def web(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Server]]:
+    for var in ("http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.delenv(var.upper(), raising=False)
+    with serving() as served:
+        yield served
+
+
+def test_a_download_from_a_mirror_checked_at_boot(live: tuple[ApplyOptions, Path],
+                                                  web: tuple[str, Server],
+                                                  tmp_path: Path) -> None:
+    """The first URL is down, the mirror serves the file: applied when its
+    checksum is the one on the command line, left out when it is not."""
+    options, mounts = live
+    url, httpd = web
+    body = make_tar(tmp_path / "u.tar", {"etc/mirrored": b"yes\n"}).read_bytes()
+    httpd.routes = {"/u.tar": Served(body), "/old.tar": Served(b"old")}
+    good = hashlib.sha256(body).hexdigest()
+    down = f"http://127.0.0.1:{free_port()}/u.tar"
+    [bad] = updates.apply_all((f"{url}/old.tar,{url}/u.tar#sha256={'0' * 64}",), options,
+                              mounts=mounts, deadline=30)
+    assert not bad.applied and f"SHA-256 is {good}, not {'0' * 64}" in bad.reason
+    assert not (options.root / "etc/mirrored").exists()
+    [applied] = updates.apply_all((f"{down},{url}/u.tar#sha256={good}",), options,
+                                  mounts=mounts, deadline=30)
+    assert applied.applied, applied
+    assert (options.root / "etc/mirrored").read_bytes() == b"yes\n"
+
+
+@pytest.mark.root
+def test_a_checksum_on_the_medium(live: tuple[ApplyOptions, Path], medium: Path) -> None:
+    options, mounts = live
+    data = make_tar(medium / "u.tar", {"etc/checked": b"1\n"}).read_bytes()
+    good = hashlib.sha256(data).hexdigest()
+    bad, applied = updates.apply_all((f"/u.tar#sha256={'1' * 64}", f"/u.tar#sha256={good}"),
+                                     options, mounts=mounts, medium=os.fspath(medium))
+    assert not bad.applied and "SHA-256 is" in bad.reason
+    assert applied.applied and (options.root / "etc/checked").read_bytes() == b"1\n"
 
 
 # ---------------------------------------------------------------- on the live medium
@@ -472,7 +557,7 @@ def test_a_device_is_read_without_writing_to_it(
     loop_of.append((dev, image))
     seen: list[str] = []
 
-    def watched(spec: str, opts: ApplyOptions, *, deadline: float) -> Result:
+    def watched(spec: str, opts: ApplyOptions, *, deadline: float, **kw: object) -> Result:
         seen.extend(_mount_options_under(mounts))
         return apply_update(spec, opts, deadline=deadline)
 
@@ -567,7 +652,7 @@ def test_the_updates_share_one_deadline(live: tuple[ApplyOptions, Path],
     options, mounts = live
     given: list[float] = []
 
-    def slow(spec: str, opts: ApplyOptions, *, deadline: float) -> Result:
+    def slow(spec: str, opts: ApplyOptions, *, deadline: float, **kw: object) -> Result:
         given.append(deadline)
         time.sleep(0.4)
         raise SourceError(f"cannot download {spec}: not done after {deadline:g} s")

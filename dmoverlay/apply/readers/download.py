@@ -124,6 +124,7 @@ class _Download:
         import random  # here: only a download that fails needs it
 
         failures, mirror, tries = Failures(), 0, 0
+        telling: tuple[str, _Failed] | None = None  # the last failure that will not pass
         while True:
             before = self.held.size
             tries += 1
@@ -132,12 +133,14 @@ class _Download:
                 return
             except _Failed as exc:
                 failure = exc
+            if not failure.transient:
+                telling = (self.urls[mirror], failure)
             failures = after_failure(failures, mirror=mirror, transient=failure.transient,
                                      progressed=self.held.size > before)
             step = next_try(failures, mirror=mirror, mirrors=len(self.urls),
                             retry=self.limits.retry, jitter=random.random())
             if step is None or time.monotonic() + step.delay >= self.give_up:
-                raise self._given_up(self.urls[mirror], failure, tries)
+                raise self._given_up(*(telling or (self.urls[mirror], failure)), tries)
             log.warning(f"download of {self.urls[mirror]}: {failure.why}; trying "
                         f"{self.urls[step.mirror]} {_after(step.delay)}")
             time.sleep(step.delay)

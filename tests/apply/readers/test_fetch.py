@@ -234,6 +234,18 @@ def test_every_mirror_down_is_one_line(staging: Path) -> None:
           mirrors=tuple(urls[1:]))
 
 
+def test_the_failure_that_tells_most_is_the_one_said(server: tuple[str, Server],
+                                                     staging: Path) -> None:
+    """A mirror down may come back; one with another file will not: that
+    is the line to read, not the last refused connection."""
+    url, httpd = server
+    httpd.routes = {"/old": Served(b"old update")}
+    down = f"http://127.0.0.1:{free_port()}/u.img"
+    fails(down, staging, f"cannot download {url}/old: SHA-256 is {sha(b'old update')}, "
+                         f"not {sha(BODY)} \\(last of 4 tries on 2 URLs\\)$",
+          mirrors=(f"{url}/old",), sha256=sha(BODY))
+
+
 # ------------------------------------------------------------------ space
 
 
