@@ -13,6 +13,7 @@ long as the rest of an apply's imports."""
 from __future__ import annotations
 
 import os
+import random
 import re
 import tempfile
 import time
@@ -121,8 +122,6 @@ class _Download:
         self.opener = _opener()
 
     def run(self) -> None:
-        import random  # here: only a download that fails needs it
-
         failures, mirror, tries = Failures(), 0, 0
         telling: tuple[str, _Failed] | None = None  # the last failure that will not pass
         while True:
@@ -135,6 +134,8 @@ class _Download:
                 failure = exc
             if not failure.transient:
                 telling = (self.urls[mirror], failure)
+            if time.monotonic() >= self.give_up:  # a read cut short by the deadline
+                raise self._late()
             failures = after_failure(failures, mirror=mirror, transient=failure.transient,
                                      progressed=self.held.size > before)
             step = next_try(failures, mirror=mirror, mirrors=len(self.urls),
@@ -202,7 +203,9 @@ class _Download:
         try:
             answer = judge(self.held, response.status,
                            content_range=headers.get("Content-Range"),
-                           content_length=_content_length(headers.get("Content-Length")))
+                           # a chunked body's Content-Length is not its length
+                           content_length=None if response.chunked else
+                           _content_length(headers.get("Content-Length")))
         except Unusable:
             if response.status == 206:  # a range that does not fit: all of it next time
                 self._restart()

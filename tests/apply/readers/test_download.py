@@ -168,3 +168,15 @@ def test_sigterm_during_a_download_leaves_nothing(server: tuple[str, Server],
                                   "HTTPX://x/y"])
 def test_other_url_schemes_are_refused(spec: str, staging: Path) -> None:
     download_fails(spec, staging, "URLs are not supported")
+
+
+def test_a_download_is_what_brings_in_urllib() -> None:
+    """The network modules take about as long to import as the rest of an
+    apply: an apply of a file, or a boot with no URL, does without them."""
+    probe = ("import sys\n"
+             "import dmoverlay.apply.update, dmoverlay.boot.updates, dmoverlay.cli.apply\n"
+             "print(sorted(m for m in ('urllib.request', 'http.client', 'ssl') "
+             "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout == "[]\n"

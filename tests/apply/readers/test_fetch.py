@@ -148,6 +148,27 @@ def test_a_length_shorter_than_the_body_fails_the_checksum(server: tuple[str, Se
     assert "damaged" in str(error.hint)
 
 
+def test_a_chunked_body_is_not_judged_by_a_content_length(server: tuple[str, Server],
+                                                         staging: Path) -> None:
+    """Both headers: Transfer-Encoding wins (RFC 9112 6.3), as it does in http.client."""
+    url, httpd = server
+
+    def route(handler: Handler) -> None:
+        handler.protocol_version = "HTTP/1.1"
+        handler.send_response(200)
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.send_header("Content-Length", str(len(BODY) * 2))
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        for at in range(0, len(BODY), MiB):
+            piece = BODY[at:at + MiB]
+            handler.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        handler.wfile.write(b"0\r\n\r\n")
+
+    httpd.routes = {"/u.img": route}
+    assert fetched(f"{url}/u.img", staging) == BODY
+
+
 # ------------------------------------------------------------------ redirects
 
 
@@ -185,6 +206,16 @@ def test_a_stall_then_a_good_try_completes(server: tuple[str, Server], staging: 
     limits = Limits(timeout=0.3, deadline=10, retry=Retry(tries=2, first_delay=0.01))
     assert fetched(f"{url}/u.img", staging, limits=limits) == BODY
     assert served.asked[1] == (f"bytes={MiB}-", '"v1"')
+
+
+def test_a_stall_cut_short_by_the_deadline_says_so(server: tuple[str, Server],
+                                                   staging: Path) -> None:
+    url, httpd = server
+    httpd.routes = {"/u.img": Served(BODY, cuts=[MiB], stall=True)}
+    began = time.monotonic()
+    fails(f"{url}/u.img", staging, r"not done after 0.5 s \(1.0 MiB received\)$",
+          limits=Limits(timeout=5, deadline=0.5))
+    assert time.monotonic() - began < 2
 
 
 def test_retries_stop_at_the_deadline(server: tuple[str, Server], staging: Path) -> None:
