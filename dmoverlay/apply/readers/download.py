@@ -90,6 +90,10 @@ def download(url: str, *, staging: Path, mirrors: tuple[str, ...] = (),
     staging/download-XXXX, removed on exit, and on any failure.  `sha256`
     (hexadecimal, lower case): the file must have it, or the next mirror is
     tried.  One SourceError when no URL gave the file within the limits."""
+    for each in (url, *mirrors):  # urllib alone would open file: and ftp: URLs too
+        if url_scheme(each) not in ("http", "https"):
+            raise SourceError(f"cannot download {_printable(each)}: not an http(s) URL",
+                              hint="give an http(s) URL")
     fd, name = tempfile.mkstemp(prefix="download-", dir=staging)
     path = Path(name)
     try:

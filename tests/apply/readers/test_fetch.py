@@ -180,6 +180,14 @@ def test_a_redirect_off_http_is_refused(server: tuple[str, Server], staging: Pat
     fails(f"{url}/u.img", staging, f"redirected to {to} \\(only http\\(s\\) URLs are followed\\)$")
 
 
+@pytest.mark.parametrize("mirror", ["file:///etc/passwd", "ftp://127.0.0.1/u.img", "/etc"])
+def test_download_takes_only_http_urls(staging: Path, mirror: str) -> None:
+    """open_update and the boot line check their URLs; the library's
+    download checks them again (urllib would read a file: URL)."""
+    fails("http://127.0.0.1:1/u.img", staging, f"cannot download {mirror}: not an http",
+          mirrors=(mirror,))
+
+
 def test_a_redirect_loop_is_one_line(server: tuple[str, Server], staging: Path) -> None:
     url, httpd = server
     httpd.routes = {"/a": redirect("/b"), "/b": redirect("/a")}
