@@ -17,8 +17,9 @@ Where an update is:
 Any of them may end in #sha256=HEX: the file must have that checksum.
 
 Each update stays one word of the command line, and one URL alone is what
-dracut and anaconda read: a URL's #fragment is never sent to a server, so
-URL#sha256=HEX still downloads with them (unchecked); mirrors are ours.
+dracut and anaconda read: a URL's #fragment is no part of the request
+(curl leaves it out too), so URL#sha256=HEX still downloads with tools
+that take the URL alone (unchecked); mirrors are ours.
 A comma splits URLs only where a new http(s):// begins.
 """
 

@@ -60,8 +60,8 @@ def _options(root: Path, run_dir: str, *, allow_setuid: bool = False,
               help="Processes that write files (0: one per CPU for a large update).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
               default=DOWNLOAD_DEADLINE, show_default=True,
-              help="Seconds a download may take in all (30 s without progress fail it "
-                   "sooner); with --from-cmdline, all the updates together.")
+              help="Seconds a download may take in all, retries included (30 s without "
+                   "progress fail a try); with --from-cmdline, all the updates together.")
 @click.option("--from-cmdline", "cmdline_file", is_flag=False, flag_value="/proc/cmdline",
               metavar="[FILE]",
               help="Apply the updates a kernel command line names (rd.live.updates=, "
