@@ -107,9 +107,10 @@ def download(url: str, *, staging: Path, mirrors: tuple[str, ...] = (),
 class _Failed(Exception):
     """One try that failed: `why`, and whether trying again may help."""
 
-    def __init__(self, why: str, *, transient: bool, hint: str = "") -> None:
+    def __init__(self, why: str, *, transient: bool, hint: str = "",
+                 timed_out: bool = False) -> None:
         super().__init__(why)
-        self.why, self.transient, self.hint = why, transient, hint
+        self.why, self.transient, self.hint, self.timed_out = why, transient, hint, timed_out
 
 
 class _Download:
@@ -138,8 +139,8 @@ class _Download:
                 failure = exc
             if not failure.transient:
                 telling = (self.urls[mirror], failure)
-            if time.monotonic() >= self.give_up:  # a read cut short by the deadline
-                raise self._late()
+            if failure.timed_out and time.monotonic() >= self.give_up:
+                raise self._late()  # a wait cut short by the deadline, not the stall timeout
             failures = after_failure(failures, mirror=mirror, transient=failure.transient,
                                      progressed=self.held.size > before)
             step = next_try(failures, mirror=mirror, mirrors=len(self.urls),
@@ -174,9 +175,11 @@ class _Download:
         except urllib.error.HTTPError as exc:
             raise self._unusable(exc.code, exc.reason) from None
         except urllib.error.URLError as exc:
-            raise _Failed(_network(exc.reason, self.limits.timeout), transient=True) from None
+            raise _Failed(_network(exc.reason, self.limits.timeout), transient=True,
+                          timed_out=isinstance(exc.reason, TimeoutError)) from None
         except (TimeoutError, HTTPException, OSError) as exc:
-            raise _Failed(_network(exc, self.limits.timeout), transient=True) from None
+            raise _Failed(_network(exc, self.limits.timeout), transient=True,
+                          timed_out=isinstance(exc, TimeoutError)) from None
         self._check_whole()
 
     def _unusable(self, status: int, reason: object) -> _Failed:

@@ -223,7 +223,7 @@ def test_a_stall_cut_short_by_the_deadline_says_so(server: tuple[str, Server],
     began = time.monotonic()
     fails(f"{url}/u.img", staging, r"not done after 0.5 s \(1.0 MiB received\)$",
           limits=Limits(timeout=5, deadline=0.5))
-    assert time.monotonic() - began < 2
+    assert time.monotonic() - began < 3
 
 
 def test_retries_stop_at_the_deadline(server: tuple[str, Server], staging: Path) -> None:
@@ -233,7 +233,7 @@ def test_retries_stop_at_the_deadline(server: tuple[str, Server], staging: Path)
     began = time.monotonic()
     fails(f"{url}/busy", staging, r"HTTP 503 Service Unavailable \(last of \d+ tries\)$",
           limits=limits)
-    assert time.monotonic() - began < 1
+    assert time.monotonic() - began < 3  # 100 tries would take 15 s
 
 
 # ------------------------------------------------------------------ mirrors
