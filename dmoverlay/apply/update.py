@@ -24,19 +24,22 @@ from dmoverlay.apply.execute import (
 from dmoverlay.apply.readers import DOWNLOAD_DEADLINE, open_update
 from dmoverlay.core import cow, log
 from dmoverlay.core.errors import WriteFailed
+from dmoverlay.core.signature import Trust
 
 __all__ = ["DOWNLOAD_DEADLINE", "ApplyOptions", "ApplyRefused", "Result", "WriteFailed",
            "apply_update", "rollback"]
 
 
 def apply_update(spec: str, options: ApplyOptions, *, sha256: str | None = None,
-                 deadline: float = DOWNLOAD_DEADLINE,
+                 trust: Trust | None = None, deadline: float = DOWNLOAD_DEADLINE,
                  cow_free: Callable[[str], int | None] = cow.free_bytes) -> Result:
     """Apply the update `spec` (a directory, archive or image path, or an
     http(s) URL) onto `options.root`, all or nothing; what was done (with
     `options.dry_run`, only the plan).
 
     `sha256`: the checksum the update file or download must have.
+    `trust`: the keys one of which must have signed it (a file or download
+    only: core.signature), verified before any of it is read.
     `deadline`: seconds a download may take in all.  `cow_free`: the room
     left in the overlay's COW store holding a path (None: not on one).
 
@@ -49,7 +52,8 @@ def apply_update(spec: str, options: ApplyOptions, *, sha256: str | None = None,
     # applied inside open_update: an image stays mounted, a download kept,
     # while their files are copied from where they lie
     with staging(options) as place, closing(Spool(place)) as spool, \
-            open_update(spec, staging=place, sha256=sha256, deadline=deadline) as reader:
+            open_update(spec, staging=place, sha256=sha256, trust=trust,
+                        deadline=deadline) as reader:
         with log.step(f"reading {spec}"):
             members = read_all(reader, spool)
         return apply_members(options, members, spool, cow_free)

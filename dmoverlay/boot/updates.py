@@ -12,6 +12,14 @@ Where an update is:
                               PARTUUID=, PARTLABEL=, CDLABEL=, /dev/...),
                               mounted read-only for as long as it is read
   /PATH                       on the live medium, as setup mounted it
+
+Signed updates: an initramfs made with dracut.conf's
+`dmoverlay_updates_keys=FILE` holds those keys at KEYS, and then every update
+must be signed by one of them (core.signature), whatever the command line
+says: a command line can be edited at the boot loader, the initramfs is
+what the machine was given.  `rd.live.updates.verify=PATH` (a file in the
+initramfs) requires signatures by the keys in PATH; keys that cannot be
+read leave every update out.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from dmoverlay.apply.readers.download import url_scheme
 from dmoverlay.apply.update import DOWNLOAD_DEADLINE, ApplyOptions, Result, apply_update
 from dmoverlay.core import log
 from dmoverlay.core.errors import DmoverlayError, NoOverlay, UsageError
+from dmoverlay.core.signature import Trust, load_trust
 from dmoverlay.overlay import blockdev, cmdline, devspec
 from dmoverlay.overlay.media import fs_type
 from dmoverlay.overlay.state import check_state_dir, load_state
@@ -47,6 +56,10 @@ _FS_OPTIONS = {"ext2": ",errors=remount-ro", "ext3": ",noload,errors=remount-ro"
 # A boot waits for each update in turn (a download up to its deadline): past
 # these, the rest of a long line is left out, not tried.
 MAX_UPDATES = 16
+# Where the dracut module puts dmoverlay_updates_keys= and
+# dmoverlay_updates_revoked= (module-setup.sh)
+KEYS = Path("/etc/dmoverlay/updates.keys")
+REVOKED = Path("/etc/dmoverlay/updates.revoked")
 # user:password@ in a URL, as far as the last @ before the path
 _PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*):[^/\s]*@")
 
@@ -92,6 +105,27 @@ def cmdline_updates(path: str) -> tuple[str, ...]:
     that asks for no live boot: anaconda's inst.updates= is read all the
     same)."""
     return cmdline.updates_of(cmdline.read_cmdline(path))
+
+
+def boot_trust(path: str, *, given: Trust | None = None, keys: Path = KEYS,
+               revoked: Path = REVOKED) -> Trust | None:
+    """The keys the updates of the command line in `path` must be signed by:
+    `given` (apply --verify), else rd.live.updates.verify=, else those the
+    initramfs holds at `keys` (then `revoked` too, if there); None when
+    none is asked for.  KeysError when they cannot be used: no update may
+    then be applied."""
+    if given is not None:
+        return given
+    named, named_revoked = cmdline.updates_trust_of(cmdline.read_cmdline(path))
+    if named is None and not os.path.lexists(keys):
+        if named_revoked is not None:
+            raise UsageError("kernel command line: rd.live.updates.revoked= without keys to "
+                             "verify with", hint="add rd.live.updates.verify=FILE")
+        return None
+    if named_revoked is None and os.path.lexists(revoked):
+        named_revoked = os.fspath(revoked)
+    return load_trust(Path(named) if named is not None else keys,
+                      Path(named_revoked) if named_revoked is not None else None)
 
 
 def where_setup_left(state_dir: Path, name: str) -> tuple[Path, str]:
@@ -149,7 +183,8 @@ class Outcome:
 
 
 def apply_all(updates: tuple[str, ...], options: ApplyOptions, *, mounts: Path,
-              medium: str = "", deadline: float = DOWNLOAD_DEADLINE) -> list[Outcome]:
+              medium: str = "", deadline: float = DOWNLOAD_DEADLINE,
+              trust: Trust | None = None) -> list[Outcome]:
     """Apply each update in turn; never raises for one that fails (an
     interruption, such as SIGTERM turned into an exception, does go through,
     after the update under way is undone).
@@ -157,7 +192,8 @@ def apply_all(updates: tuple[str, ...], options: ApplyOptions, *, mounts: Path,
     `mounts`: a private directory (setup's state directory) to mount a
     device on while it is read; `medium`: where setup mounted the medium;
     `deadline`: seconds the downloads may take in all (a boot waits for
-    them in turn), those left when an update starts are its own."""
+    them in turn), those left when an update starts are its own; `trust`:
+    the keys each update must be signed by (boot_trust)."""
     outcomes: list[Outcome] = []
     end = time.monotonic() + deadline
     for text in dict.fromkeys(updates):  # one given twice is applied once
@@ -167,19 +203,19 @@ def apply_all(updates: tuple[str, ...], options: ApplyOptions, *, mounts: Path,
                    else f"the updates' {deadline:g} s are up")
             outcomes.append(Outcome(shown(text), False, reason=f"not tried: {why}"))
             continue
-        outcomes.append(_apply_one(text, options, mounts, medium, left))
+        outcomes.append(_apply_one(text, options, mounts, medium, left, trust))
     return outcomes
 
 
 def _apply_one(text: str, options: ApplyOptions, mounts: Path, medium: str,
-               deadline: float) -> Outcome:
+               deadline: float, trust: Trust | None) -> Outcome:
     result: Result | None = None
     why = ""
     try:
         with log.step(f"applying the update {shown(text)}"):
             source = parse_source(text)
             with _located(source, mounts, medium) as spec:
-                result = apply_update(spec, options, deadline=deadline)
+                result = apply_update(spec, options, trust=trust, deadline=deadline)
     except DmoverlayError as exc:
         why = shown(exc.message)
     except OSError as exc:  # the device or medium went away under us

@@ -27,9 +27,11 @@ from dmoverlay.apply.readers.download import (
     url_scheme,
 )
 from dmoverlay.apply.readers.image import open_image
+from dmoverlay.apply.readers.signed import verified_download, verified_file
 from dmoverlay.core.compress import Compression
 from dmoverlay.core.entries import UpdateReader
 from dmoverlay.core.errors import SourceError, UsageError
+from dmoverlay.core.signature import Trust
 from dmoverlay.core.tarread import TarReader
 
 __all__ = ["ACCEPTED", "DOWNLOAD_DEADLINE", "DOWNLOAD_TIMEOUT", "CpioReader",
@@ -38,23 +40,32 @@ __all__ = ["ACCEPTED", "DOWNLOAD_DEADLINE", "DOWNLOAD_TIMEOUT", "CpioReader",
 
 @contextmanager
 def open_update(spec: str, *, staging: Path, sha256: str | None = None,
-                timeout: float = DOWNLOAD_TIMEOUT,
+                trust: Trust | None = None, timeout: float = DOWNLOAD_TIMEOUT,
                 deadline: float = DOWNLOAD_DEADLINE) -> Iterator[UpdateReader]:
     """The update named by `spec` (a path or an http(s) URL), ready for passes.
 
     Downloads and image mounts live under `staging` (a directory under /run:
     /tmp may be hidden by a tmpfs at start-up) and are removed on exit.
     `sha256` is checked against the file (downloaded or local) before
-    anything else reads it.  File data may be `Located` in them (not read
+    anything else reads it.  With `trust`, the update is a file or a
+    download signed by one of its keys (signed.py), verified before any of
+    it is read, and only what was verified is read.  File data may be `Located` in them (not read
     into the spool), so write it before leaving the block: after, a copy
     fails as from an update that changed."""
     expected = parse_sha256(sha256) if sha256 is not None else None
     with ExitStack() as stack:
         downloaded = _is_download(spec)
-        if downloaded:
+        if downloaded or trust is not None:
             os.makedirs(staging, mode=0o700, exist_ok=True)
+        if downloaded and trust is not None:
+            path = stack.enter_context(verified_download(
+                spec, trust=trust, staging=staging, timeout=timeout, deadline=deadline))
+        elif downloaded:
             path = stack.enter_context(download(spec, staging=staging, timeout=timeout,
                                                 deadline=deadline))
+        elif trust is not None:
+            path = stack.enter_context(verified_file(Path(spec), spec, trust=trust,
+                                                     staging=staging))
         else:
             path = Path(spec)
         yield _reader(path, spec, expected=expected, staging=staging, stack=stack)
