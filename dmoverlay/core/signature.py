@@ -99,14 +99,26 @@ def _read_limited(path: Path, label: str, limit: int, *, error: type[DmoverlayEr
             raise error(f"{label}: {what} is a symlink",
                         hint=f"put the {what} itself there, not a link") from None
         raise error(f"cannot read {label}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as raw:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise error(f"{label}: {what} is not a regular file")
-        data = raw.read(limit + 1)
+        data = _read_up_to(fd, limit + 1)
+    except OSError as exc:
+        raise error(f"cannot read {label}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
     if len(data) > limit:
         raise error(f"{label}: {what} is larger than {limit // KiB} KiB: not one")
     return data
+
+
+def _read_up_to(fd: int, size: int) -> bytes:
+    parts: list[bytes] = []
+    got = 0
+    while got < size and (chunk := os.read(fd, size - got)):
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
 
 
 def read_signature(path: Path, *, label: str, update: str) -> bytes:

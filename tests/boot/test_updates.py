@@ -19,6 +19,7 @@ from dmoverlay.apply.update import ApplyOptions, Result, apply_update
 from dmoverlay.boot import updates
 from dmoverlay.boot.updates import Outcome, Where, parse_source
 from dmoverlay.core.errors import BlockDevError, OverlayError, SourceError, UsageError
+from dmoverlay.core.signature import Trust
 from dmoverlay.overlay import blockdev
 from dmoverlay.overlay.state import Step, StepKind
 from tests.applykit import make_root, snapshot
@@ -472,9 +473,10 @@ def test_a_device_is_read_without_writing_to_it(
     loop_of.append((dev, image))
     seen: list[str] = []
 
-    def watched(spec: str, opts: ApplyOptions, *, deadline: float) -> Result:
+    def watched(spec: str, opts: ApplyOptions, *, deadline: float,
+                trust: Trust | None = None) -> Result:
         seen.extend(_mount_options_under(mounts))
-        return apply_update(spec, opts, deadline=deadline)
+        return apply_update(spec, opts, deadline=deadline, trust=trust)
 
     monkeypatch.setattr(updates, "apply_update", watched)
     [outcome] = updates.apply_all((f"{dev}:/upd.tar",), options, mounts=mounts)
@@ -567,7 +569,8 @@ def test_the_updates_share_one_deadline(live: tuple[ApplyOptions, Path],
     options, mounts = live
     given: list[float] = []
 
-    def slow(spec: str, opts: ApplyOptions, *, deadline: float) -> Result:
+    def slow(spec: str, opts: ApplyOptions, *, deadline: float,
+             trust: Trust | None = None) -> Result:
         given.append(deadline)
         time.sleep(0.4)
         raise SourceError(f"cannot download {spec}: not done after {deadline:g} s")
