@@ -60,6 +60,7 @@ class Trust:
     keys: str  # the file as the user named it
     allowed_signers: str
     revoked: Path | None = None
+    revoked_keys: bytes = b""  # its content, as read and checked
 
 
 @dataclass(frozen=True)
@@ -151,9 +152,8 @@ def load_trust(keys: Path, revoked: Path | None = None) -> Trust:
         text = raw.decode()
     except UnicodeDecodeError:
         raise KeysError(f"{label}: not a text file of keys") from None
-    if revoked is not None:
-        _check_revoked(revoked)
-    return Trust(label, allowed_signers(text, label), revoked)
+    revoked_keys = _checked_revoked(revoked) if revoked is not None else b""
+    return Trust(label, allowed_signers(text, label), revoked, revoked_keys)
 
 
 def allowed_signers(text: str, label: str) -> str:
@@ -193,13 +193,13 @@ def _public_key(line: str) -> tuple[str, str] | None:
     return None
 
 
-def _check_revoked(path: Path) -> None:
-    """A KRL, or public keys one a line: what else ssh-keygen would take
-    as "revokes every key", without a word."""
+def _checked_revoked(path: Path) -> bytes:
+    """The content of `path`: a KRL, or public keys one a line (what else
+    ssh-keygen would take as "revokes every key", without a word)."""
     label = os.fspath(path)
     data = _read_limited(path, label, REVOKED_MAX, error=KeysError, what="the revoked keys file")
     if data.startswith(KRL_MAGIC):
-        return
+        return data
     try:
         lines = data.decode().splitlines()
     except UnicodeDecodeError:
@@ -209,6 +209,7 @@ def _check_revoked(path: Path) -> None:
             raise KeysError(f"{label} line {n}: not a public key",
                             hint="revoked keys: a KRL (ssh-keygen -k) or public keys, "
                                  "one a line")
+    return data
 
 
 # ---------------------------------------------------------------- ssh-keygen
@@ -266,12 +267,17 @@ def verify(message: Path, signature: bytes, trust: Trust, *, label: str,
 
     `message` must be a file nobody else can change until it has been read
     for good (a copy in a private directory).  `work`: a private directory
-    for the signature and keys ssh-keygen is given."""
+    for the signature and keys ssh-keygen is given: the bytes that were
+    checked, not the files again."""
     with tempfile.TemporaryDirectory(prefix="verify-", dir=work) as tmp:
         sig, allowed = Path(tmp, "update.sig"), Path(tmp, "allowed_signers")
         sig.write_bytes(signature)
         allowed.write_text(trust.allowed_signers)
-        check = _Check(message, sig, allowed, trust, label)
+        revoked = None
+        if trust.revoked is not None:
+            revoked = Path(tmp, "revoked")
+            revoked.write_bytes(trust.revoked_keys)
+        check = _Check(message, sig, allowed, revoked, trust, label)
         principal = check.principal()
         return check.verified(principal)
 
@@ -281,6 +287,7 @@ class _Check:
     message: Path
     sig: Path
     allowed: Path
+    revoked: Path | None  # the copy of trust.revoked's content
     trust: Trust
     label: str
 
@@ -294,8 +301,8 @@ class _Check:
 
     def verified(self, principal: str) -> Signer:
         revoked: list[str | os.PathLike[str]] = []
-        if self.trust.revoked is not None:
-            revoked = ["-r", self.trust.revoked]
+        if self.revoked is not None:
+            revoked = ["-r", self.revoked]
         done = self._verify(principal, revoked)
         if done.returncode == 0 and done.stdout.startswith("Good"):
             return Signer(principal, _key_of(done.stdout))
@@ -340,7 +347,7 @@ class _Check:
             return SignatureError(f"{self.label}: signed by a key that {self.trust.keys} "
                                   f"line {restricted[0][0]} trusts for other uses only",
                                   hint=f'add {NAMESPACE} to that line\'s namespaces="..."')
-        if self.trust.revoked is not None:
+        if self.revoked is not None:
             plain = self._verify(principal, [])
             if plain.returncode == 0:
                 return SignatureError(f"{self.label}: signed by a revoked key "

@@ -164,6 +164,18 @@ def test_a_revoked_list_of_other_keys_lets_a_good_one_through(
     check(signed(tmp_path, keys["alice"]), load_trust(keys["alice"].public, revoked), work)
 
 
+def test_the_revoked_keys_checked_are_those_used(tmp_path: Path, keys: dict[str, KeyPair],
+                                                 work: Path) -> None:
+    """The revoked file turned to garbage after it was checked: ssh-keygen
+    would take that for "every key revoked" and say nothing; it is given
+    the content that was checked."""
+    revoked = tmp_path / "revoked"
+    revoked.write_text(keys["mallory"].line() + "\n")
+    trust = load_trust(keys["alice"].public, revoked)
+    revoked.write_text("garbage\n")
+    check(signed(tmp_path, keys["alice"]), trust, work)
+
+
 # ---------------------------------------------------------------- the signature file
 
 
