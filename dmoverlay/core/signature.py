@@ -89,10 +89,14 @@ def signature_url(url: str) -> str:
 
 
 def _read_limited(path: Path, label: str, limit: int, *, error: type[DmoverlayError],
-                  what: str) -> bytes:
-    """The bytes of a regular file that is not a link, at most `limit` of
-    them (opened non-blocking: a fifo cannot hang us)."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+                  what: str, link: bool = True) -> bytes:
+    """The bytes of a regular file, at most `limit` of them (opened
+    non-blocking: a fifo cannot hang us); not through a link unless `link`
+    (the user's own files may be links, a signature that comes with an
+    update may not)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    if not link:
+        flags |= os.O_NOFOLLOW
     try:
         fd = os.open(path, flags)
     except OSError as exc:
@@ -109,7 +113,7 @@ def _read_limited(path: Path, label: str, limit: int, *, error: type[DmoverlayEr
     finally:
         os.close(fd)
     if len(data) > limit:
-        raise error(f"{label}: {what} is larger than {limit // KiB} KiB: not one")
+        raise error(f"{label}: {what} is larger than {limit // KiB} KiB")
     return data
 
 
@@ -126,7 +130,8 @@ def read_signature(path: Path, *, label: str, update: str) -> bytes:
     """The signature of `update` in `path`, checked as far as it can be
     without its key; SignatureError naming the update and why not."""
     try:
-        data = _read_limited(path, label, SIG_MAX, error=SignatureError, what="a signature")
+        data = _read_limited(path, label, SIG_MAX, error=SignatureError, what="a signature",
+                             link=False)
     except SignatureError as exc:
         if not os.path.lexists(path):
             raise SignatureError(f"{update}: not signed: no {label}",
@@ -239,7 +244,10 @@ def sign(path: Path, key: Path) -> Path:
     if result.returncode != 0 or not out.startswith(ARMOUR):
         raise SignatureError(f"cannot sign {label} with {key}: {_said(result)}")
     target = signature_path(path)
-    _write_whole(target, out)
+    try:
+        _write_whole(target, out)
+    except OSError as exc:
+        raise SignatureError(f"cannot write {target}: {exc.strerror}") from None
     return target
 
 

@@ -273,6 +273,15 @@ def test_keys_that_cannot_be_used(tmp_path: Path, keys: dict[str, KeyPair],
     assert words in caught.value.message and str(path) in caught.value.message
 
 
+def test_keys_through_a_link_are_the_users_own(tmp_path: Path, keys: dict[str, KeyPair],
+                                                work: Path) -> None:
+    """Unlike a signature that comes with an update, the keys are the
+    user's: /etc/dmoverlay/updates.keys may be a link config management
+    keeps."""
+    (tmp_path / "keys").symlink_to(keys["alice"].public)
+    check(signed(tmp_path, keys["alice"]), load_trust(tmp_path / "keys"), work)
+
+
 def test_missing_keys_and_a_fifo_for_keys(tmp_path: Path) -> None:
     with pytest.raises(KeysError, match="No such file"):
         load_trust(tmp_path / "none")
@@ -321,6 +330,18 @@ def test_sign_failures(tmp_path: Path, keys: dict[str, KeyPair]) -> None:
         sign(update, not_a_key)
     assert not Path(f"{update}.sig").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-key", "u.img"]
+
+
+def test_a_signature_that_cannot_be_written_leaves_nothing(tmp_path: Path,
+                                                           keys: dict[str, KeyPair]) -> None:
+    update = tmp_path / "u.img"
+    update.write_bytes(b"x")
+    (tmp_path / "u.img.sig").mkdir()
+    (tmp_path / "u.img.sig/keep").write_text("mine\n")
+    with pytest.raises(SignatureError, match=f"cannot write {update}.sig: Is a directory"):
+        sign(update, keys["alice"].private)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["u.img", "u.img.sig"]
+    assert (tmp_path / "u.img.sig/keep").read_text() == "mine\n"
 
 
 def test_a_passphrase_key_without_a_terminal_fails_in_one_line(tmp_path: Path) -> None:
