@@ -20,6 +20,7 @@ from dmoverlay.apply.update import apply_update
 from dmoverlay.core import signature
 from dmoverlay.core.errors import SignatureError, SourceError
 from dmoverlay.core.signature import load_trust
+from tests.apply.readers.test_image import make_squashfs
 from tests.apply.test_cli import apply_cli, error_line, updates_img
 from tests.applykit import make_root, snapshot
 from tests.conftest import dmoverlay
@@ -297,3 +298,21 @@ def test_sign_cli_errors_are_one_line(tmp_path: Path, keys: dict[str, KeyPair]) 
     result = dmoverlay("sign", str(tmp_path / "none"), "--key", str(keys["alice"].private))
     assert error_line(result) == f"error: cannot sign {tmp_path / 'none'}: not a regular file"
 
+
+
+@pytest.mark.root
+def test_a_signed_squashfs_image_is_mounted_from_the_verified_copy(
+        live: tuple[Path, Path, Path], keys: dict[str, KeyPair]) -> None:
+    """An image's blocks are read whenever the kernel wants them: the loop
+    device is over the verified copy, gone with the staging."""
+    top, root, run = live
+    tree = top / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/from-image").write_text("signed\n")
+    image = make_squashfs(tree, top / "u.squashfs")
+    signature.sign(image, keys["alice"].private)
+    result = apply_cli(image, root, run, "--verify", str(keys["alice"].public))
+    assert result.returncode == 0, result.stderr
+    assert (root / "etc/from-image").read_text() == "signed\n"
+    assert not (run / "dmoverlay").exists()
+    assert str(top) not in Path("/proc/self/mountinfo").read_text()
