@@ -24,13 +24,15 @@ from dmoverlay.apply.execute import (
 from dmoverlay.apply.readers import DOWNLOAD_DEADLINE, open_update
 from dmoverlay.core import cow, log
 from dmoverlay.core.errors import WriteFailed
+from dmoverlay.core.signature import Trust
 
 __all__ = ["DOWNLOAD_DEADLINE", "ApplyOptions", "ApplyRefused", "Result", "WriteFailed",
            "apply_update", "rollback"]
 
 
 def apply_update(spec: str, options: ApplyOptions, *, sha256: str | None = None,
-                 mirrors: tuple[str, ...] = (), deadline: float = DOWNLOAD_DEADLINE,
+                 mirrors: tuple[str, ...] = (), trust: Trust | None = None,
+                 deadline: float = DOWNLOAD_DEADLINE,
                  cow_free: Callable[[str], int | None] = cow.free_bytes) -> Result:
     """Apply the update `spec` (a directory, archive or image path, or an
     http(s) URL) onto `options.root`, all or nothing; what was done (with
@@ -38,6 +40,8 @@ def apply_update(spec: str, options: ApplyOptions, *, sha256: str | None = None,
 
     `sha256`: the checksum the update file or download must have.
     `mirrors`: more http(s) URLs of a download, tried when one fails.
+    `trust`: the keys one of which must have signed it (a file or download
+    only: core.signature), verified before any of it is read.
     `deadline`: seconds a download may take in all.  `cow_free`: the room
     left in the overlay's COW store holding a path (None: not on one).
 
@@ -50,7 +54,7 @@ def apply_update(spec: str, options: ApplyOptions, *, sha256: str | None = None,
     # applied inside open_update: an image stays mounted, a download kept,
     # while their files are copied from where they lie
     with staging(options) as place, closing(Spool(place)) as spool, \
-            open_update(spec, staging=place, sha256=sha256, mirrors=mirrors,
+            open_update(spec, staging=place, sha256=sha256, mirrors=mirrors, trust=trust,
                         deadline=deadline) as reader:
         with log.step(f"reading {spec}"):
             members = read_all(reader, spool)

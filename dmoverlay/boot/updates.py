@@ -21,6 +21,14 @@ dracut and anaconda read: a URL's #fragment is no part of the request
 (curl leaves it out too), so URL#sha256=HEX still downloads with tools
 that take the URL alone (unchecked); mirrors are ours.
 A comma splits URLs only where a new http(s):// begins.
+
+Signed updates: an initramfs made with dracut.conf's
+`dmoverlay_updates_keys=FILE` holds those keys at KEYS, and then every update
+must be signed by one of them (core.signature), whatever the command line
+says: a command line can be edited at the boot loader, the initramfs is
+what the machine was given.  `rd.live.updates.verify=PATH` (a file in the
+initramfs) requires signatures by the keys in PATH; keys that cannot be
+read leave every update out.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from dmoverlay.apply.readers.download import url_scheme
 from dmoverlay.apply.update import DOWNLOAD_DEADLINE, ApplyOptions, Result, apply_update
 from dmoverlay.core import log
 from dmoverlay.core.errors import DmoverlayError, NoOverlay, UsageError
+from dmoverlay.core.signature import Trust, load_trust
 from dmoverlay.overlay import blockdev, cmdline, devspec
 from dmoverlay.overlay.media import fs_type
 from dmoverlay.overlay.state import check_state_dir, load_state
@@ -62,6 +71,10 @@ MAX_MIRRORS = 8
 # a checksum at the end of an update's word, and the commas between its URLs
 _CHECKSUM = re.compile(r"(?P<rest>.*)#sha256=(?P<hex>[^#]*)", re.DOTALL)
 _NEXT_URL = re.compile(r",(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+# Where the dracut module puts dmoverlay_updates_keys= and
+# dmoverlay_updates_revoked= (module-setup.sh)
+KEYS = Path("/etc/dmoverlay/updates.keys")
+REVOKED = Path("/etc/dmoverlay/updates.revoked")
 # user:password@ in a URL, as far as the last @ before the path
 _PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*):[^/\s]*@")
 
@@ -137,6 +150,27 @@ def cmdline_updates(path: str) -> tuple[str, ...]:
     return cmdline.updates_of(cmdline.read_cmdline(path))
 
 
+def boot_trust(path: str, *, given: Trust | None = None, keys: Path = KEYS,
+               revoked: Path = REVOKED) -> Trust | None:
+    """The keys the updates of the command line in `path` must be signed by:
+    `given` (apply --verify), else rd.live.updates.verify=, else those the
+    initramfs holds at `keys` (then `revoked` too, if there); None when
+    none is asked for.  KeysError when they cannot be used: no update may
+    then be applied."""
+    if given is not None:
+        return given
+    named, named_revoked = cmdline.updates_trust_of(cmdline.read_cmdline(path))
+    if named is None and not os.path.lexists(keys):
+        if named_revoked is not None:
+            raise UsageError("kernel command line: rd.live.updates.revoked= without keys to "
+                             "verify with", hint="add rd.live.updates.verify=FILE")
+        return None
+    if named_revoked is None and os.path.lexists(revoked):
+        named_revoked = os.fspath(revoked)
+    return load_trust(Path(named) if named is not None else keys,
+                      Path(named_revoked) if named_revoked is not None else None)
+
+
 def where_setup_left(state_dir: Path, name: str) -> tuple[Path, str]:
     """(a private directory to mount devices in, the medium's mount point)
     from what setup recorded; the medium is "" when there is none.  The
@@ -192,7 +226,8 @@ class Outcome:
 
 
 def apply_all(updates: tuple[str, ...], options: ApplyOptions, *, mounts: Path,
-              medium: str = "", deadline: float = DOWNLOAD_DEADLINE) -> list[Outcome]:
+              medium: str = "", deadline: float = DOWNLOAD_DEADLINE,
+              trust: Trust | None = None) -> list[Outcome]:
     """Apply each update in turn; never raises for one that fails (an
     interruption, such as SIGTERM turned into an exception, does go through,
     after the update under way is undone).
@@ -200,7 +235,8 @@ def apply_all(updates: tuple[str, ...], options: ApplyOptions, *, mounts: Path,
     `mounts`: a private directory (setup's state directory) to mount a
     device on while it is read; `medium`: where setup mounted the medium;
     `deadline`: seconds the downloads may take in all (a boot waits for
-    them in turn), those left when an update starts are its own."""
+    them in turn), those left when an update starts are its own; `trust`:
+    the keys each update must be signed by (boot_trust)."""
     outcomes: list[Outcome] = []
     end = time.monotonic() + deadline
     for text in dict.fromkeys(updates):  # one given twice is applied once
@@ -210,12 +246,12 @@ def apply_all(updates: tuple[str, ...], options: ApplyOptions, *, mounts: Path,
                    else f"the updates' {deadline:g} s are up")
             outcomes.append(Outcome(shown(text), False, reason=f"not tried: {why}"))
             continue
-        outcomes.append(_apply_one(text, options, mounts, medium, left))
+        outcomes.append(_apply_one(text, options, mounts, medium, left, trust))
     return outcomes
 
 
 def _apply_one(text: str, options: ApplyOptions, mounts: Path, medium: str,
-               deadline: float) -> Outcome:
+               deadline: float, trust: Trust | None) -> Outcome:
     result: Result | None = None
     why = ""
     try:
@@ -223,7 +259,8 @@ def _apply_one(text: str, options: ApplyOptions, mounts: Path, medium: str,
             source = parse_source(text)
             with _located(source, mounts, medium) as spec:
                 result = apply_update(spec, options, sha256=source.sha256,
-                                      mirrors=source.mirrors, deadline=deadline)
+                                      mirrors=source.mirrors, trust=trust,
+                                      deadline=deadline)
     except DmoverlayError as exc:
         why = shown(exc.message)
     except OSError as exc:  # the device or medium went away under us

@@ -69,6 +69,10 @@ COMMANDS: Mapping[str, LazyCommand] = {
         "dmoverlay.cli.initramfs", "group",
         "Boot with dmoverlay: the dracut module that sets up root=live:... and applies "
         "rd.live.updates= in the initramfs, in place of dmsquash-live."),
+    "sign": LazyCommand(
+        "dmoverlay.cli.sign", "command",
+        "Sign the updates FILE with an OpenSSH key: FILE.sig, which `dmoverlay apply "
+        "--verify KEYS` checks."),
     "rollback": LazyCommand(
         "dmoverlay.cli.apply", "rollback_command",
         "Undo the last apply on ROOT (or finish undoing one a crash cut short)."),

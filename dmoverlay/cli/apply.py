@@ -16,7 +16,8 @@ from dmoverlay.apply.update import (
 )
 from dmoverlay.apply.update import rollback as undo_last
 from dmoverlay.core import log
-from dmoverlay.core.errors import UpdatesLeftOut, UsageError
+from dmoverlay.core.errors import DmoverlayError, UpdatesLeftOut, UsageError
+from dmoverlay.core.signature import Trust, load_trust
 from dmoverlay.overlay.options import STATE_DIR
 
 
@@ -50,6 +51,11 @@ def _options(root: Path, run_dir: str, *, allow_setuid: bool = False,
 @click.option("--mirror", "mirrors", multiple=True, metavar="URL",
               help="Another http(s) URL of the same download, tried when one fails "
                    "(repeat for more, in the order given).")
+@click.option("--verify", "keys", type=click.Path(path_type=Path), metavar="KEYS",
+              help="Refuse the update unless FILE.sig (URL.sig) is its signature by a key "
+                   "in KEYS: an allowed_signers file, or public keys one a line.")
+@click.option("--revoked", type=click.Path(path_type=Path), metavar="FILE",
+              help="With --verify: keys no longer trusted (a KRL, or public keys).")
 @click.option("--allow-setuid", is_flag=True,
               help="Accept setuid/setgid files and file capabilities.")
 @click.option("--allow-xattr", "allow_xattrs", multiple=True, metavar="NAME",
@@ -72,14 +78,16 @@ def _options(root: Path, run_dir: str, *, allow_setuid: bool = False,
 @click.option("--state-dir", type=click.Path(path_type=Path), default=STATE_DIR,
               show_default=True, help="Where setup recorded the overlay.")
 def command(updates: str | None, root: Path, run_dir: str, sha256: str | None,
-            mirrors: tuple[str, ...], allow_setuid: bool, allow_xattrs: tuple[str, ...],
-            dry_run: bool, as_json: bool, jobs: int, timeout: float, cmdline_file: str | None,
+            mirrors: tuple[str, ...], keys: Path | None, revoked: Path | None,
+            allow_setuid: bool, allow_xattrs: tuple[str, ...], dry_run: bool,
+            as_json: bool, jobs: int, timeout: float, cmdline_file: str | None,
             name: str, state_dir: Path) -> None:
     """Apply UPDATES (a directory, cpio or tar archive, filesystem image, or
     http(s) URL) onto ROOT: links kept, nothing written outside ROOT, every
     file replaced atomically, all or nothing.  `dmoverlay rollback` undoes it."""
     opts = _options(root, run_dir, allow_setuid=allow_setuid, allow_xattrs=allow_xattrs,
                     dry_run=dry_run, jobs=jobs)
+    trust = _trust(keys, revoked)
     if cmdline_file is not None:
         given = [word for word, there in (("UPDATES", updates is not None),
                                           ("--sha256", sha256 is not None),
@@ -89,12 +97,13 @@ def command(updates: str | None, root: Path, run_dir: str, sha256: str | None,
                              f"{given[0]} too",
                              hint="give either --from-cmdline or UPDATES")
         _from_cmdline(cmdline_file, opts, name=name, state_dir=state_dir, deadline=timeout,
-                      as_json=as_json)
+                      as_json=as_json, trust=trust)
         return
     if updates is None:
         raise UsageError("UPDATES is missing", hint="name the update, or give --from-cmdline")
     try:
-        result = apply_update(updates, opts, sha256=sha256, mirrors=mirrors, deadline=timeout)
+        result = apply_update(updates, opts, sha256=sha256, mirrors=mirrors, trust=trust,
+                              deadline=timeout)
     except ApplyRefused as exc:
         if as_json:
             click.echo(json.dumps(exc.to_dict(), indent=2))
@@ -112,17 +121,30 @@ def command(updates: str | None, root: Path, run_dir: str, sha256: str | None,
                  "undo with: dmoverlay rollback)")
 
 
+def _trust(keys: Path | None, revoked: Path | None) -> Trust | None:
+    if keys is None:
+        if revoked is not None:
+            raise UsageError("--revoked goes with --verify", hint="give --verify KEYS too")
+        return None
+    return load_trust(keys, revoked)
+
+
 def _from_cmdline(path: str, opts: ApplyOptions, *, name: str, state_dir: Path,
-                  deadline: float, as_json: bool) -> None:
+                  deadline: float, as_json: bool, trust: Trust | None) -> None:
     from dmoverlay.boot import updates as boot_updates
 
     wanted = boot_updates.cmdline_updates(path)
     if not wanted:
         log.info("no updates on the command line")
         return
+    try:
+        trust = boot_updates.boot_trust(path, given=trust)
+    except DmoverlayError as exc:  # fail closed: no update without the keys it needs
+        raise UpdatesLeftOut(f"all {len(wanted)} updates left out: {exc.message}",
+                             hint=exc.hint) from None
     mounts, medium = boot_updates.where_setup_left(state_dir, name)
     outcomes = boot_updates.apply_all(wanted, opts, mounts=mounts, medium=medium,
-                                      deadline=deadline)
+                                      deadline=deadline, trust=trust)
     if as_json:
         click.echo(json.dumps([o.to_dict() for o in outcomes], indent=2))
     for outcome in outcomes:

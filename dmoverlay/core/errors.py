@@ -29,6 +29,7 @@ PACKAGES: Mapping[str, tuple[str, str]] = {
     "blkid": ("util-linux", "util-linux"),
     "modprobe": ("kmod", "kmod"),
     "zstd": ("zstd", "zstd"),
+    "ssh-keygen": ("openssh-client", "openssh-clients"),
     "python:click": ("python3-click", "python3-click"),
     "python:parted": ("python3-parted", "python3-pyparted"),
     "python:gi.repository.BlockDev": ("python3-gi gir1.2-blockdev-2.0 python3-blockdev",
@@ -155,3 +156,15 @@ class WorkerDied(DmoverlayError):
 
 class RollbackRefused(DmoverlayError):
     """Entries changed since the apply: undoing it would lose those changes."""
+
+
+# ---------------------------------------------------------------- signed updates
+
+
+class SignatureError(DmoverlayError):
+    """An update whose signature is missing, wrong, or made by a key not
+    trusted (unknown, expired, revoked): nothing of it is read."""
+
+
+class KeysError(UsageError):
+    """The trusted keys or revoked keys given cannot be used."""

@@ -70,8 +70,11 @@ def run(
     cwd: str | os.PathLike[str] | None = None,
     check: bool = True,
     stdin_text: str | None = None,
+    stdin_fd: int | None = None,
 ) -> Result:
-    """Run a command, capture its output, raise CommandFailed when it fails."""
+    """Run a command, capture its output, raise CommandFailed when it fails.
+    Its stdin is `stdin_text`, or the open file `stdin_fd` (read from where
+    its offset is), or nothing."""
     args = _argv(argv)
     if debug:
         print(f"+ {_describe(args)}", file=sys.stderr)
@@ -81,7 +84,8 @@ def run(
             env=clean_env(env),
             cwd=cwd,
             input=stdin_text,
-            stdin=None if stdin_text is not None else subprocess.DEVNULL,
+            stdin=(None if stdin_text is not None
+                   else stdin_fd if stdin_fd is not None else subprocess.DEVNULL),
             capture_output=True,
             text=True,
             errors="surrogateescape",

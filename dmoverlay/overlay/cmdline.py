@@ -71,6 +71,8 @@ KEYS: tuple[Key, ...] = (
     Key("rd.live.overlay.thin", "overlay_thin", Value.FLAG),
     Key("rd.live.updates", "updates", Value.LIST),
     Key("inst.updates", "updates", Value.LIST),
+    Key("rd.live.updates.verify", "updates_keys", Value.TEXT),
+    Key("rd.live.updates.revoked", "updates_revoked", Value.TEXT),
     Key("rd.live.debug", "debug", Value.FLAG, ("rdlivedebug",)),
 )
 # dracut keys of the family whose feature dmoverlay does not have: booting
@@ -99,6 +101,8 @@ class LiveBoot:
     overlay_reset: bool = False
     overlay_thin: bool = False
     updates: tuple[str, ...] = ()
+    updates_keys: str | None = None  # in the initramfs: the keys updates must be signed by
+    updates_revoked: str | None = None
     debug: bool = False
     given: tuple[str, ...] = field(default=(), compare=False)  # keys seen, for messages
 
@@ -159,6 +163,23 @@ def updates_of(text: str) -> tuple[str, ...]:
     to judge, and anaconda's inst.updates= needs no live root."""
     return tuple(str(_value(key, name, raw)) for name, raw in split_cmdline(text)
                  if (key := _BY_NAME.get(name)) is not None and key.value is Value.LIST)
+
+
+def updates_trust_of(text: str) -> tuple[str | None, str | None]:
+    """(keys, revoked): the files in the initramfs that the updates must be
+    signed by a key of, and keys not to trust (None: not given); each an
+    absolute path."""
+    found: dict[str, str] = {}
+    for name, raw in split_cmdline(text):
+        key = _BY_NAME.get(name)
+        if key is not None and key.field in ("updates_keys", "updates_revoked"):
+            value = str(_value(key, name, raw))
+            if not value.startswith("/"):
+                raise UsageError(f"kernel command line: {name}={_shown(value)}: not an "
+                                 "absolute path", hint="name a file in the initramfs, e.g. "
+                                 f"{name}=/etc/dmoverlay/updates.keys")
+            found[key.field] = value
+    return found.get("updates_keys"), found.get("updates_revoked")
 
 
 def _known(name: str) -> Key | None:

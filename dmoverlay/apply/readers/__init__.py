@@ -30,9 +30,11 @@ from dmoverlay.apply.readers.download import (
     url_scheme,
 )
 from dmoverlay.apply.readers.image import open_image
+from dmoverlay.apply.readers.signed import verified_download, verified_file
 from dmoverlay.core.compress import Compression
 from dmoverlay.core.entries import UpdateReader
 from dmoverlay.core.errors import SourceError, UsageError
+from dmoverlay.core.signature import Trust
 from dmoverlay.core.tarread import TarReader
 
 __all__ = ["ACCEPTED", "DOWNLOAD_DEADLINE", "DOWNLOAD_TIMEOUT", "CpioReader",
@@ -41,8 +43,8 @@ __all__ = ["ACCEPTED", "DOWNLOAD_DEADLINE", "DOWNLOAD_TIMEOUT", "CpioReader",
 
 @contextmanager
 def open_update(spec: str, *, staging: Path, sha256: str | None = None,
-                mirrors: tuple[str, ...] = (), timeout: float = DOWNLOAD_TIMEOUT,
-                deadline: float = DOWNLOAD_DEADLINE,
+                mirrors: tuple[str, ...] = (), trust: Trust | None = None,
+                timeout: float = DOWNLOAD_TIMEOUT, deadline: float = DOWNLOAD_DEADLINE,
                 retry: Retry = RETRY) -> Iterator[UpdateReader]:
     """The update named by `spec` (a path or an http(s) URL), ready for passes.
 
@@ -50,24 +52,38 @@ def open_update(spec: str, *, staging: Path, sha256: str | None = None,
     /tmp may be hidden by a tmpfs at start-up) and are removed on exit.
     `sha256` is checked against the file (downloaded or local) before
     anything else reads it (a download's as it ends: a mirror may then give
-    the right one).  `mirrors`: more URLs of the same download.  File data
-    may be `Located` in them (not read into the spool), so write it before
-    leaving the block: after, a copy fails as from an update that changed."""
+    the right one).  `mirrors`: more URLs of the same download.  With
+    `trust`, the update is a file or a download signed by one of its keys
+    (signed.py), verified before any of it is read, and only what was
+    verified is read.  File data may be `Located` in them (not read into the
+    spool), so write it before leaving the block: after, a copy fails as from
+    an update that changed."""
     expected = parse_sha256(sha256) if sha256 is not None else None
     with ExitStack() as stack:
-        if _is_download(spec):
+        downloaded = _is_download(spec)
+        if downloaded:
             for mirror in mirrors:
                 if not _is_download(mirror):
                     raise UsageError(f"mirror {mirror}: not an http(s) URL",
                                      hint="a mirror serves the same file as UPDATES")
-            os.makedirs(staging, mode=0o700, exist_ok=True)
-            limits = Limits(timeout=timeout, deadline=deadline, retry=retry)
-            path = stack.enter_context(download(spec, staging=staging, mirrors=mirrors,
-                                                sha256=expected, limits=limits))
-            expected = None  # checked as the download ended
         elif mirrors:
             raise UsageError("mirrors are for a download: UPDATES is not an http(s) URL",
                              hint="give an http(s) URL, or no --mirror")
+        if downloaded or trust is not None:
+            os.makedirs(staging, mode=0o700, exist_ok=True)
+        if downloaded:
+            limits = Limits(timeout=timeout, deadline=deadline, retry=retry)
+            if trust is not None:
+                fetched = verified_download(spec, trust=trust, staging=staging,
+                                            mirrors=mirrors, sha256=expected, limits=limits)
+            else:
+                fetched = download(spec, staging=staging, mirrors=mirrors, sha256=expected,
+                                   limits=limits)
+            path = stack.enter_context(fetched)
+            expected = None  # checked as the download ended
+        elif trust is not None:
+            path = stack.enter_context(verified_file(Path(spec), spec, trust=trust,
+                                                     staging=staging))
         else:
             path = Path(spec)
         yield _reader(path, spec, expected=expected, staging=staging, stack=stack)

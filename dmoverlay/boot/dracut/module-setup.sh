@@ -1,6 +1,7 @@
 #!/bin/bash
 # moddir is dracut's; installed.conf, written at install, sets dmoverlay_python
-# and dmoverlay_path
+# and dmoverlay_path; dracut.conf may set dmoverlay_updates_keys and
+# dmoverlay_updates_revoked
 # shellcheck disable=SC2154
 # dracut module "dmoverlay": sets up the live root that root=live:... and the
 # rd.live.* options ask for, as dmsquash-live does, with dmoverlay; then
@@ -29,6 +30,42 @@ inst_libdir_deps() {
     for lib in $(ldd "$1" | sed -n 's/.*=> \(\/[^ ]*\) .*/\1/p'); do
         inst_library "$lib"
     done
+}
+
+# Signed updates: the keys dracut.conf names (dmoverlay_updates_keys=FILE,
+# dmoverlay_updates_revoked=FILE) go into the initramfs where dmoverlay's
+# boot looks for them (dmoverlay/boot/updates.py: KEYS, REVOKED); with them
+# there, every update the command line names must be signed by one of
+# them.  ssh-keygen checks the signatures; it is needed then, and carried
+# anyway when present, for rd.live.updates.verify=.  A file named but
+# missing stops dracut: an initramfs without the keys asked for would
+# apply nothing, and say so only at boot.
+inst_update_keys() {
+    if [ -n "${dmoverlay_updates_revoked-}" ] && [ -z "${dmoverlay_updates_keys-}" ]; then
+        dfatal "dmoverlay: dmoverlay_updates_revoked is set without dmoverlay_updates_keys"
+        exit 1
+    fi
+    inst_update_file keys "${dmoverlay_updates_keys-}"
+    inst_update_file revoked "${dmoverlay_updates_revoked-}"
+    if [ -n "${dmoverlay_updates_keys-}" ]; then
+        inst_binary ssh-keygen || {
+            dfatal "dmoverlay: dmoverlay_updates_keys is set but ssh-keygen is not" \
+                "installed (openssh-client, or openssh-clients on Fedora)"
+            exit 1
+        }
+    else
+        inst_multiple -o ssh-keygen
+    fi
+}
+
+# inst_update_file WHAT FILE: FILE (if named) at /etc/dmoverlay/updates.WHAT
+inst_update_file() {
+    [ -n "$2" ] || return 0
+    if [ ! -f "$2" ]; then
+        dfatal "dmoverlay: dmoverlay_updates_$1=$2: no such file"
+        exit 1
+    fi
+    inst_simple "$2" "/etc/dmoverlay/updates.$1"
 }
 
 install() {
@@ -67,6 +104,7 @@ install() {
     done < <(cd "$stage" && find . -type f -printf '%P\0')
     inst_multiple losetup mount umount blkid dmsetup modprobe
     inst_multiple -o sfdisk debugfs zstd xz
+    inst_update_keys
     inst_hook cmdline 30 "$moddir/dmoverlay-cmdline.sh"
     inst_hook pre-mount 50 "$moddir/dmoverlay-setup.sh"
     inst_hook pre-pivot 50 "$moddir/dmoverlay-updates.sh"
