@@ -16,7 +16,7 @@ from dmoverlay.apply.update import (
 )
 from dmoverlay.apply.update import rollback as undo_last
 from dmoverlay.core import log
-from dmoverlay.core.errors import UpdatesLeftOut, UsageError
+from dmoverlay.core.errors import UsageError
 from dmoverlay.overlay.options import STATE_DIR
 
 
@@ -82,8 +82,10 @@ def command(updates: str | None, root: Path, run_dir: str, sha256: str | None,
             raise UsageError("--from-cmdline takes the updates from the command line: "
                              f"{'UPDATES' if updates is not None else '--sha256'} too",
                              hint="give either --from-cmdline or UPDATES")
-        _from_cmdline(cmdline_file, opts, name=name, state_dir=state_dir, deadline=timeout,
-                      as_json=as_json)
+        from dmoverlay.boot.hooks import apply_from_cmdline  # as dmoverlay-boot does
+
+        apply_from_cmdline(cmdline_file, opts, name=name, state_dir=state_dir, deadline=timeout,
+                           as_json=as_json, say=lambda text, err: click.echo(text, err=err))
         return
     if updates is None:
         raise UsageError("UPDATES is missing", hint="name the update, or give --from-cmdline")
@@ -104,30 +106,6 @@ def command(updates: str | None, root: Path, run_dir: str, sha256: str | None,
     else:
         log.info(f"applied {result.written} entries (transaction {result.txn}; "
                  "undo with: dmoverlay rollback)")
-
-
-def _from_cmdline(path: str, opts: ApplyOptions, *, name: str, state_dir: Path,
-                  deadline: float, as_json: bool) -> None:
-    from dmoverlay.boot import updates as boot_updates
-
-    wanted = boot_updates.cmdline_updates(path)
-    if not wanted:
-        log.info("no updates on the command line")
-        return
-    mounts, medium = boot_updates.where_setup_left(state_dir, name)
-    outcomes = boot_updates.apply_all(wanted, opts, mounts=mounts, medium=medium,
-                                      deadline=deadline)
-    if as_json:
-        click.echo(json.dumps([o.to_dict() for o in outcomes], indent=2))
-    for outcome in outcomes:
-        if outcome.applied:
-            log.info(outcome.line())
-        else:
-            click.echo(f"warning: {outcome.line()}", err=True)
-    left = [o for o in outcomes if not o.applied]
-    if left:
-        raise UpdatesLeftOut(f"{len(left)} of {len(outcomes)} updates left out; the root "
-                             "has the others", hint="the lines above say why")
 
 
 @click.command("rollback")
