@@ -50,7 +50,7 @@ def apply_update(spec: str, options: ApplyOptions, *, sha256: str | None = None,
     staging directory under the run dir, a download and an image's mount
     are gone when it returns or raises: by an exception included, so a
     caller that may be sent SIGTERM (a boot service, say) turns it into one,
-    as the CLI does (`cli.Terminated`), or a kill leaves them behind."""
+    as the CLI does (`core.errors.Terminated`), or a kill leaves them behind."""
     # applied inside open_update: an image stays mounted, a download kept,
     # while their files are copied from where they lie
     with staging(options) as place, closing(Spool(place)) as spool, \

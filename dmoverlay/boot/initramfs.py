@@ -53,6 +53,8 @@ STDLIB_LAZY = ("encodings.utf_8", "encodings.latin_1", "encodings.ascii", "encod
                "difflib", "textwrap")
 
 WRAPPER = "/usr/bin/dmoverlay"
+# What the dracut hooks run: their two commands without click (boot.hooks).
+BOOT_WRAPPER = "/usr/bin/dmoverlay-boot"
 
 
 @dataclass(frozen=True)
@@ -196,30 +198,33 @@ def write_zip(closure: Closure, dest: Path) -> int:
     return dest.stat().st_size
 
 
-def wrapper(python: str) -> str:
-    """/usr/bin/dmoverlay in the initramfs: the interpreter isolated from
-    the environment and site-packages, with util-linux for loop devices."""
+def wrapper(python: str, module: str = "dmoverlay.cli") -> str:
+    """/usr/bin/dmoverlay in the initramfs (or, with `module`
+    dmoverlay.boot.hooks, dmoverlay-boot): the interpreter isolated from the
+    environment and site-packages, with util-linux for loop devices."""
     python = shlex.quote(python)  # one word, whatever the path holds
     return (f"#!/bin/sh\n"
             f"# dmoverlay in the initramfs (written by `dmoverlay initramfs stage`)\n"
             f"export DMOVERLAY_BLOCKDEV=util-linux\n"
-            f"exec {python} -I -S -c 'from dmoverlay.cli import main; main()' \"$@\"\n")
+            f"exec {python} -I -S -c 'from {module} import main; main()' \"$@\"\n")
 
 
 def stage(dest: Path, python: str = sys.executable) -> Closure:
     """Write what the initramfs gets under `dest` (a staging root): the zip
-    and the wrapper.  The interpreter and extensions are listed by
-    `files`, for dracut to install with their libraries."""
+    and the wrappers (dmoverlay, and the hooks' dmoverlay-boot).  The
+    interpreter and extensions are listed by `files`, for dracut to install
+    with their libraries."""
     if not dest.is_dir():
         raise UsageError(f"{dest}: no such directory")
     closure = collect_fresh(python)
     zip_dest = dest / closure.zip_path.lstrip("/")
     zip_dest.parent.mkdir(parents=True, exist_ok=True)
     write_zip(closure, zip_dest)
-    bin_dir = dest / WRAPPER.lstrip("/").rpartition("/")[0]
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    (bin_dir / "dmoverlay").write_bytes(os.fsencode(wrapper(closure.python)))
-    (bin_dir / "dmoverlay").chmod(0o755)
+    for where, module in ((WRAPPER, "dmoverlay.cli"), (BOOT_WRAPPER, "dmoverlay.boot.hooks")):
+        path = dest / where.lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.fsencode(wrapper(closure.python, module)))
+        path.chmod(0o755)
     return closure
 
 

@@ -18,8 +18,7 @@ from typing import Any, NamedTuple
 import click
 
 from dmoverlay import __version__
-from dmoverlay.core import log
-from dmoverlay.core.errors import DmoverlayError
+from dmoverlay.core import exits, log
 
 
 class LazyCommand(NamedTuple):
@@ -79,17 +78,6 @@ COMMANDS: Mapping[str, LazyCommand] = {
 }
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised wherever the process is, so that every cleanup on the
-    way out runs (staging removed, an apply undone, a setup unwound): the
-    default action would end the process on the spot."""
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup
-    raise Terminated
-
-
 def summary_cut(summary: str, limit: int) -> str:
     """A summary cut to `limit` columns as click cuts a command's help in
     the listing (through its public API: the helper behind it is private
@@ -138,23 +126,8 @@ class Group(click.Group):
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
-        except DmoverlayError as exc:
-            from dmoverlay.core import run
-
-            if run.debug:
-                import traceback
-
-                traceback.print_exc()
-            click.echo(f"error: {exc.message}", err=True)
-            if exc.hint:
-                click.echo(f"hint: {exc.hint}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted", err=True)
-            sys.exit(130)
-        except Terminated:
-            click.echo("error: terminated (SIGTERM); what was under way was undone", err=True)
-            sys.exit(143)
+        except exits.ENDINGS as exc:
+            sys.exit(exits.report(exc, lambda line: click.echo(line, err=True)))
 
 
 @click.group(cls=Group, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
@@ -170,7 +143,7 @@ def cli(debug: bool, quiet: bool) -> None:
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, exits.on_sigterm)
     try:
         code = cli.main(prog_name="dmoverlay", standalone_mode=False)
     except click.exceptions.Abort:

@@ -16,7 +16,7 @@ from dmoverlay.apply.update import (
 )
 from dmoverlay.apply.update import rollback as undo_last
 from dmoverlay.core import log
-from dmoverlay.core.errors import DmoverlayError, UpdatesLeftOut, UsageError
+from dmoverlay.core.errors import UsageError
 from dmoverlay.core.signature import Trust, load_trust
 from dmoverlay.overlay.options import STATE_DIR
 
@@ -96,8 +96,11 @@ def command(updates: str | None, root: Path, run_dir: str, sha256: str | None,
             raise UsageError("--from-cmdline takes the updates from the command line: "
                              f"{given[0]} too",
                              hint="give either --from-cmdline or UPDATES")
-        _from_cmdline(cmdline_file, opts, name=name, state_dir=state_dir, deadline=timeout,
-                      as_json=as_json, trust=trust)
+        from dmoverlay.boot.hooks import apply_from_cmdline  # as dmoverlay-boot does
+
+        apply_from_cmdline(cmdline_file, opts, name=name, state_dir=state_dir, deadline=timeout,
+                           as_json=as_json, say=lambda text, err: click.echo(text, err=err),
+                           trust=trust)
         return
     if updates is None:
         raise UsageError("UPDATES is missing", hint="name the update, or give --from-cmdline")
@@ -127,35 +130,6 @@ def _trust(keys: Path | None, revoked: Path | None) -> Trust | None:
             raise UsageError("--revoked goes with --verify", hint="give --verify KEYS too")
         return None
     return load_trust(keys, revoked)
-
-
-def _from_cmdline(path: str, opts: ApplyOptions, *, name: str, state_dir: Path,
-                  deadline: float, as_json: bool, trust: Trust | None) -> None:
-    from dmoverlay.boot import updates as boot_updates
-
-    wanted = boot_updates.cmdline_updates(path)
-    if not wanted:
-        log.info("no updates on the command line")
-        return
-    try:
-        trust = boot_updates.boot_trust(path, given=trust)
-    except DmoverlayError as exc:  # fail closed: no update without the keys it needs
-        raise UpdatesLeftOut(f"all {len(wanted)} updates left out: {exc.message}",
-                             hint=exc.hint) from None
-    mounts, medium = boot_updates.where_setup_left(state_dir, name)
-    outcomes = boot_updates.apply_all(wanted, opts, mounts=mounts, medium=medium,
-                                      deadline=deadline, trust=trust)
-    if as_json:
-        click.echo(json.dumps([o.to_dict() for o in outcomes], indent=2))
-    for outcome in outcomes:
-        if outcome.applied:
-            log.info(outcome.line())
-        else:
-            click.echo(f"warning: {outcome.line()}", err=True)
-    left = [o for o in outcomes if not o.applied]
-    if left:
-        raise UpdatesLeftOut(f"{len(left)} of {len(outcomes)} updates left out; the root "
-                             "has the others", hint="the lines above say why")
 
 
 @click.command("rollback")

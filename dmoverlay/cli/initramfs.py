@@ -36,7 +36,7 @@ def install_command(moddir: Path, confdir: Path, no_conf: bool) -> None:
 @click.argument("dest", type=click.Path(path_type=Path))
 def stage_command(dest: Path) -> None:
     """Write the Python the initramfs carries into DEST (a zip of the boot
-    path's bytecode, and /usr/bin/dmoverlay); print the interpreter and
-    extension modules to install beside it."""
+    path's bytecode, /usr/bin/dmoverlay, and dmoverlay-boot for the hooks);
+    print the interpreter and extension modules to install beside it."""
     closure = initramfs.stage(dest)
     click.echo("\n".join([closure.python, *closure.extensions]))

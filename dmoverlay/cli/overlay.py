@@ -11,17 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from dmoverlay.cli import Terminated
+from dmoverlay.boot.hooks import setup_line, setup_options
 from dmoverlay.cli.options import SIZE
-from dmoverlay.core import log, run
-from dmoverlay.core.errors import UsageError
+from dmoverlay.core.errors import Terminated, UsageError
 from dmoverlay.core.sizes import format_size
-from dmoverlay.overlay import cmdline
-from dmoverlay.overlay.dmtable import Mode
+from dmoverlay.overlay.dmtable import DEFAULT_NAME, Mode
 from dmoverlay.overlay.options import STATE_DIR as DEFAULT_STATE_DIR
 from dmoverlay.overlay.options import SetupOptions, parse_image, parse_overlay
 from dmoverlay.overlay.setup import setup
-from dmoverlay.overlay.state import State
 from dmoverlay.overlay.status import status
 from dmoverlay.overlay.teardown import teardown
 from dmoverlay.overlay.watch import (
@@ -39,7 +36,7 @@ from dmoverlay.overlay.watch import (
 STATE_DIR = click.option("--state-dir", type=click.Path(path_type=Path),
                          default=DEFAULT_STATE_DIR, show_default=True,
                          help="Where overlays are recorded (and their work directories).")
-NAME = click.option("--name", default="live", show_default=True,
+NAME = click.option("--name", default=DEFAULT_NAME, show_default=True,
                     help="Overlay name: devices NAME-rw and NAME-base (and NAME-ro, "
                          "NAME-overlay-pool).")
 
@@ -103,8 +100,9 @@ def setup_command(image: str | None, target: Path, cmdline_file: str | None, nam
             raise UsageError(f"--from-cmdline takes IMAGE and the overlay options from the "
                              f"command line: {' '.join([*(['IMAGE'] if image else []), *given])} "
                              f"too", hint="give either --from-cmdline or IMAGE and its options")
-        opts = _options_from_cmdline(cmdline_file, target=target, name=name, state_dir=state_dir,
-                                     tmpfs_dir=tmpfs_dir)
+        # as dmoverlay-boot does in the initramfs (boot.hooks)
+        opts = setup_options(cmdline_file, target=target, name=name, state_dir=state_dir,
+                             tmpfs_dir=tmpfs_dir)
     elif image is None:
         raise UsageError("IMAGE is missing", hint="name the image, or give --from-cmdline")
     else:
@@ -115,9 +113,7 @@ def setup_command(image: str | None, target: Path, cmdline_file: str | None, nam
             state_dir=state_dir, overlay=parse_overlay(overlay_spec),
             overlay_reset=overlay_reset, overlay_readonly=overlay_readonly,
             overlay_thin=overlay_thin, ram=ram)
-    state = setup(opts)
-    click.echo(f"{name}: {opts.image.text} writable at {state.target} "
-               f"({_where_writes_go(state)})")
+    click.echo(setup_line(opts, setup(opts)))
 
 
 # What the command line says when setup reads it: not to be given beside it.
@@ -127,26 +123,6 @@ SETUP_FROM_CMDLINE = {
     "--overlay-thin", "live_dir": "--live-dir", "squashfs_name": "--squashfs-name",
     "ram": "--ram",
 }
-
-
-def _options_from_cmdline(path: str, **where: Any) -> SetupOptions:
-    boot = cmdline.parse(cmdline.read_cmdline(path))
-    if boot.debug:
-        run.debug = True
-    if boot.updates:
-        log.info(f"note: {len(boot.updates)} update(s) on the command line: setup does not "
-                 "apply them")
-    return cmdline.setup_options(boot, **where)
-
-
-def _where_writes_go(state: State) -> str:
-    copied = f"; the image copied to RAM ({format_size(state.ram_copy)})" if state.ram_copy else ""
-    ram = f"{format_size(state.overlay_size)} {'thin pool' if state.thin else 'COW'} in RAM"
-    if state.mode == Mode.PERSISTENT:
-        return f"changes kept in {state.overlay}{copied}"
-    if state.mode == Mode.READONLY:
-        return f"{state.overlay} read-only under a {ram}{copied}"
-    return ram + copied
 
 
 @click.command("status")

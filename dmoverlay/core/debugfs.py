@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -171,6 +170,8 @@ def _named_plainly(image: str | os.PathLike[str]) -> Iterator[str]:
     if "?" not in path:
         yield path
         return
+    import tempfile  # for such a name only: not at setup's start-up
+
     with tempfile.TemporaryDirectory(prefix="dmoverlay-debugfs-") as scratch:
         link = os.path.join(scratch, "image")
         os.symlink(os.path.abspath(path), link)

@@ -158,6 +158,13 @@ class RollbackRefused(DmoverlayError):
     """Entries changed since the apply: undoing it would lose those changes."""
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised wherever the process is (core.exits.on_sigterm), so
+    that every cleanup on the way out runs (staging removed, an apply undone,
+    a setup unwound): the default action would end the process on the spot.
+    Not a DmoverlayError: nothing may catch it as an expected failure."""
+
+
 # ---------------------------------------------------------------- signed updates
 
 
@@ -168,3 +175,4 @@ class SignatureError(DmoverlayError):
 
 class KeysError(UsageError):
     """The trusted keys or revoked keys given cannot be used."""
+

@@ -9,7 +9,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -121,6 +120,8 @@ class _Streamed:
         self.args = _argv(argv)
         if debug:
             print(f"+ {_describe(self.args)}", file=sys.stderr)
+        import tempfile  # streamed commands only (build's): not setup's start-up
+
         self.errfile = tempfile.TemporaryFile()  # noqa: SIM115 (closed in finish)
         try:
             self.proc = subprocess.Popen(self.args, env=clean_env(env),

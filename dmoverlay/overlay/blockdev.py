@@ -19,7 +19,6 @@ import os
 import sys
 from dataclasses import dataclass
 from functools import cache
-from typing import Protocol
 
 from dmoverlay.core import run
 from dmoverlay.core.errors import BlockDevError, UsageError, install_hint
@@ -31,20 +30,25 @@ UTIL_LINUX = "util-linux"
 BACKENDS = (LIBBLOCKDEV, UTIL_LINUX)
 
 
-class Backend(Protocol):
-    """What a backend module provides: the file as given (a path), loop
-    devices by bare name (loop0), arguments already checked."""
+# typing only for the type checker: its import is ms of the boot's start-up (boot.hooks)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Protocol
 
-    def loop_setup(self, file: str, *, read_only: bool, offset: int, size: int,
-                   part_scan: bool) -> str: ...
+    class Backend(Protocol):
+        """What a backend module provides: the file as given (a path), loop
+        devices by bare name (loop0), arguments already checked."""
 
-    def loop_get_backing(self, name: str) -> str | None: ...
+        def loop_setup(self, file: str, *, read_only: bool, offset: int, size: int,
+                       part_scan: bool) -> str: ...
 
-    def loop_detach(self, name: str) -> None: ...
+        def loop_get_backing(self, name: str) -> str | None: ...
 
-    def mount(self, device: str, where: str, *, fstype: str, options: str) -> None: ...
+        def loop_detach(self, name: str) -> None: ...
 
-    def unmount(self, where: str, *, lazy: bool) -> None: ...
+        def mount(self, device: str, where: str, *, fstype: str, options: str) -> None: ...
+
+        def unmount(self, where: str, *, lazy: bool) -> None: ...
 
 
 @dataclass(frozen=True)

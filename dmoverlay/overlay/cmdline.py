@@ -21,12 +21,16 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any
 
 from dmoverlay.core.errors import NotLive, UsageError
 from dmoverlay.core.sizes import KiB, MiB
 from dmoverlay.overlay import devspec, persistent
 from dmoverlay.overlay.options import FLAGS, SetupOptions, check_options, inner_name
+
+# typing only for the type checker: its import is ms of the boot's start-up (boot.hooks)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 CMDLINE = "/proc/cmdline"
 CMDLINE_MAX = 64 * KiB  # the kernel keeps a few KiB (x86: 2048 bytes); a file is input

@@ -18,7 +18,6 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import NamedTuple
 
 from dmoverlay.core.errors import ImageError, UsageError
 from dmoverlay.core.sizes import KiB, MiB, format_size
@@ -87,7 +86,8 @@ class What(StrEnum):
     OTHER = "other"  # a directory, a fifo...
 
 
-class Found(NamedTuple):
+@dataclass(frozen=True)
+class Found:
     what: What
     filesystem: str = ""  # a FILE: the filesystem it holds ("" none known)
 

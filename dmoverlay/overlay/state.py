@@ -13,11 +13,15 @@ from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
 from dmoverlay.core import rundir
 from dmoverlay.core.errors import NoOverlay, OverlayError
 from dmoverlay.overlay.dmtable import Mode, Names
+
+# typing only for the type checker: its import is ms of the boot's start-up (boot.hooks)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class StepKind(StrEnum):

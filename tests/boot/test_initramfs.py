@@ -36,11 +36,13 @@ def staged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, initramfs.Cl
     return top, closure
 
 
-def _run(top: Path, closure: initramfs.Closure, *args: str) -> subprocess.CompletedProcess[str]:
-    """The staged wrapper's command line, with the staged interpreter."""
+def _run(top: Path, closure: initramfs.Closure, *args: str,
+         module: str = "dmoverlay.cli") -> subprocess.CompletedProcess[str]:
+    """The staged wrapper's command line (dmoverlay-boot's with `module`
+    dmoverlay.boot.hooks), with the staged interpreter."""
     python = top / closure.python.lstrip("/")
     return subprocess.run([str(python), "-I", "-S", "-c",
-                           "from dmoverlay.cli import main; main()", *args],
+                           f"from {module} import main; main()", *args],
                           capture_output=True, text=True, check=False, timeout=120,
                           env={"PATH": os.environ["PATH"], "DMOVERLAY_BLOCKDEV": "util-linux"})
 
@@ -79,6 +81,15 @@ def test_the_staged_python_runs_the_boot_commands(staged: tuple[Path, initramfs.
                    "--state-dir", str(tmp_path / "state"))
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
     assert refused.stderr.startswith("error: kernel command line: ")
+    # what the hooks run: dmoverlay-boot, the same refusal; no updates, nothing said
+    hooks = "dmoverlay.boot.hooks"
+    by_hook = _run(top, closure, "setup", str(line), str(target), module=hooks)
+    assert (by_hook.returncode, by_hook.stderr) == (1, refused.stderr)
+    line.write_text("root=live:LABEL=LIVE\n")
+    quiet = _run(top, closure, "apply", str(line), str(target), module=hooks)
+    assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", "")
+    wrong = _run(top, closure, "status", module=hooks)
+    assert wrong.returncode == 2 and wrong.stderr.startswith("error: usage: "), wrong.stderr
 
 
 def test_the_staged_python_applies_an_update(staged: tuple[Path, initramfs.Closure],
@@ -118,6 +129,31 @@ def test_the_wrapper_isolates_the_interpreter() -> None:
     assert "export DMOVERLAY_BLOCKDEV=util-linux\n" in text
     assert "exec /usr/bin/python3.11 -I -S -c 'from dmoverlay.cli import main; main()' \"$@\"\n" \
         in text
+
+
+def test_the_stage_holds_both_wrappers(staged: tuple[Path, initramfs.Closure]) -> None:
+    """dmoverlay, the whole command line, and dmoverlay-boot, which the
+    hooks run: the same interpreter, isolated, without click."""
+    top, closure = staged
+    for where, module in ((initramfs.WRAPPER, "dmoverlay.cli"),
+                          (initramfs.BOOT_WRAPPER, "dmoverlay.boot.hooks")):
+        path = top / where.lstrip("/")
+        assert path.stat().st_mode & 0o777 == 0o755
+        assert path.read_text() == initramfs.wrapper(closure.python, module)
+        assert f"-I -S -c 'from {module} import main; main()' \"$@\"\n" in path.read_text()
+
+
+def test_the_hooks_run_dmoverlay_boot() -> None:
+    """The two commands of the hooks, each as its dmoverlay-boot form."""
+    here = Path(initramfs.__file__).parent / "dracut"
+    setup = (here / "dmoverlay-setup.sh").read_text()
+    updates = (here / "dmoverlay-updates.sh").read_text()
+    assert 'dmoverlay-boot setup /run/dmoverlay.cmdline "$NEWROOT"' in setup
+    assert 'dmoverlay-boot apply /run/dmoverlay.cmdline "$NEWROOT" 2>&1' in updates
+    for text in (setup, updates):
+        commands = [line for line in text.splitlines()
+                    if "dmoverlay " in line and not line.lstrip().startswith(("#", "info", "die"))]
+        assert commands == [], commands
 
 
 def test_stage_refuses_a_missing_directory(tmp_path: Path) -> None:
@@ -296,6 +332,7 @@ def test_module_setup_installs_the_stage_from_anywhere(tmp_path: Path) -> None:
     simple = {c[2]: c[1] for c in calls if c[0] == "simple"}
     closure = initramfs.collect_fresh()
     assert simple == {initramfs.WRAPPER: f"{stage}{initramfs.WRAPPER}",
+                      initramfs.BOOT_WRAPPER: f"{stage}{initramfs.BOOT_WRAPPER}",
                       closure.zip_path: f"{stage}{closure.zip_path}"}
     assert ["bin", closure.python] in calls
     assert {c[1] for c in calls if c[0] == "lib"} >= set(closure.extensions)

@@ -20,7 +20,6 @@ from dmoverlay.apply.update import ApplyOptions, Result, apply_update
 from dmoverlay.boot import updates
 from dmoverlay.boot.updates import Outcome, Where, parse_source
 from dmoverlay.core.errors import BlockDevError, OverlayError, SourceError, UsageError
-from dmoverlay.core.signature import Trust
 from dmoverlay.overlay import blockdev
 from dmoverlay.overlay.state import Step, StepKind
 from tests.apply.readers.httpkit import Served, Server, free_port, serving
@@ -560,7 +559,7 @@ def test_a_device_is_read_without_writing_to_it(
 
     def watched(spec: str, opts: ApplyOptions, *, deadline: float, **kw: object) -> Result:
         seen.extend(_mount_options_under(mounts))
-        return apply_update(spec, opts, deadline=deadline, trust=trust)
+        return apply_update(spec, opts, deadline=deadline, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(updates, "apply_update", watched)
     [outcome] = updates.apply_all((f"{dev}:/upd.tar",), options, mounts=mounts)

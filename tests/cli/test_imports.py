@@ -130,3 +130,60 @@ def test_setup_through_util_linux_imports_no_gi(tmp_path: Path, backend: str,
         assert added >= LIBBLOCKDEV_ONLY
     else:
         assert not added & LIBBLOCKDEV_ONLY
+
+
+# The initramfs's way: no site (-S), the environment ignored (-E); dmoverlay
+# and the site-packages put on the path by hand, so that what the boot path
+# asks for is found and seen here (click is there) rather than failing.
+BOOT_PROBE = """
+import sys
+out, top, site = sys.argv.pop(1), sys.argv.pop(1), sys.argv.pop(1)
+sys.path = [top, *sys.path, *site.split(":")]
+try:
+    from dmoverlay.boot.hooks import main
+    main()
+finally:
+    with open(out, "w") as f:
+        f.write("\\n".join(sorted(sys.modules)))
+"""
+# What the start-up of the hooks' commands leaves out: click and what it
+# imports, typing (annotations only, under TYPE_CHECKING), tempfile (for
+# build's streamed commands and odd debugfs names), and the commands the
+# hooks do not run.
+NOT_AT_BOOT = {"click", "typing", "tempfile", "gettext", "dmoverlay.cli",
+               "dmoverlay.overlay.status", "dmoverlay.overlay.watch", "dmoverlay.build"}
+
+
+def boot(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """A `dmoverlay-boot ARGS` run and every module it ended with."""
+    import site
+
+    import dmoverlay
+
+    out = tmp_path / "modules"
+    top = os.fspath(Path(dmoverlay.__file__).resolve().parents[1])
+    result = subprocess.run([sys.executable, "-E", "-S", "-c", BOOT_PROBE, str(out), top,
+                             ":".join(site.getsitepackages()), *args],
+                            capture_output=True, text=True, check=False,
+                            env=os.environ | {"DMOVERLAY_BLOCKDEV": "util-linux"})
+    return result, set(out.read_text().split())
+
+
+def test_setup_at_boot_imports_no_click_nor_typing(tmp_path: Path) -> None:
+    """Up to setup's first step (reading the command line, refused here),
+    all that setup runs on is imported, and none of NOT_AT_BOOT."""
+    result, modules = boot(tmp_path, "setup", "/dev/null", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: kernel command line: no live root"), result.stderr
+    assert {"dmoverlay.overlay.setup", "dmoverlay.overlay.cmdline", "subprocess",
+            "json"} <= modules
+    assert not modules & (NOT_AT_BOOT | HEAVY), modules & (NOT_AT_BOOT | HEAVY)
+
+
+def test_apply_at_boot_imports_no_click(tmp_path: Path) -> None:
+    line = tmp_path / "cmdline"
+    line.write_text("root=live:LABEL=LIVE\n")
+    result, modules = boot(tmp_path, "apply", str(line), str(tmp_path))
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert "dmoverlay.boot.updates" in modules
+    assert not modules & {"click", "dmoverlay.cli", "dmoverlay.build"}

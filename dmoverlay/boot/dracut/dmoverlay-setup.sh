@@ -14,7 +14,8 @@ if [ "${root%%:*}" = "live" ] && ! ismounted "$NEWROOT"; then
     # (/etc/cmdline.d), then the kernel's
     getcmdline > /run/dmoverlay.cmdline
     info "dmoverlay: setting up the live root on $NEWROOT"
-    if ! dmoverlay setup --from-cmdline /run/dmoverlay.cmdline --target "$NEWROOT"; then
+    # dmoverlay setup --from-cmdline FILE --target DIR, without click's start-up
+    if ! dmoverlay-boot setup /run/dmoverlay.cmdline "$NEWROOT"; then
         die "dmoverlay could not set up the live root (the reason is above)"
     fi
 fi

@@ -9,8 +9,8 @@
 type getcmdline >/dev/null 2>&1 || . /lib/dracut-lib.sh
 
 if [ -e /run/dmoverlay.cmdline ] && ismounted "$NEWROOT"; then
-    dmoverlay_out=$(dmoverlay -q apply --from-cmdline /run/dmoverlay.cmdline \
-        --root "$NEWROOT" 2>&1)
+    # dmoverlay -q apply --from-cmdline FILE --root DIR, without click's start-up
+    dmoverlay_out=$(dmoverlay-boot apply /run/dmoverlay.cmdline "$NEWROOT" 2>&1)
     dmoverlay_rc=$?
     printf '%s\n' "$dmoverlay_out" | while IFS= read -r dmoverlay_line; do
         [ -z "$dmoverlay_line" ] && continue

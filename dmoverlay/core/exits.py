@@ -1,0 +1,44 @@
+"""How a command ends, said the same way by both of its entries: the click
+command line (dmoverlay.cli) and the initramfs hooks' (dmoverlay.boot.hooks).
+
+An expected failure is one `error:` line and a `hint:` line on stderr and
+exit 1; Ctrl-C exit 130; SIGTERM exit 143, once the cleanups on the way out
+have run.  Anything else is a bug, left to raise with its traceback."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+
+from dmoverlay.core.errors import DmoverlayError, Terminated
+
+# What a command's entry turns into lines and an exit code.
+ENDINGS = (DmoverlayError, KeyboardInterrupt, Terminated)
+
+
+def on_sigterm(signum: int, frame: object) -> None:
+    """The SIGTERM handler: Terminated raised where the process is."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup
+    raise Terminated
+
+
+def report(exc: BaseException, say: Callable[[str], object]) -> int:
+    """Says how the command ended by `exc` (one of ENDINGS) through `say`
+    (a line to stderr), and returns the exit code; with --debug (or
+    DMOVERLAY_DEBUG), an expected failure's traceback first."""
+    if isinstance(exc, DmoverlayError):
+        from dmoverlay.core import run  # subprocess and friends: not for every error
+
+        if run.debug:
+            import traceback
+
+            traceback.print_exception(exc)
+        say(f"error: {exc.message}")
+        if exc.hint:
+            say(f"hint: {exc.hint}")
+        return 1
+    if isinstance(exc, KeyboardInterrupt):
+        say("error: interrupted")
+        return 130
+    say("error: terminated (SIGTERM); what was under way was undone")
+    return 143
