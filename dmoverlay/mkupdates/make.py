@@ -1,0 +1,200 @@
+"""`make_updates`: the steps in order.  Each side is read (apply's readers),
+the difference decided (pure), judged by apply's planner, then written to a
+private directory beside the output and renamed into place: a failure
+leaves no output and no temporary file."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dmoverlay.apply.execute import ApplyRefused
+from dmoverlay.apply.plan import Options, Refusal
+from dmoverlay.apply.readers import open_update
+from dmoverlay.core import log
+from dmoverlay.core.entries import Member
+from dmoverlay.core.errors import UsageError
+from dmoverlay.mkupdates import check, diff, formats
+from dmoverlay.mkupdates.diff import Change, Op
+from dmoverlay.mkupdates.formats import Format
+from dmoverlay.mkupdates.listing import Blobs, Entry, read_side
+
+
+@dataclass(frozen=True)
+class MkupdatesOptions:
+    new: str  # the tree, or NEW: a directory or an archive
+    output: Path | None  # None: only list (dry run)
+    old: str | None = None  # OLD, for a difference
+    format: Format = Format.CPIO
+    all_root: bool = False  # every owner root's
+    no_xattrs: bool = False  # leave xattrs out (cpio cannot carry them)
+    allow_setuid: bool = False  # as apply's flags: what apply would refuse without them
+    allow_xattrs: tuple[str, ...] = ()
+    epoch: int | None = None  # SOURCE_DATE_EPOCH: no time newer
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class Made:
+    """What went in (or would: `output` None), in order."""
+
+    output: Path | None
+    changes: tuple[Change, ...]
+    members: tuple[Member, ...] = field(repr=False)
+    new: Mapping[str, Entry] = field(repr=False)
+
+    def lines(self) -> list[str]:
+        """One line per member: its kind and the path it changes."""
+        return [f"{'whiteout' if c.op is Op.WHITEOUT else m.kind}\t{c.name}"
+                for c, m in zip(self.changes, self.members, strict=True)]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"output": os.fspath(self.output) if self.output else None,
+                "members": [{"kind": line.split("\t")[0], "path": c.name}
+                            for line, c in zip(self.lines(), self.changes, strict=True)]}
+
+
+def make_updates(opts: MkupdatesOptions) -> Made:
+    """Write the update that turns OLD (or nothing) into NEW to
+    `opts.output`, or with no output only say what it would hold.  Raises
+    ApplyRefused for what apply would refuse, UsageError or SourceError for
+    the rest; nothing is left behind either way."""
+    if opts.output is not None:
+        _check_output(opts)
+    with ExitStack() as stack:
+        work = stack.enter_context(_workdir(opts.output))
+        blobs = Blobs(work) if opts.output is not None else None
+        if blobs is not None:
+            stack.callback(blobs.close)
+        new = _side(stack, opts.new, work / "new", blobs, opts)
+        old = _side(stack, opts.old, work / "old", None, opts) if opts.old else {}
+        changes = diff.difference(old, new)
+        members = diff.members(changes, diff.with_parents(new), epoch=opts.epoch)
+        _judge(old, changes, members, opts)
+        made = Made(opts.output, tuple(changes), tuple(members), new)
+        if opts.output is None or blobs is None:
+            return made
+        written = write(members, new, blobs, work, opts)
+        os.replace(written, opts.output)
+        return made
+
+
+def _side(stack: ExitStack, spec: str | None, staging: Path, blobs: Blobs | None,
+          opts: MkupdatesOptions) -> dict[str, Entry]:
+    assert spec is not None
+    reader = stack.enter_context(open_update(spec, staging=staging))
+    with log.step(f"reading {spec}"):
+        side = read_side(reader, blobs)
+    return diff.normalized(side, all_root=opts.all_root, no_xattrs=opts.no_xattrs)
+
+
+def _check_output(opts: MkupdatesOptions) -> None:
+    assert opts.output is not None
+    out = opts.output
+    if out.exists() and not opts.force:
+        raise UsageError(f"{out} exists", hint="give --force to replace it")
+    if out.is_dir():
+        raise UsageError(f"{out} is a directory", hint="-o names the file to write")
+    here = out.parent.resolve()
+    for spec in (opts.new, opts.old):
+        if spec and os.path.isdir(spec):
+            top = Path(spec).resolve()
+            if here == top or top in here.parents:
+                raise UsageError(f"{out} is inside {spec}", hint="write it elsewhere")
+
+
+@contextmanager
+def _workdir(output: Path | None) -> Iterator[Path]:
+    """A private directory beside the output (the rename into place stays
+    on one filesystem), or in the temporary directory for a listing."""
+    parent = os.fspath(output.parent) if output is not None else None
+    try:
+        work = Path(tempfile.mkdtemp(prefix=".mkupdates-", dir=parent))
+    except OSError as exc:
+        raise UsageError(f"cannot write beside {output}: {exc.strerror}") from None
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _judge(old: Mapping[str, Entry], changes: Sequence[Change], members: Sequence[Member],
+           opts: MkupdatesOptions) -> None:
+    plan = check.judge(old, read_order(members, opts.format),
+                       Options(allow_setuid=opts.allow_setuid, allow_xattrs=opts.allow_xattrs),
+                       puts=[c.name for c in changes if c.op is Op.PUT])
+    if opts.format is Format.CPIO:
+        plan.refusals.extend(_cpio_refusals(members))
+    if not plan.ok:
+        raise ApplyRefused(plan)
+
+
+def _cpio_refusals(members: Sequence[Member]) -> list[Refusal]:
+    found = []
+    for m in members:
+        why = formats.cpio_problem(m)
+        if why is not None:
+            hint = ("give --no-xattrs to leave them out, or --format tar.zst or squashfs"
+                    if m.xattrs else "use --format tar.zst")
+            found.append(Refusal(m.name, why, hint))
+    return found
+
+
+def read_order(members: Sequence[Member], fmt: Format) -> list[Member]:
+    """The members in the order apply will read them: an archive's own
+    order, or a mounted squashfs's directory walk (sorted names, so that a
+    whiteout `.wh.-x` comes after the `-x` it is meant to clear)."""
+    if fmt is not Format.SQUASHFS:
+        return list(members)
+    return sorted(members, key=lambda m: diff.sort_key(m.name))
+
+
+def write(members: Sequence[Member], new: Mapping[str, Entry], blobs: Blobs, work: Path,
+          opts: MkupdatesOptions) -> Path:
+    """The update written in `work`, fsynced; its path (where a signature
+    would be made, before it is renamed into place)."""
+    def data(m: Member) -> Iterator[bytes]:
+        return blobs.chunks(new[m.name].group)  # kept by the name it was read under
+
+    out = work / f"update.{opts.format.value}"
+    with log.step(f"writing {opts.output}"):
+        if opts.format is Format.CPIO:
+            with open(out, "xb") as f:
+                formats.write_cpio(members, data, f)
+        elif opts.format is Format.TAR_ZST:
+            plain = work / "update.tar"
+            with open(plain, "xb") as f:
+                formats.write_tar(members, data, f)
+            formats.zstd(plain, out)
+        else:
+            when = _mkfs_time(members, opts)
+            formats.stage(members, data, work / "tree", top_time=when)
+            formats.squashfs(work / "tree", out, mkfs_time=when, all_root=opts.all_root)
+    _sync(out)
+    return out
+
+
+def _mkfs_time(members: Sequence[Member], opts: MkupdatesOptions) -> int:
+    if opts.epoch is not None:
+        return opts.epoch
+    return max((m.mtime_ns // 10**9 for m in members), default=0)
+
+
+def _sync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fchmod(fd, 0o644 & ~_umask())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
