@@ -93,11 +93,16 @@ def write_cpio(members: Sequence[Member], data: Data, out: BinaryIO) -> None:
             kind = Kind.FILE if m.kind is Kind.HARDLINK else m.kind
             z.write(_newc_header(ino=ino, mode=FORMAT_BITS[kind] | m.mode, uid=m.uid,
                                  gid=m.gid, nlink=nlink, mtime=m.mtime_ns // 10**9,
-                                 size=size, rdev=m.rdev, name=os.fsencode(m.name)))
+                                 size=size, rdev=m.rdev, name=_spelled(m.name)))
             _write_body(z, body, size, m.name)
         z.write(_newc_header(ino=0, mode=0, uid=0, gid=0, nlink=1, mtime=0, size=0,
                              rdev=(0, 0), name=b"TRAILER!!!"))
         z.write(b"\0" * (-z.tell() % 512))  # as GNU cpio: whole 512-byte blocks
+
+
+def _spelled(name: str) -> bytes:
+    """A member's name in the archive: the top is ".", as `find .` says."""
+    return os.fsencode(name or ".")
 
 
 def _cpio_body(m: Member, files: dict[str, Member], names: dict[str, int],
@@ -154,7 +159,7 @@ _TAR_TYPES = {Kind.FILE: tarfile.REGTYPE, Kind.DIR: tarfile.DIRTYPE,
 
 
 def _tarinfo(m: Member) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(m.name)
+    info = tarfile.TarInfo(m.name or ".")
     info.type = _TAR_TYPES[m.kind]
     info.mode = m.mode
     info.uid, info.gid = m.uid, m.gid
@@ -192,6 +197,8 @@ def stage(members: Sequence[Member], data: Data, top: Path, *, top_time: int) ->
     seconds)."""
     top.mkdir(mode=0o755)
     for m in members:
+        if not m.name:
+            continue  # the top: made above
         path = top / m.name
         if m.kind is Kind.DIR:
             path.mkdir()

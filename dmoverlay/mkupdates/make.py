@@ -17,7 +17,7 @@ from dmoverlay.apply.execute import ApplyRefused
 from dmoverlay.apply.plan import Options, Refusal
 from dmoverlay.apply.readers import open_update
 from dmoverlay.core import log
-from dmoverlay.core.entries import Member
+from dmoverlay.core.entries import Kind, Member
 from dmoverlay.core.errors import UsageError
 from dmoverlay.mkupdates import check, diff, formats
 from dmoverlay.mkupdates.diff import Change, Op
@@ -159,8 +159,14 @@ def write(members: Sequence[Member], new: Mapping[str, Entry], blobs: Blobs, wor
     """The update written in `work`, fsynced; its path (where a signature
     would be made, before it is renamed into place)."""
     def data(m: Member) -> Iterator[bytes]:
+        if not m.size:  # a whiteout, or an empty file
+            return iter(())
         return blobs.chunks(new[m.name].group)  # kept by the name it was read under
 
+    when = _mkfs_time(members, opts)
+    # the top first, as `find .` lists it: an update with nothing else in it
+    # is still an archive apply reads (an empty tar or cpio is not one)
+    members = [Member("", Kind.DIR, 0o755, mtime_ns=when * 10**9), *members]
     out = work / f"update.{opts.format.value}"
     with log.step(f"writing {opts.output}"):
         if opts.format is Format.CPIO:
@@ -172,7 +178,6 @@ def write(members: Sequence[Member], new: Mapping[str, Entry], blobs: Blobs, wor
                 formats.write_tar(members, data, f)
             formats.zstd(plain, out)
         else:
-            when = _mkfs_time(members, opts)
             formats.stage(members, data, work / "tree", top_time=when)
             formats.squashfs(work / "tree", out, mkfs_time=when, all_root=opts.all_root)
     _sync(out)
