@@ -196,10 +196,12 @@ def stage(members: Sequence[Member], data: Data, top: Path, *, top_time: int) ->
     xattrs and times as they are to be in the image (the top's: `top_time`,
     seconds)."""
     top.mkdir(mode=0o755)
+    implied: list[Path] = []  # directories an update passes through unchanged
     for m in members:
         if not m.name:
             continue  # the top: made above
         path = top / m.name
+        implied += _parents(path, top)
         if m.kind is Kind.DIR:
             path.mkdir()
         elif m.kind is Kind.FILE:
@@ -217,7 +219,21 @@ def stage(members: Sequence[Member], data: Data, top: Path, *, top_time: int) ->
     for m in reversed(members):  # directories' times after what went into them
         if m.kind is Kind.DIR:
             os.utime(top / m.name, ns=(m.mtime_ns, m.mtime_ns))
-    os.utime(top, (top_time, top_time))
+    for path in [*implied, top]:
+        os.utime(path, (top_time, top_time))
+
+
+def _parents(path: Path, top: Path) -> list[Path]:
+    """Make the missing directories above `path` (0755, root's, as apply
+    makes a directory it has to); those made."""
+    made = []
+    for parent in reversed(path.relative_to(top).parents[:-1]):
+        full = top / parent
+        if not full.exists():
+            full.mkdir()
+            os.chmod(full, 0o755)  # whatever the umask
+            made.append(full)
+    return made
 
 
 def _metadata(path: Path, m: Member) -> None:
