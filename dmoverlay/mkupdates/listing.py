@@ -6,7 +6,11 @@ takes: a directory, a tar or cpio archive, plain or compressed).  A file's
 content is known by its SHA-256; the side whose files are written keeps
 where their data lies (the file itself, or a spool for a decompressed
 stream).  Hardlinks become groups: every name of a file is an entry, and
-`group` names the first."""
+`group` is the same for all.  dmoverlay's journal (`.dmoverlay` at the top
+of a root apply wrote to) is never part of a side; any other name apply
+would refuse as a name (`..`, absolute, empty components, control
+characters) is refused here, so that OLD's names and NEW's are compared as
+apply reads them."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from dmoverlay.apply.plan import RESERVED_TOP, Refused, split_name
 from dmoverlay.core.compress import Readable
 from dmoverlay.core.entries import InFile, Kind, Member, UpdateReader, file_identity
 from dmoverlay.core.errors import SourceError
@@ -32,7 +37,7 @@ class Entry:
 
     member: Member
     digest: bytes = b""  # FILE: SHA-256 of the data
-    group: str = ""  # FILE: the first name of its hardlink group (its own if alone)
+    group: str = ""  # FILE: its inode's key in its side, the same for all its names
 
     @property
     def name(self) -> str:
@@ -55,9 +60,9 @@ class Blobs:
     def close(self) -> None:
         self.spool.close()
 
-    def chunks(self, name: str) -> Iterator[bytes]:
-        """The data of the file first read as `name`, in pieces."""
-        place = self.where[name]
+    def chunks(self, key: str) -> Iterator[bytes]:
+        """The data of the file kept as `key` (its entry's group), in pieces."""
+        place = self.where[key]
         if isinstance(place, InFile):
             yield from _located_chunks(place)
             return
@@ -98,19 +103,31 @@ def read_side(reader: UpdateReader, blobs: Blobs | None = None) -> dict[str, Ent
     later one, as apply takes it.  With `blobs`, each file's data is kept
     findable there."""
     found: dict[str, Entry] = {}
-    for member, stream in reader.members():
+    for n, (member, stream) in enumerate(reader.members()):
         name = member.name.rstrip("/")
-        if not name:
+        if not name or name == RESERVED_TOP or name.startswith(RESERVED_TOP + "/"):
             continue
+        _check_name(reader.description, name)
         member = replace(member, name=name)
         if member.kind is Kind.HARDLINK:
             found[name] = _hardlink(member, found)
         elif member.kind is Kind.FILE:
             assert stream is not None
-            found[name] = Entry(replace(member, sparse=None), _digest(name, stream, blobs), name)
+            # keyed by its place in the pass, not its name: a later member
+            # of the same name must not take the data of this one's links
+            key = str(n)
+            found[name] = Entry(replace(member, sparse=None), _digest(key, stream, blobs), key)
         else:
             found[name] = Entry(member)
     return found
+
+
+def _check_name(where: str, name: str) -> None:
+    try:
+        split_name(name)
+    except Refused as exc:
+        raise SourceError(f"{where}: {name!r}: {exc.reason}",
+                          hint=exc.hint or "apply would refuse it") from None
 
 
 def _hardlink(member: Member, found: Mapping[str, Entry]) -> Entry:
@@ -121,7 +138,7 @@ def _hardlink(member: Member, found: Mapping[str, Entry]) -> Entry:
     return replace(first, member=replace(first.member, name=member.name))
 
 
-def _digest(name: str, stream: Readable, blobs: Blobs | None) -> bytes:
+def _digest(key: str, stream: Readable, blobs: Blobs | None) -> bytes:
     """The data's SHA-256, read once: from where it lies when the reader
     says, else from the stream (spooled on the way when kept)."""
     located = getattr(stream, "located", None)
@@ -131,7 +148,7 @@ def _digest(name: str, stream: Readable, blobs: Blobs | None) -> bytes:
         for chunk in _located_chunks(place):
             h.update(chunk)
         if blobs is not None:
-            blobs.where[name] = place
+            blobs.where[key] = place
         return h.digest()
     out = blobs.spool if blobs is not None else None
     start = out.seek(0, os.SEEK_END) if out is not None else 0
@@ -143,5 +160,5 @@ def _digest(name: str, stream: Readable, blobs: Blobs | None) -> bytes:
             out.write(chunk)
     if out is not None and blobs is not None:
         out.flush()
-        blobs.where[name] = (start, size)
+        blobs.where[key] = (start, size)
     return h.digest()

@@ -4,7 +4,7 @@ what apply would refuse refused before anything is written."""
 
 from __future__ import annotations
 
-import gzip
+import io
 import os
 import subprocess
 import tarfile
@@ -14,7 +14,7 @@ import pytest
 
 from dmoverlay.apply.execute import ApplyRefused
 from dmoverlay.apply.update import ApplyOptions, apply_update
-from dmoverlay.core.errors import UsageError
+from dmoverlay.core.errors import DmoverlayError, SourceError, UsageError
 from dmoverlay.mkupdates.formats import Format
 from dmoverlay.mkupdates.make import MkupdatesOptions, make_updates
 from tests.mkupdates.treekit import Node, build, snapshot
@@ -61,7 +61,7 @@ def test_tar_zst_carries_xattrs_gnu_tar_reads(tmp_path: Path) -> None:
     subprocess.run(["tar", "--zstd", "--xattrs", "--xattrs-include=*", "-xf", out,
                     "-C", tmp_path / "x"], check=True)
     assert os.getxattr(tmp_path / "x/a", "user.k") == b"\xff\x00v"
-    with tarfile.open(fileobj=__import__("io").BytesIO(subprocess.run(
+    with tarfile.open(fileobj=io.BytesIO(subprocess.run(
             ["zstd", "-dc", out], capture_output=True, check=True).stdout)) as t:
         assert [(m.name, m.uname, m.gname) for m in t] == [(".", "", ""), ("a", "", "")]
 
@@ -85,7 +85,7 @@ def test_times_are_kept_without_an_epoch_and_clamped_with_one(tree: Path,
         out = tmp_path / f"u{epoch}"
         make(tree, out, format=Format.TAR_ZST, epoch=epoch)
         data = subprocess.run(["zstd", "-dc", out], capture_output=True, check=True).stdout
-        with tarfile.open(fileobj=__import__("io").BytesIO(data)) as t:
+        with tarfile.open(fileobj=io.BytesIO(data)) as t:
             assert t.getmember("etc/app.conf").mtime == want
 
 
@@ -124,7 +124,7 @@ def test_sides_may_be_tarballs(tmp_path: Path) -> None:
 def test_what_apply_refuses_is_refused_and_nothing_is_written(
         extra: dict[str, Node], why: str, tmp_path: Path) -> None:
     build(tmp_path / "tree", {**SAMPLE, **extra})
-    with pytest.raises(ApplyRefused, match=why):
+    with pytest.raises(DmoverlayError, match=why):
         make(tmp_path / "tree", tmp_path / "u.img")
     assert not (tmp_path / "u.img").exists() and leftovers(tmp_path) == []
 
@@ -183,3 +183,50 @@ def test_an_identical_difference_is_still_an_update(tree: Path, tmp_path: Path) 
     made = make(tree, out, old=str(tree))
     assert made.lines() == []  # type: ignore[attr-defined]
     apply_update(str(out), ApplyOptions(root=tree, run_dir=None, dry_run=True))
+
+
+def _tar(path: Path, members: list[tuple[str, bytes | str]]) -> None:
+    """A tar archive as a hostile or careless writer makes one: a str is a
+    hardlink to that name."""
+    with tarfile.open(path, "w") as t:
+        for name, body in members:
+            info = tarfile.TarInfo(name)
+            if isinstance(body, str):
+                info.type, info.linkname = tarfile.LNKTYPE, body
+                t.addfile(info)
+            else:
+                info.size = len(body)
+                t.addfile(info, io.BytesIO(body))
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc/x", "a//b", "a/./b", "a\nb"])
+def test_a_side_with_a_name_apply_would_refuse_is_refused(name: str, tmp_path: Path) -> None:
+    _tar(tmp_path / "bad.tar", [(name, b"1")])
+    build(tmp_path / "tree", {"a": Node("file")})
+    for new, old in ((tmp_path / "bad.tar", None), (tmp_path / "tree", tmp_path / "bad.tar")):
+        with pytest.raises(SourceError, match="bad.tar"):
+            make(new, tmp_path / "u", old=str(old) if old else None)
+    assert leftovers(tmp_path) == []
+
+
+def test_a_name_given_twice_keeps_the_data_of_each(tmp_path: Path) -> None:
+    """`b` links to the first `a`; the later `a` wins its name, not `b`'s data."""
+    _tar(tmp_path / "new.tar", [("a", b"first"), ("b", "a"), ("a", b"second")])
+    out = tmp_path / "u.tar.zst"
+    make(tmp_path / "new.tar", out, format=Format.TAR_ZST)
+    data = subprocess.run(["zstd", "-dc", out], capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(data)) as t:
+        got = {m.name: t.extractfile(m).read() for m in t if m.isfile()}  # type: ignore[union-attr]
+    assert got == {"a": b"second", "b": b"first"}
+
+
+def test_the_journal_of_a_root_apply_wrote_to_is_no_part_of_a_side(tree: Path,
+                                                                    tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    build(tmp_path / "new", {**SAMPLE, "etc/more": Node("file")})
+    first = tmp_path / "u1"
+    make(tmp_path / "new", first, old=str(tree))
+    apply_update(str(first), ApplyOptions(root=tree, run_dir=tmp_path / "run"))
+    assert (tree / ".dmoverlay").is_dir()
+    made = make(tmp_path / "new", None, old=str(tree))
+    assert made.lines() == []  # type: ignore[attr-defined]
