@@ -204,7 +204,7 @@ def test_a_side_with_a_name_apply_would_refuse_is_refused(name: str, tmp_path: P
     _tar(tmp_path / "bad.tar", [(name, b"1")])
     build(tmp_path / "tree", {"a": Node("file")})
     for new, old in ((tmp_path / "bad.tar", None), (tmp_path / "tree", tmp_path / "bad.tar")):
-        with pytest.raises(SourceError, match="bad.tar"):
+        with pytest.raises(SourceError, match=r"bad\.tar"):
             make(new, tmp_path / "u", old=str(old) if old else None)
     assert leftovers(tmp_path) == []
 
