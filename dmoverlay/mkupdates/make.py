@@ -46,17 +46,18 @@ class Made:
     output: Path | None
     changes: tuple[Change, ...]
     members: tuple[Member, ...] = field(repr=False)
-    new: Mapping[str, Entry] = field(repr=False)
+
+    def listing(self) -> list[tuple[str, str]]:
+        """Each member's kind (`whiteout` for a whiteout) and the path it changes."""
+        return [("whiteout" if c.op is Op.WHITEOUT else str(m.kind), c.name)
+                for c, m in zip(self.changes, self.members, strict=True)]
 
     def lines(self) -> list[str]:
-        """One line per member: its kind and the path it changes."""
-        return [f"{'whiteout' if c.op is Op.WHITEOUT else m.kind}\t{c.name}"
-                for c, m in zip(self.changes, self.members, strict=True)]
+        return [f"{kind}\t{path}" for kind, path in self.listing()]
 
     def to_dict(self) -> dict[str, object]:
         return {"output": os.fspath(self.output) if self.output else None,
-                "members": [{"kind": line.split("\t")[0], "path": c.name}
-                            for line, c in zip(self.lines(), self.changes, strict=True)]}
+                "members": [{"kind": kind, "path": path} for kind, path in self.listing()]}
 
 
 def make_updates(opts: MkupdatesOptions) -> Made:
@@ -76,7 +77,7 @@ def make_updates(opts: MkupdatesOptions) -> Made:
         changes = diff.difference(old, new)
         members = diff.members(changes, diff.with_parents(new), epoch=opts.epoch)
         _judge(old, changes, members, opts)
-        made = Made(opts.output, tuple(changes), tuple(members), new)
+        made = Made(opts.output, tuple(changes), tuple(members))
         if opts.output is None or blobs is None:
             return made
         written = write(members, new, blobs, work, opts)
@@ -84,9 +85,8 @@ def make_updates(opts: MkupdatesOptions) -> Made:
         return made
 
 
-def _side(stack: ExitStack, spec: str | None, staging: Path, blobs: Blobs | None,
+def _side(stack: ExitStack, spec: str, staging: Path, blobs: Blobs | None,
           opts: MkupdatesOptions) -> dict[str, Entry]:
-    assert spec is not None
     reader = stack.enter_context(open_update(spec, staging=staging))
     with log.step(f"reading {spec}"):
         side = read_side(reader, blobs)

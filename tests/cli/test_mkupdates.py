@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tests.apply.test_cli import error_line
@@ -54,3 +55,10 @@ def test_a_missing_tree_is_one_line(tmp_path: Path) -> None:
     result = dmoverlay("mkupdates", str(tmp_path / "nothing"), "-o", str(tmp_path / "u"))
     assert "cannot read" in error_line(result)
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_json_lists_the_members(tmp_path: Path) -> None:
+    build(tmp_path / "tree", {"a": Node("dir"), "a/b": Node("file")})
+    result = dmoverlay("-q", "mkupdates", str(tmp_path / "tree"), "--dry-run", "--json")
+    assert json.loads(result.stdout) == {"output": None, "members": [
+        {"kind": "dir", "path": "a"}, {"kind": "file", "path": "a/b"}]}
