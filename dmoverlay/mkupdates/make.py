@@ -15,14 +15,17 @@ from pathlib import Path
 
 from dmoverlay.apply.execute import ApplyRefused
 from dmoverlay.apply.plan import Options, Refusal
-from dmoverlay.apply.readers import open_update
+from dmoverlay.apply.readers import DirectoryReader, open_update
 from dmoverlay.core import log
-from dmoverlay.core.entries import Kind, Member
+from dmoverlay.core.entries import Kind, Member, UpdateReader
 from dmoverlay.core.errors import UsageError
 from dmoverlay.mkupdates import check, diff, formats
 from dmoverlay.mkupdates.diff import Change, Op
 from dmoverlay.mkupdates.formats import Format
 from dmoverlay.mkupdates.listing import Blobs, Entry, read_side
+
+
+LIVE_DIR, ROOTFS = "LiveOS", "rootfs.img"  # what build writes in squashfs.img
 
 
 @dataclass(frozen=True)
@@ -88,9 +91,27 @@ def make_updates(opts: MkupdatesOptions) -> Made:
 def _side(stack: ExitStack, spec: str, staging: Path, blobs: Blobs | None,
           opts: MkupdatesOptions) -> dict[str, Entry]:
     reader = stack.enter_context(open_update(spec, staging=staging))
+    inner = _live_rootfs(spec, reader)
+    if inner is not None:  # a squashfs.img made by build: its root is the rootfs.img inside
+        reader = stack.enter_context(open_update(inner, staging=staging / "rootfs"))
     with log.step(f"reading {spec}"):
         side = read_side(reader, blobs)
     return diff.normalized(side, all_root=opts.all_root, no_xattrs=opts.no_xattrs)
+
+
+def _live_rootfs(spec: str, reader: UpdateReader) -> str | None:
+    """`LiveOS/rootfs.img` in a mounted image that holds nothing else (as
+    build makes squashfs.img), else None."""
+    if os.path.isdir(spec) or not isinstance(reader, DirectoryReader):
+        return None
+    top = reader.root
+    try:
+        if os.listdir(top) != [LIVE_DIR] or os.listdir(top / LIVE_DIR) != [ROOTFS]:
+            return None
+    except OSError:
+        return None
+    inner = top / LIVE_DIR / ROOTFS
+    return os.fspath(inner) if inner.is_file() and not inner.is_symlink() else None
 
 
 def _check_output(opts: MkupdatesOptions) -> None:

@@ -14,9 +14,11 @@ import pytest
 
 from dmoverlay.apply.execute import ApplyRefused
 from dmoverlay.apply.update import ApplyOptions, apply_update
+from dmoverlay.build.image import BuildOptions
+from dmoverlay.build.image import build as build_image
 from dmoverlay.core.errors import DmoverlayError, SourceError, UsageError
 from dmoverlay.mkupdates.formats import Format
-from dmoverlay.mkupdates.make import MkupdatesOptions, make_updates
+from dmoverlay.mkupdates.make import Made, MkupdatesOptions, make_updates
 from tests.mkupdates.treekit import Node, build, snapshot
 
 SAMPLE = {
@@ -28,7 +30,7 @@ SAMPLE = {
 }
 
 
-def make(new: Path, out: Path | None, **kw: object) -> object:
+def make(new: Path, out: Path | None, **kw: object) -> Made:
     return make_updates(MkupdatesOptions(new=str(new), output=out, **kw))  # type: ignore[arg-type]
 
 
@@ -109,7 +111,7 @@ def test_sides_may_be_tarballs(tmp_path: Path) -> None:
                         "."], check=True)
     out = tmp_path / "u.img"
     made = make(tmp_path / "new.tar.gz", out, old=str(tmp_path / "old.tar.gz"))
-    assert made.lines() == ["whiteout\tetc/gone"]  # type: ignore[attr-defined]
+    assert made.lines() == ["whiteout\tetc/gone"]
     (tmp_path / "run").mkdir()
     apply_update(str(out), ApplyOptions(root=tmp_path / "old", run_dir=tmp_path / "run"))
     assert snapshot(tmp_path / "old") == snapshot(tmp_path / "new")
@@ -181,7 +183,7 @@ def test_the_output_may_not_be_inside_the_tree(tree: Path) -> None:
 def test_an_identical_difference_is_still_an_update(tree: Path, tmp_path: Path) -> None:
     out = tmp_path / "u.img"
     made = make(tree, out, old=str(tree))
-    assert made.lines() == []  # type: ignore[attr-defined]
+    assert made.lines() == []
     apply_update(str(out), ApplyOptions(root=tree, run_dir=None, dry_run=True))
 
 
@@ -229,4 +231,20 @@ def test_the_journal_of_a_root_apply_wrote_to_is_no_part_of_a_side(tree: Path,
     apply_update(str(first), ApplyOptions(root=tree, run_dir=tmp_path / "run"))
     assert (tree / ".dmoverlay").is_dir()
     made = make(tmp_path / "new", None, old=str(tree))
-    assert made.lines() == []  # type: ignore[attr-defined]
+    assert made.lines() == []
+
+
+@pytest.mark.root
+def test_old_may_be_a_live_image_build_made(tmp_path: Path) -> None:
+    """Its squashfs.img, and the rootfs.img in it, mounted in turn."""
+    build(tmp_path / "old", {**SAMPLE, "etc/gone": Node("file")})
+    build(tmp_path / "new", {**SAMPLE, "etc/app.conf": Node("file", 0o600, 1000, b"x=2\n")})
+    build_image(BuildOptions(source=tmp_path / "old", output=tmp_path / "squashfs.img",
+                             free=16 << 20))
+    made = make(tmp_path / "new", tmp_path / "u.img", old=str(tmp_path / "squashfs.img"))
+    assert made.lines() == [
+        "file\tetc/app.conf", "whiteout\tetc/gone"]
+    (tmp_path / "run").mkdir()
+    apply_update(str(tmp_path / "u.img"),
+                 ApplyOptions(root=tmp_path / "old", run_dir=tmp_path / "run"))
+    assert snapshot(tmp_path / "old") == snapshot(tmp_path / "new")
