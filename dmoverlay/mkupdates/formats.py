@@ -44,6 +44,7 @@ class Format(StrEnum):
 ZSTD_LEVEL = 12
 SQUASHFS_COMPRESSOR = "gzip"  # every kernel that mounts squashfs reads it
 _U32 = 0xFFFFFFFF
+SYMLINK_MAX = 4095  # PATH_MAX less its NUL: the kernel makes no longer link
 
 
 # ------------------------------------------------------------------ cpio
@@ -55,8 +56,10 @@ def cpio_problem(m: Member) -> str | None:
         return f"xattrs ({', '.join(k for k, _ in m.xattrs)}), which cpio (newc) cannot carry"
     if not 0 <= m.mtime_ns // 10**9 <= _U32:
         return "a time outside cpio's (newc) 1970-2106"
-    if m.size > _U32 or len(os.fsencode(m.target)) > _U32:
+    if m.size > _U32:
         return "a file of 4 GiB or more, which cpio (newc) cannot carry"
+    if m.kind is Kind.SYMLINK and len(os.fsencode(m.target)) > SYMLINK_MAX:
+        return f"a symlink target longer than {SYMLINK_MAX} bytes"
     return None
 
 

@@ -5,6 +5,7 @@ leaves no output and no temporary file."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -18,7 +19,7 @@ from dmoverlay.apply.plan import Options, Refusal
 from dmoverlay.apply.readers import DirectoryReader, open_update
 from dmoverlay.core import log
 from dmoverlay.core.entries import Kind, Member, UpdateReader
-from dmoverlay.core.errors import UsageError
+from dmoverlay.core.errors import ImageError, UsageError
 from dmoverlay.mkupdates import check, diff, formats
 from dmoverlay.mkupdates.diff import Change, Op
 from dmoverlay.mkupdates.formats import Format
@@ -83,8 +84,10 @@ def make_updates(opts: MkupdatesOptions) -> Made:
         made = Made(opts.output, tuple(changes), tuple(members))
         if opts.output is None or blobs is None:
             return made
-        written = write(members, new, blobs, work, opts)
-        os.replace(written, opts.output)
+        try:
+            os.replace(write(members, new, blobs, work, opts), opts.output)
+        except OSError as exc:
+            raise _write_failed(opts.output, exc) from None
         return made
 
 
@@ -97,6 +100,11 @@ def _side(stack: ExitStack, spec: str, staging: Path, blobs: Blobs | None,
     with log.step(f"reading {spec}"):
         side = read_side(reader, blobs)
     return diff.normalized(side, all_root=opts.all_root, no_xattrs=opts.no_xattrs)
+
+
+def _write_failed(output: Path, exc: OSError) -> ImageError:
+    hint = "free some space or write it elsewhere" if exc.errno == errno.ENOSPC else None
+    return ImageError(f"cannot write {output}: {exc.strerror}", hint=hint)
 
 
 def _live_rootfs(spec: str, reader: UpdateReader) -> str | None:

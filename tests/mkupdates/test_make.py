@@ -16,7 +16,7 @@ from dmoverlay.apply.execute import ApplyRefused
 from dmoverlay.apply.update import ApplyOptions, apply_update
 from dmoverlay.build.image import BuildOptions
 from dmoverlay.build.image import build as build_image
-from dmoverlay.core.errors import DmoverlayError, SourceError, UsageError
+from dmoverlay.core.errors import DmoverlayError, ImageError, SourceError, UsageError
 from dmoverlay.mkupdates.formats import Format
 from dmoverlay.mkupdates.make import Made, MkupdatesOptions, make_updates
 from tests.mkupdates.treekit import Node, build, snapshot
@@ -248,3 +248,27 @@ def test_old_may_be_a_live_image_build_made(tmp_path: Path) -> None:
     apply_update(str(tmp_path / "u.img"),
                  ApplyOptions(root=tmp_path / "old", run_dir=tmp_path / "run"))
     assert snapshot(tmp_path / "old") == snapshot(tmp_path / "new")
+
+
+@pytest.mark.root
+def test_a_full_disk_is_one_error_and_leaves_nothing(tree: Path, tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", small], check=True)
+    try:
+        (tree / "big").write_bytes(os.urandom(256 * 1024))
+        with pytest.raises(ImageError, match="No space left") as caught:
+            make(tree, small / "u.img")
+        assert caught.value.hint == "free some space or write it elsewhere"
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", small], check=True)
+
+
+def test_cpio_refuses_a_link_target_no_kernel_makes(tmp_path: Path) -> None:
+    with tarfile.open(tmp_path / "new.tar", "w") as t:
+        info = tarfile.TarInfo("l")
+        info.type, info.linkname = tarfile.SYMTYPE, "x" * 5000
+        t.addfile(info)
+    with pytest.raises(ApplyRefused, match="symlink target longer than 4095"):
+        make(tmp_path / "new.tar", tmp_path / "u.img")
