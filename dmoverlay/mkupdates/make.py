@@ -25,7 +25,6 @@ from dmoverlay.mkupdates.diff import Change, Op
 from dmoverlay.mkupdates.formats import Format
 from dmoverlay.mkupdates.listing import Blobs, Entry, read_side
 
-
 LIVE_DIR, ROOTFS = "LiveOS", "rootfs.img"  # what build writes in squashfs.img
 
 
