@@ -1,6 +1,7 @@
 """The package's layers, read from the source: `core` imports no job, a job
 imports only `core` and itself, `boot` only the live jobs (overlay, apply)
-and core, and click stays in the CLI.  Function-level
+and core, `mkupdates` only apply and core (it makes what apply reads, and
+judges it with apply's planner), and click stays in the CLI.  Function-level
 imports count as much as those at the top."""
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ def test_layers(path: Path) -> None:
         if path.name == "initramfs.py":  # it packs the command line for the initramfs
             allowed.add("cli")
         assert reached <= allowed, f"boot reaches {reached - allowed}"
+    elif layer == "mkupdates":  # over apply: its readers read, its planner judges
+        allowed = {"core", "apply", "mkupdates"}
+        assert reached <= allowed, f"mkupdates reaches {reached - allowed}"
     elif layer == "top" and path.name != "__main__.py":  # inspect, doctor: under the CLI
         assert "cli" not in reached
     imports_click = any(m.split(".")[0] == "click" for m in _imports(source, here))

@@ -68,6 +68,11 @@ COMMANDS: Mapping[str, LazyCommand] = {
         "dmoverlay.cli.initramfs", "group",
         "Boot with dmoverlay: the dracut module that sets up root=live:... and applies "
         "rd.live.updates= in the initramfs, in place of dmsquash-live."),
+    "mkupdates": LazyCommand(
+        "dmoverlay.cli.mkupdates", "command",
+        "Make an updates image for `dmoverlay apply` (or anaconda, or dracut) from TREE, or "
+        "from the difference between OLD and NEW (whiteouts for what NEW removed); the same "
+        "input gives the same bytes."),
     "sign": LazyCommand(
         "dmoverlay.cli.sign", "command",
         "Sign the updates FILE with an OpenSSH key: FILE.sig, which `dmoverlay apply "
