@@ -33,13 +33,15 @@ from dmoverlay.mkupdates.make import MkupdatesOptions, make_updates
 @click.option("--epoch", type=int, default=epoch_from_env,
               help="No time newer than this [default: SOURCE_DATE_EPOCH, else times kept].")
 @click.option("-f", "--force", is_flag=True, help="Replace an existing output.")
+@click.option("--sign", "key", type=click.Path(path_type=Path), metavar="KEY",
+              help="Sign it with this OpenSSH key: OUTPUT.sig, which `apply --verify` checks.")
 @click.option("-n", "--dry-run", is_flag=True,
               help="List what would go in (kind and path, one a line); write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="The members as JSON on stdout.")
 def command(tree: str | None, old: str | None, new: str | None, output: Path | None,
             fmt: str, all_root: bool, no_xattrs: bool, allow_setuid: bool,
-            allow_xattrs: tuple[str, ...], epoch: int | None, force: bool, dry_run: bool,
-            as_json: bool) -> None:
+            allow_xattrs: tuple[str, ...], epoch: int | None, force: bool, key: Path | None,
+            dry_run: bool, as_json: bool) -> None:
     """Make an updates image for `dmoverlay apply` (or anaconda, or dracut) from
     TREE, or from the difference between OLD and NEW (whiteouts for what NEW
     removed); the same input gives the same bytes."""
@@ -52,7 +54,8 @@ def command(tree: str | None, old: str | None, new: str | None, output: Path | N
     opts = MkupdatesOptions(
         new=tree or new or "", output=None if dry_run else output, old=old,
         format=Format(fmt), all_root=all_root, no_xattrs=no_xattrs,
-        allow_setuid=allow_setuid, allow_xattrs=allow_xattrs, epoch=epoch, force=force)
+        allow_setuid=allow_setuid, allow_xattrs=allow_xattrs, epoch=epoch, force=force,
+        sign=key)
     try:
         made = make_updates(opts)
     except ApplyRefused as exc:

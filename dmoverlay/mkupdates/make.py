@@ -17,9 +17,9 @@ from pathlib import Path
 from dmoverlay.apply.execute import ApplyRefused
 from dmoverlay.apply.plan import Options, Refusal
 from dmoverlay.apply.readers import DirectoryReader, open_update
-from dmoverlay.core import log
+from dmoverlay.core import log, signature
 from dmoverlay.core.entries import Kind, Member, UpdateReader
-from dmoverlay.core.errors import ImageError, UsageError
+from dmoverlay.core.errors import ImageError, KeysError, UsageError
 from dmoverlay.mkupdates import check, diff, formats
 from dmoverlay.mkupdates.diff import Change, Op
 from dmoverlay.mkupdates.formats import Format
@@ -40,6 +40,7 @@ class MkupdatesOptions:
     allow_xattrs: tuple[str, ...] = ()
     epoch: int | None = None  # SOURCE_DATE_EPOCH: no time newer
     force: bool = False
+    sign: Path | None = None  # an OpenSSH key: OUTPUT.sig beside it (core.signature)
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,14 @@ def make_updates(opts: MkupdatesOptions) -> Made:
         made = Made(opts.output, tuple(changes), tuple(members))
         if opts.output is None or blobs is None:
             return made
+        written = write(members, new, blobs, work, opts)
+        sig = signature.sign(written, opts.sign) if opts.sign is not None else None
         try:
-            os.replace(write(members, new, blobs, work, opts), opts.output)
+            # an old signature never stands beside the new output
+            signature.signature_path(opts.output).unlink(missing_ok=True)
+            os.replace(written, opts.output)
+            if sig is not None:
+                os.replace(sig, signature.signature_path(opts.output))
         except OSError as exc:
             raise _write_failed(opts.output, exc) from None
         return made
@@ -124,8 +131,12 @@ def _live_rootfs(spec: str, reader: UpdateReader) -> str | None:
 def _check_output(opts: MkupdatesOptions) -> None:
     assert opts.output is not None
     out = opts.output
-    if out.exists() and not opts.force:
-        raise UsageError(f"{out} exists", hint="give --force to replace it")
+    if opts.sign is not None and not opts.sign.is_file():
+        raise KeysError(f"{opts.sign}: no such key file",
+                        hint="make one with: ssh-keygen -t ed25519 -f KEY")
+    for there in (out, signature.signature_path(out)):
+        if there.exists() and not opts.force:
+            raise UsageError(f"{there} exists", hint="give --force to replace it")
     if out.is_dir():
         raise UsageError(f"{out} is a directory", hint="-o names the file to write")
     here = out.parent.resolve()

@@ -316,3 +316,31 @@ def test_a_signed_squashfs_image_is_mounted_from_the_verified_copy(
     assert (root / "etc/from-image").read_text() == "signed\n"
     assert not (run / "dmoverlay").exists()
     assert str(top) not in Path("/proc/self/mountinfo").read_text()
+
+
+def test_mkupdates_signs_what_it_makes(live: tuple[Path, Path, Path],
+                                       keys: dict[str, KeyPair]) -> None:
+    """tree -> signed updates image -> verified and applied: the lifecycle
+    in three commands.  A signature left from an earlier image never stands
+    beside a new one: without --force both are kept, with it both replaced."""
+    top, root, run = live
+    tree = top / "tree"
+    (tree / "usr/lib").mkdir(parents=True)
+    (tree / "usr/lib/libfoo.so").write_bytes(b"made and signed\n")
+    image = top / "updates.img"
+    made = dmoverlay("-q", "mkupdates", str(tree), "-o", str(image), "--all-root",
+                     "--sign", str(keys["alice"].private))
+    assert made.returncode == 0, made.stderr
+    result = apply_cli(image, root, run, "--verify", str(keys["alice"].public))
+    assert result.returncode == 0, result.stderr
+    assert (root / "usr/lib/libfoo.so").read_bytes() == b"made and signed\n"
+    again = dmoverlay("-q", "mkupdates", str(tree), "-o", str(image), "--all-root")
+    assert again.returncode == 1 and error_line(again) == f"error: {image} exists"
+    (tree / "usr/lib/libfoo.so").write_bytes(b"changed, unsigned\n")
+    forced = dmoverlay("-q", "mkupdates", str(tree), "-o", str(image), "--all-root", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert not Path(f"{image}.sig").exists()
+    no_key = dmoverlay("-q", "mkupdates", str(tree), "-o", str(top / "other.img"),
+                       "--sign", str(top / "missing-key"))
+    assert no_key.returncode != 0 and "no such key file" in error_line(no_key)
+    assert not (top / "other.img").exists()
