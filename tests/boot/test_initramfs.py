@@ -19,6 +19,7 @@ import pytest
 
 from dmoverlay.boot import initramfs
 from dmoverlay.core.errors import UsageError
+from dmoverlay.overlay import cmdline
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +334,8 @@ def test_module_setup_installs_the_stage_from_anywhere(tmp_path: Path) -> None:
     closure = initramfs.collect_fresh()
     assert simple == {initramfs.WRAPPER: f"{stage}{initramfs.WRAPPER}",
                       initramfs.BOOT_WRAPPER: f"{stage}{initramfs.BOOT_WRAPPER}",
-                      closure.zip_path: f"{stage}{closure.zip_path}"}
+                      closure.zip_path: f"{stage}{closure.zip_path}",
+                      "/lib/dmoverlay-lib.sh": f"{module}/dmoverlay-lib.sh"}
     assert ["bin", closure.python] in calls
     assert {c[1] for c in calls if c[0] == "lib"} >= set(closure.extensions)
     assert [c[1] for c in calls if c[0] == "hook"] == ["cmdline", "pre-mount", "pre-pivot"]
@@ -419,3 +421,27 @@ def test_install_says_so_when_the_conf_dir_goes_away(tmp_path: Path,
     monkeypatch.setattr(initramfs, "_module_dir", then_gone)
     with pytest.raises(UsageError, match=r"conf\.d: cannot write into it"):
         initramfs.install_module(moddir, confdir, python="/usr/bin/python3")
+
+
+def test_the_command_line_leaves_out_the_comments_of_conf_files(tmp_path: Path) -> None:
+    """dracut joins every line of /etc/cmdline.d/*.conf into the command line,
+    comments too: a double quote in one ran on into the kernel's options,
+    and setup refused the whole line ("a double quote is not closed")."""
+    (tmp_path / "etc/cmdline.d").mkdir(parents=True)
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "etc/cmdline.d/10-live.conf").write_text(
+        '# the "live medium\n  # indented too\nrd.live.overlay.size=64\n\nrd.live.dir=Live')
+    (tmp_path / "etc/cmdline").write_text("rd.live.ram\n")
+    (tmp_path / "proc/cmdline").write_text('root=live:LABEL="MY LIVE" quiet\n')
+    lib = Path(initramfs.__file__).parent / "dracut" / "dmoverlay-lib.sh"
+    out = subprocess.run(["sh", "-c", f'. "{lib}" && dmoverlay_cmdline "$1"', "sh",
+                          str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["rd.live.overlay.size=64", "rd.live.dir=Live", "rd.live.ram",
+                                'root=live:LABEL="MY LIVE" quiet']
+    boot = cmdline.parse(out)
+    with pytest.raises(UsageError, match="double quote is not closed"):  # as getcmdline joins it
+        cmdline.parse(" ".join(p.read_text() for p in (
+            tmp_path / "etc/cmdline.d/10-live.conf", tmp_path / "etc/cmdline",
+            tmp_path / "proc/cmdline")))
+    assert (boot.overlay_size, boot.live_dir, boot.ram) == (64 << 20, "Live", True)
+    assert boot.root == "LABEL=MY LIVE"

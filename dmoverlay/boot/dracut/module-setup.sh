@@ -105,6 +105,7 @@ install() {
     inst_multiple losetup mount umount blkid dmsetup modprobe
     inst_multiple -o sfdisk debugfs zstd xz
     inst_update_keys
+    inst_simple "$moddir/dmoverlay-lib.sh" /lib/dmoverlay-lib.sh
     inst_hook cmdline 30 "$moddir/dmoverlay-cmdline.sh"
     inst_hook pre-mount 50 "$moddir/dmoverlay-setup.sh"
     inst_hook pre-pivot 50 "$moddir/dmoverlay-updates.sh"

@@ -1,0 +1,21 @@
+#!/bin/sh
+# Shell functions the module's hooks share (installed as /lib/dmoverlay-lib.sh).
+
+# The command line dracut reads (getcmdline): /etc/cmdline.d/*.conf, then
+# /etc/cmdline, then the kernel's, one line each, under ROOT ($1, for
+# tests; / at boot).  Unlike getcmdline it leaves out the comment lines a
+# conf file may hold: dracut joins them into the line, where a double quote
+# in a comment ("don't" is fine, "say "hi" is not) would run on into the
+# kernel's own options, and dmoverlay would refuse the line.
+dmoverlay_cmdline() {
+    for dmoverlay_f in "$1"/etc/cmdline.d/*.conf "$1"/etc/cmdline "$1"/proc/cmdline; do
+        [ -f "$dmoverlay_f" ] || continue
+        while read -r dmoverlay_l || [ -n "$dmoverlay_l" ]; do
+            case "$dmoverlay_l" in
+                '#'* | '') ;;
+                *) printf '%s\n' "$dmoverlay_l" ;;
+            esac
+        done < "$dmoverlay_f"
+    done
+    unset dmoverlay_f dmoverlay_l
+}
