@@ -17,4 +17,7 @@ if [ "${root%%:*}" = "live" ] && ! ismounted "$NEWROOT"; then
     if ! dmoverlay setup --from-cmdline /run/dmoverlay.cmdline --target "$NEWROOT"; then
         die "dmoverlay could not set up the live root (the reason is above)"
     fi
+    # the booted system's dracut-shutdown.service then unpacks this
+    # initramfs at shutdown, where the shutdown hook tears the root down
+    need_shutdown
 fi
