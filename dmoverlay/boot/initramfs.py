@@ -232,7 +232,7 @@ def stage(dest: Path, python: str = sys.executable) -> Closure:
 
 MODULE = "90dmoverlay"
 MODULE_FILES = ("module-setup.sh", "dmoverlay-cmdline.sh", "dmoverlay-setup.sh",
-                "dmoverlay-updates.sh", "dmoverlay-lib.sh")
+                "dmoverlay-updates.sh", "dmoverlay-lib.sh", "dmoverlay-shutdown.sh")
 DRACUT_MODULES = Path("/usr/lib/dracut/modules.d")
 DRACUT_CONF = Path("/etc/dracut.conf.d")
 CONF_NAME = "90-dmoverlay.conf"

@@ -158,9 +158,12 @@ def status_command(name: str, state_dir: Path, threshold: float | None, as_json:
 @click.command("teardown")
 @NAME
 @STATE_DIR
-def teardown_command(name: str, state_dir: Path) -> None:
+@click.option("--moved-under", metavar="DIR", default="",
+              help="Look for the overlay's mounts under DIR too: where they were moved since "
+                   "setup (dracut's shutdown hook: /oldsys).")
+def teardown_command(name: str, state_dir: Path, moved_under: str) -> None:
     """Unmount and remove the overlay, in reverse order; safe to repeat."""
-    state = teardown(state_dir, name)
+    state = teardown(state_dir, name, moved_under=moved_under)
     click.echo(f"{name}: torn down" if state else f"{name}: nothing to tear down")
 
 

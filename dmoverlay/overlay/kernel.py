@@ -6,6 +6,7 @@ boot, a process start costs more than the check itself."""
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import time
 from contextlib import suppress
@@ -117,6 +118,29 @@ def dm_exists(name: str, sysfs: Path = Path("/sys")) -> bool:
             if entry.read_text().strip() == name:
                 return True
     return False
+
+
+UDEV_CONTROL = "/run/udev/control"
+
+
+def udev_running(control: str = UDEV_CONTROL) -> bool:
+    """Whether udevd answers on its control socket.  The socket file alone
+    says nothing: at shutdown udevd is gone and its socket stays, and
+    dmsetup, which goes by the file, then waits for udev for ever."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(control)
+        except OSError:
+            return False
+    return True
+
+
+def dm_remove_argv(name: str) -> list[str]:
+    """dmsetup's command to remove a device: without udev, dmsetup itself
+    removes the node (what dracut's dm shutdown hook does too)."""
+    return ["dmsetup", "remove", name] if udev_running() else \
+        ["dmsetup", "--noudevsync", "remove", name]
 
 
 def loops_backed_by(backing: str, *, sysfs: Path = Path("/sys")) -> list[str]:

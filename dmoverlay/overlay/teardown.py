@@ -1,5 +1,11 @@
 """Undoing an overlay: the recorded steps, newest first.  What is busy is
-said (and by whom), and stays recorded so that a later teardown can finish."""
+said (and by whom), and stays recorded so that a later teardown can finish.
+
+At shutdown the recorded paths may no longer be where setup put them:
+dracut's shutdown runs in the unpacked initramfs, where the old system's /run
+was moved under /oldsys.  `moved_under` names such a place: every path is
+then looked for as recorded and under it, and a mount is unmounted wherever
+it shows (once in each place, so that its filesystem is really let go)."""
 
 from __future__ import annotations
 
@@ -8,33 +14,64 @@ import stat
 import time
 from collections.abc import Callable
 from contextlib import suppress
+from functools import partial
 from pathlib import Path
 
 from dmoverlay.core import log
 from dmoverlay.core.errors import DmoverlayError, NoOverlay, OverlayError
 from dmoverlay.core.run import run
 from dmoverlay.overlay import blockdev, persistent
-from dmoverlay.overlay.kernel import dm_exists, loops_backed_by, require_root
+from dmoverlay.overlay.kernel import dm_exists, dm_remove_argv, loops_backed_by, require_root
 from dmoverlay.overlay.state import State, Step, StepKind, load_state
 
 
-def teardown(state_dir: Path, name: str) -> State | None:
-    """Undo an overlay; None when there was none (teardown is idempotent)."""
+def teardown(state_dir: Path, name: str, *, moved_under: str = "") -> State | None:
+    """Undo an overlay; None when there was none (teardown is idempotent).
+    `moved_under`: a directory the overlay's mounts may have been moved
+    under since setup (dracut's shutdown: /oldsys)."""
     require_root()
+    views = Views.of(moved_under)
     try:
         state, path = load_state(state_dir, name)
     except NoOverlay:
         return None
-    unwind(state, path)
+    unwind(state, path, views=views)
     return state
 
 
-def unwind(state: State, path: Path) -> None:
+class Views(tuple[str, ...]):
+    """The prefixes a recorded path is looked for under: "" (as recorded),
+    then the places its mounts may have been moved to."""
+
+    @classmethod
+    def of(cls, moved_under: str = "") -> Views:
+        if not moved_under:
+            return cls(("",))
+        where = os.path.normpath(moved_under)
+        if not os.path.isabs(moved_under) or where == "/" or not os.path.isdir(where) \
+                or os.path.realpath(where) != where:
+            raise OverlayError(f"{moved_under}: not a directory named by its real, absolute path",
+                               hint="name where the old system's mounts are (dracut's "
+                                    "shutdown: /oldsys)")
+        return cls(("", where))
+
+    def all(self, path: str) -> list[str]:
+        return [prefix + path for prefix in self]
+
+    def first(self, path: str) -> str:
+        """Where `path` is seen first; as recorded when nowhere."""
+        return next((p for p in self.all(path) if os.path.lexists(p)), path)
+
+
+HERE = Views(("",))
+
+
+def unwind(state: State, path: Path, *, views: Views = HERE) -> None:
     """Undo the recorded steps, newest first; what is busy is said, and kept
     recorded so that a later teardown can finish."""
     while state.steps:
         step = state.steps[-1]
-        _undo(step, complete=state.complete)
+        _undo(step, complete=state.complete, views=views)
         state.steps.pop()
         state.save(path)
     path.unlink(missing_ok=True)
@@ -51,26 +88,33 @@ def release(state: State, path: Path, steps: list[Step]) -> None:
         state.save(path)
 
 
-def _undo(step: Step, *, complete: bool) -> None:
+def _undo(step: Step, *, complete: bool, views: Views = HERE) -> None:
     if step.kind is StepKind.MOUNT:
-        if os.path.ismount(step.what):
-            _retry(lambda: blockdev.unmount(step.what), what=step.what)
+        for where in views.all(step.what):
+            if os.path.ismount(where):
+                _retry(partial(blockdev.unmount, where), what=where)
     elif step.kind is StepKind.DM:
         if dm_exists(step.what):
-            _retry(lambda: run(["dmsetup", "remove", step.what]), what=f"/dev/mapper/{step.what}")
+            _retry(partial(run, dm_remove_argv(step.what)), what=f"/dev/mapper/{step.what}")
     elif step.kind is StepKind.LOOP:
-        for dev in [step.what] if step.what else loops_backed_by(step.backing):
-            blockdev.loop_teardown(dev, backing=step.backing)
+        backing = views.first(step.backing)
+        found = [step.what] if step.what else \
+            [dev for seen in views.all(step.backing) for dev in loops_backed_by(seen)]
+        for dev in found:
+            blockdev.loop_teardown(dev, backing=backing)
     elif step.kind is StepKind.FILE or (step.kind is StepKind.NEWFILE and not complete):
-        _remove_ours(step.what, store=step.kind is StepKind.NEWFILE)
-    elif step.kind is StepKind.DIR and not os.path.ismount(step.what):
+        _remove_ours(views.first(step.what), store=step.kind is StepKind.NEWFILE)
+    elif step.kind is StepKind.DIR:
+        where = views.first(step.what)
+        if os.path.ismount(where):
+            return
         # a mount point or the directory holding them: empty once unmounted;
         # anything else in it is not ours to delete
         with suppress(FileNotFoundError, NotADirectoryError):
             try:
-                os.rmdir(step.what)
+                os.rmdir(where)
             except OSError as exc:
-                log.info(f"warning: {step.what} kept: {exc.strerror}")
+                log.info(f"warning: {where} kept: {exc.strerror}")
 
 
 def _remove_ours(path: str, *, store: bool) -> None:
@@ -85,9 +129,10 @@ def _remove_ours(path: str, *, store: bool) -> None:
         return
     with os.fdopen(fd, "rb") as f:
         mine = stat.S_ISREG(os.fstat(fd).st_mode)
-        if mine and store:
+        head = f.read(4096)
+        if mine and store and head.strip(b"\0"):  # all zero: new, or not yet allocated
             try:
-                persistent.read_header(f.read(4096), where=path)
+                persistent.read_header(head, where=path)
             except DmoverlayError:
                 mine = False
     if mine:

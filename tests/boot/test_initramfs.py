@@ -338,7 +338,8 @@ def test_module_setup_installs_the_stage_from_anywhere(tmp_path: Path) -> None:
                       "/lib/dmoverlay-lib.sh": f"{module}/dmoverlay-lib.sh"}
     assert ["bin", closure.python] in calls
     assert {c[1] for c in calls if c[0] == "lib"} >= set(closure.extensions)
-    assert [c[1] for c in calls if c[0] == "hook"] == ["cmdline", "pre-mount", "pre-pivot"]
+    assert [c[1] for c in calls if c[0] == "hook"] == [
+        "cmdline", "pre-mount", "pre-pivot", "shutdown"]
 
 
 def test_module_setup_stops_dracut_when_its_python_is_gone(tmp_path: Path) -> None:

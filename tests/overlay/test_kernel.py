@@ -3,6 +3,7 @@ dmsetup, which costs more than the check itself at boot), on a made-up sysfs."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from dmoverlay.overlay.kernel import (
     loops_backed_by,
     require_filesystem,
     require_loop,
+    udev_running,
 )
 
 
@@ -88,3 +90,17 @@ def test_missing_loop_control_is_one_line(tmp_path: Path,
         require_loop(tmp_path / "loop-control")
     (tmp_path / "loop-control").touch()
     require_loop(tmp_path / "loop-control")
+
+
+def test_udev_is_running_only_when_its_socket_answers(tmp_path: Path) -> None:
+    """At shutdown udevd is gone and its control socket stays: dmsetup,
+    which goes by the file, waited for udev for ever, and the machine never
+    powered off.  What counts is an answer."""
+    control = tmp_path / "control"
+    assert not udev_running(str(control))  # no socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.bind(str(control))
+        sock.listen(1)
+        assert udev_running(str(control))
+    assert control.exists()  # what udevd leaves behind
+    assert not udev_running(str(control))

@@ -109,3 +109,10 @@ def network_initrd(kit: dict[str, Path | str]) -> Path:
     """The module with dracut's network (for updates over http)."""
     return _another_initrd(kit, "initrd-network.img", machine.NETWORK,
                            ("35network-legacy", "dracut-network"))
+
+
+@pytest.fixture(scope="session")
+def shutdown_initrd(kit: dict[str, Path | str]) -> Path:
+    """With dracut's shutdown module, as dracut includes it by default: the
+    booted system unpacks it at shutdown and runs the module's shutdown hook."""
+    return _another_initrd(kit, "initrd-shutdown.img", machine.SHUTDOWN)

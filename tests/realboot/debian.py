@@ -1,7 +1,10 @@
 """A real distribution root for the boot suite: Debian 12 (systemd, udev)
 made by mmdebstrap from Debian's package repository, with a probe service
 that reports, once the system has started, whether it reached multi-user
-with no failed unit.  The tarball is cached (DMOVERLAY_CACHE, else
+with no failed unit, and how many boots its /var has seen.  dracut-core
+is in it as on a system booted by dracut: its dracut-shutdown.service
+unpacks the initramfs at shutdown, where the module's shutdown hook runs.
+The tarball is cached (DMOVERLAY_CACHE, else
 ~/.cache/dmoverlay), named after what goes into it, so a second run does
 not fetch it again."""
 
@@ -13,13 +16,19 @@ import subprocess
 from pathlib import Path
 
 SUITE = "bookworm"
-PACKAGES = "systemd-sysv,udev,kmod"
+PACKAGES = "systemd-sysv,udev,kmod,dracut-core"
+APT_OPTIONS = ['APT::Install-Recommends "false"']  # dracut-core recommends lvm2, mdadm...
 PROBE = r"""#!/bin/sh
 # dmoverlay's boot probe for a systemd root: after start-up, what it came to.
 state=$(systemctl is-system-running --wait)
 {
     echo "PROBE-BEGIN"
     echo "PROBE state $state"
+    mkdir -p /var/lib/dmoverlay-probe && date +%s >> /var/lib/dmoverlay-probe/boots && sync
+    echo "PROBE boots $(wc -l < /var/lib/dmoverlay-probe/boots)"
+    # what shutting down through the initramfs needs (dracut-shutdown.service)
+    [ -e /run/initramfs/.need_shutdown ] && echo "PROBE need_shutdown"
+    echo "PROBE unit dracut-shutdown $(systemctl is-active dracut-shutdown.service)"
     systemctl --failed --no-legend --plain | while read -r unit rest; do
         echo "PROBE failed $unit"
     done
@@ -29,7 +38,7 @@ state=$(systemctl is-system-running --wait)
     for d in /sys/block/dm-*; do
         [ -e "$d/dm/name" ] && echo "PROBE dm $(cat "$d/dm/name")"
     done
-    journalctl -b -k --no-pager -o cat -g dmoverlay | while read -r line; do
+    journalctl -b --no-pager -o cat -g dmoverlay | while read -r line; do
         echo "PROBE journal $line"
     done
     echo "PROBE-END"
@@ -64,13 +73,15 @@ def cache_dir() -> Path:
 
 def root_tarball() -> Path:
     """The cached root tarball, made now if missing."""
-    key = hashlib.sha256("\n".join([SUITE, PACKAGES, *HOOKS]).encode()).hexdigest()[:12]
+    made_of = "\n".join([SUITE, PACKAGES, *APT_OPTIONS, *HOOKS])
+    key = hashlib.sha256(made_of.encode()).hexdigest()[:12]
     tarball = cache_dir() / f"debian-{SUITE}-{key}.tar"
     if tarball.exists():
         return tarball
     tarball.parent.mkdir(parents=True, exist_ok=True)
     partial = tarball.with_suffix(".partial.tar")
     argv = ["mmdebstrap", "--quiet", "--variant=important", f"--include={PACKAGES}"]
+    argv += [f"--aptopt={option}" for option in APT_OPTIONS]
     argv += [f"--customize-hook={hook}" for hook in HOOKS]
     argv += [SUITE, str(partial)]
     subprocess.run(argv, check=True, capture_output=True, timeout=1800)

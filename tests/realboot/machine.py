@@ -131,6 +131,10 @@ DMSQUASH = "bash base udev-rules kernel-modules dmsquash-live"
 # What dracut makes on a host with systemd: systemd runs the initramfs, and
 # the module's hooks run from dracut's services.
 SYSTEMD = f"systemd systemd-initrd dracut-systemd {OURS}"
+# With dracut's shutdown: what a root with systemd and dracut unpacks to
+# shut down in.  systemd's, as dracut makes it there: dracut's own init
+# mounts /run noexec, where systemd-shutdown cannot run the unpacked one.
+SHUTDOWN = f"{SYSTEMD} shutdown"
 # With a network, for updates over http: dracut's network-legacy (dhclient).
 NETWORK = f"{OURS} network network-legacy"
 

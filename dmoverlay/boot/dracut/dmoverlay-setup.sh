@@ -20,4 +20,7 @@ if [ "${root%%:*}" = "live" ] && ! ismounted "$NEWROOT"; then
     if ! dmoverlay-boot setup /run/dmoverlay.cmdline "$NEWROOT"; then
         die "dmoverlay could not set up the live root (the reason is above)"
     fi
+    # the booted system's dracut-shutdown.service then unpacks this
+    # initramfs at shutdown, where the shutdown hook tears the root down
+    need_shutdown
 fi

@@ -109,4 +109,7 @@ install() {
     inst_hook cmdline 30 "$moddir/dmoverlay-cmdline.sh"
     inst_hook pre-mount 50 "$moddir/dmoverlay-setup.sh"
     inst_hook pre-pivot 50 "$moddir/dmoverlay-updates.sh"
+    # before dracut's dm hook (25), which would remove the devices but leave
+    # the medium mounted
+    inst_hook shutdown 20 "$moddir/dmoverlay-shutdown.sh"
 }
