@@ -84,9 +84,9 @@ def make_updates(opts: MkupdatesOptions) -> Made:
         made = Made(opts.output, tuple(changes), tuple(members))
         if opts.output is None or blobs is None:
             return made
-        written = write(members, new, blobs, work, opts)
-        sig = signature.sign(written, opts.sign) if opts.sign is not None else None
         try:
+            written = write(members, new, blobs, work, opts)
+            sig = signature.sign(written, opts.sign) if opts.sign is not None else None
             # an old signature never stands beside the new output
             signature.signature_path(opts.output).unlink(missing_ok=True)
             os.replace(written, opts.output)
