@@ -12,7 +12,7 @@ type getcmdline >/dev/null 2>&1 || . /lib/dracut-lib.sh
 if [ "${root%%:*}" = "live" ] && ! ismounted "$NEWROOT"; then
     # dracut's command line: what was built into the initramfs
     # (/etc/cmdline.d), then the kernel's
-    # shellcheck source=dmoverlay-lib.sh
+    # shellcheck source-path=SCRIPTDIR source=dmoverlay-lib.sh
     . /lib/dmoverlay-lib.sh
     dmoverlay_cmdline "" > /run/dmoverlay.cmdline
     info "dmoverlay: setting up the live root on $NEWROOT"
