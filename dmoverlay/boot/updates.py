@@ -153,22 +153,27 @@ def cmdline_updates(path: str) -> tuple[str, ...]:
 def boot_trust(path: str, *, given: Trust | None = None, keys: Path = KEYS,
                revoked: Path = REVOKED) -> Trust | None:
     """The keys the updates of the command line in `path` must be signed by:
-    `given` (apply --verify), else rd.live.updates.verify=, else those the
-    initramfs holds at `keys` (then `revoked` too, if there); None when
-    none is asked for.  KeysError when they cannot be used: no update may
-    then be applied."""
+    `given` (apply --verify), else those the initramfs holds at `keys` (then
+    `revoked` too, if there), which the command line cannot change, else
+    rd.live.updates.verify=; None when none is asked for.  KeysError when
+    they cannot be used: no update may then be applied."""
     if given is not None:
         return given
     named, named_revoked = cmdline.updates_trust_of(cmdline.read_cmdline(path))
-    if named is None and not os.path.lexists(keys):
+    if os.path.lexists(keys):
+        # the initramfs's keys and revocations decide: a command line, which
+        # anyone at the boot loader can edit, may not swap them (its keys
+        # for the revoked list, or no revocations)
+        if named is not None or named_revoked is not None:
+            log.warning("rd.live.updates.verify= and .revoked= are not taken: this initramfs "
+                        f"holds the keys updates must be signed by ({keys})")
+        return load_trust(keys, revoked if os.path.lexists(revoked) else None)
+    if named is None:
         if named_revoked is not None:
             raise UsageError("kernel command line: rd.live.updates.revoked= without keys to "
                              "verify with", hint="add rd.live.updates.verify=FILE")
         return None
-    if named_revoked is None and os.path.lexists(revoked):
-        named_revoked = os.fspath(revoked)
-    return load_trust(Path(named) if named is not None else keys,
-                      Path(named_revoked) if named_revoked is not None else None)
+    return load_trust(Path(named), Path(named_revoked) if named_revoked is not None else None)
 
 
 def where_setup_left(state_dir: Path, name: str) -> tuple[Path, str]:

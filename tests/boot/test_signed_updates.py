@@ -75,6 +75,14 @@ def test_keys_in_the_initramfs_are_required_whatever_the_line_says(
     trust = updates.boot_trust(line_file(tmp_path, "rd.live.updates=/u.img"), keys=baked,
                                revoked=revoked)
     assert trust is not None and trust.revoked == revoked
+    # the line named the revoked list as the keys to trust (mallory's then
+    # verified), or another revoked list (mallory's let back in): neither taken
+    for line in (f"rd.live.updates.verify={revoked}",
+                 f"rd.live.updates.verify={baked} rd.live.updates.revoked={baked}.none",
+                 f"rd.live.updates.revoked={keys['alice'].public}"):
+        trust = updates.boot_trust(line_file(tmp_path, f"rd.live.updates=/u.img {line}"),
+                                   keys=baked, revoked=revoked)
+        assert trust is not None and (trust.keys, trust.revoked) == (os.fspath(baked), revoked)
 
 
 @pytest.mark.parametrize(("line", "error", "words"), [

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.realboot import machine
+from tests.signkit import KeyPair, make_key
 
 ENV = "DMOVERLAY_BOOT"
 HERE = Path(__file__).resolve().parent
@@ -80,14 +81,15 @@ def kit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path | s
 
 
 def _another_initrd(kit: dict[str, Path | str], name: str, modules: str,
-                    needs: tuple[str, str] | None = None) -> Path:
+                    needs: tuple[str, str] | None = None, conf: str = "") -> Path:
     """An initramfs beside the kit's, with other dracut modules; `needs`:
-    (a module directory it requires, the package that ships it)."""
+    (a module directory it requires, the package that ships it); `conf`: a
+    dracut.conf.d snippet for it."""
     if needs and not (machine.DRACUT / "modules.d" / needs[0]).is_dir():
         pytest.fail(f"dracut's {needs[0]} is missing: apt-get install {needs[1]}",
                     pytrace=False)
     return machine.make_initramfs(Path(kit["dracut"]), str(kit["kver"]),
-                                  Path(kit["top"]) / name, modules)
+                                  Path(kit["top"]) / name, modules, conf)
 
 
 @pytest.fixture(scope="session")
@@ -116,3 +118,18 @@ def shutdown_initrd(kit: dict[str, Path | str]) -> Path:
     """With dracut's shutdown module, as dracut includes it by default: the
     booted system unpacks it at shutdown and runs the module's shutdown hook."""
     return _another_initrd(kit, "initrd-shutdown.img", machine.SHUTDOWN)
+
+
+@pytest.fixture(scope="session")
+def update_key(kit: dict[str, Path | str]) -> KeyPair:
+    """The key updates are signed with at boot: its public half is in
+    signed_initrd, as dracut.conf's dmoverlay_updates_keys puts it."""
+    return make_key(Path(kit["top"]) / "keys", "updates")
+
+
+@pytest.fixture(scope="session")
+def signed_initrd(kit: dict[str, Path | str], update_key: KeyPair) -> Path:
+    """With the network, and the keys every update must be signed by."""
+    return _another_initrd(kit, "initrd-signed.img", machine.NETWORK,
+                           ("35network-legacy", "dracut-network"),
+                           conf=f'dmoverlay_updates_keys="{update_key.public}"\n')

@@ -139,11 +139,15 @@ SHUTDOWN = f"{SYSTEMD} shutdown"
 NETWORK = f"{OURS} network network-legacy"
 
 
-def make_initramfs(base: Path, kver: str, out: Path, modules: str = OURS) -> Path:
+def make_initramfs(base: Path, kver: str, out: Path, modules: str = OURS,
+                   conf: str = "") -> Path:
+    """`conf`: a dracut.conf.d snippet for this one initramfs."""
     # the host's dracut.conf and dracut.conf.d are left out: dracut-network
     # alone adds a module there (ifcfg) that brings in a network and systemd
-    confdir = base / "conf.d"
+    confdir = base / f"conf-{out.stem}.d"
     confdir.mkdir(exist_ok=True)
+    if conf:
+        (confdir / "90-test.conf").write_text(conf)
     subprocess.run(["dracut", "--quiet", "--force", "--conf", "/dev/null", "--confdir",
                     str(confdir), "--no-hostonly", "-m", modules,
                     "--drivers", DRIVERS, "--kver", kver, str(out)],

@@ -4,8 +4,10 @@ module, each checked from inside by the probe root's init (machine.py)."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import http.server
 import io
+import os
 import subprocess
 import tarfile
 import threading
@@ -14,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.apply.readers.httpkit import free_port
 from tests.realboot import machine
 from tests.realboot.machine import Boot
+from tests.signkit import KeyPair, make_key, sign_as
 
 Kit = dict[str, Path | str]
 LIVE = "root=live:LABEL=LIVE"
@@ -220,3 +224,44 @@ def test_an_update_over_http(kit: Kit, tmp_path: Path, network_initrd: Path,
     assert "file /usr/lib/dmoverlay-update.txt over-http" in result.probe
     assert [line for line in result.console.splitlines()
             if f"left out {url}/missing.tar" in line], result.console[-4000:]
+
+
+def test_signed_updates_over_http_with_a_mirror(kit: Kit, tmp_path: Path, signed_initrd: Path,
+                                               update_key: KeyPair,
+                                               http_dir: tuple[Path, int]) -> None:
+    """tree -> `mkupdates --sign` -> http -> verified and applied at boot,
+    by an initramfs that holds the key (dracut.conf's dmoverlay_updates_keys):
+    the first URL is down, its mirror serves it, its checksum is checked.
+    An update signed by no trusted key, and one changed after it was signed,
+    are left out."""
+    served, port = http_dir
+    tree = tmp_path / "tree"
+    (tree / "usr/lib").mkdir(parents=True)
+    (tree / "usr/lib/dmoverlay-signed.txt").write_text("signed\n")
+    good = served / "good.img"
+    subprocess.run([str(machine.PYTHON), "-m", "dmoverlay", "-q", "mkupdates", str(tree),
+                    "-o", str(good), "--all-root", "--sign", str(update_key.private)],
+                   check=True, env={**os.environ, "PYTHONPATH": str(machine.TOP)})
+    digest = hashlib.sha256(good.read_bytes()).hexdigest()
+    other = make_key(tmp_path / "keys", "stranger")
+    (served / "stranger.tar").write_bytes(_tar({"lib/dmoverlay-stranger.txt": b"no\n"}))
+    sign_as(served / "stranger.tar", other, "dmoverlay-updates")
+    (served / "changed.tar").write_bytes(_tar({"lib/dmoverlay-changed.txt": b"before\n"}))
+    sign_as(served / "changed.tar", update_key, "dmoverlay-updates")
+    (served / "changed.tar").write_bytes(_tar({"lib/dmoverlay-changed.txt": b"after!\n"}))
+    url = f"http://10.0.2.2:{port}"
+    down = f"http://10.0.2.2:{free_port()}"
+    result = _boot(kit, tmp_path, f"{LIVE} rd.live.overlay.size=64 rd.neednet=1 ip=dhcp "
+                   f"rd.live.updates={down}/good.img,{url}/good.img#sha256={digest} "
+                   f"rd.live.updates={url}/stranger.tar rd.live.updates={url}/changed.tar "
+                   "probe.cat=/usr/lib/dmoverlay-signed.txt "
+                   "probe.cat=/usr/lib/dmoverlay-stranger.txt "
+                   "probe.cat=/usr/lib/dmoverlay-changed.txt",
+                   initrd=signed_initrd, network=True)
+    _booted_live(result)
+    assert "file /usr/lib/dmoverlay-signed.txt signed" in result.probe
+    assert "nofile /usr/lib/dmoverlay-stranger.txt" in result.probe
+    assert "nofile /usr/lib/dmoverlay-changed.txt" in result.probe
+    left = [line for line in result.console.splitlines() if "left out" in line]
+    assert any(f"{url}/stranger.tar" in line for line in left), left
+    assert any(f"{url}/changed.tar" in line for line in left), left
