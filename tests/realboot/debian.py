@@ -64,6 +64,8 @@ HOOKS = [
     "ln -s /etc/systemd/system/dmoverlay-probe.service "
     "\"$1/etc/systemd/system/multi-user.target.wants/dmoverlay-probe.service\"",
     "echo dmoverlay-live > \"$1/etc/hostname\"",
+    # the console is the probe's: no login prompt in the middle of its lines
+    "ln -s /dev/null \"$1/etc/systemd/system/serial-getty@ttyS0.service\"",
 ]
 
 

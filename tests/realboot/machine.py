@@ -216,7 +216,7 @@ def boot(kernel_image: Path, initrd: Path, cmdline: str, disks: list[Path], *,
     inside = False
     for line in console.splitlines():
         line = line.strip()
-        if line == "PROBE-BEGIN":
+        if line.endswith("PROBE-BEGIN"):  # a login prompt may share the line
             inside = True
         elif line == "PROBE-END":
             inside = False
