@@ -150,7 +150,7 @@ def test_the_hooks_run_dmoverlay_boot() -> None:
     setup = (here / "dmoverlay-setup.sh").read_text()
     updates = (here / "dmoverlay-updates.sh").read_text()
     assert 'dmoverlay-boot setup /run/dmoverlay.cmdline "$NEWROOT"' in setup
-    assert 'dmoverlay-boot apply /run/dmoverlay.cmdline "$NEWROOT" 2>&1' in updates
+    assert 'dmoverlay_run dmoverlay-boot apply /run/dmoverlay.cmdline "$NEWROOT"' in updates
     for text in (setup, updates):
         commands = [line for line in text.splitlines()
                     if "dmoverlay " in line and not line.lstrip().startswith(("#", "info", "die"))]
@@ -446,3 +446,16 @@ def test_the_command_line_leaves_out_the_comments_of_conf_files(tmp_path: Path) 
             tmp_path / "proc/cmdline")))
     assert (boot.overlay_size, boot.live_dir, boot.ram) == (64 << 20, "Live", True)
     assert boot.root == "LABEL=MY LIVE"
+
+
+@pytest.mark.parametrize(("code", "said"), [(0, "info"), (3, "warn")])
+def test_the_hooks_say_each_line_through_dracut(code: int, said: str) -> None:
+    """What a command the hooks run prints, each line through dracut's info
+    (it succeeded) or warn (it failed), with its exit status kept."""
+    lib = Path(initramfs.__file__).parent / "dracut" / "dmoverlay-lib.sh"
+    script = (f'. "{lib}"; info() {{ echo "info $*"; }}; warn() {{ echo "warn $*"; }}; '
+              f'dmoverlay_run sh -c "echo one; echo; echo two >&2; exit {code}"; echo "rc=$?"')
+    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.splitlines() == [f"{said} dmoverlay: one", f"{said} dmoverlay: two",
+                                f"rc={code}"]

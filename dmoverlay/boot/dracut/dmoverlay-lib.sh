@@ -19,3 +19,21 @@ dmoverlay_cmdline() {
     done
     unset dmoverlay_f dmoverlay_l
 }
+
+# dmoverlay_run COMMAND...: run it, and say each line it printed through
+# dracut's info (it succeeded) or warn (it failed), which reach the console
+# and the booted system's journal; its exit status is returned.
+dmoverlay_run() {
+    dmoverlay_out=$("$@" 2>&1)
+    dmoverlay_rc=$?
+    printf '%s\n' "$dmoverlay_out" | while IFS= read -r dmoverlay_line; do
+        [ -z "$dmoverlay_line" ] && continue
+        if [ "$dmoverlay_rc" -eq 0 ]; then
+            info "dmoverlay: $dmoverlay_line"
+        else
+            warn "dmoverlay: $dmoverlay_line"
+        fi
+    done
+    unset dmoverlay_out dmoverlay_line
+    return "$dmoverlay_rc"
+}

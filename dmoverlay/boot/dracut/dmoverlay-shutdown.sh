@@ -11,18 +11,10 @@
 
 # shellcheck source=/dev/null
 type warn >/dev/null 2>&1 || . /lib/dracut-lib.sh
+# shellcheck source-path=SCRIPTDIR source=dmoverlay-lib.sh
+. /lib/dmoverlay-lib.sh
 
 if [ -e /run/dmoverlay/live.json ]; then
-    dmoverlay_out=$(dmoverlay teardown --name live --moved-under /oldsys 2>&1)
-    dmoverlay_rc=$?
-    printf '%s\n' "$dmoverlay_out" | while IFS= read -r dmoverlay_line; do
-        [ -z "$dmoverlay_line" ] && continue
-        if [ "$dmoverlay_rc" -eq 0 ]; then
-            info "dmoverlay: $dmoverlay_line"
-        else
-            warn "dmoverlay: $dmoverlay_line"
-        fi
-    done
-    unset dmoverlay_out dmoverlay_rc dmoverlay_line
+    dmoverlay_run dmoverlay teardown --name live --moved-under /oldsys || :
 fi
 :

@@ -7,18 +7,10 @@
 
 # shellcheck source=/dev/null
 type getcmdline >/dev/null 2>&1 || . /lib/dracut-lib.sh
+# shellcheck source-path=SCRIPTDIR source=dmoverlay-lib.sh
+. /lib/dmoverlay-lib.sh
 
 if [ -e /run/dmoverlay.cmdline ] && ismounted "$NEWROOT"; then
     # dmoverlay -q apply --from-cmdline FILE --root DIR, without click's start-up
-    dmoverlay_out=$(dmoverlay-boot apply /run/dmoverlay.cmdline "$NEWROOT" 2>&1)
-    dmoverlay_rc=$?
-    printf '%s\n' "$dmoverlay_out" | while IFS= read -r dmoverlay_line; do
-        [ -z "$dmoverlay_line" ] && continue
-        if [ "$dmoverlay_rc" -eq 0 ]; then
-            info "dmoverlay: $dmoverlay_line"
-        else
-            warn "dmoverlay: $dmoverlay_line"
-        fi
-    done
-    unset dmoverlay_out dmoverlay_rc dmoverlay_line
+    dmoverlay_run dmoverlay-boot apply /run/dmoverlay.cmdline "$NEWROOT" || :  # the boot goes on
 fi
