@@ -16,10 +16,13 @@ import pytest
 
 from dmoverlay.apply.execute import ApplyOptions
 from dmoverlay.apply.readers import signed as signed_module
+from dmoverlay.apply.readers.download import Limits
+from dmoverlay.apply.readers.fetchplan import Retry
 from dmoverlay.apply.update import apply_update
 from dmoverlay.core import signature
 from dmoverlay.core.errors import SignatureError, SourceError
 from dmoverlay.core.signature import load_trust
+from tests.apply.readers import httpkit
 from tests.apply.readers.test_image import make_squashfs
 from tests.apply.test_cli import apply_cli, error_line, updates_img
 from tests.applykit import make_root, snapshot
@@ -287,7 +290,7 @@ def test_a_huge_signature_download_is_refused(live: tuple[Path, Path, Path],
     base, served, asked = server
     os.replace(updates_img(top, {"etc/new": b"x\n"}), served / "u.img")
     _huge(served / "u.img", keys)
-    with pytest.raises(SignatureError, match="larger than 64 KiB"):
+    with pytest.raises(SignatureError, match="u.img.sig: larger than the 64.0 KiB expected"):
         apply_update(f"{base}/u.img", ApplyOptions(root=root, run_dir=run),
                      trust=load_trust(keys["alice"].public))
     assert asked == ["/u.img.sig"]
@@ -344,3 +347,26 @@ def test_mkupdates_signs_what_it_makes(live: tuple[Path, Path, Path],
                        "--sign", str(top / "missing-key"))
     assert no_key.returncode != 0 and "no such key file" in error_line(no_key)
     assert not (top / "other.img").exists()
+
+
+def test_a_signature_download_stops_at_64_kib(tmp_path: Path, keys: dict[str, KeyPair],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """URL.sig of no stated length, endless as far as the download can
+    tell: stopped past 64 KiB, not where the staging filesystem (RAM at
+    boot) is full."""
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    staging = tmp_path / "staging"
+    staging.mkdir(mode=0o700)
+    st = os.statvfs(staging)
+    room = Limits(reserve=st.f_bavail * st.f_frsize - 1024 * 1024,
+                  retry=Retry(tries=1, first_delay=0.01, max_delay=0.01))
+    with httpkit.serving() as (base, httpd):
+        httpd.routes = {"/u.img.sig": httpkit.send_unsized(b"x" * (4 * 1024 * 1024))}
+        with pytest.raises(SignatureError) as caught, signed_module.verified_download(
+                f"{base}/u.img", trust=load_trust(keys["alice"].public), staging=staging,
+                limits=room):
+            pass
+    assert caught.value.message == f"{base}/u.img: not signed: cannot download " \
+                                   f"{base}/u.img.sig: larger than the 64.0 KiB expected"
+    assert list(staging.iterdir()) == []

@@ -72,12 +72,15 @@ def url_scheme(spec: str) -> str | None:
 class Limits:
     """`timeout`: seconds without progress, per connect and per read;
     `deadline`: seconds for the whole, retries included; `reserve`: bytes
-    of the staging filesystem a download leaves free."""
+    of the staging filesystem a download leaves free; `most`: bytes the
+    file may have at most (None: as many as fit), for what is small by
+    nature (a signature): a server is not let fill RAM with it."""
 
     timeout: float = DOWNLOAD_TIMEOUT
     deadline: float = DOWNLOAD_DEADLINE
     reserve: int = DOWNLOAD_RESERVE
     retry: Retry = RETRY
+    most: int | None = None
 
 
 LIMITS = Limits()
@@ -227,9 +230,19 @@ class _Download:
         self.held = Held(self.held.size, answer.total,
                          validator(etag, modified) if answer.take is Take.RESTART
                          else self.held.validator)
+        if answer.total is not None:
+            self._refuse_over_most(answer.total)
         if answer.length is not None:
             self.room.refuse_over(answer.length, url, answer.total)
         self._copy(url, response, answer)
+
+    def _refuse_over_most(self, size: int) -> None:
+        """Before a file said to be, or a body grown to, `size` bytes is
+        stored: Unusable past `limits.most` (not retried on this URL)."""
+        most = self.limits.most
+        if most is not None and size > most:
+            self._restart()
+            raise Unusable(f"larger than the {format_size(most)} expected", transient=False)
 
     def _restart(self) -> None:
         self.out.seek(0)
@@ -249,6 +262,7 @@ class _Download:
             chunk = response.read1(CHUNK if want is None else min(CHUNK, want - got))
             if not chunk:
                 break
+            self._refuse_over_most(self.held.size + len(chunk))
             self.room.take(len(chunk), url)
             _store(self.out, chunk, url)
             got += len(chunk)

@@ -25,6 +25,7 @@ from dmoverlay.apply.readers.download import LIMITS, Limits, download
 from dmoverlay.core import log
 from dmoverlay.core.errors import SignatureError, SourceError, UsageError
 from dmoverlay.core.signature import (
+    SIG_MAX,
     SUFFIX,
     Signer,
     Trust,
@@ -47,7 +48,7 @@ def verified_download(url: str, *, trust: Trust, staging: Path, mirrors: tuple[s
     sig_url = signature_url(url)
     start = time.monotonic()
     try:
-        with download(sig_url, staging=staging, limits=limits,
+        with download(sig_url, staging=staging, limits=dataclasses.replace(limits, most=SIG_MAX),
                       mirrors=tuple(signature_url(m) for m in mirrors)) as sig:
             signature = read_signature(sig, label=sig_url, update=url)
     except SourceError as exc:

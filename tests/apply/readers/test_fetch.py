@@ -320,3 +320,34 @@ def test_a_download_of_unknown_length_that_fits(server: tuple[str, Server],
     httpd.routes = {"/u.img": send_unsized(BODY)}
     limits = Limits(reserve=_room(staging, 64 * MiB), retry=FAST.retry)
     assert fetched(f"{url}/u.img", staging, limits=limits) == BODY
+
+
+# ------------------------------------------------------------------ at most
+
+
+def test_a_file_said_larger_than_the_most_is_not_read(server: tuple[str, Server],
+                                                      staging: Path) -> None:
+    url, httpd = server
+    served = Served(BODY)
+    httpd.routes = {"/u.img": served}
+    limits = Limits(most=64 * KiB, retry=FAST.retry)
+    fails(f"{url}/u.img", staging, r"larger than the 64.0 KiB expected$", limits=limits)
+    assert len(served.asked) == 1  # not retried: the file will not shrink
+
+
+def test_a_body_of_unknown_length_stops_past_the_most(server: tuple[str, Server],
+                                                      staging: Path) -> None:
+    """A server that gives no length is stopped where the body passes
+    `most`, not where the staging filesystem runs out of room."""
+    url, httpd = server
+    httpd.routes = {"/u.img": send_unsized(BODY)}
+    limits = Limits(most=64 * KiB, reserve=_room(staging, 1 * MiB), retry=FAST.retry)
+    fails(f"{url}/u.img", staging, r"larger than the 64.0 KiB expected$", limits=limits)
+
+
+def test_a_file_of_the_most_is_taken(server: tuple[str, Server], staging: Path) -> None:
+    url, httpd = server
+    httpd.routes = {"/sized": Served(BODY[:64 * KiB]), "/unsized": send_unsized(BODY[:64 * KiB])}
+    limits = Limits(most=64 * KiB, retry=FAST.retry)
+    assert fetched(f"{url}/sized", staging, limits=limits) == BODY[:64 * KiB]
+    assert fetched(f"{url}/unsized", staging, limits=limits) == BODY[:64 * KiB]
