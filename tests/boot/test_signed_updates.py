@@ -105,7 +105,7 @@ def test_the_line_cannot_empty_the_initramfs_revoked_keys(tmp_path: Path,
     empty = tmp_path / "empty"
     empty.write_text("")
     line = f"rd.live.updates=/u.img rd.live.updates.revoked={empty}"
-    with pytest.raises(KeysError, match="rd.live.updates.revoked=.* cannot replace"):
+    with pytest.raises(KeysError, match=r"rd\.live\.updates\.revoked=.* cannot replace"):
         updates.boot_trust(line_file(tmp_path, line), keys=baked, revoked=revoked)
 
 
