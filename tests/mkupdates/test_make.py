@@ -265,6 +265,28 @@ def test_a_full_disk_is_one_error_and_leaves_nothing(tree: Path, tmp_path: Path)
         subprocess.run(["umount", small], check=True)
 
 
+def test_a_full_disk_while_a_compressed_side_is_spooled_is_one_error(tmp_path: Path) -> None:
+    """A compressed archive's files are spooled beside the output as they
+    are read, before anything is written: a full disk there is one error
+    line too, not a traceback, and nothing is left."""
+    with tarfile.open(tmp_path / "new.tar.gz", "w:gz") as t:
+        data = os.urandom(256 * 1024)
+        info = tarfile.TarInfo("big")
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", small], check=True)
+    try:
+        with pytest.raises(ImageError, match=r"^cannot keep the data of big in .*: No space "
+                                             r"left on device$") as caught:
+            make(tmp_path / "new.tar.gz", small / "u.img")
+        assert caught.value.hint == "free some space beside the output, or write it elsewhere"
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", small], check=True)
+
+
 def test_cpio_refuses_a_link_target_no_kernel_makes(tmp_path: Path) -> None:
     with tarfile.open(tmp_path / "new.tar", "w") as t:
         info = tarfile.TarInfo("l")
