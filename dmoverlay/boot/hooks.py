@@ -9,10 +9,11 @@ setup's start-up there (bench/SETUP.md).  So the hooks run the staged
     dmoverlay-boot setup FILE TARGET     setup --from-cmdline FILE --target TARGET
     dmoverlay-boot apply FILE ROOT       -q apply --from-cmdline FILE --root ROOT
 
-TARGET and ROOT are absolute paths ($NEWROOT).  Every other option at its default, as the hooks left them.  Both entries
-go through the functions here and core.exits, so they say the same lines
-and end with the same exit codes (tests/boot/test_hooks.py holds them to
-it); the full command line stays `dmoverlay`, in the initramfs too.
+TARGET and ROOT are absolute paths ($NEWROOT); every other option at its
+default, as the hooks left them.  Both entries go through the functions
+here and core.exits, so they say the same lines and end with the same exit
+codes (tests/boot/test_hooks.py holds them to it); the full command line
+stays `dmoverlay`, in the initramfs too.
 """
 
 from __future__ import annotations
