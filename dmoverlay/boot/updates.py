@@ -118,6 +118,9 @@ def _checksum(text: str) -> tuple[str, str | None]:
     """(the place, the checksum) of an update's word: PLACE#sha256=HEX."""
     match = _CHECKSUM.fullmatch(text)
     if match is None:
+        if "#sha256" in text.lower():  # not to be taken for a URL's fragment: unchecked
+            raise UsageError("#sha256= not at the end of the word, or not as #sha256=HEX",
+                             hint="end the word with #sha256=HEX (64 hexadecimal digits)")
         return text, None
     if "#sha256=" in match["rest"]:
         raise UsageError("#sha256= given twice", hint="give it once, at the end of the word")
