@@ -370,3 +370,28 @@ def test_a_signature_download_stops_at_64_kib(tmp_path: Path, keys: dict[str, Ke
     assert caught.value.message == f"{base}/u.img: not signed: cannot download " \
                                    f"{base}/u.img.sig: larger than the 64.0 KiB expected"
     assert list(staging.iterdir()) == []
+
+
+def test_every_failure_to_read_keys_or_sign_has_a_hint(live: tuple[Path, Path, Path],
+                                                       keys: dict[str, KeyPair]) -> None:
+    """One `error:` line, then the `hint:` line that says what to give."""
+    top, root, run = live
+    image = updates_img(top, {"etc/new": b"x\n"})
+    signature.sign(image, keys["alice"].private)
+    os.mkfifo(top / "fifo")
+    not_a_key = top / "not-a-key"
+    not_a_key.write_text("hello\n")
+    runs = {
+        "keys a fifo": apply_cli(image, root, run, "--verify", str(top / "fifo")),
+        "keys missing": apply_cli(image, root, run, "--verify", str(top / "none")),
+        "revoked a fifo": apply_cli(image, root, run, "--verify", str(keys["alice"].public),
+                                    "--revoked", str(top / "fifo")),
+        "sign a missing file": dmoverlay("sign", str(top / "none"), "--key",
+                                         str(keys["alice"].private)),
+        "sign with no key": dmoverlay("sign", str(image), "--key", str(not_a_key)),
+    }
+    for what, result in runs.items():
+        error_line(result)
+        lines = result.stderr.splitlines()
+        after = lines[[n for n, ln in enumerate(lines) if ln.startswith("error: ")][0] + 1:]
+        assert after and after[0].startswith("hint: "), (what, result.stderr)
