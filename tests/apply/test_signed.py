@@ -391,7 +391,6 @@ def test_every_failure_to_read_keys_or_sign_has_a_hint(live: tuple[Path, Path, P
         "sign with no key": dmoverlay("sign", str(image), "--key", str(not_a_key)),
     }
     for what, result in runs.items():
-        error_line(result)
         lines = result.stderr.splitlines()
-        after = lines[[n for n, ln in enumerate(lines) if ln.startswith("error: ")][0] + 1:]
-        assert after and after[0].startswith("hint: "), (what, result.stderr)
+        at = lines.index(error_line(result))
+        assert lines[at + 1:at + 2] and lines[at + 1].startswith("hint: "), (what, result.stderr)
