@@ -287,12 +287,17 @@ def verify(message: Path, signature: bytes, trust: Trust, *, label: str,
     checked, not the files again."""
     with tempfile.TemporaryDirectory(prefix="verify-", dir=work) as tmp:
         sig, allowed = Path(tmp, "update.sig"), Path(tmp, "allowed_signers")
-        sig.write_bytes(signature)
-        allowed.write_text(trust.allowed_signers)
-        revoked = None
-        if trust.revoked is not None:
-            revoked = Path(tmp, "revoked")
-            revoked.write_bytes(trust.revoked_keys)
+        revoked = Path(tmp, "revoked") if trust.revoked is not None else None
+        try:
+            sig.write_bytes(signature)
+            allowed.write_text(trust.allowed_signers)
+            if revoked is not None:
+                revoked.write_bytes(trust.revoked_keys)
+        except OSError as exc:  # a copy of the update may have taken the room
+            raise SignatureError(f"{label}: cannot stage its signature and keys in {work} to "
+                                 f"check it: {exc.strerror}",
+                                 hint="free space under the run directory (RAM at boot); "
+                                      "nothing was applied") from None
         check = _Check(message, sig, allowed, revoked, trust, label)
         principal = check.principal()
         return check.verified(principal)

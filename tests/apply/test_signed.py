@@ -26,7 +26,7 @@ from tests.apply.readers import httpkit
 from tests.apply.readers.test_image import make_squashfs
 from tests.apply.test_cli import apply_cli, error_line, updates_img
 from tests.applykit import make_root, snapshot
-from tests.conftest import dmoverlay
+from tests.conftest import dmoverlay, small_tmpfs
 from tests.signkit import KeyPair, sign_as, two_keys
 
 
@@ -394,3 +394,24 @@ def test_every_failure_to_read_keys_or_sign_has_a_hint(live: tuple[Path, Path, P
         lines = result.stderr.splitlines()
         at = lines.index(error_line(result))
         assert lines[at + 1:at + 2] and lines[at + 1].startswith("hint: "), (what, result.stderr)
+
+
+def test_a_copy_that_takes_the_last_room_is_one_error(live: tuple[Path, Path, Path],
+                                                      keys: dict[str, KeyPair]) -> None:
+    """The private copy may fill the run directory (RAM at boot) to the
+    page: the signature and keys staged after it then find no room, which
+    is one error line, not a traceback, with nothing left."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    top, root, _ = live
+    with small_tmpfs(top / "small-run", "size=256k,mode=0755") as run:
+        st = os.statvfs(run)
+        image = top / "u.img"
+        image.write_bytes(os.urandom(st.f_bavail * st.f_frsize - 100))
+        signature.sign(image, keys["alice"].private)
+        before = snapshot(root)
+        line = error_line(apply_cli(image, root, run, "--verify", str(keys["alice"].public)))
+        assert line.startswith(f"error: {image}: cannot stage its signature and keys in ")
+        assert line.endswith(": No space left on device")
+        assert snapshot(root) == before
+        assert list(run.iterdir()) == []
