@@ -284,6 +284,19 @@ def test_an_unparsable_update_is_left_out_and_the_next_applied(
         "not an http(s) URL, DEVICE:/PATH or /PATH on the live medium"]
 
 
+def test_a_url_outside_ascii_is_left_out_and_the_next_tried(
+        live: tuple[ApplyOptions, Path], tmp_path: Path) -> None:
+    """http.client cannot encode such a URL: its UnicodeEncodeError went
+    through apply_all and the updates after it were never tried."""
+    options, mounts = live
+    outcomes = updates.apply_all(("http://127.0.0.1:1/\u00fc.img", "relative.tar"), options,
+                                 mounts=mounts, deadline=5.0)
+    assert [o.reason for o in outcomes] == [
+        "cannot download http://127.0.0.1:1/\u00fc.img: a URL may hold no space, control "
+        "character or character outside ASCII",
+        "not an http(s) URL, DEVICE:/PATH or /PATH on the live medium"]
+
+
 def test_outcomes_as_lines_and_dicts() -> None:
     applied, left = Outcome("/a.tar", True, written=3), Outcome("/b.tar", False, reason="bad")
     assert applied.line() == "applied /a.tar (3 entries)"

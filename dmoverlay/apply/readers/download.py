@@ -59,6 +59,9 @@ DOWNLOAD_DEADLINE = 600.0
 # room after it (and keeps 16 MiB of its own free)
 DOWNLOAD_RESERVE = 32 * MiB
 _RESTAT_EVERY = 8 * MiB  # written between looks at the free space (others use it too)
+# what http.client will not send in a URL (outside ASCII: a traceback from
+# its encoding), and what would break a message's line
+_UNSENDABLE = re.compile(r"[\x00-\x20\x7f]|[^\x00-\x7f]")
 _SPACE_HINT = "free space under the run directory (RAM at boot), or use a smaller update"
 
 
@@ -97,6 +100,10 @@ def download(url: str, *, staging: Path, mirrors: tuple[str, ...] = (),
         if url_scheme(each) not in ("http", "https"):
             raise SourceError(f"cannot download {_printable(each)}: not an http(s) URL",
                               hint="give an http(s) URL")
+        if _UNSENDABLE.search(each):  # http.client refuses them, on every try
+            raise SourceError(f"cannot download {_printable(each)}: a URL may hold no space, "
+                              "control character or character outside ASCII",
+                              hint="give the URL percent-encoded (a space as %20)")
     fd, name = tempfile.mkstemp(prefix="download-", dir=staging)
     path = Path(name)
     try:

@@ -188,6 +188,19 @@ def test_download_takes_only_http_urls(staging: Path, mirror: str) -> None:
           mirrors=(mirror,))
 
 
+@pytest.mark.parametrize("bad", ["http://127.0.0.1:1/u\nimg", "http://127.0.0.1:1/u\x1b[31mimg",
+                                 "http://127.0.0.1:1/u img", "http://127.0.0.1:1/\u00fc.img"])
+def test_a_url_http_client_cannot_send_is_refused_at_once(staging: Path, bad: str) -> None:
+    """http.client refuses such a URL on every try (outside ASCII, with a
+    traceback): not a failure to retry, and said escaped, on one line (a
+    newline in it split the error in two)."""
+    started = time.monotonic()
+    error = fails(bad, staging, "a URL may hold no space, control character or character "
+                                "outside ASCII$")
+    assert error.message.isprintable()
+    assert time.monotonic() - started < 1.0  # no retry, no delay
+
+
 def test_a_redirect_loop_is_one_line(server: tuple[str, Server], staging: Path) -> None:
     url, httpd = server
     httpd.routes = {"/a": redirect("/b"), "/b": redirect("/a")}
