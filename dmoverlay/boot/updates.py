@@ -132,7 +132,11 @@ def _check_url(url: str) -> None:
     if scheme not in ("http", "https"):
         raise UsageError(f"{scheme} URLs are not supported" if scheme else
                          f"not an http(s) URL: {url}", hint="give an http(s) URL")
-    if "@" in urllib.parse.urlsplit(url).netloc:
+    try:
+        netloc = urllib.parse.urlsplit(url).netloc
+    except ValueError as exc:  # "Invalid IPv6 URL": not to end the updates after it
+        raise UsageError(f"not a valid URL ({exc})", hint="give an http(s) URL") from None
+    if "@" in netloc:
         raise UsageError("a user or password in a URL is not supported",
                          hint="serve the update without one, or put it on a device")
 

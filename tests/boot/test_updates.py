@@ -150,6 +150,8 @@ def test_a_checksum_for_an_update_on_a_device_or_the_medium() -> None:
     (f"http://a/u.img#sha256={HEX},http://b/u.img", "not a SHA-256 checksum"),
     (f"http://a/u.img#sha256={HEX}#sha256={HEX}", "#sha256= given twice"),
     (f"#sha256={HEX}", "not an http(s) URL, DEVICE:/PATH or /PATH"),
+    ("http://[::1/u.img", "not a valid URL (Invalid IPv6 URL)"),
+    ("http://a/u.img,http://[::1/u.img", "not a valid URL (Invalid IPv6 URL)"),
     # a checksum written a little off must not leave the download unchecked
     (f"http://a/u.img#sha256={HEX}#", "#sha256= not at the end of the word"),
     (f"http://a/u.img#sha256={HEX}#x", "#sha256= not at the end of the word"),

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from http.client import HTTPMessage, HTTPResponse
 
 __all__ = ["DOWNLOAD_DEADLINE", "DOWNLOAD_RESERVE", "DOWNLOAD_TIMEOUT", "LIMITS", "RETRY",
-           "Limits", "Retry", "download", "url_scheme"]
+           "Limits", "Retry", "check_url", "download", "url_scheme"]
 
 CHUNK = 64 * KiB  # reads below glibc's mmap threshold: 1 MiB ones churn the heap
 DOWNLOAD_TIMEOUT = 30.0  # seconds without progress, per connect and per read
@@ -96,14 +96,8 @@ def download(url: str, *, staging: Path, mirrors: tuple[str, ...] = (),
     staging/download-XXXX, removed on exit, and on any failure.  `sha256`
     (hexadecimal, lower case): the file must have it, or the next mirror is
     tried.  One SourceError when no URL gave the file within the limits."""
-    for each in (url, *mirrors):  # urllib alone would open file: and ftp: URLs too
-        if url_scheme(each) not in ("http", "https"):
-            raise SourceError(f"cannot download {_printable(each)}: not an http(s) URL",
-                              hint="give an http(s) URL")
-        if _UNSENDABLE.search(each):  # http.client refuses them, on every try
-            raise SourceError(f"cannot download {_printable(each)}: a URL may hold no space, "
-                              "control character or character outside ASCII",
-                              hint="give the URL percent-encoded (a space as %20)")
+    for each in (url, *mirrors):
+        check_url(each)
     fd, name = tempfile.mkstemp(prefix="download-", dir=staging)
     path = Path(name)
     try:
@@ -112,6 +106,29 @@ def download(url: str, *, staging: Path, mirrors: tuple[str, ...] = (),
         yield path
     finally:
         path.unlink(missing_ok=True)
+
+
+def check_url(url: str) -> None:
+    """SourceError for a URL no try could fetch (urllib alone would open
+    file: and ftp: URLs too, and raise ValueError for a malformed one)."""
+    if url_scheme(url) not in ("http", "https"):
+        raise SourceError(f"cannot download {_printable(url)}: not an http(s) URL",
+                          hint="give an http(s) URL")
+    if _UNSENDABLE.search(url):  # http.client refuses them, on every try
+        raise SourceError(f"cannot download {_printable(url)}: a URL may hold no space, "
+                          "control character or character outside ASCII",
+                          hint="give the URL percent-encoded (a space as %20)")
+    import urllib.parse
+
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, _ = parts.hostname, parts.port
+    except ValueError as exc:
+        raise SourceError(f"cannot download {url}: not a valid URL ({exc})",
+                          hint="give an http(s) URL") from None
+    if not host:
+        raise SourceError(f"cannot download {url}: no host in the URL",
+                          hint="give an http(s) URL")
 
 
 class _Failed(Exception):
@@ -366,8 +383,13 @@ def _http_redirects() -> urllib.request.BaseHandler:
                            msg: str, headers: HTTPMessage) -> IO[bytes] | None:
             # before urllib's own check, which has a message of its own
             where = headers.get("Location") or headers.get("URI") or ""
-            newurl = urllib.parse.urljoin(req.full_url, where)
-            if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
+            try:
+                newurl = urllib.parse.urljoin(req.full_url, where)
+                scheme = urllib.parse.urlsplit(newurl).scheme.lower()
+            except ValueError:
+                raise Unusable(f"redirected to {_printable(where)}, not a valid URL",
+                               transient=False) from None
+            if scheme not in ("http", "https"):
                 raise Unusable(f"redirected to {_printable(newurl)} (only http(s) URLs are "
                                "followed)", transient=False)
             visited: dict[str, int] = getattr(req, "redirect_dict", {})

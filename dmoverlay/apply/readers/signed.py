@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dmoverlay.apply.readers.detect import open_file
-from dmoverlay.apply.readers.download import LIMITS, Limits, download
+from dmoverlay.apply.readers.download import LIMITS, Limits, check_url, download
 from dmoverlay.core import log
 from dmoverlay.core.errors import SignatureError, SourceError, UsageError
 from dmoverlay.core.signature import (
@@ -45,6 +45,8 @@ def verified_download(url: str, *, trust: Trust, staging: Path, mirrors: tuple[s
     """`url` (or one of its `mirrors`) downloaded into `staging` and verified
     against URL.sig, fetched first from the same places (an update without
     one is not downloaded at all).  Both share `limits.deadline`."""
+    for each in (url, *mirrors):  # before their .sig URLs are made of them
+        check_url(each)
     sig_url = signature_url(url)
     start = time.monotonic()
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -199,6 +200,27 @@ def test_a_url_http_client_cannot_send_is_refused_at_once(staging: Path, bad: st
                                 "outside ASCII$")
     assert error.message.isprintable()
     assert time.monotonic() - started < 1.0  # no retry, no delay
+
+
+@pytest.mark.parametrize(("bad", "words"), [
+    ("http://[::1/u.img", r"not a valid URL \(Invalid IPv6 URL\)$"),
+    ("http://127.0.0.1:99999/u.img", r"not a valid URL \(Port out of range 0-65535\)$"),
+    ("http:///u.img", "no host in the URL$"),
+])
+def test_a_malformed_url_is_refused_at_once(staging: Path, bad: str, words: str) -> None:
+    """urllib raised ValueError for the first (a traceback); the others
+    were retried, though no try could fetch them."""
+    started = time.monotonic()
+    fails("http://127.0.0.1:1/u.img", staging, f"cannot download {re.escape(bad)}: {words}",
+          mirrors=(bad,))
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_redirect_to_a_malformed_url_is_one_line(server: tuple[str, Server],
+                                                   staging: Path) -> None:
+    url, httpd = server
+    httpd.routes = {"/u.img": redirect("http://[::1/elsewhere")}
+    fails(f"{url}/u.img", staging, r"redirected to http://\[::1/elsewhere, not a valid URL$")
 
 
 def test_a_redirect_loop_is_one_line(server: tuple[str, Server], staging: Path) -> None:
