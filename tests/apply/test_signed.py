@@ -420,7 +420,7 @@ def test_a_copy_that_takes_the_last_room_is_one_error(live: tuple[Path, Path, Pa
 def test_a_malformed_url_to_verify_is_one_line(live: tuple[Path, Path, Path],
                                                keys: dict[str, KeyPair]) -> None:
     """Its .sig URL is made of it first: urllib's ValueError was a traceback."""
-    top, root, run = live
+    _, root, run = live
     line = error_line(apply_cli("http://[::1/u.img", root, run, "--verify",
                                 str(keys["alice"].public)))
     assert line == "error: cannot download http://[::1/u.img: not a valid URL (Invalid IPv6 URL)"
