@@ -9,10 +9,11 @@ setup's start-up there (bench/SETUP.md).  So the hooks run the staged
     dmoverlay-boot setup FILE TARGET     setup --from-cmdline FILE --target TARGET
     dmoverlay-boot apply FILE ROOT       -q apply --from-cmdline FILE --root ROOT
 
-Every other option at its default, as the hooks left them.  Both entries
-go through the functions here and core.exits, so they say the same lines
-and end with the same exit codes (tests/boot/test_hooks.py holds them to
-it); the full command line stays `dmoverlay`, in the initramfs too.
+TARGET and ROOT are absolute paths ($NEWROOT); every other option at its
+default, as the hooks left them.  Both entries go through the functions
+here and core.exits, so they say the same lines and end with the same exit
+codes (tests/boot/test_hooks.py holds them to it); the full command line
+stays `dmoverlay`, in the initramfs too.
 """
 
 from __future__ import annotations
@@ -148,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """The entry: `dmoverlay-boot setup|apply CMDLINE DIR`; exits."""
     signal.signal(signal.SIGTERM, exits.on_sigterm)
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 3 or args[0] not in COMMANDS:
+    # the hooks give $NEWROOT: "" or a relative DIR would be the initramfs's cwd
+    if len(args) != 3 or args[0] not in COMMANDS or not args[2].startswith("/"):
         echo(f"error: usage: {USAGE}", err=True)
         echo("hint: it runs the dracut hooks' two commands; `dmoverlay` is the whole command "
              "line", err=True)

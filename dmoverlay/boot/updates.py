@@ -26,7 +26,9 @@ Signed updates: an initramfs made with dracut.conf's
 `dmoverlay_updates_keys=FILE` holds those keys at KEYS, and then every update
 must be signed by one of them (core.signature), whatever the command line
 says: a command line can be edited at the boot loader, the initramfs is
-what the machine was given.  `rd.live.updates.verify=PATH` (a file in the
+what the machine was given, so it cannot name other keys, nor other
+revoked keys, than those the initramfs holds (all updates are then left
+out).  Without them, `rd.live.updates.verify=PATH` (a file in the
 initramfs) requires signatures by the keys in PATH; keys that cannot be
 read leave every update out.
 """
@@ -49,7 +51,7 @@ from dmoverlay.apply.readers.checksum import parse_sha256
 from dmoverlay.apply.readers.download import url_scheme
 from dmoverlay.apply.update import DOWNLOAD_DEADLINE, ApplyOptions, Result, apply_update
 from dmoverlay.core import log
-from dmoverlay.core.errors import DmoverlayError, NoOverlay, UsageError
+from dmoverlay.core.errors import DmoverlayError, KeysError, NoOverlay, UsageError
 from dmoverlay.core.signature import Trust, load_trust
 from dmoverlay.overlay import blockdev, cmdline, devspec
 from dmoverlay.overlay.media import fs_type
@@ -116,6 +118,9 @@ def _checksum(text: str) -> tuple[str, str | None]:
     """(the place, the checksum) of an update's word: PLACE#sha256=HEX."""
     match = _CHECKSUM.fullmatch(text)
     if match is None:
+        if "#sha256" in text.lower():  # not to be taken for a URL's fragment: unchecked
+            raise UsageError("#sha256= not at the end of the word, or not as #sha256=HEX",
+                             hint="end the word with #sha256=HEX (64 hexadecimal digits)")
         return text, None
     if "#sha256=" in match["rest"]:
         raise UsageError("#sha256= given twice", hint="give it once, at the end of the word")
@@ -127,7 +132,11 @@ def _check_url(url: str) -> None:
     if scheme not in ("http", "https"):
         raise UsageError(f"{scheme} URLs are not supported" if scheme else
                          f"not an http(s) URL: {url}", hint="give an http(s) URL")
-    if "@" in urllib.parse.urlsplit(url).netloc:
+    try:
+        netloc = urllib.parse.urlsplit(url).netloc
+    except ValueError as exc:  # "Invalid IPv6 URL": not to end the updates after it
+        raise UsageError(f"not a valid URL ({exc})", hint="give an http(s) URL") from None
+    if "@" in netloc:
         raise UsageError("a user or password in a URL is not supported",
                          hint="serve the update without one, or put it on a device")
 
@@ -153,27 +162,38 @@ def cmdline_updates(path: str) -> tuple[str, ...]:
 def boot_trust(path: str, *, given: Trust | None = None, keys: Path = KEYS,
                revoked: Path = REVOKED) -> Trust | None:
     """The keys the updates of the command line in `path` must be signed by:
-    `given` (apply --verify), else those the initramfs holds at `keys` (then
-    `revoked` too, if there), which the command line cannot change, else
-    rd.live.updates.verify=; None when none is asked for.  KeysError when
-    they cannot be used: no update may then be applied."""
+    `given` (apply --verify), else rd.live.updates.verify=, else those the
+    initramfs holds at `keys` (then `revoked` too, if there); None when
+    none is asked for.  A command line may name the keys (or the revoked
+    ones) only where the initramfs holds none.  KeysError when they cannot
+    be used: no update may then be applied."""
     if given is not None:
         return given
     named, named_revoked = cmdline.updates_trust_of(cmdline.read_cmdline(path))
     if os.path.lexists(keys):
-        # the initramfs's keys and revocations decide: a command line, which
-        # anyone at the boot loader can edit, may not swap them (its keys
-        # for the revoked list, or no revocations)
-        if named is not None or named_revoked is not None:
-            log.warning("rd.live.updates.verify= and .revoked= are not taken: this initramfs "
-                        f"holds the keys updates must be signed by ({keys})")
-        return load_trust(keys, revoked if os.path.lexists(revoked) else None)
-    if named is None:
+        _only_the_initramfs(named, keys, "rd.live.updates.verify")
+        if os.path.lexists(revoked):
+            _only_the_initramfs(named_revoked, revoked, "rd.live.updates.revoked")
+    elif named is None:
         if named_revoked is not None:
             raise UsageError("kernel command line: rd.live.updates.revoked= without keys to "
                              "verify with", hint="add rd.live.updates.verify=FILE")
         return None
-    return load_trust(Path(named), Path(named_revoked) if named_revoked is not None else None)
+    if named_revoked is None and os.path.lexists(revoked):
+        named_revoked = os.fspath(revoked)
+    return load_trust(Path(named) if named is not None else keys,
+                      Path(named_revoked) if named_revoked is not None else None)
+
+
+def _only_the_initramfs(named: str | None, baked: Path, key: str) -> None:
+    """KeysError when the command line names another file than the one the
+    initramfs holds: it would replace the initramfs's keys (by a file on the
+    medium, or one an earlier boot left under the new root), or empty its
+    revoked keys, and so undo what the initramfs asks for."""
+    if named is not None and os.path.realpath(named) != os.path.realpath(baked):
+        raise KeysError(f"kernel command line: {key}={shown(named)}: the initramfs holds "
+                        f"{baked}, which the command line cannot replace",
+                        hint=f"leave {key}= out: the initramfs's keys are used")
 
 
 def where_setup_left(state_dir: Path, name: str) -> tuple[Path, str]:

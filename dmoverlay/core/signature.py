@@ -46,6 +46,8 @@ KRL_MAGIC = b"SSHKRL\n\0"
 _KEY_TYPE = re.compile(r"(?:ssh-|ecdsa-sha2-|sk-ssh-|sk-ecdsa-sha2-)[A-Za-z0-9@.-]+")
 _KEY_BLOB = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 _FINGERPRINT = re.compile(r" with (\S+ key \S+)")
+_KEYS_HINT = "give an allowed_signers file, or public keys one a line (ssh-ed25519 AAAA...)"
+_REVOKED_HINT = "give a KRL (ssh-keygen -k), or public keys one a line"
 _SIGN_HINT = f"sign it with: dmoverlay sign FILE --key KEY (ssh-keygen -Y sign -n {NAMESPACE})"
 
 
@@ -89,11 +91,11 @@ def signature_url(url: str) -> str:
 
 
 def _read_limited(path: Path, label: str, limit: int, *, error: type[DmoverlayError],
-                  what: str, link: bool = True) -> bytes:
+                  what: str, hint: str, link: bool = True) -> bytes:
     """The bytes of a regular file, at most `limit` of them (opened
     non-blocking: a fifo cannot hang us); not through a link unless `link`
     (the user's own files may be links, a signature that comes with an
-    update may not)."""
+    update may not).  `hint`: what the file should be, said with a failure."""
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
     if not link:
         flags |= os.O_NOFOLLOW
@@ -103,17 +105,17 @@ def _read_limited(path: Path, label: str, limit: int, *, error: type[DmoverlayEr
         if exc.errno == errno.ELOOP:
             raise error(f"{label}: {what} is a symlink",
                         hint=f"put the {what} itself there, not a link") from None
-        raise error(f"cannot read {label}: {exc.strerror}") from None
+        raise error(f"cannot read {label}: {exc.strerror}", hint=hint) from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise error(f"{label}: {what} is not a regular file")
+            raise error(f"{label}: {what} is not a regular file", hint=hint)
         data = _read_up_to(fd, limit + 1)
     except OSError as exc:
-        raise error(f"cannot read {label}: {exc.strerror}") from None
+        raise error(f"cannot read {label}: {exc.strerror}", hint=hint) from None
     finally:
         os.close(fd)
     if len(data) > limit:
-        raise error(f"{label}: {what} is larger than {limit // KiB} KiB")
+        raise error(f"{label}: {what} is larger than {limit // KiB} KiB", hint=hint)
     return data
 
 
@@ -131,7 +133,7 @@ def read_signature(path: Path, *, label: str, update: str) -> bytes:
     without its key; SignatureError naming the update and why not."""
     try:
         data = _read_limited(path, label, SIG_MAX, error=SignatureError, what="a signature",
-                             link=False)
+                             hint=_SIGN_HINT, link=False)
     except SignatureError as exc:
         if not os.path.lexists(path):
             raise SignatureError(f"{update}: not signed: no {label}",
@@ -152,7 +154,8 @@ def load_trust(keys: Path, revoked: Path | None = None) -> Trust:
         raise KeysError(f"{label}: a directory, not a file of keys",
                         hint="give an allowed_signers file or a public key file "
                              "(several keys: cat DIR/*.pub > FILE)")
-    raw = _read_limited(keys, label, KEYS_MAX, error=KeysError, what="the keys file")
+    raw = _read_limited(keys, label, KEYS_MAX, error=KeysError, what="the keys file",
+                        hint=_KEYS_HINT)
     try:
         text = raw.decode()
     except UnicodeDecodeError:
@@ -202,7 +205,8 @@ def _checked_revoked(path: Path) -> bytes:
     """The content of `path`: a KRL, or public keys one a line (what else
     ssh-keygen would take as "revokes every key", without a word)."""
     label = os.fspath(path)
-    data = _read_limited(path, label, REVOKED_MAX, error=KeysError, what="the revoked keys file")
+    data = _read_limited(path, label, REVOKED_MAX, error=KeysError, what="the revoked keys file",
+                         hint=_REVOKED_HINT)
     if data.startswith(KRL_MAGIC):
         return data
     try:
@@ -234,7 +238,8 @@ def sign(path: Path, key: Path) -> Path:
     written whole to FILE.sig, whose path is returned."""
     label = os.fspath(path)
     if not os.path.isfile(path):
-        raise SignatureError(f"cannot sign {label}: not a regular file")
+        raise SignatureError(f"cannot sign {label}: not a regular file",
+                             hint="sign the update file itself (an archive or an image)")
     if not os.path.isfile(key):
         raise KeysError(f"{key}: no such key file",
                         hint="make one with: ssh-keygen -t ed25519 -f KEY")
@@ -242,12 +247,15 @@ def sign(path: Path, key: Path) -> Path:
     result = _keygen(["-Y", "sign", "-n", NAMESPACE, "-f", key], stdin=path, env=agent)
     out = result.stdout.encode()
     if result.returncode != 0 or not out.startswith(ARMOUR):
-        raise SignatureError(f"cannot sign {label} with {key}: {_said(result)}")
+        raise SignatureError(f"cannot sign {label} with {key}: {_said(result)}",
+                             hint="give an OpenSSH private key (ssh-keygen -t ed25519 -f KEY), "
+                                  "or a public key whose private half ssh-agent holds")
     target = signature_path(path)
     try:
         _write_whole(target, out)
     except OSError as exc:
-        raise SignatureError(f"cannot write {target}: {exc.strerror}") from None
+        raise SignatureError(f"cannot write {target}: {exc.strerror}",
+                             hint="sign a file in a directory you can write to") from None
     return target
 
 
@@ -279,12 +287,17 @@ def verify(message: Path, signature: bytes, trust: Trust, *, label: str,
     checked, not the files again."""
     with tempfile.TemporaryDirectory(prefix="verify-", dir=work) as tmp:
         sig, allowed = Path(tmp, "update.sig"), Path(tmp, "allowed_signers")
-        sig.write_bytes(signature)
-        allowed.write_text(trust.allowed_signers)
-        revoked = None
-        if trust.revoked is not None:
-            revoked = Path(tmp, "revoked")
-            revoked.write_bytes(trust.revoked_keys)
+        revoked = Path(tmp, "revoked") if trust.revoked is not None else None
+        try:
+            sig.write_bytes(signature)
+            allowed.write_text(trust.allowed_signers)
+            if revoked is not None:
+                revoked.write_bytes(trust.revoked_keys)
+        except OSError as exc:  # a copy of the update may have taken the room
+            raise SignatureError(f"{label}: cannot stage its signature and keys in {work} to "
+                                 f"check it: {exc.strerror}",
+                                 hint="free space under the run directory (RAM at boot); "
+                                      "nothing was applied") from None
         check = _Check(message, sig, allowed, revoked, trust, label)
         principal = check.principal()
         return check.verified(principal)

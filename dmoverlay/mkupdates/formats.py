@@ -63,6 +63,15 @@ def cpio_problem(m: Member) -> str | None:
     return None
 
 
+def squashfs_problem(m: Member) -> str | None:
+    """What a member holds that squashfs cannot carry, or None: its times
+    are 32-bit seconds, so another time would be written as a different one
+    (or stop mksquashfs)."""
+    if not 0 <= m.mtime_ns // 10**9 <= _U32:
+        return "a time outside squashfs's 1970-2106"
+    return None
+
+
 def _newc_header(*, ino: int, mode: int, uid: int, gid: int, nlink: int, mtime: int,
                  size: int, rdev: tuple[int, int], name: bytes) -> bytes:
     fields = (ino, mode, uid, gid, nlink, mtime, size, 0, 0, rdev[0], rdev[1],

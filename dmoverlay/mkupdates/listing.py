@@ -24,7 +24,7 @@ from pathlib import Path
 from dmoverlay.apply.plan import RESERVED_TOP, Refused, split_name
 from dmoverlay.core.compress import Readable
 from dmoverlay.core.entries import InFile, Kind, Member, UpdateReader, file_identity
-from dmoverlay.core.errors import SourceError
+from dmoverlay.core.errors import ImageError, SourceError
 from dmoverlay.core.sizes import KiB
 
 CHUNK = 64 * KiB
@@ -54,11 +54,26 @@ class Blobs:
     when read again) or in a spool file of our own."""
 
     def __init__(self, directory: Path) -> None:
+        self.directory = directory
         self.spool = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 (closed in close)
         self.where: dict[str, InFile | tuple[int, int]] = {}
 
     def close(self) -> None:
         self.spool.close()
+
+    def keep(self, chunk: bytes, name: str) -> None:
+        """Spool a piece of `name`'s data (an empty one: flush), or one
+        error line when the disk is full."""
+        try:
+            if chunk:
+                self.spool.write(chunk)
+            else:
+                self.spool.flush()
+        except OSError as exc:
+            raise ImageError(f"cannot keep the data of {name} in {self.directory}: "
+                             f"{exc.strerror}",
+                             hint="free some space beside the output, or write it "
+                                  "elsewhere") from None
 
     def chunks(self, key: str) -> Iterator[bytes]:
         """The data of the file kept as `key` (its entry's group), in pieces."""
@@ -116,7 +131,8 @@ def read_side(reader: UpdateReader, blobs: Blobs | None = None) -> dict[str, Ent
             # keyed by its place in the pass, not its name: a later member
             # of the same name must not take the data of this one's links
             key = str(n)
-            found[name] = Entry(replace(member, sparse=None), _digest(key, stream, blobs), key)
+            digest = _digest(key, stream, blobs, name)
+            found[name] = Entry(replace(member, sparse=None), digest, key)
         else:
             found[name] = Entry(member)
     return found
@@ -138,7 +154,7 @@ def _hardlink(member: Member, found: Mapping[str, Entry]) -> Entry:
     return replace(first, member=replace(first.member, name=member.name))
 
 
-def _digest(key: str, stream: Readable, blobs: Blobs | None) -> bytes:
+def _digest(key: str, stream: Readable, blobs: Blobs | None, name: str) -> bytes:
     """The data's SHA-256, read once: from where it lies when the reader
     says, else from the stream (spooled on the way when kept)."""
     located = getattr(stream, "located", None)
@@ -150,15 +166,14 @@ def _digest(key: str, stream: Readable, blobs: Blobs | None) -> bytes:
         if blobs is not None:
             blobs.where[key] = place
         return h.digest()
-    out = blobs.spool if blobs is not None else None
-    start = out.seek(0, os.SEEK_END) if out is not None else 0
+    start = blobs.spool.seek(0, os.SEEK_END) if blobs is not None else 0
     size = 0
     while chunk := stream.read(CHUNK):
         h.update(chunk)
         size += len(chunk)
-        if out is not None:
-            out.write(chunk)
-    if out is not None and blobs is not None:
-        out.flush()
+        if blobs is not None:
+            blobs.keep(chunk, name)
+    if blobs is not None:
+        blobs.keep(b"", name)
         blobs.where[key] = (start, size)
     return h.digest()

@@ -169,6 +169,9 @@ def _judge(old: Mapping[str, Entry], changes: Sequence[Change], members: Sequenc
                        puts=[c.name for c in changes if c.op is Op.PUT])
     if opts.format is Format.CPIO:
         plan.refusals.extend(_cpio_refusals(members))
+    if opts.format is Format.SQUASHFS:
+        plan.refusals.extend(Refusal(m.name, why, "use --format tar.zst") for m in members
+                             if (why := formats.squashfs_problem(m)) is not None)
     if not plan.ok:
         raise ApplyRefused(plan)
 

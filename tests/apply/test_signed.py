@@ -16,14 +16,17 @@ import pytest
 
 from dmoverlay.apply.execute import ApplyOptions
 from dmoverlay.apply.readers import signed as signed_module
+from dmoverlay.apply.readers.download import Limits
+from dmoverlay.apply.readers.fetchplan import Retry
 from dmoverlay.apply.update import apply_update
 from dmoverlay.core import signature
 from dmoverlay.core.errors import SignatureError, SourceError
 from dmoverlay.core.signature import load_trust
+from tests.apply.readers import httpkit
 from tests.apply.readers.test_image import make_squashfs
 from tests.apply.test_cli import apply_cli, error_line, updates_img
 from tests.applykit import make_root, snapshot
-from tests.conftest import dmoverlay
+from tests.conftest import dmoverlay, small_tmpfs
 from tests.signkit import KeyPair, sign_as, two_keys
 
 
@@ -287,7 +290,7 @@ def test_a_huge_signature_download_is_refused(live: tuple[Path, Path, Path],
     base, served, asked = server
     os.replace(updates_img(top, {"etc/new": b"x\n"}), served / "u.img")
     _huge(served / "u.img", keys)
-    with pytest.raises(SignatureError, match="larger than 64 KiB"):
+    with pytest.raises(SignatureError, match=r"u\.img\.sig: larger than the 64\.0 KiB expected"):
         apply_update(f"{base}/u.img", ApplyOptions(root=root, run_dir=run),
                      trust=load_trust(keys["alice"].public))
     assert asked == ["/u.img.sig"]
@@ -344,3 +347,81 @@ def test_mkupdates_signs_what_it_makes(live: tuple[Path, Path, Path],
                        "--sign", str(top / "missing-key"))
     assert no_key.returncode != 0 and "no such key file" in error_line(no_key)
     assert not (top / "other.img").exists()
+
+
+def test_a_signature_download_stops_at_64_kib(tmp_path: Path, keys: dict[str, KeyPair],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """URL.sig of no stated length, endless as far as the download can
+    tell: stopped past 64 KiB, not where the staging filesystem (RAM at
+    boot) is full."""
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    staging = tmp_path / "staging"
+    staging.mkdir(mode=0o700)
+    st = os.statvfs(staging)
+    room = Limits(reserve=st.f_bavail * st.f_frsize - 1024 * 1024,
+                  retry=Retry(tries=1, first_delay=0.01, max_delay=0.01))
+    with httpkit.serving() as (base, httpd):
+        httpd.routes = {"/u.img.sig": httpkit.send_unsized(b"x" * (4 * 1024 * 1024))}
+        with pytest.raises(SignatureError) as caught, signed_module.verified_download(
+                f"{base}/u.img", trust=load_trust(keys["alice"].public), staging=staging,
+                limits=room):
+            pass
+    assert caught.value.message == f"{base}/u.img: not signed: cannot download " \
+                                   f"{base}/u.img.sig: larger than the 64.0 KiB expected"
+    assert list(staging.iterdir()) == []
+
+
+def test_every_failure_to_read_keys_or_sign_has_a_hint(live: tuple[Path, Path, Path],
+                                                       keys: dict[str, KeyPair]) -> None:
+    """One `error:` line, then the `hint:` line that says what to give."""
+    top, root, run = live
+    image = updates_img(top, {"etc/new": b"x\n"})
+    signature.sign(image, keys["alice"].private)
+    os.mkfifo(top / "fifo")
+    not_a_key = top / "not-a-key"
+    not_a_key.write_text("hello\n")
+    runs = {
+        "keys a fifo": apply_cli(image, root, run, "--verify", str(top / "fifo")),
+        "keys missing": apply_cli(image, root, run, "--verify", str(top / "none")),
+        "revoked a fifo": apply_cli(image, root, run, "--verify", str(keys["alice"].public),
+                                    "--revoked", str(top / "fifo")),
+        "sign a missing file": dmoverlay("sign", str(top / "none"), "--key",
+                                         str(keys["alice"].private)),
+        "sign with no key": dmoverlay("sign", str(image), "--key", str(not_a_key)),
+    }
+    for what, result in runs.items():
+        lines = result.stderr.splitlines()
+        at = lines.index(error_line(result))
+        assert lines[at + 1:at + 2] and lines[at + 1].startswith("hint: "), (what, result.stderr)
+
+
+def test_a_copy_that_takes_the_last_room_is_one_error(live: tuple[Path, Path, Path],
+                                                      keys: dict[str, KeyPair]) -> None:
+    """The private copy may fill the run directory (RAM at boot) to the
+    page: the signature and keys staged after it then find no room, which
+    is one error line, not a traceback, with nothing left."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    top, root, _ = live
+    with small_tmpfs(top / "small-run", "size=256k,mode=0755") as run:
+        st = os.statvfs(run)
+        image = top / "u.img"
+        image.write_bytes(os.urandom(st.f_bavail * st.f_frsize - 100))
+        signature.sign(image, keys["alice"].private)
+        before = snapshot(root)
+        line = error_line(apply_cli(image, root, run, "--verify", str(keys["alice"].public)))
+        assert line.startswith(f"error: {image}: cannot stage its signature and keys in ")
+        assert line.endswith(": No space left on device")
+        assert snapshot(root) == before
+        assert list(run.iterdir()) == []
+
+
+def test_a_malformed_url_to_verify_is_one_line(live: tuple[Path, Path, Path],
+                                               keys: dict[str, KeyPair]) -> None:
+    """Its .sig URL is made of it first: urllib's ValueError was a traceback."""
+    _, root, run = live
+    line = error_line(apply_cli("http://[::1/u.img", root, run, "--verify",
+                                str(keys["alice"].public)))
+    assert line == "error: cannot download http://[::1/u.img: not a valid URL (Invalid IPv6 URL)"
+    assert not (run / "dmoverlay").exists()

@@ -217,7 +217,8 @@ def test_sigterm_ends_both_alike(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args", [[], ["setup"], ["setup", "a"], ["status", "a", "b"],
-                                  ["setup", "a", "b", "c"], ["--help"]])
+                                  ["setup", "a", "b", "c"], ["--help"], ["apply", "a", ""],
+                                  ["apply", "a", "sysroot"], ["setup", "a", "."]])
 def test_anything_but_the_two_commands_is_a_usage_error(args: list[str]) -> None:
     result = subprocess.run([sys.executable, "-c", BOOT, *args], capture_output=True,
                             text=True, check=False, timeout=60)

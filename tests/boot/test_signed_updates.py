@@ -76,13 +76,55 @@ def test_keys_in_the_initramfs_are_required_whatever_the_line_says(
                                revoked=revoked)
     assert trust is not None and trust.revoked == revoked
     # the line named the revoked list as the keys to trust (mallory's then
-    # verified), or another revoked list (mallory's let back in): neither taken
+    # verified), or another revoked list (mallory's let back in): no update
     for line in (f"rd.live.updates.verify={revoked}",
                  f"rd.live.updates.verify={baked} rd.live.updates.revoked={baked}.none",
                  f"rd.live.updates.revoked={keys['alice'].public}"):
-        trust = updates.boot_trust(line_file(tmp_path, f"rd.live.updates=/u.img {line}"),
-                                   keys=baked, revoked=revoked)
-        assert trust is not None and (trust.keys, trust.revoked) == (os.fspath(baked), revoked)
+        with pytest.raises(KeysError, match="which the command line cannot replace"):
+            updates.boot_trust(line_file(tmp_path, f"rd.live.updates=/u.img {line}"),
+                               keys=baked, revoked=revoked)
+
+
+def test_the_line_cannot_replace_the_initramfs_keys(tmp_path: Path,
+                                                   keys: dict[str, KeyPair]) -> None:
+    """rd.live.updates.verify= naming a file of mallory's (on the medium,
+    say) would make her updates good on a machine whose initramfs trusts
+    alice only: all updates are left out instead."""
+    baked = tmp_path / "updates.keys"
+    baked.write_text(keys["alice"].line() + "\n")
+    line = f"rd.live.updates=/u.img rd.live.updates.verify={keys['mallory'].public}"
+    with pytest.raises(KeysError) as caught:
+        updates.boot_trust(line_file(tmp_path, line), keys=baked, revoked=tmp_path / "none")
+    assert caught.value.message == (
+        f"kernel command line: rd.live.updates.verify={keys['mallory'].public}: the "
+        f"initramfs holds {baked}, which the command line cannot replace")
+    # naming the initramfs's own file is no change
+    trust = updates.boot_trust(line_file(tmp_path, f"rd.live.updates=/u.img "
+                                                   f"rd.live.updates.verify={baked}"),
+                               keys=baked, revoked=tmp_path / "none")
+    assert trust is not None and trust.keys == os.fspath(baked)
+
+
+def test_the_line_cannot_empty_the_initramfs_revoked_keys(tmp_path: Path,
+                                                          keys: dict[str, KeyPair]) -> None:
+    baked, revoked = tmp_path / "updates.keys", tmp_path / "updates.revoked"
+    baked.write_text(keys["alice"].line() + "\n" + keys["mallory"].line() + "\n")
+    revoked.write_text(keys["mallory"].line() + "\n")
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    line = f"rd.live.updates=/u.img rd.live.updates.revoked={empty}"
+    with pytest.raises(KeysError, match=r"rd\.live\.updates\.revoked=.* cannot replace"):
+        updates.boot_trust(line_file(tmp_path, line), keys=baked, revoked=revoked)
+
+
+def test_the_line_may_revoke_more_than_an_initramfs_without_revoked_keys(
+        tmp_path: Path, keys: dict[str, KeyPair]) -> None:
+    baked = tmp_path / "updates.keys"
+    baked.write_text(keys["alice"].line() + "\n")
+    line = f"rd.live.updates=/u.img rd.live.updates.revoked={keys['alice'].public}"
+    trust = updates.boot_trust(line_file(tmp_path, line), keys=baked,
+                               revoked=tmp_path / "none")
+    assert trust is not None and trust.revoked == keys["alice"].public
 
 
 @pytest.mark.parametrize(("line", "error", "words"), [

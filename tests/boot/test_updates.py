@@ -150,6 +150,14 @@ def test_a_checksum_for_an_update_on_a_device_or_the_medium() -> None:
     (f"http://a/u.img#sha256={HEX},http://b/u.img", "not a SHA-256 checksum"),
     (f"http://a/u.img#sha256={HEX}#sha256={HEX}", "#sha256= given twice"),
     (f"#sha256={HEX}", "not an http(s) URL, DEVICE:/PATH or /PATH"),
+    ("http://[::1/u.img", "not a valid URL (Invalid IPv6 URL)"),
+    ("http://a/u.img,http://[::1/u.img", "not a valid URL (Invalid IPv6 URL)"),
+    # a checksum written a little off must not leave the download unchecked
+    (f"http://a/u.img#sha256={HEX}#", "#sha256= not at the end of the word"),
+    (f"http://a/u.img#sha256={HEX}#x", "#sha256= not at the end of the word"),
+    (f"http://a/u.img#SHA256={HEX}", "#sha256= not at the end of the word"),
+    (f"http://a/u.img#sha256:{HEX}", "#sha256= not at the end of the word"),
+    (f"/u.img#sha256={HEX}#", "#sha256= not at the end of the word"),
 ])
 def test_bad_mirrors_and_checksums_are_refused_with_one_reason(text: str, words: str) -> None:
     with pytest.raises(UsageError) as caught:
@@ -275,6 +283,19 @@ def test_an_unparsable_update_is_left_out_and_the_next_applied(
                                  mounts=mounts)
     assert [o.reason for o in outcomes] == [
         "ftp URLs are not supported",
+        "not an http(s) URL, DEVICE:/PATH or /PATH on the live medium"]
+
+
+def test_a_url_outside_ascii_is_left_out_and_the_next_tried(
+        live: tuple[ApplyOptions, Path], tmp_path: Path) -> None:
+    """http.client cannot encode such a URL: its UnicodeEncodeError went
+    through apply_all and the updates after it were never tried."""
+    options, mounts = live
+    outcomes = updates.apply_all(("http://127.0.0.1:1/\u00fc.img", "relative.tar"), options,
+                                 mounts=mounts, deadline=5.0)
+    assert [o.reason for o in outcomes] == [
+        "cannot download http://127.0.0.1:1/\u00fc.img: a URL may hold no space, control "
+        "character or character outside ASCII",
         "not an http(s) URL, DEVICE:/PATH or /PATH on the live medium"]
 
 

@@ -265,6 +265,51 @@ def test_a_full_disk_is_one_error_and_leaves_nothing(tree: Path, tmp_path: Path)
         subprocess.run(["umount", small], check=True)
 
 
+def test_a_full_disk_while_a_compressed_side_is_spooled_is_one_error(tmp_path: Path) -> None:
+    """A compressed archive's files are spooled beside the output as they
+    are read, before anything is written: a full disk there is one error
+    line too, not a traceback, and nothing is left."""
+    with tarfile.open(tmp_path / "new.tar.gz", "w:gz") as t:
+        data = os.urandom(256 * 1024)
+        info = tarfile.TarInfo("big")
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", small], check=True)
+    try:
+        with pytest.raises(ImageError, match=r"^cannot keep the data of big in .*: No space "
+                                             r"left on device$") as caught:
+            make(tmp_path / "new.tar.gz", small / "u.img")
+        assert caught.value.hint == "free some space beside the output, or write it elsewhere"
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", small], check=True)
+
+
+@pytest.mark.parametrize("mtime", [-5, 2**33])
+def test_squashfs_refuses_a_time_it_cannot_hold(tmp_path: Path, mtime: int) -> None:
+    """squashfs keeps 32-bit seconds: -5 was written as 2106 (an image that
+    differs from NEW), 2**33 stopped mksquashfs with its own words."""
+    with tarfile.open(tmp_path / "new.tar", "w", format=tarfile.PAX_FORMAT) as t:
+        info = tarfile.TarInfo("d")
+        info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 1000
+        t.addfile(info)
+        info = tarfile.TarInfo("d/f")
+        info.size, info.mtime = 2, mtime
+        t.addfile(info, io.BytesIO(b"x\n"))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ApplyRefused) as caught:
+        make(tmp_path / "new.tar", out / "u.img", format=Format.SQUASHFS)
+    [refusal] = caught.value.plan.refusals
+    assert (refusal.name, refusal.reason, refusal.hint) == \
+        ("d/f", "a time outside squashfs's 1970-2106", "use --format tar.zst")
+    assert list(out.iterdir()) == []
+    made = make(tmp_path / "new.tar", out / "u.tar.zst", format=Format.TAR_ZST)
+    assert made.output == out / "u.tar.zst"
+
+
 def test_cpio_refuses_a_link_target_no_kernel_makes(tmp_path: Path) -> None:
     with tarfile.open(tmp_path / "new.tar", "w") as t:
         info = tarfile.TarInfo("l")

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from http.client import HTTPMessage, HTTPResponse
 
 __all__ = ["DOWNLOAD_DEADLINE", "DOWNLOAD_RESERVE", "DOWNLOAD_TIMEOUT", "LIMITS", "RETRY",
-           "Limits", "Retry", "download", "url_scheme"]
+           "Limits", "Retry", "check_url", "download", "url_scheme"]
 
 CHUNK = 64 * KiB  # reads below glibc's mmap threshold: 1 MiB ones churn the heap
 DOWNLOAD_TIMEOUT = 30.0  # seconds without progress, per connect and per read
@@ -59,6 +59,9 @@ DOWNLOAD_DEADLINE = 600.0
 # room after it (and keeps 16 MiB of its own free)
 DOWNLOAD_RESERVE = 32 * MiB
 _RESTAT_EVERY = 8 * MiB  # written between looks at the free space (others use it too)
+# what http.client will not send in a URL (outside ASCII: a traceback from
+# its encoding), and what would break a message's line
+_UNSENDABLE = re.compile(r"[\x00-\x20\x7f]|[^\x00-\x7f]")
 _SPACE_HINT = "free space under the run directory (RAM at boot), or use a smaller update"
 
 
@@ -72,12 +75,15 @@ def url_scheme(spec: str) -> str | None:
 class Limits:
     """`timeout`: seconds without progress, per connect and per read;
     `deadline`: seconds for the whole, retries included; `reserve`: bytes
-    of the staging filesystem a download leaves free."""
+    of the staging filesystem a download leaves free; `most`: bytes the
+    file may have at most (None: as many as fit), for what is small by
+    nature (a signature): a server is not let fill RAM with it."""
 
     timeout: float = DOWNLOAD_TIMEOUT
     deadline: float = DOWNLOAD_DEADLINE
     reserve: int = DOWNLOAD_RESERVE
     retry: Retry = RETRY
+    most: int | None = None
 
 
 LIMITS = Limits()
@@ -90,10 +96,8 @@ def download(url: str, *, staging: Path, mirrors: tuple[str, ...] = (),
     staging/download-XXXX, removed on exit, and on any failure.  `sha256`
     (hexadecimal, lower case): the file must have it, or the next mirror is
     tried.  One SourceError when no URL gave the file within the limits."""
-    for each in (url, *mirrors):  # urllib alone would open file: and ftp: URLs too
-        if url_scheme(each) not in ("http", "https"):
-            raise SourceError(f"cannot download {_printable(each)}: not an http(s) URL",
-                              hint="give an http(s) URL")
+    for each in (url, *mirrors):
+        check_url(each)
     fd, name = tempfile.mkstemp(prefix="download-", dir=staging)
     path = Path(name)
     try:
@@ -102,6 +106,29 @@ def download(url: str, *, staging: Path, mirrors: tuple[str, ...] = (),
         yield path
     finally:
         path.unlink(missing_ok=True)
+
+
+def check_url(url: str) -> None:
+    """SourceError for a URL no try could fetch (urllib alone would open
+    file: and ftp: URLs too, and raise ValueError for a malformed one)."""
+    if url_scheme(url) not in ("http", "https"):
+        raise SourceError(f"cannot download {_printable(url)}: not an http(s) URL",
+                          hint="give an http(s) URL")
+    if _UNSENDABLE.search(url):  # http.client refuses them, on every try
+        raise SourceError(f"cannot download {_printable(url)}: a URL may hold no space, "
+                          "control character or character outside ASCII",
+                          hint="give the URL percent-encoded (a space as %20)")
+    import urllib.parse
+
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, _ = parts.hostname, parts.port
+    except ValueError as exc:
+        raise SourceError(f"cannot download {url}: not a valid URL ({exc})",
+                          hint="give an http(s) URL") from None
+    if not host:
+        raise SourceError(f"cannot download {url}: no host in the URL",
+                          hint="give an http(s) URL")
 
 
 class _Failed(Exception):
@@ -227,9 +254,19 @@ class _Download:
         self.held = Held(self.held.size, answer.total,
                          validator(etag, modified) if answer.take is Take.RESTART
                          else self.held.validator)
+        if answer.total is not None:
+            self._refuse_over_most(answer.total)
         if answer.length is not None:
             self.room.refuse_over(answer.length, url, answer.total)
         self._copy(url, response, answer)
+
+    def _refuse_over_most(self, size: int) -> None:
+        """Before a file said to be, or a body grown to, `size` bytes is
+        stored: Unusable past `limits.most` (not retried on this URL)."""
+        most = self.limits.most
+        if most is not None and size > most:
+            self._restart()
+            raise Unusable(f"larger than the {format_size(most)} expected", transient=False)
 
     def _restart(self) -> None:
         self.out.seek(0)
@@ -249,6 +286,7 @@ class _Download:
             chunk = response.read1(CHUNK if want is None else min(CHUNK, want - got))
             if not chunk:
                 break
+            self._refuse_over_most(self.held.size + len(chunk))
             self.room.take(len(chunk), url)
             _store(self.out, chunk, url)
             got += len(chunk)
@@ -345,8 +383,13 @@ def _http_redirects() -> urllib.request.BaseHandler:
                            msg: str, headers: HTTPMessage) -> IO[bytes] | None:
             # before urllib's own check, which has a message of its own
             where = headers.get("Location") or headers.get("URI") or ""
-            newurl = urllib.parse.urljoin(req.full_url, where)
-            if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
+            try:
+                newurl = urllib.parse.urljoin(req.full_url, where)
+                scheme = urllib.parse.urlsplit(newurl).scheme.lower()
+            except ValueError:
+                raise Unusable(f"redirected to {_printable(where)}, not a valid URL",
+                               transient=False) from None
+            if scheme not in ("http", "https"):
                 raise Unusable(f"redirected to {_printable(newurl)} (only http(s) URLs are "
                                "followed)", transient=False)
             visited: dict[str, int] = getattr(req, "redirect_dict", {})

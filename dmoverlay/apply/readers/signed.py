@@ -21,10 +21,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dmoverlay.apply.readers.detect import open_file
-from dmoverlay.apply.readers.download import LIMITS, Limits, download
+from dmoverlay.apply.readers.download import LIMITS, Limits, check_url, download
 from dmoverlay.core import log
 from dmoverlay.core.errors import SignatureError, SourceError, UsageError
 from dmoverlay.core.signature import (
+    SIG_MAX,
     SUFFIX,
     Signer,
     Trust,
@@ -44,10 +45,12 @@ def verified_download(url: str, *, trust: Trust, staging: Path, mirrors: tuple[s
     """`url` (or one of its `mirrors`) downloaded into `staging` and verified
     against URL.sig, fetched first from the same places (an update without
     one is not downloaded at all).  Both share `limits.deadline`."""
+    for each in (url, *mirrors):  # before their .sig URLs are made of them
+        check_url(each)
     sig_url = signature_url(url)
     start = time.monotonic()
     try:
-        with download(sig_url, staging=staging, limits=limits,
+        with download(sig_url, staging=staging, limits=dataclasses.replace(limits, most=SIG_MAX),
                       mirrors=tuple(signature_url(m) for m in mirrors)) as sig:
             signature = read_signature(sig, label=sig_url, update=url)
     except SourceError as exc:

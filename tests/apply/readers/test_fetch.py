@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -188,6 +189,40 @@ def test_download_takes_only_http_urls(staging: Path, mirror: str) -> None:
           mirrors=(mirror,))
 
 
+@pytest.mark.parametrize("bad", ["http://127.0.0.1:1/u\nimg", "http://127.0.0.1:1/u\x1b[31mimg",
+                                 "http://127.0.0.1:1/u img", "http://127.0.0.1:1/\u00fc.img"])
+def test_a_url_http_client_cannot_send_is_refused_at_once(staging: Path, bad: str) -> None:
+    """http.client refuses such a URL on every try (outside ASCII, with a
+    traceback): not a failure to retry, and said escaped, on one line (a
+    newline in it split the error in two)."""
+    started = time.monotonic()
+    error = fails(bad, staging, "a URL may hold no space, control character or character "
+                                "outside ASCII$")
+    assert error.message.isprintable()
+    assert time.monotonic() - started < 1.0  # no retry, no delay
+
+
+@pytest.mark.parametrize(("bad", "words"), [
+    ("http://[::1/u.img", r"not a valid URL \(Invalid IPv6 URL\)$"),
+    ("http://127.0.0.1:99999/u.img", r"not a valid URL \(Port out of range 0-65535\)$"),
+    ("http:///u.img", "no host in the URL$"),
+])
+def test_a_malformed_url_is_refused_at_once(staging: Path, bad: str, words: str) -> None:
+    """urllib raised ValueError for the first (a traceback); the others
+    were retried, though no try could fetch them."""
+    started = time.monotonic()
+    fails("http://127.0.0.1:1/u.img", staging, f"cannot download {re.escape(bad)}: {words}",
+          mirrors=(bad,))
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_redirect_to_a_malformed_url_is_one_line(server: tuple[str, Server],
+                                                   staging: Path) -> None:
+    url, httpd = server
+    httpd.routes = {"/u.img": redirect("http://[::1/elsewhere")}
+    fails(f"{url}/u.img", staging, r"redirected to http://\[::1/elsewhere, not a valid URL$")
+
+
 def test_a_redirect_loop_is_one_line(server: tuple[str, Server], staging: Path) -> None:
     url, httpd = server
     httpd.routes = {"/a": redirect("/b"), "/b": redirect("/a")}
@@ -320,3 +355,34 @@ def test_a_download_of_unknown_length_that_fits(server: tuple[str, Server],
     httpd.routes = {"/u.img": send_unsized(BODY)}
     limits = Limits(reserve=_room(staging, 64 * MiB), retry=FAST.retry)
     assert fetched(f"{url}/u.img", staging, limits=limits) == BODY
+
+
+# ------------------------------------------------------------------ at most
+
+
+def test_a_file_said_larger_than_the_most_is_not_read(server: tuple[str, Server],
+                                                      staging: Path) -> None:
+    url, httpd = server
+    served = Served(BODY)
+    httpd.routes = {"/u.img": served}
+    limits = Limits(most=64 * KiB, retry=FAST.retry)
+    fails(f"{url}/u.img", staging, r"larger than the 64.0 KiB expected$", limits=limits)
+    assert len(served.asked) == 1  # not retried: the file will not shrink
+
+
+def test_a_body_of_unknown_length_stops_past_the_most(server: tuple[str, Server],
+                                                      staging: Path) -> None:
+    """A server that gives no length is stopped where the body passes
+    `most`, not where the staging filesystem runs out of room."""
+    url, httpd = server
+    httpd.routes = {"/u.img": send_unsized(BODY)}
+    limits = Limits(most=64 * KiB, reserve=_room(staging, 1 * MiB), retry=FAST.retry)
+    fails(f"{url}/u.img", staging, r"larger than the 64.0 KiB expected$", limits=limits)
+
+
+def test_a_file_of_the_most_is_taken(server: tuple[str, Server], staging: Path) -> None:
+    url, httpd = server
+    httpd.routes = {"/sized": Served(BODY[:64 * KiB]), "/unsized": send_unsized(BODY[:64 * KiB])}
+    limits = Limits(most=64 * KiB, retry=FAST.retry)
+    assert fetched(f"{url}/sized", staging, limits=limits) == BODY[:64 * KiB]
+    assert fetched(f"{url}/unsized", staging, limits=limits) == BODY[:64 * KiB]
