@@ -117,20 +117,36 @@ def mounted_at(dev: int, *, prefer: str = "", mountinfo: Path = MOUNTINFO) -> st
     """Where the filesystem on `dev` is mounted whole (its own top, not a
     bind of a directory in it), as the kernel says: `prefer` when it is one
     of those places, else the first."""
-    wanted = f"{os.major(dev)}:{os.minor(dev)}"
-    found = []
-    for line in mountinfo.read_text(errors="surrogateescape").splitlines():
-        fields = line.split(" ")
-        if len(fields) > 4 and fields[2] == wanted and fields[3] == "/":
-            found.append(_unescaped(fields[4]))
+    found = [m.point for m in _mounts(mountinfo) if m.dev == dev and m.root == "/"]
     if not found:
-        raise OverlayError(f"the live root (device {wanted}) is not mounted",
-                           hint="mount it, or set the overlay up again")
+        raise OverlayError(f"the live root (device {os.major(dev)}:{os.minor(dev)}) is not "
+                           "mounted", hint="mount it, or set the overlay up again")
     return prefer if prefer in found else found[0]
 
 
+@dataclass(frozen=True)
+class _Mount:
+    dev: int
+    root: str  # the directory of the filesystem mounted there ("/": all of it)
+    point: str
+    options: tuple[str, ...]  # the mount's own (ro, nosuid, ...)
+
+
+def _mounts(mountinfo: Path) -> list[_Mount]:
+    """The kernel's mount table: `ID PARENT MAJ:MIN ROOT POINT OPTIONS ...`,
+    paths with space, tab, newline and \\ written as \\ooo."""
+    found = []
+    for line in mountinfo.read_text(errors="surrogateescape").splitlines():
+        fields = line.split(" ")
+        if len(fields) < 6:
+            continue
+        major, _, minor = fields[2].partition(":")
+        found.append(_Mount(os.makedev(int(major), int(minor)), _unescaped(fields[3]),
+                            _unescaped(fields[4]), tuple(fields[5].split(","))))
+    return found
+
+
 def _unescaped(field: str) -> str:
-    """A mountinfo path: the kernel writes space, tab, newline and \\ as \\ooo."""
     return _ESCAPED.sub(lambda m: chr(int(m[1], 8)), field)
 
 
@@ -171,10 +187,13 @@ def _mounted(what: str, where: Path, fstype: str, options: str) -> Iterator[Path
         os.rmdir(where)
 
 
-def _check_view(view: Path, dev: int, dm_name: str) -> None:
-    """What the bind shows is NAME-rw's filesystem, read-only: the mount
-    table may have changed since it was read."""
-    st = os.statvfs(view)
-    if os.stat(view).st_dev != dev or not st.f_flag & os.ST_RDONLY:
+def _check_view(view: Path, dev: int, dm_name: str, *, mountinfo: Path = MOUNTINFO) -> None:
+    """What the bind shows is all of NAME-rw's filesystem, read-only: the
+    mount table may have changed since it was read (something mounted on
+    the live root, or a directory of it bound there)."""
+    point = os.path.realpath(view)  # as the kernel names it
+    shown = [m for m in _mounts(mountinfo) if m.point == point]
+    if len(shown) != 1 or (shown[0].dev, shown[0].root) != (dev, "/") \
+            or "ro" not in shown[0].options or not os.statvfs(view).f_flag & os.ST_RDONLY:
         raise OverlayError(f"could not show {dm_name}'s filesystem read-only at {view}",
                            hint="the mounts changed meanwhile: try again")

@@ -167,12 +167,15 @@ def test_a_failed_bind_lets_the_base_go(live: dict[str, Path],
 
 
 @pytest.mark.root
-def test_a_bind_of_another_filesystem_is_refused_and_let_go(
-        live: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("elsewhere", ["another filesystem", "a directory of the live root"])
+def test_a_bind_of_something_else_is_refused_and_let_go(
+        live: dict[str, Path], monkeypatch: pytest.MonkeyPatch, elsewhere: str) -> None:
     """The mount table changed between reading it and binding: what the
-    bind shows is judged by its device, not by where it came from."""
+    bind shows is judged by the kernel's mount table (all of live-rw's
+    filesystem), not by where it came from."""
     with small_tmpfs(live["top"] / "other", "size=1m") as other:
-        monkeypatch.setattr(liveview, "mounted_at", lambda dev, prefer: os.fspath(other))
+        source = other if elsewhere == "another filesystem" else live["target"] / "etc"
+        monkeypatch.setattr(liveview, "mounted_at", lambda dev, prefer: os.fspath(source))
         with pytest.raises(OverlayError, match="could not show live-rw's filesystem"), \
                 live_sides(live["state"], "live"):
             pass
