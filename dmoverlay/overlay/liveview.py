@@ -70,16 +70,18 @@ def live_sides(state_dir: Path, name: str, *, writes: Sequence[Path] = ()) -> It
         if dm not in recorded:
             raise OverlayError(f"the overlay {name!r} records no device {dm}",
                                hint="its state is not one setup wrote: look at it")
-    base, _ = dm_device(names.base)
+    base, base_dev = dm_device(names.base)
     _, rw_dev = dm_device(names.rw)
     where = mounted_at(rw_dev, prefer=state.target)
     for path in (state_dir, *writes):  # the mount points are made in the state directory
         _check_elsewhere(path, rw_dev, names.rw)
     fstype, options = _base_fs(base)
     with ExitStack() as stack:
-        top = Path(tempfile.mkdtemp(prefix=f"{name}-live-", dir=state_dir))
+        # a leading dot: no overlay's name, so never the work directory of one
+        top = Path(tempfile.mkdtemp(prefix=f".live-{name}-", dir=state_dir))
         stack.callback(os.rmdir, top)
         base_view = stack.enter_context(_mounted(base, top / "base", fstype, options))
+        _check_view(base_view, base_dev, names.base)
         live_view = stack.enter_context(_mounted(where, top / "live", "none", "bind," + _VIEW))
         _check_view(live_view, rw_dev, names.rw)
         scratch = top / "scratch"
@@ -188,8 +190,9 @@ def _mounted(what: str, where: Path, fstype: str, options: str) -> Iterator[Path
 
 
 def _check_view(view: Path, dev: int, dm_name: str, *, mountinfo: Path = MOUNTINFO) -> None:
-    """What the bind shows is all of NAME-rw's filesystem, read-only: the
-    mount table may have changed since it was read (something mounted on
+    """What `view` shows is all of the filesystem on `dev`, read-only, as the
+    kernel's mount table says: what was judged may have changed before it
+    was mounted (another device at /dev/mapper's name, something mounted on
     the live root, or a directory of it bound there)."""
     point = os.path.realpath(view)  # as the kernel names it
     shown = [m for m in _mounts(mountinfo) if m.point == point]

@@ -183,6 +183,21 @@ def test_a_bind_of_something_else_is_refused_and_let_go(
 
 
 @pytest.mark.root
+def test_a_base_that_is_not_the_device_judged_is_refused_and_let_go(
+        live: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """/dev/mapper/NAME-base judged, then another device there when it is
+    mounted: what is mounted is judged again, by the kernel's mount table."""
+    judged = liveview.dm_device
+    rw = judged("live-rw")
+    monkeypatch.setattr(liveview, "dm_device",
+                        lambda name: (judged(name)[0], rw[1]) if name == "live-base" else rw)
+    with pytest.raises(OverlayError, match="could not show live-base's filesystem"), \
+            live_sides(live["state"], "live"):
+        pass
+    assert _mounts_under(live["state"]) == [] and _left_in(live["state"]) == []
+
+
+@pytest.mark.root
 def test_the_output_may_not_be_on_the_live_root(live: dict[str, Path]) -> None:
     with pytest.raises(UsageError, match="is on the live root"), \
             live_sides(live["state"], "live", writes=[live["target"] / "etc"]):

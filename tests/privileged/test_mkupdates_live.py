@@ -55,7 +55,7 @@ def test_from_live_applied_to_the_base_gives_the_live_view(
             "file\tusr/bin/tool", "hardlink\tusr/bin/tool-again", "symlink\tusr/lib/libfoo.so"]
         cli("mkupdates", *live, "-o", str(top / "u.img"))
         assert resources() == before, "the base and the bind are let go"
-        ours = f"{place['name']}-live-"
+        ours = f".live-{place['name']}-"
         assert not [p for p in place["state"].iterdir() if p.name.startswith(ours)]
     finally:
         subprocess.run(["umount", str(root / "var/log")], check=True)
