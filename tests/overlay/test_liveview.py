@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from dmoverlay.apply.update import ApplyOptions, apply_update
+from dmoverlay.core import exits
 from dmoverlay.core.errors import OverlayError, Terminated, UsageError
 from dmoverlay.mkupdates.make import MkupdatesOptions, make_updates
 from dmoverlay.overlay import blockdev, liveview
@@ -139,14 +141,18 @@ def test_a_dry_run_writes_its_scratch_off_the_live_root(
 
 @pytest.mark.root
 def test_both_views_are_read_only_and_let_go_on_sigterm(live: dict[str, Path]) -> None:
-    with pytest.raises(Terminated), live_sides(live["state"], "live") as sides:
-        for view in (sides.base, sides.live):
-            with pytest.raises(OSError):
-                (view / "etc/written").write_bytes(b"")
-            assert os.statvfs(view).f_flag & os.ST_RDONLY
-            assert os.statvfs(view).f_flag & os.ST_NOSUID
-        assert len(_mounts_under(live["state"])) == 2
-        raise Terminated
+    previous = signal.signal(signal.SIGTERM, exits.on_sigterm)  # as the CLI does
+    try:
+        with pytest.raises(Terminated), live_sides(live["state"], "live") as sides:
+            for view in (sides.base, sides.live):
+                with pytest.raises(OSError):
+                    (view / "etc/written").write_bytes(b"")
+                assert os.statvfs(view).f_flag & os.ST_RDONLY
+                assert os.statvfs(view).f_flag & os.ST_NOSUID
+            assert len(_mounts_under(live["state"])) == 2
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     assert _mounts_under(live["state"]) == [] and _left_in(live["state"]) == []
 
 
