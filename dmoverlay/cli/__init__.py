@@ -71,8 +71,8 @@ COMMANDS: Mapping[str, LazyCommand] = {
     "mkupdates": LazyCommand(
         "dmoverlay.cli.mkupdates", "command",
         "Make an updates image for `dmoverlay apply` (or anaconda, or dracut) from TREE, or "
-        "from the difference between OLD and NEW (whiteouts for what NEW removed); the same "
-        "input gives the same bytes."),
+        "from the difference between OLD and NEW (whiteouts for what NEW removed), or between "
+        "a live overlay's base and its root; the same input gives the same bytes."),
     "sign": LazyCommand(
         "dmoverlay.cli.sign", "command",
         "Sign the updates FILE with an OpenSSH key: FILE.sig, which `dmoverlay apply "

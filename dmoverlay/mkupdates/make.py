@@ -41,6 +41,7 @@ class MkupdatesOptions:
     epoch: int | None = None  # SOURCE_DATE_EPOCH: no time newer
     force: bool = False
     sign: Path | None = None  # an OpenSSH key: OUTPUT.sig beside it (core.signature)
+    scratch: Path | None = None  # a dry run's work directory goes here (None: $TMPDIR)
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def make_updates(opts: MkupdatesOptions) -> Made:
     if opts.output is not None:
         _check_output(opts)
     with ExitStack() as stack:
-        work = stack.enter_context(_workdir(opts.output))
+        work = stack.enter_context(_workdir(opts.output, opts.scratch))
         blobs = Blobs(work) if opts.output is not None else None
         if blobs is not None:
             stack.callback(blobs.close)
@@ -148,10 +149,12 @@ def _check_output(opts: MkupdatesOptions) -> None:
 
 
 @contextmanager
-def _workdir(output: Path | None) -> Iterator[Path]:
+def _workdir(output: Path | None, scratch: Path | None) -> Iterator[Path]:
     """A private directory beside the output (the rename into place stays
-    on one filesystem), or in the temporary directory for a listing."""
-    parent = os.fspath(output.parent) if output is not None else None
+    on one filesystem), or in `scratch` (else the temporary directory) for
+    a listing."""
+    where = output.parent if output is not None else scratch
+    parent = os.fspath(where) if where is not None else None
     try:
         work = Path(tempfile.mkdtemp(prefix=".mkupdates-", dir=parent))
     except OSError as exc:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
+import pytest
+
+from dmoverlay.overlay.state import Step, StepKind
 from tests.apply.test_cli import error_line
 from tests.conftest import dmoverlay
 from tests.mkupdates.treekit import Node, build
+from tests.overlay.statefiles import make_state, plant
 
 
 def test_dry_run_lists_kind_and_path_and_writes_nothing(tmp_path: Path) -> None:
@@ -62,3 +67,42 @@ def test_json_lists_the_members(tmp_path: Path) -> None:
     result = dmoverlay("-q", "mkupdates", str(tmp_path / "tree"), "--dry-run", "--json")
     assert json.loads(result.stdout) == {"output": None, "members": [
         {"kind": "dir", "path": "a"}, {"kind": "file", "path": "a/b"}]}
+
+
+def test_from_live_takes_no_other_side(tmp_path: Path) -> None:
+    for args, want in ((["x", "--from-live", "live"], "--from-live takes no TREE, --from or --to"),
+                       (["--from", "x", "--from-live", "live"], "--from-live takes no TREE"),
+                       (["--to", "x", "--from-live", "live"], "--from-live takes no TREE"),
+                       (["x", "--state-dir", "s"], "--state-dir goes with --from-live"),
+                       (["--from-live", "live"], "give -o OUTPUT")):
+        assert want in error_line(dmoverlay("mkupdates", *args))
+
+
+@pytest.mark.root
+def test_from_live_without_such_an_overlay_is_one_line(tmp_path: Path) -> None:
+    result = dmoverlay("mkupdates", "--from-live", "nolive", "--state-dir",
+                       str(tmp_path / "state"), "-o", str(tmp_path / "u.img"))
+    assert error_line(result) == "error: no overlay named 'nolive' is set up"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("text, want", [
+    ("{not json", "unreadable state"),
+    (json.dumps({**asdict(make_state(Path("/x"), name="nolive")),
+                 "steps": [{"kind": "mount", "what": "/etc"}]}), "a mount step setup would not"),
+    (json.dumps(asdict(make_state(Path("/x"), Step(StepKind.DM, "nolive-base"),
+                                  Step(StepKind.DM, "nolive-rw"), name="nolive"))),
+     "/dev/mapper/nolive-base: no such device"),
+])
+def test_from_live_with_a_state_not_to_trust_is_one_line(tmp_path: Path, text: str,
+                                                         want: str) -> None:
+    """A state file is input: checked (load_state), and the devices it
+    names judged by what they are; nothing is mounted or left."""
+    state = tmp_path / "state"
+    plant(state, text, name="nolive")
+    result = dmoverlay("mkupdates", "--from-live", "nolive", "--state-dir", str(state),
+                       "-o", str(tmp_path / "u.img"))
+    assert want in error_line(result)
+    assert sorted(p.name for p in state.iterdir()) == ["nolive.json"]
+    assert not (tmp_path / "u.img").exists()

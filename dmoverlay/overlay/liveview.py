@@ -1,0 +1,202 @@
+"""A running overlay's two sides, mounted read-only for as long as they are
+read (`mkupdates --from-live`): its base, the image as it was built, and
+its live root, the filesystem of NAME-rw as the system changed it.
+
+The state file names the overlay, and nothing more is taken from it: each
+device is judged by what it is (a block device that device-mapper calls
+NAME-base or NAME-rw), and the live root is found where the kernel says
+NAME-rw is mounted (at the target setup mounted it on, or at / once the
+boot has switched root to it).  The live root is a non-recursive bind: only
+NAME-rw's filesystem is read, not /proc, /sys, /dev, /run or a /tmp
+mounted on it.  Both mounts are read-only, nodev, nosuid and noexec (the
+base also without replaying a journal), in a private directory in the
+state directory, and are let go on every way out, SIGTERM included."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from dmoverlay.core.errors import OverlayError, UsageError
+from dmoverlay.overlay import blockdev
+from dmoverlay.overlay.dmtable import Names
+from dmoverlay.overlay.media import fs_type
+from dmoverlay.overlay.state import StepKind, load_state
+
+MAPPER = Path("/dev/mapper")
+SYS_DEV_BLOCK = Path("/sys/dev/block")
+MOUNTINFO = Path("/proc/self/mountinfo")
+_VIEW = "ro,nodev,nosuid,noexec"
+# a rootfs.img is ext4 (build), or an older ext3fs.img: read as it is,
+# without replaying a journal, and an error never panics the kernel
+_BASE_FS = {"ext4": ",noload,errors=remount-ro", "ext3": ",noload,errors=remount-ro",
+            "ext2": ",errors=remount-ro"}
+_ESCAPED = re.compile(r"\\([0-7]{3})")
+
+
+@dataclass(frozen=True)
+class Sides:
+    """Where the base and the live root can be read, and a private
+    directory off the live root for the reader's own scratch files."""
+
+    base: Path
+    live: Path
+    scratch: Path
+
+
+@contextmanager
+def live_sides(state_dir: Path, name: str, *, writes: Sequence[Path] = ()) -> Iterator[Sides]:
+    """The overlay NAME's base and live root, mounted read-only while the
+    caller reads them.  `writes`: directories the caller writes in
+    meanwhile, which may not be on the live root (what is written there
+    would be read as a change).  OverlayError or UsageError before
+    anything is mounted when the overlay is not one to read."""
+    if os.geteuid() != 0:
+        raise OverlayError("reading a live overlay needs root",
+                           hint="run it as root: it mounts the overlay's devices read-only")
+    state, _ = load_state(state_dir, name)
+    names = Names(name)
+    if not state.complete:
+        raise OverlayError(f"the setup of {name!r} did not finish",
+                           hint="tear it down and set it up again")
+    recorded = {s.what for s in state.steps if s.kind is StepKind.DM}
+    for dm in (names.base, names.rw):
+        if dm not in recorded:
+            raise OverlayError(f"the overlay {name!r} records no device {dm}",
+                               hint="its state is not one setup wrote: look at it")
+    base, base_dev = dm_device(names.base)
+    _, rw_dev = dm_device(names.rw)
+    where = mounted_at(rw_dev, prefer=state.target)
+    for path in (state_dir, *writes):  # the mount points are made in the state directory
+        _check_elsewhere(path, rw_dev, names.rw)
+    fstype, options = _base_fs(base)
+    with ExitStack() as stack:
+        # a leading dot: no overlay's name, so never the work directory of one
+        top = Path(tempfile.mkdtemp(prefix=f".live-{name}-", dir=state_dir))
+        stack.callback(os.rmdir, top)
+        base_view = stack.enter_context(_mounted(base, top / "base", fstype, options))
+        _check_view(base_view, base_dev, names.base)
+        live_view = stack.enter_context(_mounted(where, top / "live", "none", "bind," + _VIEW))
+        _check_view(live_view, rw_dev, names.rw)
+        scratch = top / "scratch"
+        scratch.mkdir(mode=0o700)
+        stack.callback(os.rmdir, scratch)
+        yield Sides(base_view, live_view, scratch)
+
+
+def dm_device(dm_name: str, *, mapper: Path = MAPPER,
+              sys_block: Path = SYS_DEV_BLOCK) -> tuple[str, int]:
+    """(the path, the device number) of the device-mapper device `dm_name`,
+    judged by what it is, not by its name in /dev/mapper (a link, there, on
+    many systems): a block device the kernel's device-mapper calls so."""
+    path = os.fspath(mapper / dm_name)
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise OverlayError(f"{path}: no such device",
+                           hint="is the overlay still set up? (dmoverlay status)") from None
+    if not stat.S_ISBLK(st.st_mode):
+        raise OverlayError(f"{path}: not a block device", hint="something planted it there")
+    node = sys_block / f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}" / "dm" / "name"
+    try:
+        called = node.read_text(errors="replace").removesuffix("\n")
+    except OSError:
+        raise OverlayError(f"{path}: not a device-mapper device",
+                           hint="something planted it there") from None
+    if called != dm_name:
+        raise OverlayError(f"{path}: device-mapper calls it {called[:100]!r}, not {dm_name!r}",
+                           hint="something planted it there")
+    return path, st.st_rdev
+
+
+def mounted_at(dev: int, *, prefer: str = "", mountinfo: Path = MOUNTINFO) -> str:
+    """Where the filesystem on `dev` is mounted whole (its own top, not a
+    bind of a directory in it), as the kernel says: `prefer` when it is one
+    of those places, else the first."""
+    found = [m.point for m in _mounts(mountinfo) if m.dev == dev and m.root == "/"]
+    if not found:
+        raise OverlayError(f"the live root (device {os.major(dev)}:{os.minor(dev)}) is not "
+                           "mounted", hint="mount it, or set the overlay up again")
+    return prefer if prefer in found else found[0]
+
+
+@dataclass(frozen=True)
+class _Mount:
+    dev: int
+    root: str  # the directory of the filesystem mounted there ("/": all of it)
+    point: str
+    options: tuple[str, ...]  # the mount's own (ro, nosuid, ...)
+
+
+def _mounts(mountinfo: Path) -> list[_Mount]:
+    """The kernel's mount table: `ID PARENT MAJ:MIN ROOT POINT OPTIONS ...`,
+    paths with space, tab, newline and \\ written as \\ooo."""
+    found = []
+    for line in mountinfo.read_text(errors="surrogateescape").splitlines():
+        fields = line.split(" ")
+        if len(fields) < 6:
+            continue
+        major, _, minor = fields[2].partition(":")
+        found.append(_Mount(os.makedev(int(major), int(minor)), _unescaped(fields[3]),
+                            _unescaped(fields[4]), tuple(fields[5].split(","))))
+    return found
+
+
+def _unescaped(field: str) -> str:
+    return _ESCAPED.sub(lambda m: chr(int(m[1], 8)), field)
+
+
+def _check_elsewhere(path: Path, dev: int, dm_name: str) -> None:
+    try:
+        on = os.stat(path).st_dev
+    except OSError as exc:
+        raise UsageError(f"cannot write in {path}: {exc.strerror}") from None
+    if on == dev:
+        raise UsageError(f"{path} is on the live root ({dm_name}) being read: what is "
+                         "written there would be read as a change",
+                         hint="write it to another filesystem, such as /run (a tmpfs)")
+
+
+def _base_fs(device: str) -> tuple[str, str]:
+    """(the filesystem type, the mount options) of the base."""
+    found = fs_type(device)
+    if found not in _BASE_FS:
+        raise OverlayError(f"{device}: holds {found or 'no filesystem known here'}, not the "
+                           "ext4 a rootfs.img holds")
+    return found, _VIEW + _BASE_FS[found]
+
+
+@contextmanager
+def _mounted(what: str, where: Path, fstype: str, options: str) -> Iterator[Path]:
+    """`what` mounted on the new directory `where`, unmounted on every way
+    out: whether mount returned or not, since an interruption may come once
+    the mount is made."""
+    where.mkdir(mode=0o700)
+    try:
+        try:
+            blockdev.mount(what, where, fstype=fstype, options=options)
+            yield where
+        finally:
+            if os.path.ismount(where):
+                blockdev.unmount(where, lazy=True)
+    finally:
+        os.rmdir(where)
+
+
+def _check_view(view: Path, dev: int, dm_name: str, *, mountinfo: Path = MOUNTINFO) -> None:
+    """What `view` shows is all of the filesystem on `dev`, read-only, as the
+    kernel's mount table says: what was judged may have changed before it
+    was mounted (another device at /dev/mapper's name, something mounted on
+    the live root, or a directory of it bound there)."""
+    point = os.path.realpath(view)  # as the kernel names it
+    shown = [m for m in _mounts(mountinfo) if m.point == point]
+    if len(shown) != 1 or (shown[0].dev, shown[0].root) != (dev, "/") \
+            or "ro" not in shown[0].options or not os.statvfs(view).f_flag & os.ST_RDONLY:
+        raise OverlayError(f"could not show {dm_name}'s filesystem read-only at {view}",
+                           hint="the mounts changed meanwhile: try again")
