@@ -344,14 +344,8 @@ def _mounted(device: devspec.Location, mounts: Path) -> Iterator[str]:
                          f"{', '.join(FILESYSTEMS)}")
     where = tempfile.mkdtemp(prefix="updates-", dir=os.fspath(mounts))
     try:
-        try:
-            blockdev.mount(dev, where, fstype=fstype,
-                           options=_MOUNT_OPTIONS + _FS_OPTIONS.get(fstype, ""))
+        with blockdev.mounted(dev, where, fstype=fstype,
+                              options=_MOUNT_OPTIONS + _FS_OPTIONS.get(fstype, "")):
             yield where
-        finally:
-            # whether mount returned or not: an interruption may come once
-            # the mount is made, and must not be taken for a failed update
-            if os.path.ismount(where):
-                blockdev.unmount(where, lazy=True)
     finally:
         os.rmdir(where)

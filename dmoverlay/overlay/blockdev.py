@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 
@@ -187,3 +189,17 @@ def mount(device: str | os.PathLike[str], where: str | os.PathLike[str], *, fsty
 
 def unmount(where: str | os.PathLike[str], *, lazy: bool = False) -> None:
     backend().unmount(os.fspath(where), lazy=lazy)
+
+
+@contextmanager
+def mounted(device: str | os.PathLike[str], where: str | os.PathLike[str], *, fstype: str,
+            options: str = "") -> Iterator[None]:
+    """`device` mounted on `where` for as long as the block runs, unmounted
+    (lazily: a reader may still hold a file) on every way out, whether mount
+    returned or not: an interruption may come once the mount is made."""
+    try:
+        mount(device, where, fstype=fstype, options=options)
+        yield
+    finally:
+        if os.path.ismount(where):
+            unmount(where, lazy=True)

@@ -179,12 +179,8 @@ def _mounted(what: str, where: Path, fstype: str, options: str) -> Iterator[Path
     the mount is made."""
     where.mkdir(mode=0o700)
     try:
-        try:
-            blockdev.mount(what, where, fstype=fstype, options=options)
+        with blockdev.mounted(what, where, fstype=fstype, options=options):
             yield where
-        finally:
-            if os.path.ismount(where):
-                blockdev.unmount(where, lazy=True)
     finally:
         os.rmdir(where)
 
