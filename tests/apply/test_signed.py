@@ -354,8 +354,7 @@ def test_a_signature_download_stops_at_64_kib(tmp_path: Path, keys: dict[str, Ke
     """URL.sig of no stated length, endless as far as the download can
     tell: stopped past 64 KiB, not where the staging filesystem (RAM at
     boot) is full."""
-    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
+    httpkit.without_proxies(monkeypatch)
     staging = tmp_path / "staging"
     staging.mkdir(mode=0o700)
     st = os.statvfs(staging)

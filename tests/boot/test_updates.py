@@ -22,7 +22,7 @@ from dmoverlay.boot.updates import Outcome, Where, parse_source
 from dmoverlay.core.errors import BlockDevError, OverlayError, SourceError, UsageError
 from dmoverlay.overlay import blockdev
 from dmoverlay.overlay.state import Step, StepKind
-from tests.apply.readers.httpkit import Served, Server, free_port, serving
+from tests.apply.readers.httpkit import Served, Server, free_port, serving, without_proxies
 from tests.applykit import make_root, snapshot
 from tests.conftest import small_tmpfs
 from tests.overlay.statefiles import make_state, plant
@@ -168,9 +168,7 @@ def test_bad_mirrors_and_checksums_are_refused_with_one_reason(text: str, words:
 
 @pytest.fixture
 def web(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Server]]:
-    for var in ("http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-        monkeypatch.delenv(var.upper(), raising=False)
+    without_proxies(monkeypatch)
     with serving() as served:
         yield served
 

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
+import pytest
+
 Route = Callable[["Handler"], None]
 
 
@@ -33,6 +35,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         pass
+
+
+def without_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No proxy taken from the environment: the tests' server is on 127.0.0.1."""
+    for var in ("http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.delenv(var.upper(), raising=False)
 
 
 @contextmanager

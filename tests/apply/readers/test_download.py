@@ -27,6 +27,7 @@ from tests.apply.readers.httpkit import (
     send,
     send_unsized,
     serving,
+    without_proxies,
 )
 from tests.apply.readers.readkit import (
     compress,
@@ -43,9 +44,7 @@ FAST = Retry(tries=3, first_delay=0.01, max_delay=0.05)  # failures end in well 
 
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Server]]:
-    for var in ("http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-        monkeypatch.delenv(var.upper(), raising=False)
+    without_proxies(monkeypatch)
     with serving() as served:
         yield served
 

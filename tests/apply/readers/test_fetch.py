@@ -28,6 +28,7 @@ from tests.apply.readers.httpkit import (
     send,
     send_unsized,
     serving,
+    without_proxies,
 )
 
 FAST = Limits(timeout=2.0, deadline=10.0,
@@ -37,9 +38,7 @@ BODY = random.Random(11).randbytes(3 * MiB + 123)
 
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Server]]:
-    for var in ("http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-        monkeypatch.delenv(var.upper(), raising=False)
+    without_proxies(monkeypatch)
     with serving() as served:
         yield served
 
