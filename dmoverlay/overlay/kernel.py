@@ -6,7 +6,6 @@ boot, a process start costs more than the check itself."""
 from __future__ import annotations
 
 import os
-import socket
 import stat
 import time
 from contextlib import suppress
@@ -127,6 +126,8 @@ def udev_running(control: str = UDEV_CONTROL) -> bool:
     """Whether udevd answers on its control socket.  The socket file alone
     says nothing: at shutdown udevd is gone and its socket stays, and
     dmsetup, which goes by the file, then waits for udev for ever."""
+    import socket  # teardown's alone: not in setup's start-up
+
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
         sock.settimeout(1.0)
         try:
