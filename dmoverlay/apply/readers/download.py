@@ -21,9 +21,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, BinaryIO
+from typing import IO, TYPE_CHECKING
 
-from dmoverlay.apply.readers.checksum import file_sha256
 from dmoverlay.apply.readers.fetchplan import (
     RETRY,
     Answer,
@@ -44,13 +43,14 @@ from dmoverlay.core.errors import SourceError
 from dmoverlay.core.sizes import KiB, MiB, format_size
 
 if TYPE_CHECKING:
+    import hashlib
     import urllib.request
     from http.client import HTTPMessage, HTTPResponse
 
 __all__ = ["DOWNLOAD_DEADLINE", "DOWNLOAD_RESERVE", "DOWNLOAD_TIMEOUT", "LIMITS", "RETRY",
            "Limits", "Retry", "check_url", "download", "url_scheme"]
 
-CHUNK = 64 * KiB  # reads below glibc's mmap threshold: 1 MiB ones churn the heap
+CHUNK = 256 * KiB  # read at most at once, into one buffer
 DOWNLOAD_TIMEOUT = 30.0  # seconds without progress, per connect and per read
 # seconds for a whole download: a server that drips a byte now and then
 # never trips the stall timeout
@@ -101,8 +101,10 @@ def download(url: str, *, staging: Path, mirrors: tuple[str, ...] = (),
     fd, name = tempfile.mkstemp(prefix="download-", dir=staging)
     path = Path(name)
     try:
-        with os.fdopen(fd, "wb") as out:
-            _Download((url, *mirrors), out, sha256=sha256, limits=limits, where=staging).run()
+        try:
+            _Download((url, *mirrors), fd, sha256=sha256, limits=limits, where=staging).run()
+        finally:
+            os.close(fd)
         yield path
     finally:
         path.unlink(missing_ok=True)
@@ -144,11 +146,15 @@ class _Download:
     """The tries of one download, on one file: the bytes it holds are kept
     from one try to the next when they can be continued."""
 
-    def __init__(self, urls: tuple[str, ...], out: BinaryIO, *, sha256: str | None,
+    def __init__(self, urls: tuple[str, ...], fd: int, *, sha256: str | None,
                  limits: Limits, where: Path) -> None:
-        self.urls, self.out, self.sha256, self.limits = urls, out, sha256, limits
+        self.urls, self.fd, self.sha256, self.limits = urls, fd, sha256, limits
         self.held = Held()
-        self.room = _Room(out.fileno(), limits.reserve, where)
+        self.room = _Room(fd, limits.reserve, where)
+        # one buffer for every read: a new one for each costs page faults
+        self.view = memoryview(bytearray(CHUNK))
+        # of the bytes held, hashed as they arrive: the file is not read again
+        self.digest = _sha256() if sha256 is not None else None
         self.progress: Callable[[int], None] | None = None
         self.give_up = time.monotonic() + limits.deadline
         self.opener = _opener()
@@ -269,9 +275,15 @@ class _Download:
             raise Unusable(f"larger than the {format_size(most)} expected", transient=False)
 
     def _restart(self) -> None:
-        self.out.seek(0)
-        self.out.truncate()
+        # only a file that holds something: on ext4, truncating even an
+        # empty file to 0 makes its close write the whole file out (the
+        # auto_da_alloc heuristic), which took longer than the download
+        if os.lseek(self.fd, 0, os.SEEK_CUR):
+            os.ftruncate(self.fd, 0)
+            os.lseek(self.fd, 0, os.SEEK_SET)
         self.held = Held()
+        if self.digest is not None:
+            self.digest = _sha256()
 
     def _copy(self, url: str, response: HTTPResponse, answer: Answer) -> None:
         """Copy the body to the file; a short one is a failure to retry
@@ -281,31 +293,41 @@ class _Download:
             self.progress = log.Percent(f"downloading {url}")
         want = answer.length
         got = 0
-        # read1: what one read of the socket brings, so a trickle meets the check
+        read = _reader(response, self.view)
         while want is None or got < want:
-            chunk = response.read1(CHUNK if want is None else min(CHUNK, want - got))
-            if not chunk:
+            n = read(CHUNK if want is None else min(CHUNK, want - got))
+            if not n:
                 break
-            self._refuse_over_most(self.held.size + len(chunk))
-            self.room.take(len(chunk), url)
-            _store(self.out, chunk, url)
-            got += len(chunk)
-            self.held = Held(self.held.size + len(chunk), self.held.total, self.held.validator)
+            self._refuse_over_most(self.held.size + n)
+            self.room.take(n, url)
+            self._store(self.view[:n], url)
+            got += n
+            self.held = Held(self.held.size + n, self.held.total, self.held.validator)
             if time.monotonic() > self.give_up:
                 raise self._late()
             if self.progress is not None and total:
                 self.progress(min(100, self.held.size * 100 // total))
-        _store(self.out, b"", url)
         if want is not None and got < want:
             raise Unusable(f"got {self.held.size} of {total} bytes", transient=True)
+
+    def _store(self, data: memoryview, url: str) -> None:
+        """Write `data` at the end of the file, and into the digest."""
+        if self.digest is not None:
+            self.digest.update(data)
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError as exc:
+            raise SourceError(f"cannot store the download of {url}: {exc.strerror}",
+                              hint="free space in the staging directory under /run") from None
 
     def _check_whole(self) -> None:
         """The file is whole: the size announced, the checksum given."""
         size, total = self.held.size, self.held.total
         if total is not None and size != total:
             raise _Failed(f"got {size} of {total} bytes", transient=True)
-        if self.sha256 is not None:
-            got = file_sha256(self.out.fileno())
+        if self.digest is not None:
+            got = self.digest.hexdigest()
             if got != self.sha256:
                 self._restart()
                 raise _Failed(f"SHA-256 is {got}, not {self.sha256}", transient=False,
@@ -408,16 +430,29 @@ def _printable(text: str) -> str:
     return text if text.isprintable() else repr(text)[1:-1]
 
 
-def _store(out: BinaryIO, chunk: bytes, url: str) -> None:
-    """Write a chunk; an empty one flushes what is buffered."""
-    try:
-        if chunk:
-            out.write(chunk)
-        else:
-            out.flush()
-    except OSError as exc:
-        raise SourceError(f"cannot store the download of {url}: {exc.strerror}",
-                          hint="free space in the staging directory under /run") from None
+def _reader(response: HTTPResponse, view: memoryview) -> Callable[[int], int]:
+    """`read(n)`: up to n bytes of the body into view[:n], their count (0
+    at the end): what one read of the socket brings, so that a trickle
+    still meets the deadline check.  A plain body is read into the view
+    from the response's buffered socket; a chunked one through read1."""
+    fp = getattr(response, "fp", None)
+    readinto1 = getattr(fp, "readinto1", None)
+    if not response.chunked and readinto1 is not None:
+        def read_plain(n: int) -> int:
+            return int(readinto1(view[:n]))
+        return read_plain
+
+    def read_chunked(n: int) -> int:
+        chunk = response.read1(n)
+        view[:len(chunk)] = chunk
+        return len(chunk)
+    return read_chunked
+
+
+def _sha256() -> hashlib._Hash:
+    import hashlib  # here: only a download with a checksum needs it
+
+    return hashlib.sha256()
 
 
 def _content_length(value: str | None) -> int | None:
