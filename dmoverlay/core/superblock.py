@@ -331,7 +331,7 @@ def _ext_info(sb: bytes, compat: int, incompat: int, ro_compat: int) -> Ext4Info
     return Ext4Info(
         fs_type=_ext_type(compat, incompat, ro_compat),
         label=sb[0x78:0x88].split(b"\0", 1)[0].decode("utf-8", "replace"),
-        uuid=_uuid(bytes(sb[0x68:0x78])),
+        uuid=uuid_text(bytes(sb[0x68:0x78])),
         block_size=1024 << log_block,
         blocks=_u32(sb, 0x4) | (_u32(sb, 0x150) << 32 if wide else 0),
         free_blocks=_u32(sb, 0xC) | (_u32(sb, 0x158) << 32 if wide else 0),
@@ -467,7 +467,7 @@ def crc32c(data: bytes) -> int:
     return crc ^ 0xFFFFFFFF
 
 
-def _uuid(raw: bytes) -> str:
+def uuid_text(raw: bytes) -> str:
     """16 bytes as the 8-4-4-4-12 hex form blkid prints."""
     h = raw.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

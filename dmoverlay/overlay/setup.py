@@ -17,6 +17,7 @@ from dmoverlay.core import log
 from dmoverlay.core.errors import DmoverlayError, ImageError, OverlayError, UsageError
 from dmoverlay.core.sizes import MiB, format_size
 from dmoverlay.core.superblock import parse_ext4
+from dmoverlay.overlay.baseid import HEAD_BYTES, identify
 from dmoverlay.overlay.dmtable import (
     SECTOR,
     Mode,
@@ -102,7 +103,8 @@ def _setup(rec: Recorder, opts: SetupOptions, names: Names, size: int) -> None:
     store = ""
     if opts.overlay is not None:
         with log.step(f"opening the persistent overlay {opts.overlay.text}"):
-            store = persistent_store(rec, opts, opts.overlay, work, found.medium)
+            identity = identify(read_head(base, HEAD_BYTES), sectors, where=os.fspath(rootfs))
+            store = persistent_store(rec, opts, opts.overlay, work, found.medium, identity)
     if opts.ram:
         _release_medium(rec, medium)
     cow_dev, thin = _ram_layer(rec, opts, work, size)

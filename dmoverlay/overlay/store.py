@@ -4,11 +4,14 @@ may be is decided in `persistent`; this module acts on it."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
+from dmoverlay.core import log
 from dmoverlay.core.errors import ImageError, OverlayError, UsageError
-from dmoverlay.overlay import devspec, persistent
+from dmoverlay.overlay import baseid, devspec, persistent
+from dmoverlay.overlay.baseid import BaseIdentity
 from dmoverlay.overlay.dmtable import SECTOR, Mode
 from dmoverlay.overlay.kernel import device_sectors, is_block, loops_backed_by, mounted_at
 from dmoverlay.overlay.media import fs_type, label_uuid, read_head
@@ -19,17 +22,18 @@ from dmoverlay.overlay.state import StepKind
 
 
 def persistent_store(rec: Recorder, opts: SetupOptions, spec: OverlaySpec, work: Path,
-                     medium: str) -> str:
+                     medium: str, base: BaseIdentity) -> str:
     """The device the persistent store `spec` is on: the overlay file on a
-    loop, or a raw partition itself."""
+    loop, or a raw partition itself; refused when it belongs to another
+    base than `base`."""
     read_only = opts.overlay_readonly
     if spec.where is None:
         assert spec.path is not None
-        return _store_device(rec, opts, os.path.abspath(spec.path), raw=False)
+        return _store_device(rec, opts, os.path.abspath(spec.path), base, raw=False)
     device, dev = spec.where.text, _overlay_device(rec, spec.where, read_only=read_only)
     fstype = fs_type(dev)
     if spec.path is None and fstype in ("", "DM_snapshot_cow"):
-        return _store_device(rec, opts, dev, raw=True)
+        return _store_device(rec, opts, dev, base, raw=True)
     if not fstype:
         raise ImageError(f"{device}: holds no filesystem to keep {spec.path} in",
                          hint=f"give --overlay {device} alone to use the device itself")
@@ -42,7 +46,7 @@ def persistent_store(rec: Recorder, opts: SetupOptions, spec: OverlaySpec, work:
         raise OverlayError(f"{device} was mounted read-only",
                            hint="a persistent overlay is written; or give --overlay-readonly")
     inner = spec.path or persistent.auto_path(opts.live_dir, *label_uuid(medium))
-    return _store_device(rec, opts, os.fspath(where / inner.lstrip("/")), raw=False,
+    return _store_device(rec, opts, os.fspath(where / inner.lstrip("/")), base, raw=False,
                          shown=f"{device}:{inner}")
 
 
@@ -95,8 +99,8 @@ def _check_unused(path: str, *, raw: bool, shown: str) -> None:
                            hint="tear down the overlay that uses it first")
 
 
-def _store_device(rec: Recorder, opts: SetupOptions, path: str, *, raw: bool,
-                  shown: str = "") -> str:
+def _store_device(rec: Recorder, opts: SetupOptions, path: str, base: BaseIdentity, *,
+                  raw: bool, shown: str = "") -> str:
     """Check (make, reset) the store and attach it."""
     shown = shown or path
     read_only = opts.overlay_readonly
@@ -104,10 +108,12 @@ def _store_device(rec: Recorder, opts: SetupOptions, path: str, *, raw: bool,
     _check_unused(path, raw=raw, shown=shown)
     if opts.overlay_reset:
         _reset(path, shown)
-    header = persistent.read_header(read_head(path), where=shown, probed=fs_type(path))
+    head = read_head(path)
+    header = persistent.read_header(head, where=shown, probed=fs_type(path))
     if read_only and header.state is persistent.Store.NEW:
         raise UsageError(f"{shown}: an empty overlay: nothing to show read-only",
                          hint="set it up once without --overlay-readonly")
+    _check_base(path, head, header, base, shown=shown, read_only=read_only)
     rec.state.overlay = shown
     if opts.mode is Mode.PERSISTENT:
         rec.state.overlay_size = size
@@ -133,6 +139,47 @@ def _store_size(rec: Recorder, opts: SetupOptions, path: str, *, raw: bool, show
     size = device_sectors(path) * SECTOR if raw else os.path.getsize(path)
     persistent.check_size(size, wanted=wanted, where=shown)
     return size
+
+
+def _check_base(path: str, head: bytes, header: persistent.StoreHeader, base: BaseIdentity, *,
+                shown: str, read_only: bool) -> None:
+    """Refuse a store made over another base; in a new store, and in one
+    that has no record yet (dracut's), record `base`."""
+    if header.state is persistent.Store.NEW:
+        # the header written here, not by the kernel: its header write
+        # would wipe the record beside it
+        _write(path, 0, baseid.new_store(base), shown)
+        return
+    if not baseid.has_room(header.chunk_sectors):
+        log.warning(f"{shown}: its chunks of {header.chunk_sectors} sector leave no room to "
+                    "record the base it belongs to: it is used unchecked")
+        return
+    verdict = baseid.judge(baseid.decode(head, where=shown), base, where=shown)
+    if verdict is baseid.Verdict.SAME:
+        return
+    if read_only:
+        log.warning(f"{shown}: no record of the base it belongs to (made by dracut?): "
+                    f"taken as {base.describe()}, not recorded (read-only)")
+        return
+    log.warning(f"{shown}: no record of the base it belongs to (made by dracut?): "
+                f"taken as {base.describe()}, and recorded")
+    _write(path, baseid.RECORD_OFFSET, baseid.encode(base), shown)
+
+
+def _write(path: str, offset: int, data: bytes, shown: str) -> None:
+    """Write into the store before the kernel sees it: synced, so that
+    what the kernel reads (past the page cache of a raw device) holds it."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            if os.pwrite(fd, data, offset) != len(data):
+                raise OSError(errno.EIO, "short write")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise OverlayError(f"cannot write the record of its base into {shown}: "
+                           f"{exc.strerror}") from None
 
 
 def _reset(path: str, shown: str) -> None:

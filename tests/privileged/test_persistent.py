@@ -363,3 +363,78 @@ def test_setup_killed_half_way_keeps_the_overlay(images: dict[str, Path],
     cli(*setup_args(images["squashfs"], place, "--overlay", str(store)))
     assert (root / "var/kept").read_text() == "kept\n"
     teardown(place)
+
+
+# ------------------------------------------------------------------ the base a store belongs to
+
+
+@pytest.fixture(scope="module")
+def image_b(images: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same runtime rebuilt with one more file: another base."""
+    top = tmp_path_factory.mktemp("image-b")
+    sh("cp", "-a", str(images["tree"]), str(top / "tree"))
+    (top / "tree/etc/rebuilt").write_text("B\n")
+    cli("-q", "build", str(top / "tree"), "-o", str(top / "squashfs.img"), "--free", "256M",
+        "--compression", "zstd")
+    return top / "squashfs.img"
+
+
+def test_a_store_is_refused_over_another_base(images: dict[str, Path], image_b: Path,
+                                              place: dict[str, Path]) -> None:
+    root = place["target"]
+    store, store_sum = _store_with_a_change(images, place, "32M")
+    before = resources()
+    for extra in ([], ["--overlay-readonly"]):
+        result = cli(*setup_args(image_b, place, "--overlay", str(store), *extra), check=False)
+        line = error_line(result)
+        assert f"{store}: this overlay was made over another base: ext4 UUID " in line, line
+        assert "--overlay-reset" in result.stderr
+        assert resources() == before, "refused before anything stays attached"
+        assert digest(store) == store_sum, "the store must be untouched"
+    cli(*setup_args(images["squashfs"], place, "--overlay", str(store)))  # its own base
+    assert (root / "var/old").read_text() == "old\n"
+    teardown(place)
+    cli(*setup_args(image_b, place, "--overlay", str(store), "--overlay-reset"))
+    assert (root / "etc/rebuilt").read_text() == "B\n" and not (root / "var/old").exists()
+    teardown(place)
+    assert resources() == before
+
+
+def _rootfs_loop(squashfs: Path, where: Path) -> tuple[str, str]:
+    """The squashfs mounted at `where` and its rootfs.img on a read-only loop."""
+    where.mkdir()
+    sh("mount", "-o", "ro", str(squashfs), str(where))
+    return str(where), attach(where / "LiveOS/rootfs.img", "--read-only")
+
+
+def test_a_store_dracut_made_is_recorded_then_checked(images: dict[str, Path], image_b: Path,
+                                                      place: dict[str, Path]) -> None:
+    """A store the kernel itself made (as under dracut): no record; taken
+    with a warning and recorded the first time, refused over B after."""
+    store = _zeroed(place["top"] / "live.overlay", 32 * MiB)
+    mounted, base = _rootfs_loop(images["squashfs"], place["top"] / "sq")
+    cow = attach(store)
+    name = f"dmo-dracut-{os.getpid()}"
+    try:
+        sectors = sh("blockdev", "--getsz", base)
+        sh("dmsetup", "create", name, "--table", f"0 {sectors} snapshot {base} {cow} P 8")
+        sh("dmsetup", "remove", name)
+    finally:
+        sh("losetup", "-d", cow)
+        sh("losetup", "-d", base)
+        sh("umount", mounted)
+    head = store.read_bytes()[:4096]
+    assert head[:4] == b"SnAp" and head[16:] == bytes(4096 - 16)
+    first = cli(*setup_args(images["squashfs"], place, "--overlay", str(store)))
+    assert "no record of the base it belongs to (made by dracut?)" in first.stderr
+    assert "and recorded" in first.stderr
+    (place["target"] / "var/old").write_text("old\n")
+    teardown(place)
+    again = cli(*setup_args(images["squashfs"], place, "--overlay", str(store)))
+    assert "no record" not in again.stderr
+    assert (place["target"] / "var/old").read_text() == "old\n"
+    teardown(place)
+    store_sum = digest(store)
+    result = cli(*setup_args(image_b, place, "--overlay", str(store)), check=False)
+    assert "this overlay was made over another base" in error_line(result)
+    assert digest(store) == store_sum
