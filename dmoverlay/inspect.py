@@ -6,7 +6,9 @@ with `unsquashfs -cat` (only the first 4 KiB: the superblock is all we need).
 An ext filesystem is asked with `debugfs IMAGE?offset=N` whether it holds
 LiveOS/squashfs.img; when the file lies in one run of blocks it is read in
 place (`unsquashfs -o`), else copied out with debugfs `dump`.  A disk image's
-partitions come from pyparted.  Parsing of superblocks lives in
+partitions come from pyparted.  A persistent overlay (dm-snapshot's store,
+in a file or a partition) is judged as setup judges it, and its record
+names the base it was made over.  Parsing of superblocks lives in
 `dmoverlay.core.superblock`; the parsers of tool output here are pure as well."""
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from dmoverlay.core.superblock import (
     parse_ext4,
     parse_squashfs,
 )
+from dmoverlay.overlay.baseid import RECORD_OFFSET, RECORD_SIZE, BaseIdentity, decode, has_room
+from dmoverlay.overlay.dmtable import SECTOR
+from dmoverlay.overlay.persistent import STORE_MAGIC, read_header
 
 # dracut's dmsquash-live looks for rootfs.img first, then the older name.
 ROOTFS_NAMES = ("LiveOS/rootfs.img", "LiveOS/ext3fs.img")
@@ -44,7 +49,7 @@ SQUASHFS_NAME = "LiveOS/squashfs.img"
 TOOLS = ("unsquashfs", "debugfs")
 
 _FORMATS_HINT = ("inspect reads a squashfs (squashfs.img), an ext2/3/4 filesystem "
-                 "(rootfs.img) or a GPT or MBR disk image")
+                 "(rootfs.img), a GPT or MBR disk image, or a persistent overlay")
 _DAMAGED_HINT = "the image is damaged or truncated: build or copy it again"
 
 
@@ -96,7 +101,7 @@ class PartitionReport:
     role: str | None  # MBR: primary, logical or extended
     flags: tuple[str, ...]
     filesystem: str | None
-    content: Ext4Report | SquashfsReport | None
+    content: PartitionContent
 
     def to_dict(self) -> dict[str, object]:
         return {"number": self.number, "start": self.start, "size": self.size,
@@ -118,7 +123,25 @@ class DiskReport:
                 "partitions": [p.to_dict() for p in self.partitions]}
 
 
-Content = SquashfsReport | Ext4Report | DiskReport
+@dataclass(frozen=True)
+class StoreReport:
+    """A persistent overlay: dm-snapshot's store, and the base it records."""
+
+    size: int
+    chunk_size: int  # bytes
+    base: BaseIdentity | None  # None: nothing recorded (dracut made it), or no room
+    recordable: bool  # whether its first chunk has room for a record
+
+    def to_dict(self) -> dict[str, object]:
+        base = None if self.base is None else {
+            "uuid": self.base.uuid, "label": self.base.label,
+            "size": self.base.sectors * SECTOR, "digest": self.base.digest.hex()}
+        return {"kind": "snapshot-store", "size": self.size, "chunk_size": self.chunk_size,
+                "base": base, "recordable": self.recordable}
+
+
+Content = SquashfsReport | Ext4Report | DiskReport | StoreReport
+PartitionContent = Ext4Report | SquashfsReport | StoreReport | None
 
 
 @dataclass(frozen=True)
@@ -266,7 +289,9 @@ def inspect_image(image: str | os.PathLike[str]) -> ImageReport:
         head = read_bytes(region, 0, HEAD_SIZE)
         kind = detect(head)
         content: Content
-        if kind is Kind.SQUASHFS:
+        if head[:4] == STORE_MAGIC:
+            content = _store(region, head)
+        elif kind is Kind.SQUASHFS:
             content = _squashfs(region, head)
         elif kind is Kind.EXT:
             content = _ext(region, head, scratch)
@@ -474,9 +499,11 @@ def _partition(disk: Region, p: Any, *, sector: int, named: bool, msdos: bool,
                            flags=flags, filesystem=filesystem, content=content)
 
 
-def _partition_content(region: Region, scratch: _Scratch) -> Ext4Report | SquashfsReport | None:
+def _partition_content(region: Region, scratch: _Scratch) -> PartitionContent:
     head = read_bytes(region, 0, HEAD_SIZE)
     kind = detect(head)
+    if head[:4] == STORE_MAGIC:  # a persistent overlay on a raw partition
+        return _store(region, head)
     if kind is Kind.EXT:
         return _ext(region, head, scratch)
     if kind is Kind.SQUASHFS:
@@ -484,12 +511,32 @@ def _partition_content(region: Region, scratch: _Scratch) -> Ext4Report | Squash
     return None  # swap, FAT, ...: parted names them
 
 
-def _filesystem_name(content: Ext4Report | SquashfsReport | None) -> str | None:
+def _filesystem_name(content: PartitionContent) -> str | None:
     if isinstance(content, Ext4Report):
         return content.info.fs_type
     if isinstance(content, SquashfsReport):
         return "squashfs"
+    if isinstance(content, StoreReport):
+        return "snapshot store"
     return None
+
+
+# ------------------------------------------------------- persistent overlays
+
+
+def _store(region: Region, head: bytes) -> StoreReport:
+    """A store's header and the record of its base (dmoverlay.overlay.baseid),
+    each judged as setup judges them: a store the kernel gave up on, or a
+    damaged record, is one error line."""
+    with _about(region.where):
+        header = read_header(head, where="the snapshot store")
+        recordable = has_room(header.chunk_sectors)
+        base = None
+        if recordable:
+            first = read_bytes(region, 0, RECORD_OFFSET + RECORD_SIZE)
+            base = decode(first, where="the snapshot store")
+    return StoreReport(size=region.size, chunk_size=header.chunk_sectors * SECTOR,
+                       base=base, recordable=recordable)
 
 
 # ------------------------------------------------------------------ as text
@@ -506,6 +553,8 @@ def _headline(content: Content) -> str:
         return f"squashfs {content.info.version}, {content.info.compression}, {layout}"
     if isinstance(content, Ext4Report):
         return f"{content.info.fs_type} filesystem"
+    if isinstance(content, StoreReport):
+        return "persistent overlay (dm-snapshot store)"
     count = len(content.partitions)
     return f"{content.table} disk image, {count} partition{'s' if count != 1 else ''}"
 
@@ -515,6 +564,8 @@ def _facts(content: Content) -> list[str]:
         return _squashfs_facts(content)
     if isinstance(content, Ext4Report):
         return _ext_facts(content)
+    if isinstance(content, StoreReport):
+        return _store_facts(content)
     return _disk_facts(content)
 
 
@@ -582,4 +633,18 @@ def _disk_facts(r: DiskReport) -> list[str]:
             lines += _indent(_squashfs_facts(p.content))
         elif isinstance(p.content, Ext4Report):
             lines += _indent(_ext_facts(p.content))
+        elif isinstance(p.content, StoreReport):
+            lines += _indent(_store_facts(p.content))
+    return lines
+
+
+def _store_facts(r: StoreReport) -> list[str]:
+    lines = [f"size: {format_size(r.size)}", f"chunk size: {format_size(r.chunk_size)}"]
+    if r.base is not None:
+        lines.append(f"made over: {r.base.describe()}")
+        lines.append(f"base digest: {r.base.digest.hex()}")
+    elif r.recordable:
+        lines.append("made over: not recorded (made by dracut, or not used by dmoverlay yet)")
+    else:
+        lines.append("made over: not recordable (chunks of one sector)")
     return lines

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,8 @@ from dmoverlay.inspect import (
     parse_listing,
     parse_stat,
 )
+from dmoverlay.overlay import baseid
+from dmoverlay.overlay.persistent import STORE_MAGIC
 
 EPOCH = 1_700_000_000  # 2023-11-14T22:13:20Z
 EPOCH_ISO = "2023-11-14T22:13:20Z"
@@ -440,6 +443,109 @@ def test_unreadable_file(user_copies: Path) -> None:
         f"error: cannot read {user_copies / 'secret.img'}: Permission denied",
         "hint: inspect only reads the image: check its permissions",
     ]
+
+
+# -------------------------------------------------------- persistent overlays
+
+
+def store_of(base: Path, at: Path, *, size: int = 2 * MiB, record: bool = True,
+             chunk_sectors: int = 8, offset: int = 0) -> baseid.BaseIdentity:
+    """A store over `base` written at `offset` of `at`, as setup writes a new
+    one (header and record), or as the kernel does (header alone)."""
+    with open(base, "rb") as f:
+        head = f.read(baseid.HEAD_BYTES)
+    identity = baseid.identify(head, base.stat().st_size // 512, where=str(base))
+    if record:
+        first = baseid.new_store(identity, chunk_sectors)
+    else:
+        first = struct.pack("<4sIII", STORE_MAGIC, 1, 1, chunk_sectors)
+    mode = "r+b" if at.exists() else "wb"
+    with open(at, mode) as f:
+        if mode == "wb":
+            f.truncate(size)
+        f.seek(offset)
+        f.write(first)
+    return identity
+
+
+def test_persistent_overlay_names_the_base_it_was_made_over(
+        images: dict[str, Path], tmp_path: Path) -> None:
+    store = tmp_path / "live.overlay"
+    identity = store_of(images["rootfs"], store)
+    r = report_json(store)
+    assert (r["kind"], r["size"], r["chunk_size"], r["recordable"]) == \
+        ("snapshot-store", 2 * MiB, 4096, True)
+    assert r["base"] == {"uuid": ROOT_UUID, "label": ROOT_LABEL, "size": 16 * MiB,
+                         "digest": identity.digest.hex()}
+    result = invoke(str(store))
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"{store}: persistent overlay (dm-snapshot store)",
+        "  size: 2.0 MiB",
+        "  chunk size: 4.0 KiB",
+        f"  made over: ext4 UUID {ROOT_UUID} (label '{ROOT_LABEL}', 16.0 MiB)",
+        f"  base digest: {identity.digest.hex()}",
+    ]
+
+
+def test_persistent_overlay_dracut_made_records_nothing(
+        images: dict[str, Path], tmp_path: Path) -> None:
+    store = tmp_path / "dracut.overlay"
+    store_of(images["rootfs"], store, record=False)
+    r = report_json(store)
+    assert (r["kind"], r["base"], r["recordable"]) == ("snapshot-store", None, True)
+    assert "  made over: not recorded (made by dracut, or not used by dmoverlay yet)" in \
+        invoke(str(store)).stdout.splitlines()
+
+
+def test_persistent_overlay_of_one_sector_chunks_is_not_read_for_a_record(
+        images: dict[str, Path], tmp_path: Path) -> None:
+    """Its second sector is the first exception area, not a record: an
+    exception there is no damaged record."""
+    store = tmp_path / "small-chunks.overlay"
+    store_of(images["rootfs"], store, record=False, chunk_sectors=1)
+    with open(store, "r+b") as f:
+        f.seek(512)
+        f.write(struct.pack("<QQ", 5, 2))  # chunk 5 of the base is kept in chunk 2
+    r = report_json(store)
+    assert (r["chunk_size"], r["base"], r["recordable"]) == (512, None, False)
+    assert "  made over: not recordable (chunks of one sector)" in \
+        invoke(str(store)).stdout.splitlines()
+
+
+def test_persistent_overlay_on_a_partition(images: dict[str, Path], tmp_path: Path) -> None:
+    disk = tmp_path / "gpt.img"
+    shutil.copy(images["gpt"], disk)
+    identity = store_of(images["rootfs"], disk, offset=41 * MiB)
+    second = report_json(disk)["partitions"][1]
+    assert second["filesystem"] == "snapshot store"
+    assert second["content"]["base"]["digest"] == identity.digest.hex()
+    assert second["content"]["size"] == 8 * MiB
+    assert f"    made over: ext4 UUID {ROOT_UUID} (label '{ROOT_LABEL}', 16.0 MiB)" in \
+        invoke(str(disk)).stdout.splitlines()
+
+
+def test_persistent_overlay_the_kernel_gave_up_on(images: dict[str, Path],
+                                                   tmp_path: Path) -> None:
+    store = tmp_path / "invalid.overlay"
+    store_of(images["rootfs"], store)
+    with open(store, "r+b") as f:
+        f.seek(4)
+        f.write(struct.pack("<I", 0))  # what the kernel writes when the store overflows
+    assert_one_error(invoke(str(store)),
+                     r"invalid.overlay: the snapshot store: the kernel marked this overlay "
+                     r"store invalid")
+
+
+def test_persistent_overlay_with_a_damaged_record(images: dict[str, Path],
+                                                  tmp_path: Path) -> None:
+    store = tmp_path / "damaged.overlay"
+    store_of(images["rootfs"], store)
+    with open(store, "r+b") as f:
+        f.seek(baseid.RECORD_OFFSET + 40)  # inside the recorded digest
+        f.write(b"\xff")
+    assert_one_error(invoke(str(store)), r"damaged.overlay: the snapshot store: the record "
+                                         r"of the base this overlay belongs to is damaged")
 
 
 # --------------------------------------------------------------- bad input

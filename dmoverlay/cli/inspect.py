@@ -20,7 +20,8 @@ def command(image: str, as_json: bool) -> None:
     needed).  IMAGE is recognised by its content: a squashfs (squashfs.img,
     with its LiveOS/rootfs.img), an ext2/3/4 filesystem (rootfs.img), or a
     GPT or MBR disk image (each partition, and the LiveOS/squashfs.img of an
-    ext4 partition).  Damaged or truncated images are an error."""
+    ext4 partition), or a persistent overlay (its chunk size and the base it
+    was made over).  Damaged or truncated images are an error."""
     report = inspect_image(image)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
