@@ -22,6 +22,8 @@ PACKAGES: Mapping[str, tuple[str, str]] = {
     "e2fsck": ("e2fsprogs", "e2fsprogs"),
     "mksquashfs": ("squashfs-tools", "squashfs-tools"),
     "unsquashfs": ("squashfs-tools", "squashfs-tools"),
+    "fuse2fs": ("fuse2fs", "fuse2fs"),
+    "fusermount3": ("fuse3", "fuse3"),
     "dmsetup": ("dmsetup", "device-mapper"),
     "losetup": ("mount", "util-linux"),
     "mount": ("mount", "util-linux"),
@@ -120,6 +122,11 @@ class OverlayError(DmoverlayError):
 
 class NoOverlay(OverlayError):
     """Nothing is recorded under that name."""
+
+
+class OverlayGone(OverlayError):
+    """Recorded, but its devices (or its RAM layer's tmpfs) are not there
+    to ask: removed by hand, or never all made."""
 
 
 class NotLive(UsageError):

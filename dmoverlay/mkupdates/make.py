@@ -121,7 +121,9 @@ def _live_rootfs(spec: str, reader: UpdateReader) -> str | None:
         return None
     top = reader.root
     try:
-        if os.listdir(top) != [LIVE_DIR] or os.listdir(top / LIVE_DIR) != [ROOTFS]:
+        # LiveOS judged where it is, not where a link in the image points
+        if os.listdir(top) != [LIVE_DIR] or (top / LIVE_DIR).is_symlink() \
+                or os.listdir(top / LIVE_DIR) != [ROOTFS]:
             return None
     except OSError:
         return None

@@ -251,6 +251,23 @@ def test_old_may_be_a_live_image_build_made(tmp_path: Path) -> None:
 
 
 @pytest.mark.root
+def test_a_link_named_liveos_is_not_followed_out_of_the_image(tree: Path, tmp_path: Path) -> None:
+    """An image whose LiveOS is a link to a directory of this machine that
+    holds a rootfs.img is read as what it holds: a link."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    subprocess.run(["mkfs.ext4", "-q", "-d", str(tree), str(elsewhere / "rootfs.img"), "8M"],
+                   check=True)
+    (tmp_path / "top").mkdir()
+    os.symlink(elsewhere, tmp_path / "top/LiveOS")
+    subprocess.run(["mksquashfs", str(tmp_path / "top"), str(tmp_path / "old.img"),
+                    "-noappend", "-quiet", "-no-progress"], check=True, stdout=subprocess.DEVNULL)
+    made = make(tree, None, old=str(tmp_path / "old.img"))
+    assert "whiteout\tLiveOS" in made.lines()
+    assert "file\tetc/app.conf" in made.lines()
+
+
+@pytest.mark.root
 def test_a_full_disk_is_one_error_and_leaves_nothing(tree: Path, tmp_path: Path) -> None:
     small = tmp_path / "small"
     small.mkdir()

@@ -132,8 +132,14 @@ def _xattrs(full: str) -> tuple[tuple[str, bytes], ...]:
         try:
             found.append((name, os.getxattr(full, name, follow_symlinks=False)))
         except OSError as exc:
-            if exc.errno != errno.ENODATA:  # removed since it was listed
+            if exc.errno != errno.ENODATA:
                 raise _unreadable(full, exc) from None
+            if name.startswith("trusted.") and os.geteuid() != 0:
+                # listed (as a FUSE mount does) but kept from a user: not
+                # removed since, and leaving it out would change the update
+                raise SourceError(f"cannot read {full}: its xattr {name} is for root only",
+                                  hint="run as root") from None
+            # else removed since it was listed
     return tuple(found)
 
 
