@@ -50,7 +50,7 @@ COMMANDS: Mapping[str, LazyCommand] = {
         "CDLABEL=."),
     "status": LazyCommand(
         "dmoverlay.cli.overlay", "status_command",
-        "How full the overlay's COW store is."),
+        "How full the overlay is, layer by layer."),
     "watch": LazyCommand(
         "dmoverlay.cli.overlay", "watch_command",
         "Watch how full the overlay's COW store gets: one line on stderr as the fill passes "

@@ -13,13 +13,15 @@ import click
 
 from dmoverlay.boot.hooks import setup_line, setup_options
 from dmoverlay.cli.options import SIZE
-from dmoverlay.core.errors import Terminated, UsageError
+from dmoverlay.core.errors import NoOverlay, OverlayError, OverlayGone, Terminated, UsageError
+from dmoverlay.core.exits import report
 from dmoverlay.core.sizes import format_size
 from dmoverlay.overlay.dmtable import DEFAULT_NAME, Mode
+from dmoverlay.overlay.metrics import exposition
 from dmoverlay.overlay.options import STATE_DIR as DEFAULT_STATE_DIR
 from dmoverlay.overlay.options import SetupOptions, parse_image, parse_overlay
 from dmoverlay.overlay.setup import setup
-from dmoverlay.overlay.status import status
+from dmoverlay.overlay.status import Layer, status
 from dmoverlay.overlay.teardown import teardown
 from dmoverlay.overlay.watch import (
     REARM_POINTS,
@@ -43,6 +45,9 @@ NAME = click.option("--name", default=DEFAULT_NAME, show_default=True,
 # status exit codes, for monitors
 EXIT_ABOVE_THRESHOLD = 3
 EXIT_FULL = 4
+EXIT_ABSENT = 5  # nothing set up under the name
+EXIT_STATE_REFUSED = 6  # a state file status will not act on
+EXIT_GONE = 7  # recorded, but its devices are gone
 
 
 @click.command("setup")
@@ -130,11 +135,34 @@ SETUP_FROM_CMDLINE = {
 @STATE_DIR
 @click.option("--threshold", type=click.FloatRange(0, 100),
               help=f"Exit {EXIT_ABOVE_THRESHOLD} when the COW is at least this % full.")
-@click.option("--json", "as_json", is_flag=True)
-def status_command(name: str, state_dir: Path, threshold: float | None, as_json: bool) -> None:
-    """How full the overlay's COW store is.  Exit 0; 3 above --threshold;
-    4 when the snapshot is full (overflow: writes fail) or invalid."""
-    st = status(state_dir, name)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (its layers too).")
+@click.option("--prometheus", is_flag=True,
+              help="Prometheus' text exposition format (node_exporter's textfile collector); "
+                   "exit 0 whenever it is printed: dmoverlay_up says if the overlay was read.")
+def status_command(name: str, state_dir: Path, threshold: float | None, as_json: bool,
+                   prometheus: bool) -> None:
+    """How full the overlay is, layer by layer.  Exit 0; 3 above
+    --threshold; 4 when the snapshot is full (overflow: writes fail) or
+    invalid; 5 when nothing is set up under NAME; 6 when its state file is
+    refused; 7 when its devices are gone."""
+    if as_json and prometheus:
+        raise UsageError("--json and --prometheus are two answers: give one")
+    if prometheus and threshold is not None:
+        raise UsageError("--threshold sets the exit code, which --prometheus leaves 0",
+                         hint="alert on dmoverlay_fill_ratio instead")
+    try:
+        st = status(state_dir, name)
+    except OverlayError as exc:
+        if prometheus:  # the metrics say it; the line is for the log
+            click.echo(f"note: {exc.message}", err=True)
+            click.echo(exposition([(name, None)]), nl=False)
+            return
+        report(exc, lambda text: click.echo(text, err=True))
+        sys.exit(EXIT_ABSENT if isinstance(exc, NoOverlay)
+                 else EXIT_GONE if isinstance(exc, OverlayGone) else EXIT_STATE_REFUSED)
+    if prometheus:
+        click.echo(exposition([(name, st)]), nl=False)
+        return
     if as_json:
         click.echo(json.dumps(st.to_dict(), indent=2))
     else:
@@ -149,10 +177,25 @@ def status_command(name: str, state_dir: Path, threshold: float | None, as_json:
         click.echo(f"{name}: {st.state}, {'thin pool' if st.thin else 'COW'} "
                    f"{format_size(st.used)} of {format_size(st.total)} used "
                    f"({st.percent:.1f}%){ram}; at {st.target}{kept}{shown}{copied}")
+        for layer in st.layers():
+            click.echo(f"  {layer.kind:<5} {layer_line(layer)}")
     if st.state != "active":
         sys.exit(EXIT_FULL)
     if threshold is not None and st.percent >= threshold:
         sys.exit(EXIT_ABOVE_THRESHOLD)
+
+
+def layer_line(layer: Layer) -> str:
+    """`PATH: what it holds, USED of SIZE (P%)` as far as known."""
+    fill = ""
+    if layer.used is not None and layer.size is not None:
+        fill = f", {format_size(layer.used)} of {format_size(layer.size)} ({layer.percent:.1f}%)"
+    elif layer.size is not None:
+        fill = f", {format_size(layer.size)}"
+    state = f", {layer.state}" if layer.state not in (None, "active") else ""
+    ram = (f", {format_size(layer.ram_free)} of RAM left" if layer.ram_free is not None
+           else "")
+    return f"{layer.path or '-'}: {layer.holds}{fill}{state}{ram}"
 
 
 @click.command("teardown")

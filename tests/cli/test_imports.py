@@ -63,7 +63,7 @@ def test_help_lists_every_command_without_importing_them(tmp_path: Path) -> None
 def test_status_help_imports_only_its_own_command(tmp_path: Path) -> None:
     result, added = dmoverlay(tmp_path, "status", "--help")
     assert result.returncode == 0, result.stderr
-    assert "How full the overlay's COW store is." in result.stdout
+    assert "How full the overlay is, layer by layer." in result.stdout
     assert "dmoverlay.cli.overlay" in added
     assert not added & (HEAVY | COMMAND_MODULES - {"dmoverlay.cli.overlay"})
 

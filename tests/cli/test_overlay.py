@@ -19,7 +19,7 @@ from dmoverlay.core.sizes import GiB, MiB
 from dmoverlay.overlay.options import SetupOptions
 from dmoverlay.overlay.state import State, Step, StepKind
 from dmoverlay.overlay.status import Status
-from tests.overlay.statefiles import make_state
+from tests.overlay.statefiles import make_state, plant
 
 
 @pytest.mark.parametrize(("args", "lines"), [
@@ -130,7 +130,7 @@ def test_status_says_the_image_is_in_ram(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr("dmoverlay.cli.overlay.status", lambda state_dir, name: st)
     result = CliRunner().invoke(cli, ["status"])
     assert result.exit_code == 0, result.output
-    assert result.stdout.endswith("; at /sysroot; image in RAM (1.0 GiB)\n")
+    assert result.stdout.splitlines()[0].endswith("; at /sysroot; image in RAM (1.0 GiB)")
 
 
 @pytest.mark.parametrize(("value", "why"), [
@@ -187,3 +187,75 @@ def test_watch_stopped_by_sigterm_exits_0(tmp_path: Path) -> None:
     assert first.startswith("warning: live: cannot read the COW's fill: ")
     assert proc.returncode == 0
     assert rest == "note: live: the watch stops (SIGTERM)\n"
+
+
+# ------------------------------------------------- status for monitors
+
+
+def _status(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dmoverlay", "status", "--name", "live",
+                           "--state-dir", str(state_dir), *args],
+                          capture_output=True, text=True, check=False)
+
+
+def _states(tmp_path: Path) -> dict[str, Path]:
+    """A state directory for each way a status cannot be read (device-mapper
+    is not asked for a device that exists, here or in the VM)."""
+    refused, gone = tmp_path / "refused", tmp_path / "gone"
+    plant(refused, "{not json")
+    plant(gone, make_state(tmp_path, name="live").to_json())
+    return {"absent": tmp_path / "none", "refused": refused, "gone": gone}
+
+
+@pytest.mark.parametrize(("case", "code", "first"), [
+    ("absent", 5, "error: no overlay named 'live' is set up"),
+    ("refused", 6, "unreadable state"),
+    ("gone", 7, "error: live: device live-rw cannot be asked"),
+])
+def test_status_says_why_it_cannot_read_by_its_exit_code(tmp_path: Path, case: str, code: int,
+                                                         first: str) -> None:
+    result = _status(_states(tmp_path)[case])
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2 and first in lines[0] and lines[1].startswith("hint: ")
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("case", ["absent", "refused", "gone"])
+def test_prometheus_says_up_0_and_exits_0(tmp_path: Path, case: str) -> None:
+    """A textfile collector's `status --prometheus > f.tmp && mv f.tmp f.prom`
+    replaces stale numbers with up 0."""
+    result = _status(_states(tmp_path)[case], "--prometheus")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == 'dmoverlay_up{name="live"} 0'
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("note: ")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--prometheus", "--json"], "error: --json and --prometheus are two answers: give one"),
+    (["--prometheus", "--threshold", "90"],
+     "error: --threshold sets the exit code, which --prometheus leaves 0"),
+])
+def test_prometheus_with_what_it_cannot_honour_is_one_error(tmp_path: Path, args: list[str],
+                                                            message: str) -> None:
+    result = _status(tmp_path / "state", *args)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[0] == message
+    assert result.stdout == ""
+
+
+def test_status_prints_a_line_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    st = Status("live", "/sysroot", "active", used=MiB, total=64 * MiB, ram_free=GiB,
+                mode="readonly", overlay="LABEL=S:/o", kept_used=2 * MiB, kept_total=8 * MiB,
+                image="/run/initramfs/live/LiveOS/squashfs.img", base_size=GiB,
+                cow_file="/run/dmoverlay/live/cow")
+    monkeypatch.setattr("dmoverlay.cli.overlay.status", lambda state_dir, name: st)
+    result = CliRunner().invoke(cli, ["status"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[1:] == [
+        "  base  /run/initramfs/live/LiveOS/squashfs.img: the image, read-only, 1.0 GiB",
+        "  store LABEL=S:/o: changes of earlier boots, shown read-only, 2.0 MiB of 8.0 MiB "
+        "(25.0%)",
+        "  ram   /run/dmoverlay/live/cow: changes until shutdown (RAM), 1.0 MiB of 64.0 MiB "
+        "(1.6%), 1.0 GiB of RAM left",
+    ]

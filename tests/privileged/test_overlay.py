@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from dmoverlay.core.sizes import format_size
 from tests.privileged.conftest import (
     cli,
     error_line,
@@ -69,6 +70,51 @@ def test_the_whole_story(images: dict[str, Path], place: dict[str, Path], backen
     assert digest(images["squashfs"]) == squash_sum, "the squashfs must never change"
     again = cli("teardown", "--name", str(place["name"]), "--state-dir", str(place["state"]))
     assert "nothing to tear down" in again.stdout
+
+
+def test_status_layer_by_layer_and_for_prometheus(images: dict[str, Path],
+                                                  place: dict[str, Path]) -> None:
+    """What status says of each layer is what the kernel says; the same
+    numbers in Prometheus' format; devices removed by hand are exit 7 and
+    up 0, and teardown still clears the rest."""
+    before = resources()
+    cli(*setup_args(images["squashfs"], place, "--overlay-size", "64M"))
+    name = str(place["name"])
+    ask = ["status", "--name", name, "--state-dir", str(place["state"])]
+    st = status(place)
+    base, ram = st["layers"]
+    kernel_size = int(subprocess.run(["blockdev", "--getsize64", f"/dev/mapper/{name}-base"],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert (base["layer"], base["size"], base["path"]) == ("base", kernel_size,
+                                                           str(images["squashfs"]))
+    assert (ram["layer"], ram["size"], ram["state"]) == ("ram", 64 << 20, "active")
+    assert os.path.isfile(ram["path"]) and ram["ram_free"] == st["ram_free"]
+    text = cli(*ask).stdout.splitlines()
+    assert text[1] == f"  base  {images['squashfs']}: the image, read-only, " \
+                      f"{format_size(kernel_size)}"
+    assert text[2].startswith(f"  ram   {ram['path']}: changes until shutdown (RAM), ")
+    metrics = prometheus(cli(*ask, "--prometheus").stdout)
+    assert metrics["dmoverlay_up", ()] == 1
+    assert metrics["dmoverlay_layer_size_bytes", (("layer", "base"),)] == kernel_size
+    assert metrics["dmoverlay_layer_size_bytes", (("layer", "ram"),)] == 64 << 20
+    assert metrics["dmoverlay_snapshot_state", (("layer", "ram"), ("state", "active"))] == 1
+    # the snapshot removed by hand: status cannot ask it
+    subprocess.run(["umount", str(place["target"])], check=True)
+    subprocess.run(["dmsetup", "remove", f"{name}-rw"], check=True)
+    gone = cli(*ask, check=False)
+    assert gone.returncode == 7 and f"device {name}-rw cannot be asked" in gone.stderr
+    assert prometheus(cli(*ask, "--prometheus").stdout) == {("dmoverlay_up", ()): 0}
+    cli("teardown", "--name", name, "--state-dir", str(place["state"]))
+    assert resources() == before
+
+
+def prometheus(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Samples by name and labels (the overlay's name left out), as a
+    Prometheus parser reads them."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "name"))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def _unload(*modules: str) -> str:

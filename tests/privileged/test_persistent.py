@@ -130,6 +130,12 @@ def test_readonly_shows_old_changes_and_forgets_new_ones(images: dict[str, Path]
     assert 0 < st["overlay_used"] < st["overlay_total"] <= 32 * MiB  # the store shown
     shown = cli("status", "--name", str(place["name"]), "--state-dir", str(place["state"]))
     assert f"{store} shown read-only (" in shown.stdout
+    base, kept, ram = st["layers"]
+    assert (base["layer"], kept["layer"], ram["layer"]) == ("base", "store", "ram")
+    assert (kept["path"], kept["used"], kept["size"]) == (
+        str(store), st["overlay_used"], st["overlay_total"])
+    assert shown.stdout.splitlines()[2].startswith(
+        f"  store {store}: changes of earlier boots, shown read-only, ")
     assert st["ram_free"] is not None and st["total"] < 33 * MiB
     assert (root / "var/old").read_text() == "old\n"
     (root / "var/old").write_text("changed\n")
