@@ -145,6 +145,15 @@ def _check_paths(opts: BuildOptions) -> None:
         raise SourceError(f"{src}: {(exc.strerror or str(exc)).lower()}") from None
     if not os.access(src, os.R_OK):
         raise SourceError(f"{src}: permission denied")
+    check_outputs(opts)
+    for out in [opts.output] + ([opts.disk.path] if opts.disk else []):
+        if out.resolve().is_relative_to(src.resolve()) and src.is_dir():
+            raise UsageError(f"{out} is inside the source tree",
+                             hint="write the image outside the tree it is built from")
+
+
+def check_outputs(opts: BuildOptions) -> None:
+    """The output (and disk image) can be written: before the long steps."""
     outputs = [opts.output] + ([opts.disk.path] if opts.disk else [])
     if opts.disk and opts.disk.path.resolve() == opts.output.resolve():
         raise UsageError("the disk image and the squashfs image are the same file")
@@ -158,9 +167,6 @@ def _check_paths(opts: BuildOptions) -> None:
                 raise UsageError(f"{out} exists", hint="use --force to replace it")
             if out.is_dir():
                 raise UsageError(f"{out} is a directory")
-        if out.resolve().is_relative_to(src.resolve()) and src.is_dir():
-            raise UsageError(f"{out} is inside the source tree",
-                             hint="write the image outside the tree it is built from")
 
 
 def _check_space(opts: BuildOptions, tree: Tree, work: Path) -> None:

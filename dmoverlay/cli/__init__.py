@@ -34,7 +34,8 @@ COMMANDS: Mapping[str, LazyCommand] = {
     "build": LazyCommand(
         "dmoverlay.cli.build", "command",
         "Build a live runtime image from SOURCE, a root directory or a tar archive "
-        "(plain, gzip, xz, bzip2 or zstd), without root privileges."),
+        "(plain, gzip, xz, bzip2 or zstd), without root privileges; or, as root, "
+        "from a running overlay's merged view (--from-live NAME)."),
     "inspect": LazyCommand(
         "dmoverlay.cli.inspect", "command",
         "Show what IMAGE is and what it holds, without mounting it (no root needed)."),
@@ -59,6 +60,10 @@ COMMANDS: Mapping[str, LazyCommand] = {
     "teardown": LazyCommand(
         "dmoverlay.cli.overlay", "teardown_command",
         "Unmount and remove the overlay, in reverse order; safe to repeat."),
+    "merge": LazyCommand(
+        "dmoverlay.cli.overlay", "merge_command",
+        "Fold the persistent overlay STORE into its writable BASE (an ext4 partition or "
+        "image file) with the kernel's snapshot-merge, offline; resumable."),
     "apply": LazyCommand(
         "dmoverlay.cli.apply", "command",
         "Apply UPDATES (a directory, cpio or tar archive, filesystem image, or http(s) URL) "

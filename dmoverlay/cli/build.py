@@ -1,4 +1,4 @@
-"""dmoverlay build SOURCE -o OUTPUT"""
+"""dmoverlay build SOURCE -o OUTPUT, or build --from-live NAME -o OUTPUT"""
 
 from __future__ import annotations
 
@@ -13,7 +13,15 @@ from dmoverlay.cli.options import SIZE, epoch_from_env
 
 
 @click.command("build")
-@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("source", type=click.Path(path_type=Path), required=False)
+@click.option("--from-live", "live", metavar="NAME",
+              help="(root) Instead of SOURCE: the running overlay NAME's merged view (its "
+                   "base with the changes made since), taken at one instant.")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+              help="With --from-live: where overlays are recorded [default: /run/dmoverlay].")
+@click.option("--freeze-limit", type=float, default=None, metavar="SECONDS",
+              help="With --from-live: the longest the live root may stay frozen while the "
+                   "changes are copied [default: 30].")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="The squashfs.img to write (holds LiveOS/rootfs.img).")
 @click.option("-L", "--label", default=builder.DEFAULT_LABEL, show_default=True,
@@ -40,21 +48,35 @@ from dmoverlay.cli.options import SIZE, epoch_from_env
               help="With --disk: add an empty partition of this size for a persistent overlay.")
 @click.option("-f", "--force", is_flag=True, help="Replace existing output files.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def command(source: Path, output: Path, label: str, size: int | None, free: int | None,
-            compressor: str, level: int | None, block_size: int, all_root: bool,
+def command(source: Path | None, live: str | None, state_dir: Path | None,
+            freeze_limit: float | None, output: Path, label: str, size: int | None,
+            free: int | None, compressor: str, level: int | None, block_size: int, all_root: bool,
             fs_uuid: str | None, epoch: int | None, disk: Path | None, disk_label: str,
             overlay_size: int | None, force: bool, as_json: bool) -> None:
     """Build a live runtime image from SOURCE, a root directory or a tar archive
-    (plain, gzip, xz, bzip2 or zstd), without root privileges."""
+    (plain, gzip, xz, bzip2 or zstd), without root privileges; or, as root,
+    from a running overlay's merged view (--from-live NAME)."""
     if overlay_size is not None and disk is None:
         raise click.UsageError("--overlay-size needs --disk")
+    if (source is None) == (live is None):
+        raise click.UsageError("give SOURCE or --from-live NAME (one of them)")
+    if live is None and (state_dir is not None or freeze_limit is not None):
+        raise click.UsageError("--state-dir and --freeze-limit go with --from-live")
     opts = builder.BuildOptions(
-        source=source, output=output, label=label, size=size, free=free,
+        source=source or Path(), output=output, label=label, size=size, free=free,
         squash=SquashOptions(compressor=Compressor(compressor), level=level,
                              block_size=block_size),
         all_root=all_root, force=force, fs_uuid=fs_uuid, epoch=epoch,
         disk=builder.DiskOptions(disk, disk_label, overlay_size) if disk else None,
     )
-    result = builder.build(opts)
+    if live is not None:
+        from dmoverlay.overlay import bake
+        from dmoverlay.overlay.options import STATE_DIR
+
+        result = bake.bake(state_dir or STATE_DIR, live, opts,
+                           freeze_limit=bake.FREEZE_LIMIT if freeze_limit is None
+                           else freeze_limit).result
+    else:
+        result = builder.build(opts)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))

@@ -185,6 +185,34 @@ def status_command(name: str, state_dir: Path, threshold: float | None, as_json:
         sys.exit(EXIT_ABOVE_THRESHOLD)
 
 
+@click.command("merge")
+@click.argument("base")
+@click.argument("store")
+@NAME
+@click.option("--force", is_flag=True,
+              help="Merge a store that records no base (made by dracut): you vouch that it "
+                   "was made over BASE.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Stop after this long (what was merged stays merged; run again to go on).")
+@click.option("--stall", type=click.FloatRange(min=0, min_open=True), default=120.0,
+              show_default=True, metavar="SECONDS",
+              help="Stop when no chunk was merged for this long.")
+def merge_command(base: str, store: str, name: str, force: bool, timeout: float | None,
+                  stall: float) -> None:
+    """Fold the persistent overlay STORE into its writable BASE (an ext4 partition or
+    image file) with the kernel's snapshot-merge, offline; resumable.
+
+    Checked before (STORE valid, recorded as BASE's; neither in use) and after (STORE
+    empty, every chunk it held in BASE); STORE is then a new empty overlay of the merged
+    BASE.  Device NAME-merge while it runs."""
+    from dmoverlay.overlay.merge import merge
+
+    done = merge(base, store, name=name, force=force, timeout=timeout, stall=stall)
+    went_on = " (a merge cut short, gone on with)" if done.resumed else ""
+    click.echo(f"{store}: {done.chunks} chunks merged into {base} in {done.seconds:.1f} s"
+               f"{went_on}")
+
+
 def layer_line(layer: Layer) -> str:
     """`PATH: what it holds, USED of SIZE (P%)` as far as known."""
     fill = ""

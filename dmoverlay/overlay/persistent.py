@@ -278,3 +278,37 @@ def new_size(wanted: int | None, *, where: str) -> int:
         raise UsageError(f"overlay size {format_size(wanted)} is too small",
                          hint=f"give {format_size(MIN_STORE)} or more")
     return cow_file_size(wanted)
+
+
+# One exception: (chunk of the base, chunk of the store holding its data).
+EXCEPTION = struct.Struct("<QQ")
+
+
+def exceptions(read_chunk: Callable[[int], bytes], *, chunk_bytes: int, store_chunks: int,
+               base_chunks: int, where: str) -> list[tuple[int, int]]:
+    """(base chunk, store chunk) for every chunk a valid store holds, in
+    dm-snapshot's persistent layout: after the header chunk, metadata areas
+    of `chunk_bytes`/16 entries (u64 base chunk, u64 store chunk, little
+    endian), each followed by the data chunks it maps; an entry whose store
+    chunk is 0 ends the table.  `read_chunk(n)` gives chunk n of the store.
+    An entry that points outside its area or past the base is the store's
+    damage (ImageError): nothing is copied from such a store."""
+    per_area = chunk_bytes // EXCEPTION.size
+    found: list[tuple[int, int]] = []
+    area = 1
+    while area < store_chunks:
+        table = read_chunk(area)
+        if len(table) != chunk_bytes:
+            raise ImageError(f"{where}: the store ends inside its metadata area at chunk {area}")
+        for i in range(per_area):
+            old, new = EXCEPTION.unpack_from(table, i * EXCEPTION.size)
+            if new == 0:
+                return found
+            if not area < new <= min(area + per_area, store_chunks - 1) or old >= base_chunks:
+                raise ImageError(f"{where}: damaged store: entry {len(found)} maps base chunk "
+                                 f"{old} to store chunk {new}, outside the area at chunk "
+                                 f"{area} or past the base ({base_chunks} chunks)",
+                                 hint="--overlay-reset starts it afresh (what it holds is lost)")
+            found.append((old, new))
+        area += per_area + 1
+    return found  # the store is full: its last area ends at its end

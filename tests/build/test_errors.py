@@ -259,3 +259,46 @@ def test_unreadable_pax_time(tmp_path: Path, command: str, mtime: str) -> None:
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"unreadable time {mtime!r}" in errors[0], result.stderr
     assert list(root.iterdir()) == []
+
+
+# ----------------------------------------------------- --from-live (bake)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "give SOURCE or --from-live NAME (one of them)"),
+    (["{tree}", "--from-live", "live"], "give SOURCE or --from-live NAME (one of them)"),
+    (["{tree}", "--freeze-limit", "5"], "--state-dir and --freeze-limit go with --from-live"),
+])
+def test_source_or_a_live_overlay(plain_tree: Path, tmp_path: Path, args: list[str],
+                                  message: str) -> None:
+    line = fails(tmp_path, *(a.format(tree=plain_tree) for a in args),
+                 "-o", str(tmp_path / "out.img"))
+    assert message in line
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(("args", "message"), [
+    (["--freeze-limit", "0"], "--freeze-limit 0: give 0 to 3600 seconds (not 0)"),
+    ([], "no overlay named 'live' is set up"),
+])
+def test_a_live_overlay_that_cannot_be_baked_is_one_error(tmp_path: Path, args: list[str],
+                                                          message: str) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    line = fails(out, "--from-live", "live", "--state-dir", str(tmp_path / "state"), *args,
+                 "-o", str(out / "new.img"))
+    assert message in line
+
+
+def test_baking_needs_root(shared_dir: Path) -> None:
+    line = fails(shared_dir, "--from-live", "live", "--state-dir", str(shared_dir / "state"),
+                 "-o", str(shared_dir / "new.img"), user=65534)
+    assert line == "error: baking a live overlay needs root"
+
+
+@pytest.mark.root
+def test_an_existing_output_is_refused_before_anything(tmp_path: Path) -> None:
+    (tmp_path / "new.img").write_bytes(b"precious")
+    line = fails(tmp_path, "--from-live", "live", "--state-dir", str(tmp_path / "state"),
+                 "-o", str(tmp_path / "new.img"))
+    assert "exists" in line

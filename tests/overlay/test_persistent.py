@@ -8,6 +8,7 @@ import re
 import stat
 import struct
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,60 @@ def test_store_sizes() -> None:
     assert info.value.hint and "--overlay-size" in info.value.hint
     with pytest.raises(UsageError, match="too small"):
         persistent.new_size(1000, where="f")
+
+
+# ------------------------------------------------ the store's exception table
+
+
+def _store_bytes(chunk: int, areas: list[list[tuple[int, int]]], chunks: int) -> bytes:
+    """A store of `chunks` chunks of `chunk` bytes whose metadata areas hold
+    `areas` (each padded with zeros: a zero store chunk ends the table)."""
+    data = bytearray(chunk * chunks)
+    data[:16] = struct.pack("<4sIII", b"SnAp", 1, 1, chunk // 512)
+    per_area = chunk // 16
+    for i, entries in enumerate(areas):
+        at = (1 + i * (per_area + 1)) * chunk
+        for j, (old, new) in enumerate(entries):
+            struct.pack_into("<QQ", data, at + 16 * j, old, new)
+    return bytes(data)
+
+
+def _read(store: bytes, chunk: int) -> Callable[[int], bytes]:
+    return lambda n: store[n * chunk:(n + 1) * chunk]
+
+
+def test_the_exception_table_is_read_area_by_area() -> None:
+    """512-byte chunks: 32 entries an area, its data chunks after it; the
+    second area starts at chunk 34."""
+    first = [(100 + i, 2 + i) for i in range(32)]
+    second = [(7, 35), (3, 36)]
+    store = _store_bytes(512, [first, second], 80)
+    got = persistent.exceptions(_read(store, 512), chunk_bytes=512, store_chunks=80,
+                                base_chunks=1000, where="s")
+    assert got == first + second
+
+
+def test_an_empty_store_has_no_exceptions() -> None:
+    store = _store_bytes(4096, [[]], 16)
+    assert persistent.exceptions(_read(store, 4096), chunk_bytes=4096, store_chunks=16,
+                                 base_chunks=8, where="s") == []
+
+
+def test_a_full_store_ends_at_its_end() -> None:
+    first = [(i, 2 + i) for i in range(32)]
+    store = _store_bytes(512, [first], 34)
+    assert persistent.exceptions(_read(store, 512), chunk_bytes=512, store_chunks=34,
+                                 base_chunks=64, where="s") == first
+
+
+@pytest.mark.parametrize(("entry", "base_chunks"), [
+    ((5, 1), 100),  # the area's own chunk
+    ((5, 40), 100),  # past the area's 32 data chunks
+    ((5, 3), 5),  # past the base
+])
+def test_an_entry_outside_its_area_or_the_base_is_damage(entry: tuple[int, int],
+                                                         base_chunks: int) -> None:
+    store = _store_bytes(512, [[(1, 2), entry]], 80)
+    with pytest.raises(ImageError, match="damaged store: entry 1 maps"):
+        persistent.exceptions(_read(store, 512), chunk_bytes=512, store_chunks=80,
+                   base_chunks=base_chunks, where="s")

@@ -1,0 +1,308 @@
+"""`build --from-live NAME`: a running overlay's merged view (its base with
+the changes made since) made a new image, as build makes one from a tree.
+
+The view is the one of a single instant, taken without stopping the system
+for longer than the changes take to copy:
+
+1. NAME-base is copied to a private file beside the output (sparse).  The
+   base never changes, so nothing waits meanwhile.
+2. The live root is frozen (fsfreeze: what was written is on the devices,
+   every new write waits), and the chunks that differ from the base are
+   copied from NAME-rw over that copy: for a persistent overlay the store's
+   own exception table says which; in RAM or read-only mode (a RAM layer's
+   table is the kernel's alone) all of NAME-rw is.  Then it is thawed.  A
+   guard process, in a session of its own, thaws it after --freeze-limit
+   seconds should this one be killed meanwhile; a copy the guard cut short
+   is refused.
+3. The copy (ours) is mounted, dmoverlay's journal (.dmoverlay) taken out,
+   mounted again read-only, and built from as any tree: the same view gives
+   the same image, byte for byte.
+
+Devices are judged as `mkupdates --from-live` judges them (liveview.py),
+read with O_DIRECT (the kernel writes the store and the snapshot below the
+page cache), and nothing is written on the live root: the output must be on
+another filesystem, or a write would wait for the thaw."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from dmoverlay.build import image as builder
+from dmoverlay.core import log
+from dmoverlay.core.direct import open_direct, pread_direct, read_direct, size_of
+from dmoverlay.core.errors import CommandFailed, OverlayError, UsageError
+from dmoverlay.core.run import find_tool, require_tools, run
+from dmoverlay.core.sizes import MiB, format_size
+from dmoverlay.overlay import blockdev, persistent
+from dmoverlay.overlay.dmtable import SECTOR, Mode, Names
+from dmoverlay.overlay.liveview import SYS_DEV_BLOCK, dm_device, mounted_at
+from dmoverlay.overlay.state import StepKind, load_state
+
+JOURNAL_TOP = ".dmoverlay"  # apply's journal at a root's top: not part of the system
+FREEZE_LIMIT = 30.0  # seconds the live root may stay frozen
+BLOCK = MiB  # copies go by this much (a multiple of every sector size)
+
+
+@dataclass(frozen=True)
+class Baked:
+    result: builder.BuildResult
+    frozen: float  # seconds the live root was frozen
+    copied: int  # bytes copied while it was
+
+
+def bake(state_dir: Path, name: str, opts: builder.BuildOptions, *,
+         freeze_limit: float = FREEZE_LIMIT) -> Baked:
+    """The overlay NAME's merged view built into `opts.output` (its source
+    is ignored).  OverlayError or UsageError before anything is frozen when
+    the overlay is not one to read, or the output is on its live root."""
+    if os.geteuid() != 0:
+        raise OverlayError("baking a live overlay needs root",
+                           hint="run it as root: it reads the overlay's devices")
+    if not 0 < freeze_limit <= 3600:
+        raise UsageError(f"--freeze-limit {freeze_limit:g}: give 0 to 3600 seconds (not 0)")
+    require_tools("fsfreeze", "mkfs.ext4", "debugfs", "mksquashfs")
+    builder.check_outputs(opts)
+    state, _ = load_state(state_dir, name)
+    names = Names(name)
+    if not state.complete:
+        raise OverlayError(f"the setup of {name!r} did not finish",
+                           hint="tear it down and set it up again")
+    recorded = {s.what for s in state.steps if s.kind is StepKind.DM}
+    for dm in (names.base, names.rw):
+        if dm not in recorded:
+            raise OverlayError(f"the overlay {name!r} records no device {dm}",
+                               hint="its state is not one setup wrote: look at it")
+    base, base_dev = dm_device(names.base)
+    rw, rw_dev = dm_device(names.rw)
+    live = mounted_at(rw_dev, prefer=state.target)
+    out_dir = opts.output.parent
+    try:
+        on = os.stat(out_dir).st_dev
+    except OSError as exc:
+        raise UsageError(f"cannot write in {out_dir}: {exc.strerror}") from None
+    if on == rw_dev:
+        raise UsageError(f"{opts.output} is on the live root ({names.rw}), which is frozen "
+                         "while it is copied", hint="write it to another filesystem")
+    store = _store(rw, names, base_dev) if state.mode == Mode.PERSISTENT.value else None
+    with ExitStack() as stack:
+        work = Path(tempfile.mkdtemp(prefix=f".{opts.output.name}.bake-", dir=out_dir))
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        copy = work / "rootfs.img"
+        if store is not None:
+            with log.step(f"copying the base ({names.base})"):
+                size = _copy_base(base, copy)
+        else:  # all of NAME-rw is copied, frozen: the base would only be written over
+            size = _empty_copy(rw, copy)
+        with log.step(f"freezing {live} and copying what {names.rw} changed"):
+            frozen, copied = _copy_changes(live, rw, copy, size, store, freeze_limit)
+        log.info(f"  frozen {frozen:.2f} s; {format_size(copied)} copied meanwhile")
+        tree = stack.enter_context(_tree(copy, work))
+        result = builder.build(replace(opts, source=tree))
+        return Baked(result, frozen, copied)
+
+
+# ------------------------------------------------------------------ the store
+
+
+@dataclass(frozen=True)
+class _Store:
+    device: str  # a node of the COW device
+    chunk_bytes: int
+
+
+def _store(rw: str, names: Names, base_dev: int) -> _Store | None:
+    """The persistent store under NAME-rw, if its table is the one setup
+    loads for a writable persistent overlay (snapshot of NAME-base, P);
+    None (copy all of NAME-rw) otherwise."""
+    fields = run(["dmsetup", "table", names.rw]).stdout.split()
+    if len(fields) != 7 or fields[2] != "snapshot" or fields[5].upper() != "P" \
+            or fields[3] != f"{os.major(base_dev)}:{os.minor(base_dev)}" \
+            or not fields[6].isdigit():
+        return None
+    device = _node(fields[4])
+    chunk_bytes = int(fields[6]) * SECTOR
+    head = read_direct(device, 0, SECTOR)
+    header = persistent.read_header(head, where=f"{names.rw}'s store")
+    if header.chunk_sectors * SECTOR != chunk_bytes:
+        return None
+    return _Store(device, chunk_bytes)
+
+
+def _node(devno: str) -> str:
+    """A device node for "MAJOR:MINOR", found through sysfs and checked."""
+    try:
+        uevent = (SYS_DEV_BLOCK / devno / "uevent").read_text()
+    except OSError:
+        raise OverlayError(f"device {devno}: not a block device the kernel knows") from None
+    names = [line.split("=", 1)[1] for line in uevent.splitlines()
+             if line.startswith("DEVNAME=")]
+    path = f"/dev/{names[0]}" if names else ""
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise OverlayError(f"device {devno}: no node for it in /dev") from None
+    if not stat.S_ISBLK(st.st_mode) or f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}" \
+            != devno:
+        raise OverlayError(f"{path}: not device {devno}", hint="something planted it there")
+    return path
+
+
+# ----------------------------------------------------------------- the copies
+
+
+def _copy_base(base: str, copy: Path) -> int:
+    """NAME-base into `copy`, its zero blocks left as holes; its size."""
+    src = os.open(base, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = size_of(src)
+        with open(copy, "xb") as out:
+            for offset in range(0, size, BLOCK):
+                block = os.pread(src, min(BLOCK, size - offset), offset)
+                if block.count(0) != len(block):
+                    out.seek(offset)
+                    out.write(block)
+            out.truncate(size)
+    finally:
+        os.close(src)
+    return size
+
+
+def _empty_copy(rw: str, copy: Path) -> int:
+    fd = os.open(rw, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = size_of(fd)
+    finally:
+        os.close(fd)
+    with open(copy, "xb") as out:
+        out.truncate(size)
+    return size
+
+
+def _copy_changes(live: str, rw: str, copy: Path, size: int, store: _Store | None,
+                  limit: float) -> tuple[float, int]:
+    """With the live root frozen: the chunks the store holds (or all of
+    NAME-rw) copied over `copy`.  (seconds frozen, bytes copied)"""
+    src = open_direct(rw)
+    out = os.open(copy, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        if size_of(src) != size:
+            raise OverlayError(f"{rw} is {size_of(src)} bytes, its base {size}",
+                               hint="the overlay is not one setup made: look at it")
+        with _frozen(live, limit) as started:
+            ranges = _store_ranges(store, size) if store is not None else \
+                [(offset, min(BLOCK, size - offset)) for offset in range(0, size, BLOCK)]
+            copied = 0
+            for offset, length in ranges:
+                block = pread_direct(src, offset, length)
+                if len(block) != length:
+                    raise OverlayError(f"{rw}: short read at {offset}")
+                # over the base every chunk is written; into an empty copy,
+                # zeros are left as holes
+                if store is not None or block.count(0) != length:
+                    os.pwrite(out, block, offset)
+                copied += length
+            os.fsync(out)
+            frozen = time.monotonic() - started
+    finally:
+        os.close(out)
+        os.close(src)
+    return frozen, copied
+
+
+def _store_ranges(store: _Store, size: int) -> list[tuple[int, int]]:
+    fd = open_direct(store.device)
+    try:
+        store_chunks = size_of(fd) // store.chunk_bytes
+        found = persistent.exceptions(
+            lambda n: pread_direct(fd, n * store.chunk_bytes, store.chunk_bytes),
+            chunk_bytes=store.chunk_bytes, store_chunks=store_chunks,
+            base_chunks=-(-size // store.chunk_bytes), where=store.device)
+    finally:
+        os.close(fd)
+    ranges = []
+    for old in sorted({old for old, _ in found}):
+        offset = old * store.chunk_bytes
+        ranges.append((offset, min(store.chunk_bytes, size - offset)))
+    return ranges
+
+
+@contextmanager
+def _frozen(mountpoint: str, limit: float) -> Iterator[float]:
+    """`mountpoint`'s filesystem frozen while the block runs; the time it
+    was frozen at.  The guard thaws it after `limit` seconds whatever
+    happens to this process; if it had to, the block's work is refused."""
+    fsfreeze = find_tool("fsfreeze") or "fsfreeze"
+    guard = subprocess.Popen(
+        ["sh", "-c", 'sleep "$1"; exec "$2" --unfreeze "$3"', "sh", f"{limit:g}", fsfreeze,
+         mountpoint], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        run([fsfreeze, "--freeze", mountpoint])
+    except CommandFailed as exc:
+        guard.kill()
+        guard.wait()
+        raise OverlayError(f"cannot freeze {mountpoint} ({exc.message})",
+                           hint="the live root's filesystem must support freezing (ext4 "
+                                "does)") from None
+    started = time.monotonic()
+    failed = None
+    try:
+        yield started
+    finally:
+        cut = guard.poll() is not None  # it thawed the root already
+        guard.kill()
+        guard.wait()
+        thawed = run([fsfreeze, "--unfreeze", mountpoint], check=False)
+        if thawed.returncode != 0 and not cut:
+            failed = OverlayError(f"cannot thaw {mountpoint}: {thawed.stderr.strip()}",
+                                  hint=f"thaw it by hand: fsfreeze --unfreeze {mountpoint}")
+        elif cut or thawed.returncode != 0:
+            failed = OverlayError(f"{mountpoint} stayed frozen past --freeze-limit "
+                                  f"({limit:g} s) and was thawed: the copy is not one "
+                                  "instant's, and nothing was made",
+                                  hint="give a longer --freeze-limit, or bake when less "
+                                       "has changed")
+    if failed is not None:
+        raise failed
+
+
+# ------------------------------------------------------------------- the tree
+
+
+@contextmanager
+def _tree(copy: Path, work: Path) -> Iterator[Path]:
+    """The copy's filesystem mounted read-only at a directory in `work`,
+    dmoverlay's journal taken out first."""
+    point = work / "root"
+    point.mkdir(mode=0o700)
+    loop = blockdev.loop_setup(copy, read_only=False)
+    try:
+        options = "nodev,nosuid,noexec"
+        with blockdev.mounted(loop, point, fstype="ext4", options=options):
+            _drop_journal(point)
+        with blockdev.mounted(loop, point, fstype="ext4", options="ro,noload," + options):
+            yield point
+    finally:
+        blockdev.loop_teardown(loop, backing=copy)
+
+
+def _drop_journal(top: Path) -> None:
+    where = top / JOURNAL_TOP
+    try:
+        st = os.lstat(where)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(where)
+    else:
+        os.unlink(where)  # not apply's journal: it is not part of the system either
+
