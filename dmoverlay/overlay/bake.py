@@ -44,8 +44,7 @@ from dmoverlay.core.run import find_tool, require_tools, run
 from dmoverlay.core.sizes import MiB, format_size
 from dmoverlay.overlay import blockdev, persistent
 from dmoverlay.overlay.dmtable import SECTOR, Mode, Names
-from dmoverlay.overlay.liveview import SYS_DEV_BLOCK, dm_device, mounted_at
-from dmoverlay.overlay.state import StepKind, load_state
+from dmoverlay.overlay.liveview import SYS_DEV_BLOCK, mounted_at, overlay_devices
 
 JOURNAL_TOP = ".dmoverlay"  # apply's journal at a root's top: not part of the system
 FREEZE_LIMIT = 30.0  # seconds the live root may stay frozen
@@ -71,18 +70,9 @@ def bake(state_dir: Path, name: str, opts: builder.BuildOptions, *,
         raise UsageError(f"--freeze-limit {freeze_limit:g}: give 0 to 3600 seconds (not 0)")
     require_tools("fsfreeze", "mkfs.ext4", "debugfs", "mksquashfs")
     builder.check_outputs(opts)
-    state, _ = load_state(state_dir, name)
-    names = Names(name)
-    if not state.complete:
-        raise OverlayError(f"the setup of {name!r} did not finish",
-                           hint="tear it down and set it up again")
-    recorded = {s.what for s in state.steps if s.kind is StepKind.DM}
-    for dm in (names.base, names.rw):
-        if dm not in recorded:
-            raise OverlayError(f"the overlay {name!r} records no device {dm}",
-                               hint="its state is not one setup wrote: look at it")
-    base, base_dev = dm_device(names.base)
-    rw, rw_dev = dm_device(names.rw)
+    found = overlay_devices(state_dir, name)
+    state, names, base, base_dev = found.state, found.names, found.base, found.base_dev
+    rw, rw_dev = found.rw, found.rw_dev
     live = mounted_at(rw_dev, prefer=state.target)
     out_dir = opts.output.parent
     try:

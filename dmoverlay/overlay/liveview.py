@@ -27,7 +27,7 @@ from dmoverlay.core.errors import OverlayError, UsageError
 from dmoverlay.overlay import blockdev
 from dmoverlay.overlay.dmtable import Names
 from dmoverlay.overlay.media import fs_type
-from dmoverlay.overlay.state import StepKind, load_state
+from dmoverlay.overlay.state import State, StepKind, load_state
 
 MAPPER = Path("/dev/mapper")
 SYS_DEV_BLOCK = Path("/sys/dev/block")
@@ -60,19 +60,9 @@ def live_sides(state_dir: Path, name: str, *, writes: Sequence[Path] = ()) -> It
     if os.geteuid() != 0:
         raise OverlayError("reading a live overlay needs root",
                            hint="run it as root: it mounts the overlay's devices read-only")
-    state, _ = load_state(state_dir, name)
-    names = Names(name)
-    if not state.complete:
-        raise OverlayError(f"the setup of {name!r} did not finish",
-                           hint="tear it down and set it up again")
-    recorded = {s.what for s in state.steps if s.kind is StepKind.DM}
-    for dm in (names.base, names.rw):
-        if dm not in recorded:
-            raise OverlayError(f"the overlay {name!r} records no device {dm}",
-                               hint="its state is not one setup wrote: look at it")
-    base, base_dev = dm_device(names.base)
-    _, rw_dev = dm_device(names.rw)
-    where = mounted_at(rw_dev, prefer=state.target)
+    found = overlay_devices(state_dir, name)
+    names, base, base_dev, rw_dev = found.names, found.base, found.base_dev, found.rw_dev
+    where = mounted_at(rw_dev, prefer=found.state.target)
     for path in (state_dir, *writes):  # the mount points are made in the state directory
         _check_elsewhere(path, rw_dev, names.rw)
     fstype, options = _base_fs(base)
@@ -88,6 +78,36 @@ def live_sides(state_dir: Path, name: str, *, writes: Sequence[Path] = ()) -> It
         scratch.mkdir(mode=0o700)
         stack.callback(os.rmdir, scratch)
         yield Sides(base_view, live_view, scratch)
+
+
+@dataclass(frozen=True)
+class Devices:
+    """A running overlay's state, and its two devices judged."""
+
+    state: State
+    names: Names
+    base: str
+    base_dev: int
+    rw: str
+    rw_dev: int
+
+
+def overlay_devices(state_dir: Path, name: str) -> Devices:
+    """The overlay NAME as setup recorded it, complete, with NAME-base and
+    NAME-rw each a device-mapper device of that name (OverlayError if not)."""
+    state, _ = load_state(state_dir, name)
+    names = Names(name)
+    if not state.complete:
+        raise OverlayError(f"the setup of {name!r} did not finish",
+                           hint="tear it down and set it up again")
+    recorded = {s.what for s in state.steps if s.kind is StepKind.DM}
+    for dm in (names.base, names.rw):
+        if dm not in recorded:
+            raise OverlayError(f"the overlay {name!r} records no device {dm}",
+                               hint="its state is not one setup wrote: look at it")
+    base, base_dev = dm_device(names.base)
+    rw, rw_dev = dm_device(names.rw)
+    return Devices(state, names, base, base_dev, rw, rw_dev)
 
 
 def dm_device(dm_name: str, *, mapper: Path = MAPPER,

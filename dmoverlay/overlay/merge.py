@@ -32,13 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dmoverlay.core import log
-from dmoverlay.core.direct import open_direct, pread_direct, size_of
+from dmoverlay.core.direct import open_direct, pread_direct, read_direct, size_of
 from dmoverlay.core.errors import CommandFailed, OverlayError, UsageError
 from dmoverlay.core.run import require_tools, run
 from dmoverlay.core.superblock import Kind, detect
 from dmoverlay.overlay import baseid, blockdev, persistent
 from dmoverlay.overlay.dmtable import SECTOR, Names
 from dmoverlay.overlay.kernel import loops_backed_by
+from dmoverlay.overlay.store import write_at
 
 POLL = 0.5  # seconds between looks at the merge
 STALL = 120.0  # seconds without a chunk merged: stalled
@@ -91,7 +92,7 @@ def merge(base: str, store: str, *, name: str = "live", force: bool = False,
     device = Names(name).name + "-merge"
     resumed = _take_down_cut_short(device, base, store)
     base_size = _size(base, "BASE")
-    head = _read(base, 0, baseid.HEAD_BYTES)
+    head = read_direct(base, 0, baseid.HEAD_BYTES)
     if detect(head) is not Kind.EXT:
         raise UsageError(f"{base}: holds no ext2/3/4 filesystem, which merge folds into",
                          hint="a squashfs.img is read-only: bake it instead (dmoverlay build "
@@ -142,14 +143,6 @@ def _size(path: str, what: str) -> int:
     return size
 
 
-def _read(path: str, offset: int, length: int) -> bytes:
-    fd = open_direct(path)
-    try:
-        return pread_direct(fd, offset, length)
-    finally:
-        os.close(fd)
-
-
 def _check_unused(path: str, what: str) -> None:
     real = os.path.realpath(path)
     st = os.stat(real)
@@ -180,7 +173,7 @@ def _mounted_devices() -> set[int]:
 def _check_store(store: str, identity: baseid.BaseIdentity, *, force: bool) -> int:
     """The store's chunk size in bytes, once it is judged a valid store of
     this base (or of none recorded, with --force)."""
-    head = _read(store, 0, 64 * 1024)
+    head = read_direct(store, 0, 64 * 1024)
     header = persistent.read_header(head, where=store)
     if header.state is persistent.Store.NEW:
         raise UsageError(f"{store}: a new, empty store: nothing to merge")
@@ -347,19 +340,9 @@ def _check_merged(base: str, store: str, chunk_bytes: int, base_size: int,
 
 def _renew(store: str, base: str, chunk_bytes: int) -> None:
     """The store made a new empty one that records the base as it is now."""
-    identity = baseid.identify(_read(base, 0, baseid.HEAD_BYTES), _size(base, "BASE") // SECTOR,
-                               where=base)
+    head = read_direct(base, 0, baseid.HEAD_BYTES)
+    identity = baseid.identify(head, _size(base, "BASE") // SECTOR, where=base)
     if not baseid.has_room(chunk_bytes // SECTOR):
         return
-    data = baseid.new_store(identity, chunk_bytes // SECTOR)
-    try:
-        fd = os.open(store, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.pwrite(fd, data, 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise OverlayError(f"cannot write a new store header into {store}: "
-                           f"{exc.strerror}") from None
+    write_at(store, 0, baseid.new_store(identity, chunk_bytes // SECTOR), store)
 

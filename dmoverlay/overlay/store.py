@@ -148,7 +148,7 @@ def _check_base(path: str, head: bytes, header: persistent.StoreHeader, base: Ba
     if header.state is persistent.Store.NEW:
         # the header written here, not by the kernel: its header write
         # would wipe the record beside it
-        _write(path, 0, baseid.new_store(base), shown)
+        write_at(path, 0, baseid.new_store(base), shown)
         return
     if not baseid.has_room(header.chunk_sectors):
         log.warning(f"{shown}: its chunks of {header.chunk_sectors} sector leave no room to "
@@ -163,10 +163,10 @@ def _check_base(path: str, head: bytes, header: persistent.StoreHeader, base: Ba
         return
     log.warning(f"{shown}: no record of the base it belongs to (made by dracut?): "
                 f"taken as {base.describe()}, and recorded")
-    _write(path, baseid.RECORD_OFFSET, baseid.encode(base), shown)
+    write_at(path, baseid.RECORD_OFFSET, baseid.encode(base), shown)
 
 
-def _write(path: str, offset: int, data: bytes, shown: str) -> None:
+def write_at(path: str, offset: int, data: bytes, shown: str) -> None:
     """Write into the store before the kernel sees it: synced, so that
     what the kernel reads (past the page cache of a raw device) holds it."""
     try:
