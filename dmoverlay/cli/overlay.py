@@ -216,9 +216,10 @@ def merge_command(base: str, store: str, name: str, force: bool, timeout: float 
 def layer_line(layer: Layer) -> str:
     """`PATH: what it holds, USED of SIZE (P%)` as far as known."""
     fill = ""
-    if layer.used is not None and layer.size is not None:
-        fill = f", {format_size(layer.used)} of {format_size(layer.size)} ({layer.percent:.1f}%)"
-    elif layer.size is not None:
+    percent = layer.percent
+    if layer.used is not None and layer.size and percent is not None:
+        fill = f", {format_size(layer.used)} of {format_size(layer.size)} ({percent:.1f}%)"
+    elif layer.size:
         fill = f", {format_size(layer.size)}"
     state = f", {layer.state}" if layer.state not in (None, "active") else ""
     ram = (f", {format_size(layer.ram_free)} of RAM left" if layer.ram_free is not None

@@ -259,3 +259,15 @@ def test_status_prints_a_line_per_layer(monkeypatch: pytest.MonkeyPatch) -> None
         "  ram   /run/dmoverlay/live/cow: changes until shutdown (RAM), 1.0 MiB of 64.0 MiB "
         "(1.6%), 1.0 GiB of RAM left",
     ]
+
+
+def test_a_full_snapshot_has_layer_lines_without_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel gives no numbers for an overflowed snapshot: its line says the state."""
+    st = Status("live", "/sysroot", "overflow", used=0, total=0, ram_free=GiB, image="/i",
+                cow_file="/run/c")
+    monkeypatch.setattr("dmoverlay.cli.overlay.status", lambda state_dir, name: st)
+    result = CliRunner().invoke(cli, ["status"])
+    assert result.exit_code == 4, result.output
+    assert result.stdout.splitlines()[1:] == [
+        "  base  /i: the image, read-only",
+        "  ram   /run/c: changes until shutdown (RAM), overflow, 1.0 GiB of RAM left"]
