@@ -291,8 +291,11 @@ def _drop_journal(top: Path) -> None:
         st = os.lstat(where)
     except FileNotFoundError:
         return
+    top_st = os.lstat(top)
     if stat.S_ISDIR(st.st_mode):
         shutil.rmtree(where)
     else:
         os.unlink(where)  # not apply's journal: it is not part of the system either
+    # the top as the live root shows it, not as its removal left it
+    os.utime(top, ns=(top_st.st_atime_ns, top_st.st_mtime_ns))
 

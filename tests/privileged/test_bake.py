@@ -84,6 +84,7 @@ def test_the_image_holds_the_merged_view(images: dict[str, Path], place: dict[st
     out.mkdir()
     slow = ["--freeze-limit", "300"] if mode == "ram" else []  # all of it, under TCG
     made = bake(place, out / "new.img", *slow)
+    print(f"{mode}: {made.stderr.strip().splitlines()[-1]} (base {base_size(place)} bytes)")
     check_image(out / "new.img", root, place["top"] / "m1")
     if mode == "persistent":  # the store's table: only the changes, frozen
         assert 3 * MiB <= copied(made) < base_size(place) // 2
