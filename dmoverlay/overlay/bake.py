@@ -8,9 +8,11 @@ for longer than the changes take to copy:
    base never changes, so nothing waits meanwhile.
 2. The live root is frozen (fsfreeze: what was written is on the devices,
    every new write waits), and the chunks that differ from the base are
-   copied from NAME-rw over that copy: for a persistent overlay the store's
-   own exception table says which; in RAM or read-only mode (a RAM layer's
-   table is the kernel's alone) all of NAME-rw is.  Then it is thawed.  A
+   copied from NAME-rw over that copy.  The exception tables of the
+   snapshots between NAME-rw and NAME-base say which (setup keeps every
+   store in dm-snapshot's persistent format, the RAM layer's too, in its
+   tmpfs file); for any other stack (a thin pool) all of NAME-rw is copied,
+   zeros left as holes.  Then it is thawed.  A
    guard process, in a session of its own, thaws it after --freeze-limit
    seconds should this one be killed meanwhile; a copy the guard cut short
    is refused.
@@ -43,7 +45,7 @@ from dmoverlay.core.errors import CommandFailed, OverlayError, UsageError
 from dmoverlay.core.run import find_tool, require_tools, run
 from dmoverlay.core.sizes import MiB, format_size
 from dmoverlay.overlay import blockdev, persistent
-from dmoverlay.overlay.dmtable import SECTOR, Mode, Names
+from dmoverlay.overlay.dmtable import SECTOR, Names
 from dmoverlay.overlay.liveview import SYS_DEV_BLOCK, mounted_at, overlay_devices
 
 JOURNAL_TOP = ".dmoverlay"  # apply's journal at a root's top: not part of the system
@@ -82,19 +84,20 @@ def bake(state_dir: Path, name: str, opts: builder.BuildOptions, *,
     if on == rw_dev:
         raise UsageError(f"{opts.output} is on the live root ({names.rw}), which is frozen "
                          "while it is copied", hint="write it to another filesystem")
-    store = _store(rw, names, base_dev) if state.mode == Mode.PERSISTENT.value else None
+    stores = _stores(names, base_dev)
     with ExitStack() as stack:
         work = Path(tempfile.mkdtemp(prefix=f".{opts.output.name}.bake-", dir=out_dir))
         stack.callback(shutil.rmtree, work, ignore_errors=True)
         copy = work / "rootfs.img"
-        if store is not None:
+        if stores is not None:
             with log.step(f"copying the base ({names.base})"):
                 size = _copy_base(base, copy)
-        else:  # all of NAME-rw is copied, frozen: the base would only be written over
+        else:  # all of NAME-rw is copied, frozen: a base copied first would be written over
             size = _empty_copy(rw, copy)
         with log.step(f"freezing {live} and copying what {names.rw} changed"):
-            frozen, copied = _copy_changes(live, rw, copy, size, store, freeze_limit)
-        log.info(f"  frozen {frozen:.2f} s; {format_size(copied)} copied meanwhile")
+            frozen, copied = _copy_changes(live, rw, copy, size, stores, freeze_limit)
+        log.info(f"  frozen {frozen:.2f} s; {copied} bytes ({format_size(copied)}) copied "
+                 "meanwhile")
         tree = stack.enter_context(_tree(copy, work))
         result = builder.build(replace(opts, source=tree))
         return Baked(result, frozen, copied)
@@ -105,26 +108,44 @@ def bake(state_dir: Path, name: str, opts: builder.BuildOptions, *,
 
 @dataclass(frozen=True)
 class _Store:
-    device: str  # a node of the COW device
+    device: str  # a node of a snapshot's COW device
     chunk_bytes: int
 
 
-def _store(rw: str, names: Names, base_dev: int) -> _Store | None:
-    """The persistent store under NAME-rw, if its table is the one setup
-    loads for a writable persistent overlay (snapshot of NAME-base, P);
-    None (copy all of NAME-rw) otherwise."""
-    fields = run(["dmsetup", "table", names.rw]).stdout.split()
-    if len(fields) != 7 or fields[2] != "snapshot" or fields[5].upper() != "P" \
-            or fields[3] != f"{os.major(base_dev)}:{os.minor(base_dev)}" \
-            or not fields[6].isdigit():
-        return None
-    device = _node(fields[4])
-    chunk_bytes = int(fields[6]) * SECTOR
-    head = read_direct(device, 0, SECTOR)
-    header = persistent.read_header(head, where=f"{names.rw}'s store")
-    if header.chunk_sectors * SECTOR != chunk_bytes:
-        return None
-    return _Store(device, chunk_bytes)
+def _stores(names: Names, base_dev: int) -> list[_Store] | None:
+    """The stores of the snapshots from NAME-rw down to NAME-base (one; two
+    in read-only mode: NAME-rw's RAM layer over NAME-ro's store), each in
+    dm-snapshot's persistent format (setup keeps even the RAM layer's so,
+    in its tmpfs file), whose exception tables name every chunk that
+    differs from the base; None (copy all of NAME-rw) for any other stack,
+    such as a thin pool."""
+    found = []
+    device = names.rw
+    for _ in range(2):
+        fields = run(["dmsetup", "table", device]).stdout.split()
+        if len(fields) != 7 or fields[2] != "snapshot" or fields[5].upper() not in ("P", "PO") \
+                or not fields[6].isdigit():
+            return None
+        node = _node(fields[4])
+        chunk_bytes = int(fields[6]) * SECTOR
+        header = persistent.read_header(read_direct(node, 0, SECTOR),
+                                        where=f"{device}'s store")
+        if header.chunk_sectors * SECTOR != chunk_bytes:
+            return None
+        found.append(_Store(node, chunk_bytes))
+        if fields[3] == f"{os.major(base_dev)}:{os.minor(base_dev)}":
+            return found
+        if device != names.rw or _dm_name(fields[3]) != names.ro:
+            return None
+        device = names.ro
+    return None
+
+
+def _dm_name(devno: str) -> str:
+    try:
+        return (SYS_DEV_BLOCK / devno / "dm/name").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _node(devno: str) -> str:
@@ -177,7 +198,7 @@ def _empty_copy(rw: str, copy: Path) -> int:
     return size
 
 
-def _copy_changes(live: str, rw: str, copy: Path, size: int, store: _Store | None,
+def _copy_changes(live: str, rw: str, copy: Path, size: int, stores: list[_Store] | None,
                   limit: float) -> tuple[float, int]:
     """With the live root frozen: the chunks the store holds (or all of
     NAME-rw) copied over `copy`.  (seconds frozen, bytes copied)"""
@@ -188,7 +209,7 @@ def _copy_changes(live: str, rw: str, copy: Path, size: int, store: _Store | Non
             raise OverlayError(f"{rw} is {size_of(src)} bytes, its base {size}",
                                hint="the overlay is not one setup made: look at it")
         with _frozen(live, limit) as started:
-            ranges = _store_ranges(store, size) if store is not None else \
+            ranges = _store_ranges(stores, size) if stores is not None else \
                 [(offset, min(BLOCK, size - offset)) for offset in range(0, size, BLOCK)]
             copied = 0
             for offset, length in ranges:
@@ -197,7 +218,7 @@ def _copy_changes(live: str, rw: str, copy: Path, size: int, store: _Store | Non
                     raise OverlayError(f"{rw}: short read at {offset}")
                 # over the base every chunk is written; into an empty copy,
                 # zeros are left as holes
-                if store is not None or block.count(0) != length:
+                if stores is not None or block.count(0) != length:
                     os.pwrite(out, block, offset)
                 copied += length
             os.fsync(out)
@@ -208,21 +229,23 @@ def _copy_changes(live: str, rw: str, copy: Path, size: int, store: _Store | Non
     return frozen, copied
 
 
-def _store_ranges(store: _Store, size: int) -> list[tuple[int, int]]:
-    fd = open_direct(store.device)
-    try:
-        store_chunks = size_of(fd) // store.chunk_bytes
-        found = persistent.exceptions(
-            lambda n: pread_direct(fd, n * store.chunk_bytes, store.chunk_bytes),
-            chunk_bytes=store.chunk_bytes, store_chunks=store_chunks,
-            base_chunks=-(-size // store.chunk_bytes), where=store.device)
-    finally:
-        os.close(fd)
-    ranges = []
-    for old in sorted({old for old, _ in found}):
-        offset = old * store.chunk_bytes
-        ranges.append((offset, min(store.chunk_bytes, size - offset)))
-    return ranges
+def _store_ranges(stores: list[_Store], size: int) -> list[tuple[int, int]]:
+    """(offset, length) of every chunk any of `stores` holds, in order."""
+    starts: set[tuple[int, int]] = set()
+    for store in stores:
+        chunk = store.chunk_bytes
+        fd = open_direct(store.device)
+        try:
+            def read_chunk(n: int, fd: int = fd, chunk: int = chunk) -> bytes:
+                return pread_direct(fd, n * chunk, chunk)
+
+            found = persistent.exceptions(
+                read_chunk, chunk_bytes=chunk, store_chunks=size_of(fd) // chunk,
+                base_chunks=-(-size // chunk), where=store.device)
+        finally:
+            os.close(fd)
+        starts |= {(old * chunk, chunk) for old, _ in found}
+    return [(offset, min(length, size - offset)) for offset, length in sorted(starts)]
 
 
 @contextmanager
