@@ -31,6 +31,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -254,6 +255,9 @@ def _frozen(mountpoint: str, limit: float) -> Iterator[float]:
     was frozen at.  The guard thaws it after `limit` seconds whatever
     happens to this process; if it had to, the block's work is refused."""
     fsfreeze = find_tool("fsfreeze") or "fsfreeze"
+    # a module first imported meanwhile would write its .pyc on the frozen root
+    # (at / once the boot switched to it) and wait for the guard
+    sys.dont_write_bytecode = True
     guard = subprocess.Popen(
         ["sh", "-c", 'sleep "$1"; exec "$2" --unfreeze "$3"', "sh", f"{limit:g}", fsfreeze,
          mountpoint], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
