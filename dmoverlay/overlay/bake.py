@@ -120,6 +120,11 @@ def _stores(names: Names, base_dev: int) -> list[_Store] | None:
     in its tmpfs file), whose exception tables name every chunk that
     differs from the base; None (copy all of NAME-rw) for any other stack,
     such as a thin pool."""
+    # setup's snapshots stand on the device NAME-base maps whole (linear, at 0)
+    base = {f"{os.major(base_dev)}:{os.minor(base_dev)}"}
+    linear = run(["dmsetup", "table", names.base]).stdout.split()
+    if len(linear) == 5 and linear[0] == "0" and linear[2] == "linear" and linear[4] == "0":
+        base.add(linear[3])
     found = []
     device = names.rw
     for _ in range(2):
@@ -134,7 +139,7 @@ def _stores(names: Names, base_dev: int) -> list[_Store] | None:
         if header.chunk_sectors * SECTOR != chunk_bytes:
             return None
         found.append(_Store(node, chunk_bytes))
-        if fields[3] == f"{os.major(base_dev)}:{os.minor(base_dev)}":
+        if fields[3] in base:
             return found
         if device != names.rw or _dm_name(fields[3]) != names.ro:
             return None
