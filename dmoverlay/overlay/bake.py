@@ -280,7 +280,9 @@ def _frozen(mountpoint: str, limit: float) -> Iterator[float]:
     try:
         yield started
     finally:
-        cut = guard.poll() is not None  # it thawed the root already
+        # the guard thawed the root already, or would have by now (it may
+        # start late: a copy past the limit is refused either way)
+        cut = guard.poll() is not None or time.monotonic() - started > limit
         guard.kill()
         guard.wait()
         thawed = run([fsfreeze, "--unfreeze", mountpoint], check=False)
