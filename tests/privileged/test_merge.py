@@ -61,6 +61,7 @@ def test_the_base_alone_holds_the_merged_view(images: dict[str, Path],
     held = len(_held(str(store), CHUNK, base.stat().st_size))
     assert held > 3 * (1 << 20) // CHUNK
     done = cli("merge", str(base), str(store), "--name", str(place["name"]))
+    print(done.stdout.strip())
     assert done.stdout.startswith(f"{store}: {held} chunks merged into {base} in ")
     assert f"merged {held} of {held} chunks (100%)" in done.stderr
     check_base(base, want, groups, place["top"] / "view")
