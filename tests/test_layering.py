@@ -1,7 +1,8 @@
 """The package's layers, read from the source: `core` imports no job, a job
 imports only `core` and itself, `boot` only the live jobs (overlay, apply)
 and core, `mkupdates` only apply and core (it makes what apply reads, and
-judges it with apply's planner), and click stays in the CLI.  Function-level
+judges it with apply's planner), `fold` only overlay, build and core (it
+builds an image from a live overlay), and click stays in the CLI.  Function-level
 imports count as much as those at the top."""
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ def test_layers(path: Path) -> None:
     elif layer == "mkupdates":  # over apply: its readers read, its planner judges
         allowed = {"core", "apply", "mkupdates"}
         assert reached <= allowed, f"mkupdates reaches {reached - allowed}"
+    elif layer == "fold":  # over overlay (the live devices) and build (the image)
+        allowed = {"core", "overlay", "build", "fold"}
+        assert reached <= allowed, f"fold reaches {reached - allowed}"
     elif layer == "top" and path.name != "__main__.py":  # inspect, doctor: under the CLI
         assert "cli" not in reached
     imports_click = any(m.split(".")[0] == "click" for m in _imports(source, here))

@@ -70,7 +70,7 @@ def command(source: Path | None, live: str | None, state_dir: Path | None,
         disk=builder.DiskOptions(disk, disk_label, overlay_size) if disk else None,
     )
     if live is not None:
-        from dmoverlay.overlay import bake
+        from dmoverlay.fold import bake
         from dmoverlay.overlay.options import STATE_DIR
 
         result = bake.bake(state_dir or STATE_DIR, live, opts,
