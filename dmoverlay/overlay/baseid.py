@@ -125,6 +125,40 @@ def decode(chunk: bytes, *, where: str) -> BaseIdentity | None:
                         label.rstrip(b"\0").decode("utf-8", "replace"), sectors, digest)
 
 
+# While `dmoverlay merge` folds a store into its base, the base changes
+# under its own record (its first 64 KiB are merged too): the merge writes
+# this beside the record first, the base's identity as the merge began,
+# and a new store header (which clears it) once it is done.  A store that
+# holds it is half merged: merge goes on with it over a base of the same
+# UUID and size; setup refuses it.
+MERGING_OFFSET = 1024
+MERGING_MAGIC = b"DMOVMERG"
+
+
+def merging_fits(chunk_bytes: int) -> bool:
+    """Whether a store's first chunk has room for it (4 KiB chunks do)."""
+    return chunk_bytes >= MERGING_OFFSET + len(MERGING_MAGIC) + RECORD_SIZE
+
+
+def encode_merging(identity: BaseIdentity) -> bytes:
+    return MERGING_MAGIC + encode(identity)
+
+
+def decode_merging(chunk: bytes, *, where: str) -> BaseIdentity | None:
+    """The base a merge began with, if a merge of this store was begun and
+    not finished (None: none was); ImageError for damage.  `chunk`: the
+    store's first chunk, no more (past it lies its exception table)."""
+    if not merging_fits(len(chunk)):
+        return None  # merge never writes it into so small a chunk
+    raw = chunk[MERGING_OFFSET:MERGING_OFFSET + len(MERGING_MAGIC) + RECORD_SIZE]
+    if not raw.strip(b"\0"):
+        return None
+    if raw[:len(MERGING_MAGIC)] != MERGING_MAGIC:
+        raise ImageError(f"{where}: unknown bytes after the record of its base", hint=_RESET)
+    padded = bytes(RECORD_OFFSET) + raw[len(MERGING_MAGIC):]
+    return decode(padded, where=where)
+
+
 class Verdict(StrEnum):
     SAME = "same"  # recorded, and this is the base
     UNRECORDED = "unrecorded"  # no record: a store dracut made; record it now

@@ -34,11 +34,10 @@ from pathlib import Path
 from dmoverlay.core import log
 from dmoverlay.core.direct import open_direct, pread_direct, read_direct, size_of
 from dmoverlay.core.errors import CommandFailed, OverlayError, UsageError
-from dmoverlay.core.run import require_tools, run
+from dmoverlay.core.run import run
 from dmoverlay.core.superblock import Kind, detect
-from dmoverlay.overlay import baseid, blockdev, persistent
+from dmoverlay.overlay import baseid, blockdev, kernel, persistent
 from dmoverlay.overlay.dmtable import SECTOR, Names
-from dmoverlay.overlay.kernel import loops_backed_by
 from dmoverlay.overlay.store import write_at
 
 POLL = 0.5  # seconds between looks at the merge
@@ -88,27 +87,33 @@ def merge(base: str, store: str, *, name: str = "live", force: bool = False,
     """Fold `store` into `base` (paths of a file or a block device)."""
     if os.geteuid() != 0:
         raise OverlayError("merging needs root", hint="run it as root: it uses device-mapper")
-    require_tools("dmsetup")
     device = Names(name).name + "-merge"
-    resumed = _take_down_cut_short(device, base, store)
     base_size = _size(base, "BASE")
     head = read_direct(base, 0, baseid.HEAD_BYTES)
     if detect(head) is not Kind.EXT:
         raise UsageError(f"{base}: holds no ext2/3/4 filesystem, which merge folds into",
                          hint="a squashfs.img is read-only: bake it instead (dmoverlay build "
                               "--from-live)")
+    _size(store, "STORE")
     for path, what in ((base, "BASE"), (store, "STORE")):
         if not os.access(path, os.W_OK):
             raise UsageError(f"{path}: not writable ({what} is written)")
-        _check_unused(path, what)
     identity = baseid.identify(head, base_size // SECTOR, where=base)
     chunk_bytes = _check_store(store, identity, force=force)
+    # a merge that was killed holds both: its device and loop devices go first
+    resumed = kernel.dm_exists(device) and _take_down_cut_short(device, base, store)
+    for path, what in ((base, "BASE"), (store, "STORE")):
+        _check_unused(path, what)
     held = _held(store, chunk_bytes, base_size)
     if not held:
         say(f"{store}: holds no changes: nothing to merge")
         _renew(store, base, chunk_bytes)
         return Merged(0, 0.0, resumed)
+    kernel.require_target("snapshot-merge", "dm-snapshot", "CONFIG_DM_SNAPSHOT")
     digests = _digests(store, chunk_bytes, held)
+    first = read_direct(store, 0, chunk_bytes)
+    if baseid.merging_fits(chunk_bytes) and baseid.decode_merging(first, where=store) is None:
+        write_at(store, baseid.MERGING_OFFSET, baseid.encode_merging(identity), store)
     started = time.monotonic()
     with ExitStack() as stack:
         base_dev = _attached(stack, base, base_size)
@@ -154,7 +159,7 @@ def _check_unused(path: str, what: str) -> None:
             holders = []  # a device without the directory holds nothing
         users = holders + (["a mount"] if st.st_rdev in _mounted_devices() else [])
     else:
-        users = loops_backed_by(real)
+        users = kernel.loops_backed_by(real)
     if users:
         raise OverlayError(f"{what} {path} is in use (by {', '.join(users)})",
                            hint="tear the overlay down first (dmoverlay teardown), or boot "
@@ -178,8 +183,17 @@ def _check_store(store: str, identity: baseid.BaseIdentity, *, force: bool) -> i
     if header.state is persistent.Store.NEW:
         raise UsageError(f"{store}: a new, empty store: nothing to merge")
     chunk_bytes = header.chunk_sectors * SECTOR
-    recorded = baseid.decode(head, where=store) if baseid.has_room(header.chunk_sectors) \
-        else None
+    if not baseid.has_room(header.chunk_sectors):
+        raise OverlayError(f"{store}: its one-sector chunks leave no room for the record of "
+                           "its base, which merge needs")
+    begun = baseid.decode_merging(head[:chunk_bytes], where=store)
+    if begun is not None:  # half merged: the base's first chunks may be merged already
+        if (begun.uuid, begun.sectors) != (identity.uuid, identity.sectors):
+            raise OverlayError(f"{store}: a merge of it into {begun.describe()} was cut "
+                               f"short; this base is {identity.describe()}",
+                               hint="give the base the merge began with")
+        return chunk_bytes
+    recorded = baseid.decode(head, where=store)
     verdict = baseid.judge(recorded, identity, where=store)
     if verdict is baseid.Verdict.UNRECORDED and not force:
         raise OverlayError(f"{store}: no record of the base it belongs to (made by dracut?): "
@@ -219,6 +233,7 @@ def _attached(stack: ExitStack, path: str, size: int) -> str:
     st = os.stat(path)
     if stat.S_ISBLK(st.st_mode):
         return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    kernel.require_loop()
     loop = blockdev.loop_setup(path, read_only=False)
     stack.callback(blockdev.loop_teardown, loop, backing=path)
     rdev = os.stat(loop).st_rdev
@@ -229,7 +244,7 @@ def _remove(device: str) -> None:
     # the kernel stops a merge at a commit when its device goes: resumable
     for attempt in range(5):
         try:
-            run(["dmsetup", "remove", device])
+            run(kernel.dm_remove_argv(device))
             return
         except CommandFailed:
             if attempt == 4:

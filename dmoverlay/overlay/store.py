@@ -113,7 +113,7 @@ def _store_device(rec: Recorder, opts: SetupOptions, path: str, base: BaseIdenti
     if read_only and header.state is persistent.Store.NEW:
         raise UsageError(f"{shown}: an empty overlay: nothing to show read-only",
                          hint="set it up once without --overlay-readonly")
-    _check_base(path, head, header, base, shown=shown, read_only=read_only)
+    check_base(path, head, header, base, shown=shown, read_only=read_only)
     rec.state.overlay = shown
     if opts.mode is Mode.PERSISTENT:
         rec.state.overlay_size = size
@@ -141,7 +141,7 @@ def _store_size(rec: Recorder, opts: SetupOptions, path: str, *, raw: bool, show
     return size
 
 
-def _check_base(path: str, head: bytes, header: persistent.StoreHeader, base: BaseIdentity, *,
+def check_base(path: str, head: bytes, header: persistent.StoreHeader, base: BaseIdentity, *,
                 shown: str, read_only: bool) -> None:
     """Refuse a store made over another base; in a new store, and in one
     that has no record yet (dracut's), record `base`."""
@@ -154,6 +154,10 @@ def _check_base(path: str, head: bytes, header: persistent.StoreHeader, base: Ba
         log.warning(f"{shown}: its chunks of {header.chunk_sectors} sector leave no room to "
                     "record the base it belongs to: it is used unchecked")
         return
+    if baseid.decode_merging(head[:header.chunk_sectors * SECTOR], where=shown) is not None:
+        raise OverlayError(f"{shown}: a merge of this overlay into its base was cut short: "
+                           "the two are half merged", hint="finish it: dmoverlay merge BASE "
+                                                           "STORE")
     verdict = baseid.judge(baseid.decode(head, where=shown), base, where=shown)
     if verdict is baseid.Verdict.SAME:
         return

@@ -159,7 +159,7 @@ def test_a_one_sector_chunk_has_no_room() -> None:
 def check(path: Path, base: BaseIdentity = BASE, *, read_only: bool = False) -> None:
     head = path.read_bytes()[:65536]
     header = persistent.read_header(head, where=str(path))
-    store._check_base(str(path), head, header, base, shown=str(path), read_only=read_only)
+    store.check_base(str(path), head, header, base, shown=str(path), read_only=read_only)
 
 
 def dracut_store(path: Path) -> None:
@@ -233,5 +233,5 @@ def test_a_store_that_cannot_be_written_is_one_error(tmp_path: Path) -> None:
     head = path.read_bytes()
     header = persistent.read_header(head, where="s")
     with pytest.raises(DmoverlayError, match="cannot write the record of its base into s"):
-        store._check_base(str(tmp_path / "gone" / "overlay"), head, header, BASE, shown="s",
+        store.check_base(str(tmp_path / "gone" / "overlay"), head, header, BASE, shown="s",
                           read_only=False)

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from dmoverlay.core.errors import OverlayError
-from dmoverlay.overlay import baseid
+from dmoverlay.overlay import baseid, persistent
 from dmoverlay.overlay.merge import Progress, parse_progress
+from dmoverlay.overlay.store import check_base
 
 pytestmark = pytest.mark.root  # merge is root's; these checks run as it
 
@@ -127,3 +128,54 @@ def test_the_kernels_status_line_is_the_progress(line: str, progress: Progress) 
 def test_a_failed_or_strange_status_is_an_error(line: str) -> None:
     with pytest.raises(OverlayError):
         parse_progress(line)
+
+
+# ------------------------------------------------------ a merge cut short
+
+
+def mark_begun(store: Path, base: baseid.BaseIdentity) -> None:
+    with open(store, "r+b") as f:
+        f.seek(baseid.MERGING_OFFSET)
+        f.write(baseid.encode_merging(base))
+
+
+def test_a_merge_cut_short_goes_on_over_its_base_changed_by_it(tmp_path: Path) -> None:
+    """The merge changed the base's first chunks (here: its label, so its
+    superblock): the record no longer matches, the mark of the begun merge
+    does (same UUID and size); done, the mark is gone and the base recorded."""
+    base = ext4(tmp_path / "base.img")
+    store = store_of(base, tmp_path / "store")
+    mark_begun(store, identity(base))
+    subprocess.run(["tune2fs", "-L", "MERGED", str(base)], check=True, capture_output=True)
+    done = merge(base, store)
+    assert done.returncode == 0, done.stderr
+    head = store.read_bytes()[:4096]
+    assert baseid.decode_merging(head, where="s") is None
+    assert baseid.decode(head, where="s") == identity(base)
+
+
+def test_without_the_mark_a_changed_base_is_another(tmp_path: Path) -> None:
+    base = ext4(tmp_path / "base.img")
+    store = store_of(base, tmp_path / "store")
+    subprocess.run(["tune2fs", "-L", "MERGED", str(base)], check=True, capture_output=True)
+    assert "a base of the same UUID" in one_error(merge(base, store))
+
+
+def test_a_merge_begun_into_another_base_is_refused(tmp_path: Path) -> None:
+    other = ext4(tmp_path / "other.img", "OTHER")
+    base = ext4(tmp_path / "base.img")
+    store = store_of(base, tmp_path / "store")
+    mark_begun(store, identity(other))
+    before = store.read_bytes()
+    assert "was cut short; this base is" in one_error(merge(base, store))
+    assert store.read_bytes() == before
+
+
+def test_setup_refuses_a_half_merged_store(tmp_path: Path) -> None:
+    base = ext4(tmp_path / "base.img")
+    store = store_of(base, tmp_path / "store")
+    mark_begun(store, identity(base))
+    head = store.read_bytes()[:65536]
+    header = persistent.read_header(head, where="s")
+    with pytest.raises(OverlayError, match="merge of this overlay into its base was cut short"):
+        check_base(str(store), head, header, identity(base), shown="s", read_only=False)

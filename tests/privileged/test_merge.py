@@ -97,6 +97,10 @@ def test_a_merge_cut_short_goes_on_where_it_stopped(images: dict[str, Path],
         assert "the merge stopped with" in error_line(cut)
         left = len(_held(str(store), CHUNK, size))
         assert 0 < left < held, (left, held)
+        # half merged: setup will not take the two
+        refused = cli(*setup_args(f"/dev/mapper/{slow}", place, "--overlay", str(store)),
+                      check=False)
+        assert "a merge of this overlay into its base was cut short" in error_line(refused)
         # as a merge that was killed leaves it: its device, over a loop of the store
         store_loop = subprocess.run(["losetup", "--find", "--show", str(store)],
                                     capture_output=True, text=True, check=True).stdout.strip()
