@@ -27,6 +27,7 @@ another filesystem, or a write would wait for the thaw."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -42,7 +43,7 @@ from pathlib import Path
 from dmoverlay.build import image as builder
 from dmoverlay.core import log
 from dmoverlay.core.direct import open_direct, pread_direct, read_direct, size_of
-from dmoverlay.core.errors import CommandFailed, OverlayError, UsageError
+from dmoverlay.core.errors import CommandFailed, ImageError, OverlayError, UsageError
 from dmoverlay.core.run import find_tool, require_tools, run
 from dmoverlay.core.sizes import MiB, format_size
 from dmoverlay.overlay import blockdev, persistent
@@ -70,7 +71,8 @@ def bake(state_dir: Path, name: str, opts: builder.BuildOptions, *,
         raise OverlayError("baking a live overlay needs root",
                            hint="run it as root: it reads the overlay's devices")
     if not 0 < freeze_limit <= 3600:
-        raise UsageError(f"--freeze-limit {freeze_limit:g}: give 0 to 3600 seconds (not 0)")
+        raise UsageError(f"--freeze-limit {freeze_limit:g}: give more than 0 and at most "
+                         "3600 seconds")
     require_tools("fsfreeze", "mkfs.ext4", "debugfs", "mksquashfs")
     builder.check_outputs(opts)
     found = overlay_devices(state_dir, name)
@@ -90,13 +92,19 @@ def bake(state_dir: Path, name: str, opts: builder.BuildOptions, *,
         work = Path(tempfile.mkdtemp(prefix=f".{opts.output.name}.bake-", dir=out_dir))
         stack.callback(shutil.rmtree, work, ignore_errors=True)
         copy = work / "rootfs.img"
-        if stores is not None:
-            with log.step(f"copying the base ({names.base})"):
-                size = _copy_base(base, copy)
-        else:  # all of NAME-rw is copied, frozen: a base copied first would be written over
-            size = _empty_copy(rw, copy)
-        with log.step(f"freezing {live} and copying what {names.rw} changed"):
-            frozen, copied = _copy_changes(live, rw, copy, size, stores, freeze_limit)
+        try:
+            if stores is not None:
+                with log.step(f"copying the base ({names.base})"):
+                    size = _copy_base(base, copy)
+            else:  # all of NAME-rw is copied, frozen: a base copied first would be written over
+                size = _empty_copy(rw, copy)
+            with log.step(f"freezing {live} and copying what {names.rw} changed"):
+                frozen, copied = _copy_changes(live, rw, copy, size, stores, freeze_limit)
+        except OSError as exc:  # the root is thawed by now
+            hint = "free some space or write it elsewhere" if exc.errno == errno.ENOSPC \
+                else None
+            raise ImageError(f"copying the live view to {out_dir} failed: {exc.strerror}",
+                             hint=hint) from None
         log.info(f"  frozen {frozen:.2f} s; {copied} bytes ({format_size(copied)}) copied "
                  "meanwhile")
         tree = stack.enter_context(_tree(copy, work))

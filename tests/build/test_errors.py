@@ -278,7 +278,7 @@ def test_source_or_a_live_overlay(plain_tree: Path, tmp_path: Path, args: list[s
 
 @pytest.mark.root
 @pytest.mark.parametrize(("args", "message"), [
-    (["--freeze-limit", "0"], "--freeze-limit 0: give 0 to 3600 seconds (not 0)"),
+    (["--freeze-limit", "0"], "--freeze-limit 0: give more than 0 and at most 3600 seconds"),
     ([], "no overlay named 'live' is set up"),
 ])
 def test_a_live_overlay_that_cannot_be_baked_is_one_error(tmp_path: Path, args: list[str],

@@ -128,3 +128,22 @@ def test_a_freeze_past_the_limit_is_thawed_and_makes_nothing(images: dict[str, P
     assert "stayed frozen past --freeze-limit" in error_line(cut)
     assert os.listdir(out) == []
     assert writable(place["target"])
+
+
+def test_a_full_output_filesystem_is_one_error_and_leaves_nothing(
+        images: dict[str, Path], place: dict[str, Path]) -> None:
+    before = resources()
+    cli(*setup_args(images["squashfs"], place, "--overlay-size", "64M"))
+    change(place["target"])
+    out = place["top"] / "small"
+    out.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(out)], check=True)
+    try:
+        full = bake(place, out / "new.img", check=False)
+        assert "No space left" in error_line(full)
+        assert os.listdir(out) == []
+    finally:
+        subprocess.run(["umount", str(out)], check=True)
+    assert writable(place["target"])
+    teardown(place)
+    assert resources() == before
