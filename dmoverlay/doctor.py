@@ -41,7 +41,9 @@ class Category(StrEnum):
 BUILD = "build"
 INSPECT = "inspect"
 OVERLAY = "overlay"
-PURPOSES = (BUILD, INSPECT, OVERLAY)
+IMAGES_AS_USER = "images-as-user"  # mkupdates reading build's images without root (FUSE)
+PURPOSES = (BUILD, INSPECT, OVERLAY, IMAGES_AS_USER)
+FUSE_DEVICE = "/dev/fuse"
 
 VMTEST = "run the privileged tests in the project's VM instead: scripts/vmtest"
 
@@ -104,7 +106,9 @@ TOOLS: Mapping[str, tuple[str, ...]] = {
     "mkfs.ext4": (BUILD,),
     "debugfs": (BUILD,),
     "mksquashfs": (BUILD,),
-    "unsquashfs": (INSPECT,),
+    "unsquashfs": (INSPECT, IMAGES_AS_USER),
+    "fuse2fs": (IMAGES_AS_USER,),
+    "fusermount3": (IMAGES_AS_USER,),
     "dmsetup": (OVERLAY,),
     "losetup": (OVERLAY,),
     "mount": (OVERLAY,),
@@ -436,13 +440,29 @@ def kernel_checks(state: KernelState, features: Iterable[Feature] = FEATURES) ->
 
 # ---------------------------------------------------------------- privileges
 
-def privilege_checks(euid: int) -> list[Check]:
+def privilege_checks(euid: int, *, fuse_device: str = FUSE_DEVICE) -> list[Check]:
     if euid == 0:
         return [Check("root", Category.PRIVILEGES, Status.OK, "running as root", None,
-                      (OVERLAY,))]
+                      (OVERLAY,)),
+                Check(fuse_device, Category.PRIVILEGES, Status.OK,
+                      "not needed: root reads images through the kernel", None,
+                      (IMAGES_AS_USER,))]
     return [Check("root", Category.PRIVILEGES, Status.WARN,
                   f"running as uid {euid}: build works, loop and device-mapper setup do not",
-                  "run the overlay setup as root (sudo)", (OVERLAY,))]
+                  "run the overlay setup as root (sudo)", (OVERLAY,)),
+            fuse_check(fuse_device)]
+
+
+def fuse_check(fuse_device: str = FUSE_DEVICE) -> Check:
+    """Whether this user may mount with FUSE: mkupdates reads an ext image so."""
+    if os.access(fuse_device, os.R_OK | os.W_OK):
+        return Check(fuse_device, Category.PRIVILEGES, Status.OK, "this user may open it",
+                     None, (IMAGES_AS_USER,))
+    why = "not this user's" if os.path.exists(fuse_device) else "missing"
+    return Check(fuse_device, Category.PRIVILEGES, Status.WARN,
+                 f"{why}: mkupdates reads images only as root",
+                 "udev makes it 0666; a container needs it passed in (--device /dev/fuse)",
+                 (IMAGES_AS_USER,))
 
 
 # ---------------------------------------------------------------- all

@@ -213,11 +213,32 @@ def test_python_module_missing_and_present() -> None:
     assert missing.hint is not None and "apt-get install python3-nsm" in missing.hint
 
 
-def test_not_root_warns_and_blocks_only_the_overlay() -> None:
-    [check] = doctor.privilege_checks(1000)
-    assert check.status is Status.WARN
-    assert check.needed_for == (doctor.OVERLAY,)
+def test_not_root_warns_and_blocks_only_the_overlay(tmp_path: Path) -> None:
+    root, _ = doctor.privilege_checks(1000, fuse_device=str(tmp_path / "none"))
+    assert root.status is Status.WARN
+    assert root.needed_for == (doctor.OVERLAY,)
     assert doctor.privilege_checks(0)[0].status is Status.OK
+
+
+def test_images_as_a_user_need_fuse_open_to_them(tmp_path: Path) -> None:
+    """mkupdates reads build's images without root through FUSE."""
+    _, missing = doctor.privilege_checks(1000, fuse_device=str(tmp_path / "none"))
+    assert (missing.status, missing.needed_for) == (Status.WARN, (doctor.IMAGES_AS_USER,))
+    assert missing.detail.startswith("missing: ")
+    node = tmp_path / "fuse"
+    node.write_bytes(b"")
+    node.chmod(0o666)
+    assert doctor.privilege_checks(1000, fuse_device=str(node))[1].status is Status.OK
+    assert doctor.privilege_checks(0, fuse_device=str(tmp_path / "none"))[1].ok
+
+
+def test_images_as_a_user_are_not_ready_without_fuse2fs(tmp_path: Path) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    report = doctor.diagnose(paths=fake_system(tmp_path / "sys"), release=RELEASE, euid=0,
+                             search_path=str(empty))
+    assert {"fuse2fs", "fusermount3", "unsquashfs"} <= {
+        c.name for c in report.blocking(doctor.IMAGES_AS_USER)}
 
 
 # ---------------------------------------------------------------- loop devices and mounts
