@@ -44,20 +44,25 @@ class DirectoryReader:
                 data.finish()
 
     def _walk(self) -> Iterator[tuple[str, str, os.stat_result]]:
+        """Parents before children, names sorted; with a stack, not
+        recursion, so that no depth a path can have is too deep, and a
+        directory met again inside itself (a damaged or hostile image:
+        ext4 knows no directory hard links) is an error, not a loop."""
         top = os.path.abspath(self.root)  # located data is found again from any directory
         try:
             st = os.stat(top)  # the directory named, even through a symlink
         except OSError as exc:
             raise _unreadable(top, exc) from None
         yield "", top, st
-        yield from self._children("", top)
-
-    def _children(self, rel: str, full_dir: str) -> Iterator[tuple[str, str, os.stat_result]]:
-        try:
-            names = sorted(os.listdir(full_dir))
-        except OSError as exc:
-            raise _unreadable(full_dir, exc) from None
-        for child in names:
+        on_path = {(st.st_dev, st.st_ino)}
+        stack = [("", top, _names(top), (st.st_dev, st.st_ino))]
+        while stack:
+            rel, full_dir, names, inode = stack[-1]
+            child = next(names, None)
+            if child is None:
+                stack.pop()
+                on_path.discard(inode)
+                continue
             name = f"{rel}/{child}" if rel else child
             full = os.path.join(full_dir, child)
             st = _lstat(full)
@@ -65,7 +70,12 @@ class DirectoryReader:
                 continue
             yield name, full, st
             if stat.S_ISDIR(st.st_mode):
-                yield from self._children(name, full)
+                key = (st.st_dev, st.st_ino)
+                if key in on_path:
+                    raise SourceError(f"{full}: a directory found inside itself",
+                                      hint="the filesystem is damaged: check it with e2fsck")
+                on_path.add(key)
+                stack.append((name, full, _names(full), key))
 
     def _hidden(self, full: str, st: os.stat_result) -> bool:
         if not self.hide_empty_lost_found or not stat.S_ISDIR(st.st_mode):
@@ -74,6 +84,13 @@ class DirectoryReader:
             return not os.listdir(full)
         except OSError as exc:
             raise _unreadable(full, exc) from None
+
+
+def _names(full_dir: str) -> Iterator[str]:
+    try:
+        return iter(sorted(os.listdir(full_dir)))
+    except OSError as exc:
+        raise _unreadable(full_dir, exc) from None
 
 
 def _unreadable(full: str, exc: OSError) -> SourceError:

@@ -62,3 +62,21 @@ def test_directory_file_changing_while_read(tree: Path, staging: Path) -> None:
             if member.name == "etc/conf":
                 with open(tree / "etc/conf", "ab") as f:
                     f.write(b"x" * 100)
+
+
+def test_a_tree_as_deep_as_a_path_can_go_is_read(tmp_path: Path) -> None:
+    """1,500 levels (3,000 bytes of path): deeper than Python lets
+    generators nest, so the walk keeps its own stack."""
+    depth = 1500
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        for _ in range(depth):  # each level made relative to the last: no long paths
+            os.mkdir("d", dir_fd=fd)
+            inner = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    finally:
+        os.close(fd)
+    names = [m.name for m, _ in DirectoryReader(tmp_path, description="deep").members()]
+    assert len(names) == depth + 1
+    assert names[-1] == "/".join(["d"] * depth)
