@@ -120,8 +120,8 @@ def merge(base: str, store: str, *, name: str = "live", force: bool = False,
         store_dev = _attached(stack, store, _size(store, "STORE"))
         table = (f"0 {base_size // SECTOR} snapshot-merge {base_dev} {store_dev} P "
                  f"{chunk_bytes // SECTOR}")
+        stack.callback(_remove, device)  # before it is made: an interruption may come then
         run(["dmsetup", "create", device, "--table", table])
-        stack.callback(_remove, device)
         _wait(device, len(held), chunk_bytes, timeout=timeout, stall=stall, say=say)
     _check_merged(base, store, chunk_bytes, base_size, digests)
     _renew(store, base, chunk_bytes)
@@ -242,6 +242,8 @@ def _attached(stack: ExitStack, path: str, size: int) -> str:
 
 def _remove(device: str) -> None:
     # the kernel stops a merge at a commit when its device goes: resumable
+    if not kernel.dm_exists(device):
+        return  # never made (dmsetup create failed), or gone already
     for attempt in range(5):
         try:
             run(kernel.dm_remove_argv(device))
