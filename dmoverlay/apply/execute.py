@@ -21,7 +21,6 @@ import fcntl
 import gc
 import os
 import secrets
-import shutil
 import signal
 import tempfile
 import time
@@ -56,6 +55,7 @@ from dmoverlay.core.compress import Readable
 from dmoverlay.core.entries import InFile, Kind, Member, UpdateReader, file_identity
 from dmoverlay.core.errors import DmoverlayError, ImageError, UsageError, WriteFailed
 from dmoverlay.core.sizes import KiB, MiB, format_size
+from dmoverlay.core.tree import discard_tree
 
 CHUNK = 64 * KiB  # reads below glibc's mmap threshold: 1 MiB ones churn the heap
 BLOCK = 4096
@@ -826,7 +826,7 @@ def staging(opts: ApplyOptions) -> Iterator[Path]:
                 try:
                     yield _checked_path(base_fd, name, run / STAGING / name)
                 finally:
-                    shutil.rmtree(name, dir_fd=base_fd, ignore_errors=True)
+                    discard_tree(name, dir_fd=base_fd)
         finally:
             if made:
                 with suppress(OSError):

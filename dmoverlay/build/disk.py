@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import struct
 import tempfile
 import uuid
@@ -35,6 +34,7 @@ from dmoverlay.core.errors import ImageError, UsageError
 from dmoverlay.core.log import info, step
 from dmoverlay.core.run import require_tools, run
 from dmoverlay.core.sizes import KiB, MiB, format_size, round_up
+from dmoverlay.core.tree import discard_tree
 
 SECTOR = 512
 ALIGN = MiB
@@ -459,7 +459,7 @@ def _private_dir(scratch: Path) -> Iterator[Path]:
     try:
         yield work
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        discard_tree(work)
 
 
 def _allocate(disk: Path, size: int) -> None:

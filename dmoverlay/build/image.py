@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from dmoverlay.core import log
 from dmoverlay.core.errors import ImageError, SourceError, UsageError
 from dmoverlay.core.run import require_tools
 from dmoverlay.core.sizes import format_size
+from dmoverlay.core.tree import discard_tree
 
 DEFAULT_LABEL = "LiveOS_rootfs"
 ROOTFS = "LiveOS/rootfs.img"
@@ -79,7 +79,7 @@ def build(opts: BuildOptions) -> BuildResult:
                              hint="free some space or write the image elsewhere") from None
         raise
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        discard_tree(work)
 
 
 def _build_in(work: Path, opts: BuildOptions) -> BuildResult:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from dmoverlay.core.direct import open_direct, pread_direct, read_direct, size_o
 from dmoverlay.core.errors import CommandFailed, ImageError, OverlayError, UsageError
 from dmoverlay.core.run import find_tool, require_tools, run
 from dmoverlay.core.sizes import MiB, format_size
+from dmoverlay.core.tree import discard_tree, remove_tree
 from dmoverlay.overlay import blockdev, persistent
 from dmoverlay.overlay.dmtable import SECTOR, Names
 from dmoverlay.overlay.liveview import SYS_DEV_BLOCK, mounted_at, overlay_devices
@@ -90,7 +90,7 @@ def bake(state_dir: Path, name: str, opts: builder.BuildOptions, *,
     stores = _stores(names, base_dev)
     with ExitStack() as stack:
         work = Path(tempfile.mkdtemp(prefix=f".{opts.output.name}.bake-", dir=out_dir))
-        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        stack.callback(discard_tree, work)
         copy = work / "rootfs.img"
         try:
             if stores is not None:
@@ -335,7 +335,7 @@ def _drop_journal(top: Path) -> None:
         return
     top_st = os.lstat(top)
     if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(where)
+        remove_tree(where)
     else:
         os.unlink(where)  # not apply's journal: it is not part of the system either
     # the top as the live root shows it, not as its removal left it

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -20,6 +19,7 @@ from dmoverlay.apply.readers import DirectoryReader, open_update
 from dmoverlay.core import log, signature
 from dmoverlay.core.entries import Kind, Member, UpdateReader
 from dmoverlay.core.errors import ImageError, KeysError, UsageError
+from dmoverlay.core.tree import discard_tree
 from dmoverlay.mkupdates import check, diff, formats
 from dmoverlay.mkupdates.diff import Change, Op
 from dmoverlay.mkupdates.formats import Format
@@ -164,7 +164,7 @@ def _workdir(output: Path | None, scratch: Path | None) -> Iterator[Path]:
     try:
         yield work
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        discard_tree(work)
 
 
 def _judge(old: Mapping[str, Entry], changes: Sequence[Change], members: Sequence[Member],

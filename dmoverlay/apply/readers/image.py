@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from dmoverlay.apply.readers.detect import Format
 from dmoverlay.apply.readers.directory import DirectoryReader
 from dmoverlay.core.errors import CommandFailed, SourceError
 from dmoverlay.core.run import find_tool, run
+from dmoverlay.core.tree import discard_tree
 
 _MOUNT = {
     # nodev/nosuid/noexec: nothing on the image is run or opened as a device;
@@ -139,7 +139,7 @@ def _unpacked_live_image(image: Path, staging: Path, label: str) -> Iterator[Pat
             raise refused
         yield top / "image"
     finally:
-        shutil.rmtree(top, ignore_errors=True)
+        discard_tree(top)
 
 
 def _listing(image: Path, label: str) -> list[str]:

@@ -4,7 +4,6 @@ while it is read."""
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import pytest
 from dmoverlay.apply.readers.directory import DirectoryReader
 from dmoverlay.core.entries import Kind
 from dmoverlay.core.errors import SourceError
+from dmoverlay.core.tree import remove_tree
 from tests import samples
 from tests.apply.readers.readkit import (
     read_spec,
@@ -82,6 +82,6 @@ def test_a_tree_as_deep_as_a_path_can_go_is_read(tmp_path: Path) -> None:
         names = [m.name for m, _ in DirectoryReader(tmp_path, description="deep").members()]
     finally:
         # not left to pytest: its cleanup (shutil.rmtree) recurses, and fails as deep
-        subprocess.run(["rm", "-rf", "--", str(tmp_path / "d")], check=True)
+        remove_tree(tmp_path / "d")
     assert len(names) == depth + 1
     assert names[-1] == "/".join(["d"] * depth)

@@ -1,0 +1,117 @@
+"""A tree removed however deep, without following links or crossing mounts."""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from dmoverlay.core.tree import remove_tree
+from tests.conftest import small_tmpfs
+
+
+def _deep(top: Path, levels: int) -> Path:
+    """A chain of `levels` directories under `top`, a file at the bottom;
+    made by descriptors, since the path would outgrow PATH_MAX."""
+    top.mkdir()
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(levels):
+            os.mkdir("d" * 40, dir_fd=fd)
+            child = os.open("d" * 40, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+    return top
+
+
+@contextmanager
+def _open_files_at_most(n: int) -> Iterator[None]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_tree_deeper_than_the_recursion_limit_and_path_max_is_removed(tmp_path: Path) -> None:
+    """3,000 levels of 40-byte names: 123,000 bytes of path, three times
+    Python's recursion limit; with 64 files open at most."""
+    levels = 3000
+    assert levels > sys.getrecursionlimit()
+    top = _deep(tmp_path / "deep", levels)
+    with pytest.raises(RecursionError):  # what the work directories met before
+        shutil.rmtree(top)
+    with _open_files_at_most(64):
+        remove_tree(top)
+    assert os.listdir(tmp_path) == []
+
+
+def test_links_are_removed_not_followed(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "sub" / "keep").write_text("kept")
+    top = tmp_path / "top"
+    (top / "a" / "b").mkdir(parents=True)
+    (top / "a" / "b" / "file").write_text("x")
+    (top / "a" / "to-dir").symlink_to(outside)
+    (top / "a" / "b" / "to-file").symlink_to(outside / "sub" / "keep")
+    (top / "dangling").symlink_to(tmp_path / "nowhere")
+    os.mkfifo(top / "fifo")
+    remove_tree(top)
+    assert sorted(os.listdir(tmp_path)) == ["outside"]
+    assert (outside / "sub" / "keep").read_text() == "kept"
+
+
+def test_a_tree_already_gone_is_nothing_to_do_and_a_name_under_a_descriptor_works(
+        tmp_path: Path) -> None:
+    remove_tree(tmp_path / "absent")
+    (tmp_path / "t" / "u").mkdir(parents=True)
+    (tmp_path / "t" / "u" / "f").write_text("x")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        remove_tree("t", dir_fd=fd)
+    finally:
+        os.close(fd)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_link_given_as_the_tree_is_refused_and_its_target_kept(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "f").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(OSError) as caught:
+        remove_tree(tmp_path / "link")
+    assert caught.value.errno in (errno.ELOOP, errno.ENOTDIR)
+    assert (tmp_path / "real" / "f").read_text() == "x"
+
+
+@pytest.mark.root
+def test_a_mount_inside_keeps_its_content_and_the_rest_goes(tmp_path: Path) -> None:
+    """shutil.rmtree would empty a filesystem mounted in the tree (a work
+    directory whose mount was left by a failure); this leaves it whole,
+    removes the rest, and says what was in the way."""
+    top = tmp_path / "work"
+    (top / "a").mkdir(parents=True)
+    (top / "a" / "f").write_text("x")
+    (top / "z").mkdir()
+    (top / "z" / "g").write_text("x")
+    with small_tmpfs(top / "mnt", "size=1m") as mnt:
+        (mnt / "theirs").write_text("kept")
+        with pytest.raises(OSError) as caught:
+            remove_tree(top)
+        assert caught.value.errno == errno.EXDEV
+        assert os.listdir(top) == ["mnt"]
+        assert (mnt / "theirs").read_text() == "kept"
+    remove_tree(top)
+    assert os.listdir(tmp_path) == []
