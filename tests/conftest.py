@@ -104,3 +104,15 @@ def small_tmpfs(path: Path, options: str) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", str(path)], check=True)
+
+
+def loop_backings() -> dict[str, str]:
+    """The machine's loop devices (loop0...) and the files behind them; a
+    device another suite detaches meanwhile is left out, not an error."""
+    found = {}
+    for path in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            found[path.parent.parent.name] = path.read_text().strip()
+        except FileNotFoundError:
+            continue
+    return found

@@ -18,7 +18,7 @@ from dmoverlay.core.errors import BlockDevError, UsageError
 from dmoverlay.overlay import blockdev, libblockdev, utillinux
 from dmoverlay.overlay.blockdev import ENV, LIBBLOCKDEV, UTIL_LINUX
 from dmoverlay.overlay.state import Step, StepKind
-from tests.conftest import dmoverlay
+from tests.conftest import dmoverlay, loop_backings
 from tests.overlay.statefiles import make_state, plant
 
 LOOP_CONTROL = Path("/dev/loop-control")
@@ -87,8 +87,7 @@ def _image(tmp_path: Path, size: int, name: str = "disk.img") -> Path:
 
 
 def _loops_holding(image: Path) -> list[str]:
-    return [p.parent.parent.name for p in Path("/sys/block").glob("loop*/loop/backing_file")
-            if p.read_text().strip() == str(image)]
+    return [name for name, backing in loop_backings().items() if backing == str(image)]
 
 
 def _mounted(where: Path) -> list[list[str]]:

@@ -21,6 +21,7 @@ from dmoverlay.overlay.options import SetupOptions, parse_image, parse_overlay
 from dmoverlay.overlay.recorder import Recorder
 from dmoverlay.overlay.setup import medium_in_use, setup
 from dmoverlay.overlay.state import State, Step, StepKind, load_state
+from tests.conftest import loop_backings
 
 
 def test_setup_refuses_without_root_or_snapshot(tmp_path: Path) -> None:
@@ -64,11 +65,11 @@ def _medium(top: Path) -> Path:
     return top / "medium.img"
 
 
-def _loops() -> dict[str, str]:
-    found = {}
-    for path in Path("/sys/block").glob("loop*/loop/backing_file"):
-        found[path.parent.parent.name] = path.read_text().strip()
-    return found
+def _loops(top: Path) -> dict[str, str]:
+    """The loop devices backed by files under `top`: only this test's (a
+    suite running beside it makes and frees its own meanwhile)."""
+    return {name: backing for name, backing in loop_backings().items()
+            if backing.startswith(f"{top}/")}
 
 
 def _mounts_under(top: Path) -> list[str]:
@@ -81,13 +82,13 @@ class Stop(OverlayError):
 
 
 @pytest.fixture
-def at_device_mapper(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+def at_device_mapper(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[dict[str, Any]]:
     """Setup runs up to its first device-mapper device; there it fails (the
     host has no device-mapper), after noting what existed at that moment."""
     seen: dict[str, Any] = {}
 
     def dm(rec: Recorder, device: Device) -> str:
-        seen.update(loops=_loops(), state=load_state(rec.path.parent, rec.state.name)[0])
+        seen.update(loops=_loops(tmp_path), state=load_state(rec.path.parent, rec.state.name)[0])
         raise Stop("no device-mapper on this host")
     monkeypatch.setattr(setup_code, "require_target", lambda *args: None)
     monkeypatch.setattr(Recorder, "dm", dm)
@@ -104,7 +105,7 @@ def _opts(tmp_path: Path, image: str, **kwargs: Any) -> SetupOptions:
 def test_ram_copies_the_image_then_lets_the_medium_go(tmp_path: Path,
                                                       at_device_mapper: dict[str, Any]) -> None:
     medium = _medium(tmp_path)
-    before = _loops()
+    before = _loops(tmp_path)
     with pytest.raises(Stop):
         setup(_opts(tmp_path, str(medium), overlay_size=16 * MiB))
     state: State = at_device_mapper["state"]
@@ -118,7 +119,7 @@ def test_ram_copies_the_image_then_lets_the_medium_go(tmp_path: Path,
     assert not any("media" in s.what or s.backing == os.fspath(medium) for s in state.steps)
     assert [s.kind for s in state.steps[:4]] == ["dir", "dir", "mount", "loop"]
     # failed there: everything unwound, the copy with its tmpfs
-    assert _loops() == before
+    assert _loops(tmp_path) == before
     assert _mounts_under(tmp_path) == []
     assert not (tmp_path / "state/live.json").exists() and not work.exists()
 
@@ -128,7 +129,7 @@ def test_a_copy_that_fails_unwinds_everything(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch,
                                               at_device_mapper: dict[str, Any]) -> None:
     medium = _medium(tmp_path)
-    before = _loops()
+    before = _loops(tmp_path)
     real = ramcopy.copy_image
 
     def cut(source: str, dest: Path, size: int) -> None:
@@ -137,7 +138,7 @@ def test_a_copy_that_fails_unwinds_everything(tmp_path: Path,
     monkeypatch.setattr(setup_code, "copy_image", cut)
     with pytest.raises(OverlayError, match="ends after"):
         setup(_opts(tmp_path, str(medium), overlay_size=16 * MiB))
-    assert _loops() == before
+    assert _loops(tmp_path) == before
     assert _mounts_under(tmp_path) == []
     assert not (tmp_path / "state/live").exists()
 
@@ -146,12 +147,12 @@ def test_a_copy_that_fails_unwinds_everything(tmp_path: Path,
 def test_ram_that_does_not_fit_copies_nothing(tmp_path: Path,
                                               at_device_mapper: dict[str, Any]) -> None:
     medium = _medium(tmp_path)
-    before = _loops()
+    before = _loops(tmp_path)
     total = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
     with pytest.raises(OverlayError, match="not enough RAM to copy the image") as caught:
         setup(_opts(tmp_path, str(medium), overlay_size=total))
     assert "--overlay-size" in (caught.value.hint or "")
-    assert _loops() == before and _mounts_under(tmp_path) == []
+    assert _loops(tmp_path) == before and _mounts_under(tmp_path) == []
 
 
 @pytest.fixture
@@ -167,7 +168,7 @@ def test_a_persistent_overlay_on_the_medium_keeps_it(tmp_path: Path, medium_devi
                                                      at_device_mapper: dict[str, Any]) -> None:
     """As on a stick made by livecd-iso-to-disk: the image is read from RAM,
     the overlay file stays on the medium, which stays mounted for it."""
-    before = _loops()
+    before = _loops(tmp_path)
     with pytest.raises(Stop):
         setup(_opts(tmp_path, medium_device, overlay=parse_overlay(
             f"{medium_device}:/LiveOS/overlay.img"), overlay_size=8 * MiB))
@@ -176,4 +177,4 @@ def test_a_persistent_overlay_on_the_medium_keeps_it(tmp_path: Path, medium_devi
     assert len(media) == 1
     assert state.ram_copy > 0
     assert any(s.backing == f"{media[0].what}/LiveOS/overlay.img" for s in state.steps)
-    assert _loops() == before and _mounts_under(tmp_path) == []
+    assert _loops(tmp_path) == before and _mounts_under(tmp_path) == []
