@@ -23,7 +23,9 @@ for longer than the changes take to copy:
 Devices are judged as `mkupdates --from-live` judges them (liveview.py),
 read with O_DIRECT (the kernel writes the store and the snapshot below the
 page cache), and nothing is written on the live root: the output must be on
-another filesystem, or a write would wait for the thaw."""
+another filesystem, and not one written through it (a loop over an image
+file kept on it), or a write would wait for the thaw.  What sysfs cannot
+see (an overlayfs or FUSE mount over the live root) is met by the guard."""
 
 from __future__ import annotations
 
@@ -48,7 +50,12 @@ from dmoverlay.core.sizes import MiB, format_size
 from dmoverlay.core.tree import discard_tree, remove_tree
 from dmoverlay.overlay import blockdev, persistent
 from dmoverlay.overlay.dmtable import SECTOR, Names
-from dmoverlay.overlay.liveview import SYS_DEV_BLOCK, mounted_at, overlay_devices
+from dmoverlay.overlay.liveview import (
+    SYS_DEV_BLOCK,
+    check_elsewhere,
+    mounted_at,
+    overlay_devices,
+)
 
 JOURNAL_TOP = ".dmoverlay"  # apply's journal at a root's top: not part of the system
 FREEZE_LIMIT = 30.0  # seconds the live root may stay frozen
@@ -80,13 +87,8 @@ def bake(state_dir: Path, name: str, opts: builder.BuildOptions, *,
     rw, rw_dev = found.rw, found.rw_dev
     live = mounted_at(rw_dev, prefer=state.target)
     out_dir = opts.output.parent
-    try:
-        on = os.stat(out_dir).st_dev
-    except OSError as exc:
-        raise UsageError(f"cannot write in {out_dir}: {exc.strerror}") from None
-    if on == rw_dev:
-        raise UsageError(f"{opts.output} is on the live root ({names.rw}), which is frozen "
-                         "while it is copied", hint="write it to another filesystem")
+    check_elsewhere(out_dir, rw_dev, names.rw, why="which is frozen while it is copied: "
+                    "every write there would wait for the thaw")
     stores = _stores(names, base_dev)
     with ExitStack() as stack:
         work = Path(tempfile.mkdtemp(prefix=f".{opts.output.name}.bake-", dir=out_dir))

@@ -18,8 +18,8 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,14 +173,71 @@ def _unescaped(field: str) -> str:
 
 
 def _check_elsewhere(path: Path, dev: int, dm_name: str) -> None:
+    check_elsewhere(path, dev, dm_name, why="being read: what is written there would be "
+                    "read as a change")
+
+
+def check_elsewhere(path: Path, dev: int, dm_name: str, *, why: str) -> None:
+    """UsageError if what is written in `path` would land on `dev`: its
+    filesystem is on it, or on a device that stands on it (a loop over a
+    file in it, a partition of such a loop, a device-mapper device over one)."""
     try:
         on = os.stat(path).st_dev
     except OSError as exc:
         raise UsageError(f"cannot write in {path}: {exc.strerror}") from None
     if on == dev:
-        raise UsageError(f"{path} is on the live root ({dm_name}) being read: what is "
-                         "written there would be read as a change",
-                         hint="write it to another filesystem, such as /run (a tmpfs)")
+        where = "is on"
+    elif stands_on(on, dev):
+        where = "is on a filesystem written through"
+    else:
+        return
+    raise UsageError(f"{path} {where} the live root ({dm_name}) {why}",
+                     hint="write it to another filesystem, such as /run (a tmpfs)")
+
+
+def stands_on(dev: int, below: int, *, sysfs: Path = SYS_DEV_BLOCK) -> bool:
+    """Whether block device `dev` writes, at some depth, to `below` (which
+    may be a device or the filesystem on one), as sysfs tells."""
+    return reaches(dev, below, lambda d: _under(d, sysfs))
+
+
+def reaches(start: int, goal: int, under: Callable[[int], Iterable[int]]) -> bool:
+    """Whether `goal` is `start` or found by following `under` from it; each
+    device looked at once (a loop over a file on itself ends too)."""
+    seen, todo = set(), [start]
+    while todo:
+        dev = todo.pop()
+        if dev == goal:
+            return True
+        if dev not in seen:
+            seen.add(dev)
+            todo.extend(under(dev))
+    return False
+
+
+def _under(dev: int, sysfs: Path) -> list[int]:
+    """What block device `dev` writes to: a loop, the filesystem of its
+    file (or the device it is over); a partition, its disk; a device-mapper
+    or md device, its slaves.  Nothing for what sysfs does not know (tmpfs,
+    FUSE, NFS, overlayfs: no block device)."""
+    node = sysfs / f"{os.major(dev)}:{os.minor(dev)}"
+    found = []
+    with suppress(OSError, ValueError):
+        backing = (node / "loop/backing_file").read_text().strip()
+        st = os.stat(backing)  # gone, or out of this namespace's sight: unknown
+        found.append(st.st_rdev if stat.S_ISBLK(st.st_mode) else st.st_dev)
+    with suppress(OSError, ValueError):
+        if (node / "partition").exists():
+            found.append(_devno((node.resolve().parent / "dev").read_text()))
+    with suppress(OSError, ValueError):
+        for slave in (node / "slaves").iterdir():
+            found.append(_devno((slave / "dev").read_text()))
+    return found
+
+
+def _devno(text: str) -> int:
+    major, _, minor = text.strip().partition(":")
+    return os.makedev(int(major), int(minor))
 
 
 def _base_fs(device: str) -> tuple[str, str]:

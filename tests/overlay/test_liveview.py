@@ -212,6 +212,29 @@ def test_the_output_may_not_be_on_the_live_root(live: dict[str, Path]) -> None:
 
 
 @pytest.mark.root
+def test_the_output_may_not_be_on_a_filesystem_written_through_the_live_root(
+        live: dict[str, Path]) -> None:
+    """A filesystem mounted from an image file on the live root has another
+    device number, but every write to it changes that file."""
+    disk = live["target"] / "disk.img"
+    _sh("mkfs.ext4", "-q", "-F", str(disk), "4M")
+    loop = _sh("losetup", "--find", "--show", str(disk))
+    out = live["top"] / "out"
+    out.mkdir()
+    _sh("mount", loop, str(out))
+    try:
+        with pytest.raises(UsageError, match="is on a filesystem written through the live "
+                           r"root \(live-rw\)"), live_sides(live["state"], "live", writes=[out]):
+            pass
+    finally:
+        subprocess.run(["umount", str(out)], check=True)
+        subprocess.run(["losetup", "--detach", loop], check=True)
+    with live_sides(live["state"], "live", writes=[out]):  # the same directory, off it now
+        pass
+    assert _mounts_under(live["state"]) == [] and _left_in(live["state"]) == []
+
+
+@pytest.mark.root
 def test_a_live_root_not_mounted_is_one_error(live: dict[str, Path]) -> None:
     subprocess.run(["umount", str(live["target"])], check=True)
     with pytest.raises(OverlayError, match=r"the live root \(device .*\) is not mounted"), \

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from tests import samples
+from tests.conftest import loop_backings
 
 ENV = "DMOVERLAY_PRIVILEGED"
 HERE = Path(__file__).resolve().parent
@@ -134,7 +135,7 @@ def error_line(result: subprocess.CompletedProcess[str]) -> str:
 
 def resources() -> tuple[list[str], list[str], list[str]]:
     """Loop devices in use, device-mapper devices, mounts: what a fault must not leave."""
-    loops = sorted(p.parent.parent.name for p in Path("/sys/block").glob("loop*/loop/backing_file"))
+    loops = sorted(loop_backings())
     dms = sorted(subprocess.run(["dmsetup", "ls"], capture_output=True, text=True,
                                 check=True).stdout.split("\n"))
     mounts = sorted(line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines())

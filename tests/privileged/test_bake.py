@@ -116,6 +116,27 @@ def test_the_output_on_the_live_root_is_refused_before_freezing(images: dict[str
     assert "is on the live root" in error_line(refused)
     assert not any(p.name.startswith(".new.img") for p in root.iterdir())
     assert writable(root)
+    # nor through it: a partition of a loop over a disk image kept on it
+    disk = root / "disk.img"
+    subprocess.run(["truncate", "-s", "16M", str(disk)], check=True)
+    subprocess.run(["sfdisk", "-q", str(disk)], input="start=2048, type=83\n", text=True,
+                   check=True)
+    loop = subprocess.run(["losetup", "--find", "--show", "--partscan", str(disk)],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    out = place["top"] / "out"
+    out.mkdir()
+    try:
+        subprocess.run(["mkfs.ext4", "-q", f"{loop}p1"], check=True)
+        subprocess.run(["mount", f"{loop}p1", str(out)], check=True)
+        try:
+            refused = bake(place, out / "new.img", check=False)
+            assert "is on a filesystem written through the live root" in error_line(refused)
+            assert os.listdir(out) == ["lost+found"]
+        finally:
+            subprocess.run(["umount", str(out)], check=True)
+    finally:
+        subprocess.run(["losetup", "--detach", loop], check=True)
+    assert writable(root)
 
 
 def test_a_freeze_past_the_limit_is_thawed_and_makes_nothing(images: dict[str, Path],
