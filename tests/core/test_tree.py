@@ -6,6 +6,7 @@ import errno
 import os
 import resource
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -115,3 +116,28 @@ def test_a_mount_inside_keeps_its_content_and_the_rest_goes(tmp_path: Path) -> N
         assert (mnt / "theirs").read_text() == "kept"
     remove_tree(top)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.root
+def test_a_bind_of_a_directory_from_elsewhere_on_the_same_filesystem_keeps_it(
+        tmp_path: Path) -> None:
+    """The same device number as the tree, so only its ".." (the bound
+    directory's real parent) tells it is mounted there."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "theirs").write_text("kept")
+    top = tmp_path / "work"
+    (top / "bound").mkdir(parents=True)
+    (top / "mine").write_text("x")
+    subprocess.run(["mount", "--bind", str(outside), str(top / "bound")], check=True)
+    try:
+        assert os.stat(top / "bound").st_dev == os.stat(top).st_dev
+        with pytest.raises(OSError) as caught:
+            remove_tree(top)
+        assert caught.value.errno == errno.EXDEV
+        assert os.listdir(top) == ["bound"]
+    finally:
+        subprocess.run(["umount", str(top / "bound")], check=True)
+    assert (outside / "theirs").read_text() == "kept"
+    remove_tree(top)
+    assert os.listdir(tmp_path) == ["outside"]
