@@ -109,6 +109,10 @@ def merge(base: str, store: str, *, name: str = "live", force: bool = False,
         say(f"{store}: holds no changes: nothing to merge")
         _renew(store, base, chunk_bytes)
         return Merged(0, 0.0, resumed)
+    if not baseid.merging_fits(chunk_bytes):
+        log.warning(f"{store}: its chunks of {chunk_bytes} bytes leave no room for the mark "
+                    "of a begun merge: a merge cut short cannot be gone on with (setup and "
+                    "dracut make 4 KiB chunks)")
     kernel.require_target("snapshot-merge", "dm-snapshot", "CONFIG_DM_SNAPSHOT")
     digests = _digests(store, chunk_bytes, held)
     first = read_direct(store, 0, chunk_bytes)
