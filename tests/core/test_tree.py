@@ -16,23 +16,7 @@ import pytest
 
 from dmoverlay.core.tree import remove_tree
 from tests.conftest import small_tmpfs
-
-
-def _deep(top: Path, levels: int) -> Path:
-    """A chain of `levels` directories under `top`, a file at the bottom;
-    made by descriptors, since the path would outgrow PATH_MAX."""
-    top.mkdir()
-    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for _ in range(levels):
-            os.mkdir("d" * 40, dir_fd=fd)
-            child = os.open("d" * 40, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = child
-        os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
-    finally:
-        os.close(fd)
-    return top
+from tests.deeptree import make_chain
 
 
 @contextmanager
@@ -50,7 +34,9 @@ def test_a_tree_deeper_than_the_recursion_limit_and_path_max_is_removed(tmp_path
     Python's recursion limit; with 64 files open at most."""
     levels = 3000
     assert levels > sys.getrecursionlimit()
-    top = _deep(tmp_path / "deep", levels)
+    top = tmp_path / "deep"
+    top.mkdir()
+    make_chain(top, levels, name="d" * 40, leaf="f")
     with pytest.raises(RecursionError):  # what the work directories met before
         shutil.rmtree(top)
     with _open_files_at_most(64):

@@ -17,9 +17,9 @@ from dmoverlay.apply.update import ApplyOptions, apply_update
 from dmoverlay.build.image import BuildOptions
 from dmoverlay.build.image import build as build_image
 from dmoverlay.core.errors import DmoverlayError, ImageError, SourceError, UsageError
-from dmoverlay.core.tree import remove_tree
 from dmoverlay.mkupdates.formats import Format
 from dmoverlay.mkupdates.make import Made, MkupdatesOptions, make_updates
+from tests.deeptree import chain
 from tests.mkupdates.treekit import Node, build, snapshot
 
 SAMPLE = {
@@ -172,25 +172,13 @@ def test_squashfs_of_a_tree_deeper_than_python_recurses(tmp_path: Path) -> None:
     looked every level up again for each member below it: 113 s)."""
     depth = 1500
     (tmp_path / "new").mkdir()
-    fd = os.open(tmp_path / "new", os.O_RDONLY)
-    try:
-        for _ in range(depth):  # each level made relative to the last: no long paths
-            os.mkdir("d", dir_fd=fd)
-            child = os.open("d", os.O_RDONLY, dir_fd=fd)
-            os.close(fd)
-            fd = child
-        os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
-    finally:
-        os.close(fd)
-    try:
+    with chain(tmp_path / "new", depth, leaf="f"):
         made = make(tmp_path / "new", tmp_path / "u.img", format=Format.SQUASHFS)
-        assert leftovers(tmp_path) == []
-        listing = subprocess.run(["unsquashfs", "-l", "-d", "", tmp_path / "u.img"],
-                                 capture_output=True, text=True, check=True).stdout.split()
-        assert "/" + "/".join(["d"] * depth + ["f"]) in listing
-        assert len(made.members) == depth + 1
-    finally:
-        remove_tree(tmp_path / "new")
+    assert leftovers(tmp_path) == []
+    listing = subprocess.run(["unsquashfs", "-l", "-d", "", tmp_path / "u.img"],
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert "/" + "/".join(["d"] * depth + ["f"]) in listing
+    assert len(made.members) == depth + 1
 
 
 def test_an_existing_output_needs_force(tree: Path, tmp_path: Path) -> None:

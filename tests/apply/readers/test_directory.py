@@ -11,11 +11,11 @@ import pytest
 from dmoverlay.apply.readers.directory import DirectoryReader
 from dmoverlay.core.entries import Kind
 from dmoverlay.core.errors import SourceError
-from dmoverlay.core.tree import remove_tree
 from tests import samples
 from tests.apply.readers.readkit import (
     read_spec,
 )
+from tests.deeptree import chain
 
 
 def test_directory_members(tmp_path: Path, staging: Path) -> None:
@@ -69,19 +69,7 @@ def test_a_tree_as_deep_as_a_path_can_go_is_read(tmp_path: Path) -> None:
     """1,500 levels (3,000 bytes of path): deeper than Python lets
     generators nest, so the walk keeps its own stack."""
     depth = 1500
-    fd = os.open(tmp_path, os.O_RDONLY)
-    try:
-        for _ in range(depth):  # each level made relative to the last: no long paths
-            os.mkdir("d", dir_fd=fd)
-            inner = os.open("d", os.O_RDONLY, dir_fd=fd)
-            os.close(fd)
-            fd = inner
-    finally:
-        os.close(fd)
-    try:
+    with chain(tmp_path, depth):
         names = [m.name for m, _ in DirectoryReader(tmp_path, description="deep").members()]
-    finally:
-        # not left to pytest: its cleanup (shutil.rmtree) recurses, and fails as deep
-        remove_tree(tmp_path / "d")
     assert len(names) == depth + 1
     assert names[-1] == "/".join(["d"] * depth)
