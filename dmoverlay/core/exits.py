@@ -14,6 +14,9 @@ from dmoverlay.core.errors import DmoverlayError, Terminated
 
 # What a command's entry turns into lines and an exit code.
 ENDINGS = (DmoverlayError, KeyboardInterrupt, Terminated)
+# A line longer than this (a path thousands of bytes long: a hostile tree's)
+# keeps its two ends, which say what failed and why, and the count of the rest.
+LINE_MOST = 1000
 
 
 def on_sigterm(signum: int, frame: object) -> None:
@@ -33,12 +36,19 @@ def report(exc: BaseException, say: Callable[[str], object]) -> int:
             import traceback
 
             traceback.print_exception(exc)
-        say(f"error: {exc.message}")
+        say(_within(f"error: {exc.message}"))
         if exc.hint:
-            say(f"hint: {exc.hint}")
+            say(_within(f"hint: {exc.hint}"))
         return 1
     if isinstance(exc, KeyboardInterrupt):
         say("error: interrupted")
         return 130
     say("error: terminated (SIGTERM); what was under way was undone")
     return 143
+
+
+def _within(line: str) -> str:
+    if len(line) <= LINE_MOST:
+        return line
+    end = LINE_MOST // 2 - 30
+    return f"{line[:end]}...({len(line) - 2 * end} characters)...{line[-end:]}"
