@@ -22,7 +22,7 @@ PACKAGES: Mapping[str, tuple[str, str]] = {
     "e2fsck": ("e2fsprogs", "e2fsprogs"),
     "mksquashfs": ("squashfs-tools", "squashfs-tools"),
     "unsquashfs": ("squashfs-tools", "squashfs-tools"),
-    "fuse2fs": ("fuse2fs", "fuse2fs"),
+    "fuse2fs": ("fuse2fs", "e2fsprogs"),  # Fedora's spec ships it with e2fsprogs
     "fusermount3": ("fuse3", "fuse3"),
     "dmsetup": ("dmsetup", "device-mapper"),
     "losetup": ("mount", "util-linux"),
