@@ -36,6 +36,9 @@ from dmoverlay.overlay.options import STATE_DIR
 @click.option("--format", "fmt", default=Format.CPIO.value, show_default=True,
               type=click.Choice([f.value for f in Format]),
               help="cpio.gz: anaconda's updates.img; tar.zst: keeps xattrs; squashfs.")
+@click.option("--exclude", "exclude", multiple=True, metavar="PATTERN",
+              help="Leave what PATTERN names as the target has it, with all it holds: "
+                   "var/log, /var/cache/*, or *.pyc at any depth (repeatable).")
 @click.option("--all-root", is_flag=True, help="Make every entry owned by root.")
 @click.option("--no-xattrs", is_flag=True,
               help="Leave xattrs out (cpio cannot carry them: it refuses them otherwise).")
@@ -52,7 +55,8 @@ from dmoverlay.overlay.options import STATE_DIR
               help="List what would go in (kind and path, one a line); write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="The members as JSON on stdout.")
 def command(tree: str | None, old: str | None, new: str | None, live: str | None,
-            state_dir: Path | None, output: Path | None, fmt: str, all_root: bool,
+            state_dir: Path | None, output: Path | None, fmt: str, exclude: tuple[str, ...],
+            all_root: bool,
             no_xattrs: bool, allow_setuid: bool,
             allow_xattrs: tuple[str, ...], epoch: int | None, force: bool, key: Path | None,
             dry_run: bool, as_json: bool) -> None:
@@ -74,7 +78,7 @@ def command(tree: str | None, old: str | None, new: str | None, live: str | None
         new=tree or new or "", output=None if dry_run else output, old=old,
         format=Format(fmt), all_root=all_root, no_xattrs=no_xattrs,
         allow_setuid=allow_setuid, allow_xattrs=allow_xattrs, epoch=epoch, force=force,
-        sign=key)
+        sign=key, exclude=exclude)
     try:
         made = make_updates(opts) if live is None else _from_live(live, state_dir, opts)
     except ApplyRefused as exc:

@@ -22,6 +22,7 @@ from dmoverlay.core.errors import ImageError, KeysError, UsageError
 from dmoverlay.core.tree import discard_tree
 from dmoverlay.mkupdates import check, diff, formats
 from dmoverlay.mkupdates.diff import Change, Op
+from dmoverlay.mkupdates.exclude import Excluded, check_kept, parse
 from dmoverlay.mkupdates.formats import Format
 from dmoverlay.mkupdates.listing import Blobs, Entry, read_side
 
@@ -42,6 +43,7 @@ class MkupdatesOptions:
     force: bool = False
     sign: Path | None = None  # an OpenSSH key: OUTPUT.sig beside it (core.signature)
     scratch: Path | None = None  # a dry run's work directory goes here (None: $TMPDIR)
+    exclude: tuple[str, ...] = ()  # patterns of names left as the target has them (exclude.py)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ def make_updates(opts: MkupdatesOptions) -> Made:
     `opts.output`, or with no output only say what it would hold.  Raises
     ApplyRefused for what apply would refuse, UsageError or SourceError for
     the rest; nothing is left behind either way."""
+    excluded = Excluded(parse(p) for p in opts.exclude)
     if opts.output is not None:
         _check_output(opts)
     with ExitStack() as stack:
@@ -79,7 +82,12 @@ def make_updates(opts: MkupdatesOptions) -> Made:
             stack.callback(blobs.close)
         new = _side(stack, opts.new, work / "new", blobs, opts)
         old = _side(stack, opts.old, work / "old", None, opts) if opts.old else {}
+        if excluded:
+            whole_old, whole_new = diff.with_parents(old), diff.with_parents(new)
+            old, new = excluded.without(whole_old), excluded.without(whole_new)
         changes = diff.difference(old, new)
+        if excluded:
+            check_kept(excluded, changes, whole_old, whole_new)
         members = diff.members(changes, diff.with_parents(new), epoch=opts.epoch)
         _judge(old, changes, members, opts)
         made = Made(opts.output, tuple(changes), tuple(members))
