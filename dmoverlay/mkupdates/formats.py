@@ -243,6 +243,8 @@ def _parents(name: str, top: Path, made: set[str]) -> list[Path]:
     as apply makes a directory it has to), and add them to `made`; those
     made.  Only the levels not yet in `made` are looked at: a tree 1,500
     levels deep was 1,500 times its depth in lookups."""
+    if posixpath.isabs(name):  # listing.py refuses such names: never staged outside `top`
+        raise ValueError(f"{name}: not a relative name")
     missing = []
     parent = posixpath.dirname(name)
     while parent and parent not in made:

@@ -14,9 +14,11 @@ state directory, and are let go on every way out, SIGTERM included."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import stat
+import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
@@ -222,10 +224,10 @@ def _under(dev: int, sysfs: Path) -> list[int]:
     FUSE, NFS, overlayfs: no block device)."""
     node = sysfs / f"{os.major(dev)}:{os.minor(dev)}"
     found = []
-    with suppress(OSError, ValueError):
-        backing = (node / "loop/backing_file").read_text().strip()
-        st = os.stat(backing)  # gone, or out of this namespace's sight: unknown
-        found.append(st.st_rdev if stat.S_ISBLK(st.st_mode) else st.st_dev)
+    if (node / "loop").is_dir():
+        backing = _loop_backing(dev, node)
+        if backing is not None:
+            found.append(backing)
     with suppress(OSError, ValueError):
         if (node / "partition").exists():
             found.append(_devno((node.resolve().parent / "dev").read_text()))
@@ -233,6 +235,43 @@ def _under(dev: int, sysfs: Path) -> list[int]:
         for slave in (node / "slaves").iterdir():
             found.append(_devno((slave / "dev").read_text()))
     return found
+
+
+LOOP_GET_STATUS64 = 0x4C05
+_LOOP_INFO64 = struct.Struct("<QQQ")  # lo_device, lo_inode, lo_rdevice: the struct's head
+_LOOP_INFO64_SIZE = 232
+
+
+def _loop_backing(dev: int, node: Path) -> int | None:
+    """What the loop device `dev` writes to: the device its file is on,
+    or the block device it is over.  Asked of the loop device itself (its
+    backing file's st_dev and st_rdev, kept by the kernel even for a file
+    deleted since, or named in bytes sysfs cannot show), else from the
+    path sysfs gives; None when neither tells."""
+    with suppress(OSError, ValueError, StopIteration):
+        name = next(line.split("=", 1)[1] for line in (node / "uevent").read_text().splitlines()
+                    if line.startswith("DEVNAME="))
+        fd = os.open(f"/dev/{name}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            if os.fstat(fd).st_rdev != dev:
+                raise ValueError("another device at its name")
+            info = bytearray(_LOOP_INFO64_SIZE)
+            fcntl.ioctl(fd, LOOP_GET_STATUS64, info)
+        finally:
+            os.close(fd)
+        device, _, rdevice = _LOOP_INFO64.unpack_from(info)
+        return _kernel_devno(rdevice or device)
+    with suppress(OSError, ValueError):
+        raw = (node / "loop/backing_file").read_bytes().removesuffix(b"\n")
+        st = os.stat(raw)  # gone, or out of this namespace's sight: unknown
+        return st.st_rdev if stat.S_ISBLK(st.st_mode) else st.st_dev
+    return None
+
+
+def _kernel_devno(value: int) -> int:
+    """A device number as the kernel encodes it for ioctls (huge_encode_dev:
+    minor's low byte, 12 bits of major, the rest of minor), as os.stat has it."""
+    return os.makedev((value >> 8) & 0xFFF, (value & 0xFF) | ((value >> 12) & 0xFFF00))
 
 
 def _devno(text: str) -> int:

@@ -66,3 +66,20 @@ def test_loops_are_followed_through_files_and_devices(tmp_path: Path, stack: Exi
     assert not stands_on(a, b) and not stands_on(b, c) and not stands_on(c, over)
     assert not stands_on(c, os.stat("/").st_dev)
     assert not stands_on(a, os.stat("/proc").st_dev)  # a tmpfs is on nothing sysfs knows
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("name", [b"plain.img", b"img\xff.img", b"space.img ", b"deleted.img"])
+def test_a_loop_is_followed_whatever_its_file_is_called_or_if_it_is_gone(
+        tmp_path: Path, stack: ExitStack, name: bytes) -> None:
+    """sysfs shows the file's path as text, trailing blanks trimmed by a
+    reader, " (deleted)" once it is gone: the kernel's numbers are asked."""
+    top = stack.enter_context(small_tmpfs(tmp_path / "a", "size=8m"))
+    image = os.path.join(os.fsencode(top), name)
+    with open(image, "wb") as f:
+        f.truncate(1 << 20)
+    dev = _loop(stack, os.fsdecode(image))
+    if name == b"deleted.img":
+        os.unlink(image)
+    assert stands_on(os.stat(dev).st_rdev, os.stat(top).st_dev)
+    assert not stands_on(os.stat(dev).st_rdev, os.stat("/").st_dev)
