@@ -117,10 +117,19 @@ def _load_boot_path() -> None:
                 names |= _imports_in(file, name, hasattr(module, "__path__"))
 
 
-def collect() -> Closure:
+# Left out with `without_https`: TLS, and OpenSSL's hashes (hashlib has its
+# own sha256), so that libssl and libcrypto (5.4 MiB) stay out too.
+TLS = ("ssl", "_ssl", "_hashlib")
+
+
+def collect(*, without_https: bool = False) -> Closure:
     """The closure of the boot path in this interpreter (run it fresh:
-    whatever else was imported before would be carried too)."""
+    whatever else was imported before would be carried too); without TLS,
+    as if it were not installed (urllib and hashlib do without it)."""
     os.environ["DMOVERLAY_BLOCKDEV"] = "util-linux"
+    if without_https:
+        for name in TLS:
+            sys.modules[name] = None  # type: ignore[assignment]  # import fails: "not there"
     _load_boot_path()
     pure: dict[str, str] = {}
     packages: set[str] = set()
@@ -147,17 +156,18 @@ def collect() -> Closure:
 _FRESH = ("import os, sys; d = sys.argv[1]; sys.path = [p for p in sys.path if p]\n"
           "if d not in map(os.path.realpath, sys.path): sys.path.insert(0, d)\n"
           "import json, dmoverlay.boot.initramfs as i\n"
-          "print(json.dumps(i.collect().to_dict()))\n")
+          "print(json.dumps(i.collect(without_https=sys.argv[2] == 'no').to_dict()))\n")
 
 
-def collect_fresh(python: str = sys.executable) -> Closure:
+def collect_fresh(python: str = sys.executable, *, without_https: bool = False) -> Closure:
     """collect() in a new interpreter, with nothing else imported.  Neither
     the current directory nor the caller's PYTHONPATH and other PYTHON*
     variables (-E) can put a module of theirs (a `json.py`, say) in place
     of the one the boot path imports; this dmoverlay is found where it is
     (_FRESH).  The site-packages, the user's too, are the interpreter's."""
     package_dir = os.fspath(Path(__file__).resolve().parents[2])
-    result = subprocess.run([python, "-E", "-c", _FRESH, package_dir],
+    result = subprocess.run([python, "-E", "-c", _FRESH, package_dir,
+                             "no" if without_https else "yes"],
                             capture_output=True, text=True, check=False)
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines() or ["no output"]
@@ -209,14 +219,14 @@ def wrapper(python: str, module: str = "dmoverlay.cli") -> str:
             f"exec {python} -I -S -c 'from {module} import main; main()' \"$@\"\n")
 
 
-def stage(dest: Path, python: str = sys.executable) -> Closure:
+def stage(dest: Path, python: str = sys.executable, *, without_https: bool = False) -> Closure:
     """Write what the initramfs gets under `dest` (a staging root): the zip
     and the wrappers (dmoverlay, and the hooks' dmoverlay-boot).  The
     interpreter and extensions are listed by `files`, for dracut to install
-    with their libraries."""
+    with their libraries.  `without_https`: no TLS (TLS)."""
     if not dest.is_dir():
         raise UsageError(f"{dest}: no such directory")
-    closure = collect_fresh(python)
+    closure = collect_fresh(python, without_https=without_https)
     zip_dest = dest / closure.zip_path.lstrip("/")
     zip_dest.parent.mkdir(parents=True, exist_ok=True)
     write_zip(closure, zip_dest)

@@ -34,9 +34,11 @@ def install_command(moddir: Path, confdir: Path, no_conf: bool) -> None:
 
 @group.command("stage")
 @click.argument("dest", type=click.Path(path_type=Path))
-def stage_command(dest: Path) -> None:
+@click.option("--without-https", is_flag=True,
+              help="Leave TLS out (and OpenSSL with it): updates by http:// only.")
+def stage_command(dest: Path, without_https: bool) -> None:
     """Write the Python the initramfs carries into DEST (a zip of the boot
     path's bytecode, /usr/bin/dmoverlay, and dmoverlay-boot for the hooks);
     print the interpreter and extension modules to install beside it."""
-    closure = initramfs.stage(dest)
+    closure = initramfs.stage(dest, without_https=without_https)
     click.echo("\n".join([closure.python, *closure.extensions]))

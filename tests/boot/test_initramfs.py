@@ -5,6 +5,7 @@ extension modules listed runs the boot path's commands for real."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
@@ -114,6 +115,63 @@ def test_the_staged_python_applies_an_update(staged: tuple[Path, initramfs.Closu
     assert result.returncode == 0, result.stderr
     assert (root / "usr/lib/fixed.so").read_bytes() == b"fixed\n"
     assert (root / "lib").is_symlink()
+
+
+@pytest.fixture(scope="module")
+def staged_without_tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, initramfs.Closure]:
+    """As `staged`, made as dmoverlay_https=no makes it."""
+    top = tmp_path_factory.mktemp("prefix-no-tls")
+    closure = initramfs.stage(top, without_https=True)
+    python = top / closure.python.lstrip("/")
+    shutil.copy2(closure.python, python)
+    for extension in closure.extensions:
+        dest = top / extension.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(extension, dest)
+    return top, closure
+
+
+def _links(elf: str) -> str:
+    return subprocess.run(["ldd", elf], capture_output=True, text=True, check=True).stdout
+
+
+def test_without_https_neither_tls_nor_openssl_is_carried(
+        staged: tuple[Path, initramfs.Closure],
+        staged_without_tls: tuple[Path, initramfs.Closure], tmp_path: Path) -> None:
+    """The closure drops ssl, _ssl and _hashlib, so no library it links is
+    OpenSSL's; hashlib's own sha256 serves, in silence; an https update is
+    one line, and a local one is applied as before."""
+    _, full = staged
+    top, closure = staged_without_tls
+    assert "ssl" in full.pure and "ssl" not in closure.pure
+    assert set(full.pure) - set(closure.pure) == {"ssl"}
+    dropped = {os.path.basename(e).split(".")[0] for e in set(full.extensions)
+               - set(closure.extensions)}
+    assert dropped == {"_ssl", "_hashlib"}
+    for elf in (closure.python, *closure.extensions):
+        assert "libssl" not in _links(elf) and "libcrypto" not in _links(elf), elf
+    assert any("libcrypto" in _links(e) for e in full.extensions)
+    python = top / closure.python.lstrip("/")
+    digest = subprocess.run([str(python), "-I", "-S", "-c",
+                             "import hashlib; print(hashlib.sha256(b'x').hexdigest())"],
+                            capture_output=True, text=True, check=True)
+    assert (digest.stdout.strip(), digest.stderr) == (hashlib.sha256(b"x").hexdigest(), "")
+    (tmp_path / "root").mkdir()
+    (tmp_path / "run").mkdir()
+    refused = _run(top, closure, "apply", "https://127.0.0.1:9/u.img", "--root",
+                   str(tmp_path / "root"), "--run-dir", str(tmp_path / "run"))
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert refused.stderr.splitlines()[0] == (
+        "error: cannot download https://127.0.0.1:9/u.img: this Python has no TLS (an "
+        "initramfs made with dmoverlay_https=no)")
+    update = tmp_path / "u.tar.gz"
+    with tarfile.open(update, "w:gz") as tar:
+        info = tarfile.TarInfo("fixed")
+        info.size = 6
+        tar.addfile(info, io.BytesIO(b"fixed\n"))
+    done = _run(top, closure, "apply", str(update), "--root", str(tmp_path / "root"),
+                "--run-dir", str(tmp_path / "run"))
+    assert done.returncode == 0 and (tmp_path / "root/fixed").read_bytes() == b"fixed\n"
 
 
 def test_the_zip_is_the_same_from_the_same_sources(tmp_path: Path,
@@ -361,6 +419,33 @@ def test_module_setup_stops_dracut_when_its_python_is_gone(tmp_path: Path) -> No
     assert [c[0] for c in calls] == ["dfatal"], calls
     assert "could not stage dmoverlay's Python" in " ".join(calls[0][1:])
     assert "90-dmoverlay.conf" in " ".join(calls[0][1:])
+
+
+@pytest.mark.parametrize(("value", "tls"), [("yes", True), ("", True), ("no", False),
+                                           ("false", None)])
+def test_module_setup_leaves_tls_out_when_dracut_conf_says_no(
+        tmp_path: Path, value: str, tls: bool | None) -> None:
+    """dracut.conf's dmoverlay_https=no stages without TLS: _ssl is not among
+    the libraries installed; a value other than yes or no stops dracut."""
+    moddir = tmp_path / "modules.d"
+    moddir.mkdir()
+    initramfs.install_module(moddir, None, python=sys.executable)
+    log = tmp_path / "log"
+    script = _DRACUT_STUBS + '. "$moddir/module-setup.sh"\ninstall\n'
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                            check=False, timeout=120,
+                            env={"PATH": os.environ["PATH"], "LOG": str(log),
+                                 "moddir": str(moddir / initramfs.MODULE),
+                                 "DRACUT_TMPDIR": str(tmp_path), "dmoverlay_https": value})
+    calls = [c.split("\0")[:-1] for c in log.read_text().split("\n\0") if c]
+    if tls is None:
+        assert result.returncode == 1
+        assert calls == [["dfatal", f"dmoverlay: dmoverlay_https={value}: say yes or no"]]
+        return
+    assert result.returncode == 0, result.stderr
+    libs = [c[1] for c in calls if c[0] == "lib"]
+    assert any("/_json." in lib for lib in libs)
+    assert any("/_ssl." in lib for lib in libs) is tls
 
 
 def test_install_writes_into_the_directory_it_checked(tmp_path: Path,

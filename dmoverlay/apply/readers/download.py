@@ -131,6 +131,21 @@ def check_url(url: str) -> None:
     if not host:
         raise SourceError(f"cannot download {url}: no host in the URL",
                           hint="give an http(s) URL")
+    if parts.scheme.lower() == "https" and not has_https():
+        raise SourceError(f"cannot download {url}: this Python has no TLS (an initramfs "
+                          "made with dmoverlay_https=no)", hint=_NO_HTTPS_HINT)
+
+
+_NO_HTTPS_HINT = ("name it by http:// (with a signature or #sha256=, which check it as "
+                  "well), or make the initramfs with TLS")
+
+
+def has_https() -> bool:
+    """Whether https can be spoken: the ssl module is there (an initramfs
+    may leave it out, with OpenSSL's 5 MiB)."""
+    import importlib.util
+
+    return importlib.util.find_spec("ssl") is not None
 
 
 class _Failed(Exception):
@@ -414,6 +429,10 @@ def _http_redirects() -> urllib.request.BaseHandler:
             if scheme not in ("http", "https"):
                 raise Unusable(f"redirected to {_printable(newurl)} (only http(s) URLs are "
                                "followed)", transient=False)
+            if scheme == "https" and not has_https():
+                raise Unusable(f"redirected to {_printable(newurl)}, but this Python has no "
+                               "TLS (an initramfs made with dmoverlay_https=no)",
+                               transient=False)
             visited: dict[str, int] = getattr(req, "redirect_dict", {})
             if visited.get(newurl, 0) >= self.max_repeats \
                     or len(visited) >= self.max_redirections:

@@ -1,7 +1,7 @@
 #!/bin/bash
 # moddir is dracut's; installed.conf, written at install, sets dmoverlay_python
-# and dmoverlay_path; dracut.conf may set dmoverlay_updates_keys and
-# dmoverlay_updates_revoked
+# and dmoverlay_path; dracut.conf may set dmoverlay_updates_keys,
+# dmoverlay_updates_revoked and dmoverlay_https
 # shellcheck disable=SC2154
 # dracut module "dmoverlay": sets up the live root that root=live:... and the
 # rd.live.* options ask for, as dmsquash-live does, with dmoverlay; then
@@ -71,8 +71,18 @@ inst_update_file() {
 install() {
     # shellcheck source=/dev/null
     . "$moddir/installed.conf"
-    local stage="$DRACUT_TMPDIR/dmoverlay-stage" elf
+    local stage="$DRACUT_TMPDIR/dmoverlay-stage" elf tls=()
     mkdir -p "$stage"
+    # dmoverlay_https=no: updates by http:// only (signed, or by #sha256=),
+    # and neither the ssl module nor OpenSSL's libraries (5.4 MiB) carried
+    case "${dmoverlay_https:-yes}" in
+        yes) ;;
+        no) tls=(--without-https) ;;
+        *)
+            dfatal "dmoverlay: dmoverlay_https=${dmoverlay_https}: say yes or no"
+            exit 1
+            ;;
+    esac
     # The Python dmoverlay runs with, and only the modules its boot path
     # imports: a zip of bytecode and a wrapper are staged, the interpreter
     # and extension modules listed, one per line, for dracut to install
@@ -81,7 +91,7 @@ install() {
     # A failure stops dracut: an initramfs made without the module would
     # not boot a live root, and would say so only at the next boot.
     elf=$(cd / && PYTHONPATH="$dmoverlay_path" "$dmoverlay_python" -m dmoverlay initramfs \
-        stage "$stage") || {
+        stage "$stage" "${tls[@]}") || {
         dfatal "dmoverlay: $dmoverlay_python could not stage dmoverlay's Python;" \
             "install dmoverlay again (dmoverlay initramfs install), or remove" \
             "/etc/dracut.conf.d/90-dmoverlay.conf and $moddir"

@@ -4,6 +4,7 @@ every failure one error line."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import socket
 import subprocess
 import sys
@@ -100,6 +101,22 @@ def test_download_failures(server: tuple[str, Server], staging: Path) -> None:
                    retry=FAST)
     download_fails(f"{url}/to-ftp", staging, "redirected to ftp://127.0.0.1/x")
     download_fails(f"{url}/good", staging, f"SHA-256 is .*, not {'1' * 64}", sha256="1" * 64)
+
+
+def test_without_tls_https_is_one_line_and_nothing_is_fetched(
+        server: tuple[str, Server], staging: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An initramfs made with dmoverlay_https=no has no ssl module (as
+    injected here): an https URL, or a redirect to one, says so."""
+    url, httpd = server
+    httpd.routes = {"/to-tls": redirect("https://127.0.0.1:9/u.img")}
+    # the module, not the package's function of the same name
+    monkeypatch.setattr(importlib.import_module("dmoverlay.apply.readers.download"),
+                        "has_https", lambda: False)
+    download_fails("https://127.0.0.1:9/u.img", staging,
+                   r"https://127.0.0.1:9/u.img: this Python has no TLS \(an initramfs made "
+                   r"with dmoverlay_https=no\)$")
+    download_fails(f"{url}/to-tls", staging, "redirected to https://127.0.0.1:9/u.img, but "
+                   "this Python has no TLS")
 
 
 def test_connection_refused(staging: Path) -> None:
