@@ -129,7 +129,9 @@ def update_key(kit: dict[str, Path | str]) -> KeyPair:
 
 @pytest.fixture(scope="session")
 def signed_initrd(kit: dict[str, Path | str], update_key: KeyPair) -> Path:
-    """With the network, and the keys every update must be signed by."""
+    """With the network, and the keys every update must be signed by; and
+    without TLS (dmoverlay_https=no): its updates come by http, checked."""
     return _another_initrd(kit, "initrd-signed.img", machine.NETWORK,
                            ("35network-legacy", "dracut-network"),
-                           conf=f'dmoverlay_updates_keys="{update_key.public}"\n')
+                           conf=f'dmoverlay_updates_keys="{update_key.public}"\n'
+                                "dmoverlay_https=no\n")

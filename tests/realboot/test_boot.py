@@ -233,7 +233,8 @@ def test_signed_updates_over_http_with_a_mirror(kit: Kit, tmp_path: Path, signed
     by an initramfs that holds the key (dracut.conf's dmoverlay_updates_keys):
     the first URL is down, its mirror serves it, its checksum is checked.
     An update signed by no trusted key, and one changed after it was signed,
-    are left out."""
+    are left out; so is one named by https, which this initramfs (made with
+    dmoverlay_https=no) cannot speak."""
     served, port = http_dir
     tree = tmp_path / "tree"
     (tree / "usr/lib").mkdir(parents=True)
@@ -254,6 +255,7 @@ def test_signed_updates_over_http_with_a_mirror(kit: Kit, tmp_path: Path, signed
     result = _boot(kit, tmp_path, f"{LIVE} rd.live.overlay.size=64 rd.neednet=1 ip=dhcp "
                    f"rd.live.updates={down}/good.img,{url}/good.img#sha256={digest} "
                    f"rd.live.updates={url}/stranger.tar rd.live.updates={url}/changed.tar "
+                   f"rd.live.updates=https://10.0.2.2:{port}/good.img "
                    "probe.cat=/usr/lib/dmoverlay-signed.txt "
                    "probe.cat=/usr/lib/dmoverlay-stranger.txt "
                    "probe.cat=/usr/lib/dmoverlay-changed.txt",
@@ -265,3 +267,5 @@ def test_signed_updates_over_http_with_a_mirror(kit: Kit, tmp_path: Path, signed
     left = [line for line in result.console.splitlines() if "left out" in line]
     assert any(f"{url}/stranger.tar" in line for line in left), left
     assert any(f"{url}/changed.tar" in line for line in left), left
+    assert any(f"https://10.0.2.2:{port}/good.img" in line and "has no TLS" in line
+               for line in left), left
