@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,10 @@ def test_the_output_on_the_live_root_is_refused_before_freezing(images: dict[str
     out = place["top"] / "out"
     out.mkdir()
     try:
+        # without udev, devtmpfs makes the partition's node a moment after the scan
+        deadline = time.monotonic() + 20
+        while not os.path.exists(f"{loop}p1") and time.monotonic() < deadline:
+            time.sleep(0.05)
         subprocess.run(["mkfs.ext4", "-q", f"{loop}p1"], check=True)
         subprocess.run(["mount", f"{loop}p1", str(out)], check=True)
         try:
