@@ -72,14 +72,16 @@ class Excluded:
     def by(self, name: str) -> Pattern | None:
         """The pattern that leaves `name` out (it, or a directory above it),
         or None."""
-        if name in self._seen:
-            return self._seen[name]
-        parent, _, _ = name.rpartition("/")
-        found = self.by(parent) if parent else None
-        if found is None:
-            parts = name.split("/")
-            found = next((p for p in self.patterns if p.matches(parts)), None)
-        self._seen[name] = found
+        chain = []  # `name` and its ancestors not yet judged, deepest first
+        while name and name not in self._seen:
+            chain.append(name)
+            name = name.rpartition("/")[0]
+        found = self._seen.get(name) if name else None
+        for each in reversed(chain):  # from the top down: no recursion, however deep
+            if found is None:
+                parts = each.split("/")
+                found = next((p for p in self.patterns if p.matches(parts)), None)
+            self._seen[each] = found
         return found
 
     def without(self, side: Mapping[str, Entry]) -> dict[str, Entry]:

@@ -47,6 +47,14 @@ def test_what_a_pattern_leaves_out(pattern: str, name: str, left_out: bool) -> N
     assert (Excluded([parse(pattern)]).by(name) is not None) is left_out
 
 
+def test_a_name_deeper_than_python_recurses_is_judged() -> None:
+    """An archive's names come children first where parents are implied."""
+    deep = "/".join(["d"] * 5000)
+    excluded = Excluded([parse("x")])
+    assert excluded.by(deep + "/f") is None
+    assert excluded.by(deep + "/x/f") is not None and excluded.by("d/x") is not None
+
+
 @pytest.mark.parametrize("pattern", ["", "/", "a//b", "../x", "a/./b", "**/x", "a\nb"])
 def test_a_pattern_that_names_nothing_is_refused(pattern: str) -> None:
     with pytest.raises(UsageError, match="--exclude"):
