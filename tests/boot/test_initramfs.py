@@ -27,8 +27,11 @@ from dmoverlay.overlay import cmdline
 def staged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, initramfs.Closure]:
     """A prefix holding the interpreter, the staged zip and the listed
     extensions, nothing else: what the initramfs holds of Python."""
-    top = tmp_path_factory.mktemp("prefix")
-    closure = initramfs.stage(top)
+    return _prefix(tmp_path_factory.mktemp("prefix"), without_https=False)
+
+
+def _prefix(top: Path, *, without_https: bool) -> tuple[Path, initramfs.Closure]:
+    closure = initramfs.stage(top, without_https=without_https)
     python = top / closure.python.lstrip("/")
     shutil.copy2(closure.python, python)
     for extension in closure.extensions:
@@ -120,15 +123,7 @@ def test_the_staged_python_applies_an_update(staged: tuple[Path, initramfs.Closu
 @pytest.fixture(scope="module")
 def staged_without_tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, initramfs.Closure]:
     """As `staged`, made as dmoverlay_https=no makes it."""
-    top = tmp_path_factory.mktemp("prefix-no-tls")
-    closure = initramfs.stage(top, without_https=True)
-    python = top / closure.python.lstrip("/")
-    shutil.copy2(closure.python, python)
-    for extension in closure.extensions:
-        dest = top / extension.lstrip("/")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(extension, dest)
-    return top, closure
+    return _prefix(tmp_path_factory.mktemp("prefix-no-tls"), without_https=True)
 
 
 def _links(elf: str) -> str:
